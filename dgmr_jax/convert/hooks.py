@@ -1,0 +1,73 @@
+"""Tensor layout hooks between PyTorch state-dict entries and Flax params, each an exact inverse pair.
+
+A hook maps a list of torch arrays to a list of flax arrays (to_flax) and back (to_torch); only
+transposes, reshapes, splits and concatenations, so a round trip reproduces the bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+Arrays = list[np.ndarray]
+
+
+def _copy(xs: Arrays) -> Arrays:
+    return list(xs)
+
+
+def _transpose(xs: Arrays) -> Arrays:
+    return [np.ascontiguousarray(x.T) for x in xs]
+
+
+def _conv_to_flax(xs: Arrays) -> Arrays:  # (out, in, kh, kw) -> (kh, kw, in, out)
+    return [np.ascontiguousarray(xs[0].transpose(2, 3, 1, 0))]
+
+
+def _conv_to_torch(xs: Arrays) -> Arrays:
+    return [np.ascontiguousarray(xs[0].transpose(3, 2, 0, 1))]
+
+
+def _qkv_to_flax(xs: Arrays) -> Arrays:  # separate q, k, v (out, in) -> fused kernel (in, 3 out)
+    return [np.ascontiguousarray(np.concatenate(xs, axis=0).T)]
+
+
+def _qkv_to_torch(xs: Arrays) -> Arrays:
+    return [np.ascontiguousarray(w) for w in np.split(xs[0].T, 3, axis=0)]
+
+
+def _packed_to_flax(xs: Arrays) -> Arrays:  # packed gated fc1 (2H, ...) -> gate, value halves
+    halves = np.split(xs[0], 2, axis=0)
+    return [np.ascontiguousarray(h.T) for h in halves] if xs[0].ndim == 2 else halves
+
+
+def _packed_to_torch(xs: Arrays) -> Arrays:
+    return [np.ascontiguousarray(np.concatenate([x.T if x.ndim == 2 else x for x in xs], axis=0))]
+
+
+def _unbatch(xs: Arrays) -> Arrays:  # (1, N, D) -> (N, D)
+    return [xs[0][0]]
+
+
+def _batch(xs: Arrays) -> Arrays:  # (N, D) -> (1, N, D)
+    return [xs[0][None]]
+
+
+def _vector_to_token(xs: Arrays) -> Arrays:  # OpenCLIP class_embedding (D,) -> (1, 1, D)
+    return [xs[0].reshape(1, 1, -1)]
+
+
+def _token_to_vector(xs: Arrays) -> Arrays:
+    return [xs[0].reshape(-1)]
+
+
+HOOKS: dict[str, tuple[Callable[[Arrays], Arrays], Callable[[Arrays], Arrays]]] = {
+    "copy": (_copy, _copy),
+    "linear": (_transpose, _transpose),
+    "conv": (_conv_to_flax, _conv_to_torch),
+    "qkv": (_qkv_to_flax, _qkv_to_torch),
+    "packed": (_packed_to_flax, _packed_to_torch),
+    "rows": (_batch, _unbatch),
+    "vector": (_vector_to_token, _token_to_vector),
+}

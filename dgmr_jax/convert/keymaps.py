@@ -1,0 +1,152 @@
+"""Declarative key maps: which PyTorch state-dict entries become which Flax params, per family.
+
+A family is a table of torch names for the parts of a ViT; `rules(cfg, family)` expands it into
+Rule rows for the config's layers and options. Layout hooks live in hooks.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from dgmr_jax.models.config import ModelConfig
+
+FAMILIES = ("timm", "open_clip", "eva_clip", "dinov2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """torch entries <-> flax param paths ("blocks_0/attn/qkv/kernel"), converted by HOOKS[hook]."""
+
+    flax: tuple[str, ...]
+    torch: tuple[str, ...]
+    hook: str = "copy"
+
+
+# Torch names of each part; "{b}" is the block prefix. Entries absent from a family fall back to _TIMM.
+_TIMM = dict(
+    block="blocks.{i}.", patch="patch_embed.proj", cls="cls_token", dist="dist_token", reg="reg_token",
+    pos="pos_embed", norm_pre="norm_pre", norm="norm", fc_norm="fc_norm", head="head", head_dist="head_dist",
+    norm1="norm1", norm2="norm2", qkv_w="attn.qkv.weight", qkv_b="attn.qkv.bias", q_w="attn.q_proj.weight",
+    k_w="attn.k_proj.weight", v_w="attn.v_proj.weight", q_bias="attn.q_bias", v_bias="attn.v_bias",
+    attn_norm="attn.norm", proj="attn.proj", ls1="ls1.gamma", ls2="ls2.gamma", fc1="mlp.fc1", fc2="mlp.fc2",
+    fc1_g="mlp.fc1_g", fc1_x="mlp.fc1_x", mlp_norm="mlp.norm", mask="mask_token",
+)
+_TIMM_EVA = dict(_TIMM, ls1="gamma_1", ls2="gamma_2", q_proj_bias=True)
+_NAMES = {
+    "timm": _TIMM,
+    "open_clip": dict(
+        _TIMM, prefix="visual.", block="transformer.resblocks.{i}.", patch="conv1", cls="class_embedding",
+        pos="positional_embedding", norm_pre="ln_pre", norm="ln_post", norm1="ln_1", norm2="ln_2",
+        qkv_w="attn.in_proj_weight", qkv_b="attn.in_proj_bias", proj="attn.out_proj", ls1="ls_1.gamma",
+        ls2="ls_2.gamma", fc1="mlp.c_fc", fc2="mlp.c_proj",
+    ),
+    "eva_clip": dict(
+        _TIMM, prefix="visual.", attn_norm="attn.inner_attn_ln", ls1="gamma_1", ls2="gamma_2",
+        fc1_g="mlp.w1", fc1_x="mlp.w2", mlp_norm="mlp.ffn_ln", gated_fc2="mlp.w3",
+    ),
+    "dinov2": dict(_TIMM, reg="register_tokens", packed_fc1="mlp.w12", gated_fc2="mlp.w3"),
+}
+
+# Buffers that some checkpoints carry but that are recomputed from the config (never learned).
+DERIVED = {"eva_clip": re.compile(r"(^|\.)rope\.freqs_(cos|sin)$")}
+
+
+def torch_prefix(family: str) -> str:
+    """Prefix of the vision tower inside a full checkpoint ("visual." for CLIP layouts)."""
+    return _NAMES[family].get("prefix", "")
+
+
+def family_names(cfg: ModelConfig, family: str) -> dict[str, str]:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family == "timm" and cfg.qkv_bias == "qv":  # timm's Eva class: gamma_1/gamma_2 layer scale
+        return _TIMM_EVA
+    return _NAMES[family]
+
+
+def _linear(flax: str, torch: str, bias: bool = True) -> list[Rule]:
+    out = [Rule((f"{flax}/kernel",), (f"{torch}.weight",), "linear")]
+    return out + [Rule((f"{flax}/bias",), (f"{torch}.bias",))] if bias else out
+
+
+def _norm(flax: str, torch: str) -> list[Rule]:
+    return [Rule((f"{flax}/scale",), (f"{torch}.weight",)), Rule((f"{flax}/bias",), (f"{torch}.bias",))]
+
+
+def _attention(cfg: ModelConfig, n: dict[str, str], f: str, t: str, family: str) -> list[Rule]:
+    fused = cfg.qkv_fused or family == "open_clip"
+    if fused:
+        rules = [Rule((f"{f}/qkv/kernel",), (t + n["qkv_w"],), "linear")]
+    else:
+        rules = [Rule((f"{f}/qkv/kernel",), (t + n["q_w"], t + n["k_w"], t + n["v_w"]), "qkv")]
+    if cfg.qkv_bias == "full":
+        rules.append(Rule((f"{f}/qkv/bias",), (t + n["qkv_b"],)))
+    elif cfg.qkv_bias == "qv":
+        if not fused and n.get("q_proj_bias"):  # timm Eva unfused: biases live on q_proj / v_proj
+            q_bias, v_bias = n["q_w"].replace("weight", "bias"), n["v_w"].replace("weight", "bias")
+        else:
+            q_bias, v_bias = n["q_bias"], n["v_bias"]
+        rules += [Rule((f"{f}/q_bias",), (t + q_bias,)), Rule((f"{f}/v_bias",), (t + v_bias,))]
+    if cfg.attn_norm:
+        rules += _norm(f"{f}/norm", t + n["attn_norm"])
+    return rules + _linear(f"{f}/proj", t + n["proj"])
+
+
+def _mlp(cfg: ModelConfig, n: dict[str, str], f: str, t: str) -> list[Rule]:
+    fc2 = n.get("gated_fc2", n["fc2"]) if cfg.gated else n["fc2"]
+    if not cfg.gated:
+        rules = _linear(f"{f}/fc1", t + n["fc1"])
+    elif cfg.mlp_packed:
+        packed = t + n.get("packed_fc1", n["fc1"])
+        rules = [
+            Rule((f"{f}/fc1_g/kernel", f"{f}/fc1_x/kernel"), (f"{packed}.weight",), "packed"),
+            Rule((f"{f}/fc1_g/bias", f"{f}/fc1_x/bias"), (f"{packed}.bias",), "packed"),
+        ]
+    else:
+        rules = _linear(f"{f}/fc1_g", t + n["fc1_g"]) + _linear(f"{f}/fc1_x", t + n["fc1_x"])
+    if cfg.mlp_norm:
+        rules += _norm(f"{f}/norm", t + n["mlp_norm"])
+    return rules + _linear(f"{f}/fc2", t + fc2)
+
+
+def _block(cfg: ModelConfig, n: dict[str, str], i: int, family: str) -> list[Rule]:
+    f, t = f"blocks_{i}", n["block"].format(i=i)
+    rules = _norm(f"{f}/norm1", t + n["norm1"]) + _attention(cfg, n, f"{f}/attn", t, family)
+    rules += _norm(f"{f}/norm2", t + n["norm2"]) + _mlp(cfg, n, f"{f}/mlp", t)
+    if cfg.layer_scale:
+        rules += [Rule((f"{f}/ls1/scale",), (t + n["ls1"],)), Rule((f"{f}/ls2/scale",), (t + n["ls2"],))]
+    return rules
+
+
+def rules(cfg: ModelConfig, family: str) -> list[Rule]:
+    """All rules for cfg in one family's layout, in unscanned form (blocks_0 ... blocks_{depth-1})."""
+    n = family_names(cfg, family)
+    clip = family == "open_clip"
+    out = [Rule(("patch_embed/kernel",), (f"{n['patch']}.weight" if not clip else "conv1.weight",), "conv")]
+    if cfg.patch_bias:
+        out.append(Rule(("patch_embed/bias",), (f"{n['patch']}.bias",)))
+    if cfg.class_token:
+        out.append(Rule(("cls_token",), (n["cls"],), "vector" if clip else "copy"))
+    if cfg.dist_token:
+        out.append(Rule(("dist_token",), (n["dist"],)))
+    if cfg.reg_tokens:
+        out.append(Rule(("reg_token",), (n["reg"],)))
+    if cfg.mask_token:
+        out.append(Rule(("mask_token",), (n["mask"],)))
+    out.append(Rule(("pos_embed",), (n["pos"],), "rows" if clip else "copy"))
+    if cfg.pre_norm:
+        out += _norm("norm_pre", n["norm_pre"])
+    for i in range(cfg.depth):
+        out += _block(cfg, n, i, family)
+    if cfg.final_norm:
+        out += _norm("norm", n["norm"])
+    if cfg.fc_norm:
+        out += _norm("fc_norm", n["fc_norm"])
+    if cfg.num_classes:
+        out += _linear("head", n["head"])
+        if cfg.dist_token:
+            out += _linear("head_dist", n["head_dist"])
+    if cfg.proj_dim:
+        out.append(Rule(("proj/kernel",), ("proj",)))
+    return out

@@ -1,0 +1,128 @@
+"""ModelConfig: the frozen description of one ViT encoder, shared by every stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+MLP_TYPES = ("gelu", "quick_gelu", "swiglu")
+QKV_BIAS = ("full", "qv", "none")
+POOLS = ("token", "avg")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a ViT vision tower; every family of SPEC.md section 3 is a setting of it.
+
+    Fields marked "layout" change only how a PyTorch checkpoint names or packs its tensors,
+    not what the Flax model computes.
+    """
+
+    name: str = "vit"
+    img_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    head_dim: int = 0  # 0: width // num_heads
+    mlp_hidden: tuple[int, ...] = ()  # per-layer hidden width (fc2 input); () means 4 * width
+    mlp_type: str = "gelu"  # gelu | quick_gelu | swiglu (silu(gate) * value)
+    mlp_norm: bool = False  # LayerNorm over the hidden width before fc2 (EVA02 "ffn_ln")
+    qkv_bias: str = "full"  # full | qv (EVA: no k bias) | none
+    attn_norm: bool = False  # LayerNorm on the attention output before proj (EVA-CLIP "subln")
+    layer_scale: bool = False  # per-channel scales on both residual branches (DINOv2, EVA)
+    post_norm: bool = False  # x + norm(f(x)) blocks (EVA02-CLIP-E-plus)
+    norm_eps: float = 1e-6
+    patch_bias: bool = True
+    class_token: bool = True
+    dist_token: bool = False  # DeiT distilled: second prefix token and head_dist
+    reg_tokens: int = 0
+    pos_embed_prefix: int = 1  # leading prefix tokens that have a position embedding (0, 1 or all)
+    pre_norm: bool = False  # LayerNorm after the embeddings (OpenCLIP ln_pre)
+    final_norm: bool = True  # LayerNorm on all tokens after the last block
+    fc_norm: bool = False  # LayerNorm on the pooled vector (timm avg pooling)
+    global_pool: str = "token"  # token | avg (mean of patch tokens)
+    num_classes: int = 0  # classification / embedding head with bias -> "logits"
+    proj_dim: int = 0  # bias-free projection of the pooled vector (OpenCLIP proj) -> "pooled"
+    rope: bool = False  # 2-D rotary embedding on patch tokens of q and k (EVA02)
+    rope_ref_grid: int = 0  # grid the rotary frequencies were trained at (0: the model's grid)
+    rope_temperature: float = 10000.0
+    pos_resample_antialias: bool = True  # timm resamples position grids with antialiased bicubic
+    # layout
+    qkv_fused: bool = True  # one qkv Linear in the checkpoint (else q/k/v projections)
+    mlp_packed: bool = False  # gated fc1 stored as one Linear of width 2H, gate half first
+    mask_token: bool = False  # keep DINOv2's (unused at inference) mask token so exports stay complete
+    # compute
+    dtype: str = "float32"  # activation / matmul dtype, e.g. bfloat16
+    param_dtype: str = "float32"
+    scan_layers: bool = False  # nn.scan over a uniform layer stack (fast compile for deep models)
+    remat: bool = False  # rematerialize each block in the backward pass
+
+    def __post_init__(self) -> None:
+        if not self.mlp_hidden:
+            object.__setattr__(self, "mlp_hidden", (4 * self.width,) * self.depth)
+        object.__setattr__(self, "mlp_hidden", tuple(int(h) for h in self.mlp_hidden))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        checks = [
+            (self.mlp_type in MLP_TYPES, f"mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}"),
+            (self.qkv_bias in QKV_BIAS, f"qkv_bias must be one of {QKV_BIAS}, got {self.qkv_bias!r}"),
+            (self.global_pool in POOLS, f"global_pool must be one of {POOLS}, got {self.global_pool!r}"),
+            (len(self.mlp_hidden) == self.depth,
+             f"mlp_hidden has {len(self.mlp_hidden)} entries but depth is {self.depth}"),
+            (all(h > 0 for h in self.mlp_hidden), f"mlp_hidden entries must be > 0, got {self.mlp_hidden}"),
+            (self.head_dim > 0 or self.width % self.num_heads == 0,
+             f"width {self.width} is not divisible by num_heads {self.num_heads}; set head_dim"),
+            (self.img_size % self.patch_size == 0,
+             f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"),
+            (0 <= self.pos_embed_prefix <= self.num_prefix_tokens,
+             f"pos_embed_prefix {self.pos_embed_prefix} exceeds the {self.num_prefix_tokens} prefix tokens"),
+            (self.global_pool != "token" or self.class_token, "global_pool='token' needs class_token=True"),
+            (not self.scan_layers or len(set(self.mlp_hidden)) == 1,
+             "scan_layers needs one MLP width for all layers; per-layer widths need scan_layers=False"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"ModelConfig {self.name!r}: {message}")
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.width // self.num_heads
+
+    @property
+    def attn_dim(self) -> int:
+        return self.attn_head_dim * self.num_heads
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + int(self.dist_token) + self.reg_tokens
+
+    @property
+    def gated(self) -> bool:
+        return self.mlp_type == "swiglu"
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))
+

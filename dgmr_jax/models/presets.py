@@ -1,0 +1,68 @@
+"""Named architectures (timm / open_clip names) as ModelConfig settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dgmr_jax.models.config import ModelConfig
+
+_TIMM_VIT = dict(num_classes=1000)
+_DINOV2 = dict(img_size=518, patch_size=14, layer_scale=True, num_classes=0)
+_EVA = dict(patch_size=14, qkv_bias="qv")
+_EVA02 = dict(_EVA, mlp_type="swiglu", rope=True, rope_ref_grid=16, global_pool="avg", fc_norm=True,
+              final_norm=False, num_classes=0)
+_OPEN_CLIP = dict(norm_eps=1e-5, patch_bias=False, pre_norm=True)
+
+# Each entry: ModelConfig fields, with `hidden` (one MLP width for every layer) in place of mlp_hidden.
+PRESETS: dict[str, dict[str, Any]] = {
+    "vit_tiny_patch16_224": dict(_TIMM_VIT, width=192, depth=12, num_heads=3, hidden=768),
+    "vit_small_patch16_224": dict(_TIMM_VIT, width=384, depth=12, num_heads=6, hidden=1536),
+    "vit_base_patch16_224": dict(_TIMM_VIT, width=768, depth=12, num_heads=12, hidden=3072),
+    "vit_large_patch16_224": dict(_TIMM_VIT, width=1024, depth=24, num_heads=16, hidden=4096),
+    "deit_tiny_patch16_224": dict(_TIMM_VIT, width=192, depth=12, num_heads=3, hidden=768),
+    "deit_small_patch16_224": dict(_TIMM_VIT, width=384, depth=12, num_heads=6, hidden=1536),
+    "deit_base_patch16_224": dict(_TIMM_VIT, width=768, depth=12, num_heads=12, hidden=3072),
+    "deit_small_distilled_patch16_224": dict(
+        _TIMM_VIT, width=384, depth=12, num_heads=6, hidden=1536, dist_token=True, pos_embed_prefix=2
+    ),
+    "vit_small_patch14_dinov2": dict(_DINOV2, width=384, depth=12, num_heads=6, hidden=1536),
+    "vit_base_patch14_dinov2": dict(_DINOV2, width=768, depth=12, num_heads=12, hidden=3072),
+    "vit_large_patch14_dinov2": dict(_DINOV2, width=1024, depth=24, num_heads=16, hidden=4096),
+    "vit_small_patch14_reg4_dinov2": dict(
+        _DINOV2, width=384, depth=12, num_heads=6, hidden=1536, reg_tokens=4, pos_embed_prefix=0
+    ),
+    "vit_giant_patch14_dinov2": dict(
+        _DINOV2, width=1536, depth=40, num_heads=24, hidden=4096, mlp_type="swiglu", mlp_packed=True
+    ),
+    "eva02_small_patch14_224": dict(_EVA02, width=384, depth=12, num_heads=6, hidden=1024, mlp_packed=True),
+    "eva02_base_patch14_224": dict(
+        _EVA02, width=768, depth=12, num_heads=12, hidden=2048, mlp_norm=True, qkv_fused=False
+    ),
+    "eva02_large_patch14_224": dict(
+        _EVA02, width=1024, depth=24, num_heads=16, hidden=2730, mlp_norm=True, qkv_fused=False
+    ),
+    "eva_giant_patch14_clip_224": dict(_EVA, width=1408, depth=40, num_heads=16, hidden=6144, num_classes=1024),
+    "eva02_enormous_patch14_clip_224": dict(
+        _EVA, width=1792, depth=64, num_heads=16, hidden=15360, post_norm=True, num_classes=1024
+    ),
+    "ViT-B-32": dict(_OPEN_CLIP, patch_size=32, width=768, depth=12, num_heads=12, hidden=3072, proj_dim=512),
+    "ViT-B-16": dict(_OPEN_CLIP, patch_size=16, width=768, depth=12, num_heads=12, hidden=3072, proj_dim=512),
+    "ViT-L-14": dict(_OPEN_CLIP, patch_size=14, width=1024, depth=24, num_heads=16, hidden=4096, proj_dim=768),
+    "ViT-g-14": dict(_OPEN_CLIP, patch_size=14, width=1408, depth=40, num_heads=16, hidden=6144, proj_dim=1024),
+    "ViT-bigG-14": dict(
+        _OPEN_CLIP, patch_size=14, width=1664, depth=48, num_heads=16, hidden=8192, proj_dim=1280
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """ModelConfig for a named architecture; overrides (e.g. depth=2, img_size=64) replace fields.
+
+    `hidden=` sets one MLP width for every layer; `mlp_hidden=` sets them per layer.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown architecture {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    fields = {**PRESETS[name], "name": name, **overrides}
+    hidden = fields.pop("hidden")
+    fields.setdefault("mlp_hidden", (hidden,) * fields.get("depth", 12))
+    return ModelConfig(**fields)

@@ -1,0 +1,263 @@
+"""One configurable linen ViT encoder covering timm ViT/DeiT, DINOv2, EVA/EVA02 and OpenCLIP towers."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.posemb import apply_rope, resample_grid, rope_tables
+
+Params = dict[str, Any]
+
+_kernel_init = nn.initializers.truncated_normal(0.02)
+
+
+def _part(init, names: tuple[str | None, ...]):
+    """Attach logical axis names (mapped to mesh axes by dgmr_jax.parallel rules) to an initializer."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def _dense(features: int, names: tuple[str, str], cfg: ModelConfig, name: str, bias: bool = True) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=_part(_kernel_init, names),
+        bias_init=_part(nn.initializers.zeros, names[1:]),
+        name=name,
+    )
+
+
+def _norm(cfg: ModelConfig, name: str, axis: str = "embed") -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=cfg.norm_eps,
+        use_fast_variance=False,  # E[x^2]-E[x]^2 loses digits that PyTorch keeps
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        scale_init=_part(nn.initializers.ones, (axis,)),
+        bias_init=_part(nn.initializers.zeros, (axis,)),
+        name=name,
+    )
+
+
+def _activation(kind: str):
+    if kind == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if kind == "quick_gelu":
+        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+    return jax.nn.silu
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with fused qkv, optional q/v-only bias, RoPE and output norm."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None) -> jnp.ndarray:
+        cfg = self.cfg
+        b, n, _ = x.shape
+        heads, hd = cfg.num_heads, cfg.attn_head_dim
+        qkv = _dense(3 * cfg.attn_dim, ("embed", "heads"), cfg, "qkv", bias=cfg.qkv_bias == "full")(x)
+        if cfg.qkv_bias == "qv":
+            zeros = nn.initializers.zeros
+            q_bias = self.param("q_bias", _part(zeros, ("heads",)), (cfg.attn_dim,), cfg.param_dtype)
+            v_bias = self.param("v_bias", _part(zeros, ("heads",)), (cfg.attn_dim,), cfg.param_dtype)
+            qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+        q, k, v = jnp.split(qkv.reshape(b, n, 3, heads, hd), 3, axis=2)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        if rope is not None:
+            npt = n - rope[0].shape[0]
+            q = jnp.concatenate([q[:, :npt], apply_rope(q[:, npt:], *rope)], axis=1)
+            k = jnp.concatenate([k[:, :npt], apply_rope(k[:, npt:], *rope)], axis=1)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd**-0.5), k)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, cfg.attn_dim)
+        if cfg.attn_norm:
+            out = _norm(cfg, "norm", axis="heads")(out)
+        return _dense(cfg.width, ("heads", "embed"), cfg, "proj")(out)
+
+
+class Mlp(nn.Module):
+    """fc2(act(fc1 x)) or, gated, fc2(norm(silu(fc1_g x) * fc1_x x)); hidden width per layer."""
+
+    cfg: ModelConfig
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.cfg
+        if cfg.gated:
+            gate = _dense(self.hidden, ("embed", "mlp"), cfg, "fc1_g")(x)
+            h = jax.nn.silu(gate) * _dense(self.hidden, ("embed", "mlp"), cfg, "fc1_x")(x)
+        else:
+            h = _activation(cfg.mlp_type)(_dense(self.hidden, ("embed", "mlp"), cfg, "fc1")(x))
+        if cfg.mlp_norm:
+            h = _norm(cfg, "norm", axis="mlp")(h)
+        return _dense(cfg.width, ("mlp", "embed"), cfg, "fc2")(h)
+
+
+class LayerScale(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        init = _part(nn.initializers.ones, ("embed",))
+        return x * self.param("scale", init, (self.cfg.width,), self.cfg.param_dtype).astype(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm (x + f(norm x)) or post-norm (x + norm(f x)) transformer block."""
+
+    cfg: ModelConfig
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None) -> jnp.ndarray:
+        cfg = self.cfg
+        norm1, norm2 = _norm(cfg, "norm1"), _norm(cfg, "norm2")
+        attn, mlp = Attention(cfg, name="attn"), Mlp(cfg, self.hidden, name="mlp")
+        ls1 = LayerScale(cfg, name="ls1") if cfg.layer_scale else (lambda y: y)
+        ls2 = LayerScale(cfg, name="ls2") if cfg.layer_scale else (lambda y: y)
+        if cfg.post_norm:
+            x = x + ls1(norm1(attn(x, rope)))
+            return x + ls2(norm2(mlp(x)))
+        x = x + ls1(attn(norm1(x), rope))
+        return x + ls2(mlp(norm2(x)))
+
+
+class _ScanStep(nn.Module):
+    """Block in the (carry, output) form nn.scan expects."""
+
+    cfg: ModelConfig
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x, rope):
+        block = nn.remat(Block) if self.cfg.remat else Block
+        return block(self.cfg, self.hidden, name="block")(x, rope), None
+
+
+class VisionTransformer(nn.Module):
+    """ViT vision tower. Input (B, H, W, 3) normalized images; output dict of tokens/pooled/logits."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray) -> dict[str, jnp.ndarray]:
+        cfg = self.cfg
+        b, h, w, _ = images.shape
+        p = cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+        gh, gw = h // p, w // p
+        x = nn.Conv(
+            cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=cfg.patch_bias, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, kernel_init=_part(_kernel_init, (None, None, None, "embed")),
+            bias_init=_part(nn.initializers.zeros, ("embed",)), name="patch_embed",
+        )(images.astype(cfg.dtype))
+        x = x.reshape(b, gh * gw, cfg.width)
+
+        token_init = _part(_kernel_init, (None, None, "embed"))
+        prefix = [
+            self.param(name, token_init, (1, count, cfg.width), cfg.param_dtype)
+            for name, count in (("cls_token", int(cfg.class_token)), ("dist_token", int(cfg.dist_token)),
+                                ("reg_token", cfg.reg_tokens))
+            if count
+        ]
+        if cfg.mask_token:  # declared so DINOv2 checkpoints round-trip; only masked training reads it
+            self.param("mask_token", _part(nn.initializers.zeros, (None, "embed")), (1, cfg.width), cfg.param_dtype)
+        prefix = jnp.concatenate(prefix, axis=1).astype(x.dtype) if prefix else x[:, :0]
+        pos = self.param(
+            "pos_embed", token_init, (1, cfg.pos_embed_prefix + cfg.grid * cfg.grid, cfg.width), cfg.param_dtype
+        )
+        pos_prefix, pos_patch = pos[:, : cfg.pos_embed_prefix], pos[0, cfg.pos_embed_prefix :]
+        pos_patch = resample_grid(pos_patch.reshape(cfg.grid, cfg.grid, -1), (gh, gw), cfg.pos_resample_antialias)
+        x = x + pos_patch.reshape(1, gh * gw, -1).astype(x.dtype)
+        prefix = prefix.at[:, : cfg.pos_embed_prefix].add(pos_prefix.astype(x.dtype))
+        x = jnp.concatenate([jnp.broadcast_to(prefix, (b, *prefix.shape[1:])), x], axis=1)
+        if cfg.pre_norm:
+            x = _norm(cfg, "norm_pre")(x)
+
+        rope = None
+        if cfg.rope:
+            ref = cfg.rope_ref_grid or cfg.grid
+            sin, cos = rope_tables(cfg.attn_head_dim, (gh, gw), (ref, ref), cfg.rope_temperature)
+            rope = (jnp.asarray(sin), jnp.asarray(cos))
+
+        if cfg.scan_layers:
+            stack = nn.scan(
+                _ScanStep, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=nn.broadcast, length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = stack(cfg, cfg.mlp_hidden[0], name="blocks")(x, rope)
+        else:
+            block = nn.remat(Block) if cfg.remat else Block
+            for i, hidden in enumerate(cfg.mlp_hidden):
+                x = block(cfg, hidden, name=f"blocks_{i}")(x, rope)
+
+        if cfg.final_norm:
+            x = _norm(cfg, "norm")(x)
+        out = {"tokens": x}
+        npt = cfg.num_prefix_tokens
+        if cfg.dist_token:
+            pooled, pooled_dist = x[:, 0], x[:, 1]
+        elif cfg.global_pool == "token":
+            pooled = x[:, 0]
+        else:
+            pooled = x[:, npt:].mean(axis=1)
+        if cfg.fc_norm:
+            pooled = _norm(cfg, "fc_norm")(pooled)
+        if cfg.num_classes:
+            logits = _dense(cfg.num_classes, ("embed", "classes"), cfg, "head")(pooled)
+            if cfg.dist_token:
+                logits_dist = _dense(cfg.num_classes, ("embed", "classes"), cfg, "head_dist")(pooled_dist)
+                logits = (logits + logits_dist) / 2
+            out["logits"] = logits
+        if cfg.dist_token:
+            pooled = (pooled + pooled_dist) / 2
+        if cfg.proj_dim:
+            pooled = _dense(cfg.proj_dim, ("embed", "classes"), cfg, "proj", bias=False)(pooled)
+        out["pooled"] = pooled
+        return out
+
+
+def forward(cfg: ModelConfig, params: Params, images: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """Run the vision tower: images (B, H, W, 3), normalized -> {"tokens", "pooled"[, "logits"]}."""
+    images = jnp.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be (batch, height, width, 3) channels-last, got shape {images.shape}")
+    return VisionTransformer(cfg).apply({"params": params}, images)
+
+
+def _init(cfg: ModelConfig, rng: jax.Array) -> Params:
+    images = jnp.zeros((1, cfg.img_size, cfg.img_size, 3), jnp.float32)
+    return VisionTransformer(cfg).init(rng, images)["params"]
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array | int = 0) -> Params:
+    """Randomly initialized params (plain arrays) for cfg."""
+    rng = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    return nn.unbox(_init(cfg, rng))
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """Param tree of jax.ShapeDtypeStruct, built without allocating (jax.eval_shape)."""
+    return nn.unbox(jax.eval_shape(functools.partial(_init, cfg), jax.random.PRNGKey(0)))
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+    """Param tree of logical axis-name PartitionSpecs, mapped to mesh axes by sharding rules."""
+    return nn.get_partition_spec(jax.eval_shape(functools.partial(_init, cfg), jax.random.PRNGKey(0)))
+
+
+def count_tree(params: Params) -> int:
+    """Number of scalars in a param (or shape) tree."""
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,45 @@
+"""Test set-up: 8 fake CPU devices for mesh tests, float32 matmuls, and a torchvision shim."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _import_timm_with_shim():
+    """Import timm; if the CUDA-built torchvision lacks its op schemas, define them first.
+
+    The torchvision wheel that resolves beside the CPU torch links CUDA libraries and fails with
+    "operator torchvision::nms does not exist". Defining the two schemas lets it import; the ops
+    themselves are never called by these tests.
+    """
+    try:
+        import timm  # noqa: F401
+
+        return
+    except RuntimeError as err:
+        if "torchvision::nms" not in str(err):
+            raise
+    import sys
+
+    import torch
+
+    for name in [m for m in sys.modules if m.startswith(("torchvision", "timm"))]:
+        del sys.modules[name]
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold, float scale, int zero_point) -> Tensor")
+    _import_timm_with_shim.lib = lib  # keep the library object alive
+    import timm  # noqa: F401,F811
+
+
+try:
+    import torch  # noqa: F401
+except ImportError:  # torch is a test extra; tests that need it skip via importorskip
+    pass
+else:
+    _import_timm_with_shim()
