@@ -35,7 +35,7 @@ def _vision_entries(sd: dict[str, np.ndarray], family: str) -> dict[str, np.ndar
     """The vision tower's entries, prefix removed, derived buffers dropped."""
     prefix = torch_prefix(family)
     if prefix and any(k.startswith(prefix) for k in sd):
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     derived = DERIVED.get(family)
     return {k: v for k, v in sd.items() if not (derived and derived.search(k))}
 
@@ -103,7 +103,8 @@ def from_torch(
         problems.append(_listing("mis-shaped keys", misshaped))
     if problems and strict:
         raise CheckpointError(
-            f"checkpoint does not match family={family!r}, arch={cfg.name!r}:\n" + "\n".join(problems)
+            f"checkpoint does not match family={family!r}, arch={cfg.name!r}:\n"
+            + "\n".join(problems)
             + _closest_family(raw, arch, family)
         )
     if not strict and len(flat) < len(shapes):
@@ -128,7 +129,8 @@ def to_torch(cfg: ModelConfig, params: Params, family: str = "timm", prefix: str
     missing, extra = sorted(used - set(flat)), sorted(set(flat) - used)
     if missing or extra:
         problems = ([_listing("params missing", missing)] if missing else []) + (
-            [_listing("params not in the config", extra)] if extra else [])
+            [_listing("params not in the config", extra)] if extra else []
+        )
         raise CheckpointError(f"params do not match config {cfg.name!r}:\n" + "\n".join(problems))
     sd = {}
     for rule in table:

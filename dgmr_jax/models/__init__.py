@@ -2,7 +2,14 @@
 
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import PRESETS, preset
-from dgmr_jax.models.vit import VisionTransformer, count_tree, forward, init_params, logical_axes, param_shapes
+from dgmr_jax.models.vit import (
+    VisionTransformer,
+    count_tree,
+    forward,
+    init_params,
+    logical_axes,
+    param_shapes,
+)
 
 __all__ = [
     "PRESETS",

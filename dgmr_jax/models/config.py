@@ -71,18 +71,28 @@ class ModelConfig:
             (self.mlp_type in MLP_TYPES, f"mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}"),
             (self.qkv_bias in QKV_BIAS, f"qkv_bias must be one of {QKV_BIAS}, got {self.qkv_bias!r}"),
             (self.global_pool in POOLS, f"global_pool must be one of {POOLS}, got {self.global_pool!r}"),
-            (len(self.mlp_hidden) == self.depth,
-             f"mlp_hidden has {len(self.mlp_hidden)} entries but depth is {self.depth}"),
+            (
+                len(self.mlp_hidden) == self.depth,
+                f"mlp_hidden has {len(self.mlp_hidden)} entries but depth is {self.depth}",
+            ),
             (all(h > 0 for h in self.mlp_hidden), f"mlp_hidden entries must be > 0, got {self.mlp_hidden}"),
-            (self.head_dim > 0 or self.width % self.num_heads == 0,
-             f"width {self.width} is not divisible by num_heads {self.num_heads}; set head_dim"),
-            (self.img_size % self.patch_size == 0,
-             f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}"),
-            (0 <= self.pos_embed_prefix <= self.num_prefix_tokens,
-             f"pos_embed_prefix {self.pos_embed_prefix} exceeds the {self.num_prefix_tokens} prefix tokens"),
+            (
+                self.head_dim > 0 or self.width % self.num_heads == 0,
+                f"width {self.width} is not divisible by num_heads {self.num_heads}; set head_dim",
+            ),
+            (
+                self.img_size % self.patch_size == 0,
+                f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}",
+            ),
+            (
+                0 <= self.pos_embed_prefix <= self.num_prefix_tokens,
+                f"pos_embed_prefix {self.pos_embed_prefix} exceeds the {self.num_prefix_tokens} prefix tokens",
+            ),
             (self.global_pool != "token" or self.class_token, "global_pool='token' needs class_token=True"),
-            (not self.scan_layers or len(set(self.mlp_hidden)) == 1,
-             "scan_layers needs one MLP width for all layers; per-layer widths need scan_layers=False"),
+            (
+                not self.scan_layers or len(set(self.mlp_hidden)) == 1,
+                "scan_layers needs one MLP width for all layers; per-layer widths need scan_layers=False",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -125,4 +135,3 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         return cls.from_dict(json.loads(text))
-

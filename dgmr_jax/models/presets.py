@@ -9,8 +9,16 @@ from dgmr_jax.models.config import ModelConfig
 _TIMM_VIT = dict(num_classes=1000)
 _DINOV2 = dict(img_size=518, patch_size=14, layer_scale=True, num_classes=0)
 _EVA = dict(patch_size=14, qkv_bias="qv")
-_EVA02 = dict(_EVA, mlp_type="swiglu", rope=True, rope_ref_grid=16, global_pool="avg", fc_norm=True,
-              final_norm=False, num_classes=0)
+_EVA02 = dict(
+    _EVA,
+    mlp_type="swiglu",
+    rope=True,
+    rope_ref_grid=16,
+    global_pool="avg",
+    fc_norm=True,
+    final_norm=False,
+    num_classes=0,
+)
 _OPEN_CLIP = dict(norm_eps=1e-5, patch_bias=False, pre_norm=True)
 
 # Each entry: ModelConfig fields, with `hidden` (one MLP width for every layer) in place of mlp_hidden.
@@ -49,9 +57,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ViT-B-16": dict(_OPEN_CLIP, patch_size=16, width=768, depth=12, num_heads=12, hidden=3072, proj_dim=512),
     "ViT-L-14": dict(_OPEN_CLIP, patch_size=14, width=1024, depth=24, num_heads=16, hidden=4096, proj_dim=768),
     "ViT-g-14": dict(_OPEN_CLIP, patch_size=14, width=1408, depth=40, num_heads=16, hidden=6144, proj_dim=1024),
-    "ViT-bigG-14": dict(
-        _OPEN_CLIP, patch_size=14, width=1664, depth=48, num_heads=16, hidden=8192, proj_dim=1280
-    ),
+    "ViT-bigG-14": dict(_OPEN_CLIP, patch_size=14, width=1664, depth=48, num_heads=16, hidden=8192, proj_dim=1280),
 }
 
 

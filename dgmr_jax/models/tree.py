@@ -66,7 +66,7 @@ def unstack_blocks(params: Params) -> Params:
     for path, value in flatten(params).items():
         if path.startswith(_SCANNED):
             for i in range(value.shape[0]):
-                out[f"blocks_{i}/{path[len(_SCANNED):]}"] = value[i]
+                out[f"blocks_{i}/{path[len(_SCANNED) :]}"] = value[i]
         else:
             out[path] = value
     return unflatten(out)

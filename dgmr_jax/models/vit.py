@@ -159,17 +159,27 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
         gh, gw = h // p, w // p
         x = nn.Conv(
-            cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=cfg.patch_bias, dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype, kernel_init=_part(_kernel_init, (None, None, None, "embed")),
-            bias_init=_part(nn.initializers.zeros, ("embed",)), name="patch_embed",
+            cfg.width,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=cfg.patch_bias,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            kernel_init=_part(_kernel_init, (None, None, None, "embed")),
+            bias_init=_part(nn.initializers.zeros, ("embed",)),
+            name="patch_embed",
         )(images.astype(cfg.dtype))
         x = x.reshape(b, gh * gw, cfg.width)
 
         token_init = _part(_kernel_init, (None, None, "embed"))
         prefix = [
             self.param(name, token_init, (1, count, cfg.width), cfg.param_dtype)
-            for name, count in (("cls_token", int(cfg.class_token)), ("dist_token", int(cfg.dist_token)),
-                                ("reg_token", cfg.reg_tokens))
+            for name, count in (
+                ("cls_token", int(cfg.class_token)),
+                ("dist_token", int(cfg.dist_token)),
+                ("reg_token", cfg.reg_tokens),
+            )
             if count
         ]
         if cfg.mask_token:  # declared so DINOv2 checkpoints round-trip; only masked training reads it
@@ -194,8 +204,12 @@ class VisionTransformer(nn.Module):
 
         if cfg.scan_layers:
             stack = nn.scan(
-                _ScanStep, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=nn.broadcast, length=cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"},
+                _ScanStep,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=cfg.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, _ = stack(cfg, cfg.mlp_hidden[0], name="blocks")(x, rope)
         else:

@@ -1,0 +1,41 @@
+"""Parameter and FLOP accounting of a vision tower, per layer and total, from the config alone."""
+
+from __future__ import annotations
+
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.vit import count_tree, param_shapes
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Number of parameters of the vision tower (abstract build: no memory is allocated)."""
+    return count_tree(param_shapes(cfg))
+
+
+def layer_macs(cfg: ModelConfig, layer: int, img_size: int | None = None) -> dict[str, int]:
+    """Multiply-accumulates of one block's matmul slots for one image (norms and softmax excluded)."""
+    grid = (img_size or cfg.img_size) // cfg.patch_size
+    n, d, a, h = cfg.num_prefix_tokens + grid * grid, cfg.width, cfg.attn_dim, cfg.mlp_hidden[layer]
+    return {
+        "qkv": n * d * 3 * a,
+        "qk": n * n * a,
+        "av": n * n * a,
+        "proj": n * a * d,
+        "fc1": n * d * h * (2 if cfg.gated else 1),
+        "fc2": n * h * d,
+    }
+
+
+def count_flops(cfg: ModelConfig, img_size: int | None = None, per_layer: bool = False) -> int | dict:
+    """FLOPs (2 x MACs) of one forward pass of one image.
+
+    per_layer=True returns {"layers": [per-block FLOPs], "embed": patch embedding, "head": head and
+    projection, "total": sum}; otherwise the total.
+    """
+    grid = (img_size or cfg.img_size) // cfg.patch_size
+    layers = [2 * sum(layer_macs(cfg, i, img_size).values()) for i in range(cfg.depth)]
+    embed = 2 * grid * grid * 3 * cfg.patch_size**2 * cfg.width
+    head = 2 * cfg.width * (cfg.num_classes * (2 if cfg.dist_token else 1) + cfg.proj_dim)
+    total = sum(layers) + embed + head
+    if per_layer:
+        return {"layers": layers, "embed": embed, "head": head, "total": total}
+    return total
