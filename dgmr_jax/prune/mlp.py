@@ -1,0 +1,131 @@
+"""Functional MLP slicing: (config, params) -> (slimmer config, params), one layer at a time.
+
+Gated MLPs (SwiGLU, EVA02's split fc1_g/fc1_x and DINOv2-g's packed fc1): hidden neuron i owns a
+gate vector g_i and a value vector x_i, so selection runs on the concatenation [g_i; x_i] in R^{2D}
+and the gate, value, hidden LayerNorm and fc2 rows are sliced together. This is our choice: the
+official code handles plain GELU MLPs only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.tree import is_scanned, stack_blocks, unstack_blocks
+from dgmr_jax.prune.select import METHODS, diversity_select, select_neurons
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass
+class LayerReport:
+    """What pruning did to one block: widths and, for diversity, the residual norm of each pick."""
+
+    layer: int
+    hidden_before: int
+    hidden_after: int
+    residual_norms: np.ndarray | None = None
+
+
+def target_widths(
+    cfg: ModelConfig,
+    mlp_ratio: float | None = None,
+    hidden: int | Sequence[int] | None = None,
+    round_to: int = 1,
+) -> tuple[int, ...]:
+    """Per-layer kept widths from exactly one of mlp_ratio (K = int(ratio * D)) or hidden (int or list).
+
+    Widths are rounded up to a multiple of round_to (e.g. 128 so TPU shards divide evenly), capped at
+    the current width. Raises ValueError before any work for impossible targets.
+    """
+    if (mlp_ratio is None) == (hidden is None):
+        raise ValueError("give exactly one of mlp_ratio= or hidden= (an int or one int per layer)")
+    if round_to < 1:
+        raise ValueError(f"round_to must be >= 1, got {round_to}")
+    if mlp_ratio is not None:
+        if not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
+        widths = [int(mlp_ratio * cfg.width)] * cfg.depth
+    elif isinstance(hidden, (int, np.integer)):
+        widths = [int(hidden)] * cfg.depth
+    else:
+        widths = [int(h) for h in hidden]
+        if len(widths) != cfg.depth:
+            raise ValueError(f"hidden lists {len(widths)} widths but the model has {cfg.depth} layers")
+    for i, (w, cur) in enumerate(zip(widths, cfg.mlp_hidden, strict=True)):
+        if w <= 0:
+            raise ValueError(f"layer {i}: target width {w} must be > 0 (raise mlp_ratio / hidden)")
+        if w > cur:
+            raise ValueError(f"layer {i}: target width {w} exceeds the current width {cur}; pruning cannot grow")
+    return tuple(min(-(-w // round_to) * round_to, cur) for w, cur in zip(widths, cfg.mlp_hidden, strict=True))
+
+
+def selection_matrix(cfg: ModelConfig, mlp: Params) -> np.ndarray:
+    """(D or 2D, H) matrix whose columns are the neuron vectors selection looks at."""
+    if cfg.gated:
+        return np.concatenate([np.asarray(mlp["fc1_g"]["kernel"]), np.asarray(mlp["fc1_x"]["kernel"])], axis=0)
+    return np.asarray(mlp["fc1"]["kernel"])
+
+
+def slice_mlp(mlp: Params, idx: np.ndarray) -> Params:
+    """Keep hidden neurons idx: fc1* columns and biases, hidden-norm entries, fc2 rows."""
+    out = {}
+    for name, layer in mlp.items():
+        if name == "fc2":
+            out[name] = {"kernel": np.asarray(layer["kernel"])[idx], "bias": layer["bias"]}
+        else:  # fc1, fc1_g, fc1_x (column per neuron) and the hidden LayerNorm (entry per neuron)
+            out[name] = {k: np.asarray(v)[..., idx] if k == "kernel" else np.asarray(v)[idx] for k, v in layer.items()}
+    return out
+
+
+def prune_layer(
+    cfg: ModelConfig, mlp: Params, width: int, method: str, seed: int = 0, scores: Any = None
+) -> tuple[Params, np.ndarray, np.ndarray | None]:
+    """Prune one block's MLP to `width` neurons: (sliced mlp params, kept indices, residual norms)."""
+    matrix = selection_matrix(cfg, mlp)
+    if method == "diversity":
+        idx, norms = diversity_select(matrix, width)
+    else:
+        idx, norms = select_neurons(matrix, width, method, seed=seed, scores=scores), None
+    return slice_mlp(mlp, np.sort(idx)), idx, norms
+
+
+def prune_mlp(
+    cfg: ModelConfig,
+    params: Params,
+    method: str = "diversity",
+    mlp_ratio: float | None = None,
+    hidden: int | Sequence[int] | None = None,
+    round_to: int = 1,
+    seed: int = 0,
+    scores: Sequence[Any] | None = None,
+    report: list[LayerReport] | None = None,
+) -> tuple[ModelConfig, Params]:
+    """Slim every block's MLP to the target widths with `method`; returns (new config, new params).
+
+    Exact surgery: the pruned model equals the original with the dropped neurons' fc2 rows zeroed.
+    Kept neurons stay in their original order. Works on scanned and per-layer stacks; non-uniform
+    widths come back unscanned. Pass a list as `report` to receive one LayerReport per layer.
+    `scores` (one (H,) array per layer) feeds method="taylor".
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "taylor" and (scores is None or len(scores) != cfg.depth):
+        raise ValueError(f"method='taylor' needs scores=: one importance array per layer ({cfg.depth})")
+    widths = target_widths(cfg, mlp_ratio, hidden, round_to)
+    scanned = is_scanned(params)
+    layers = unstack_blocks(params) if scanned else dict(params)
+    for i, width in enumerate(widths):
+        block = dict(layers[f"blocks_{i}"])
+        layer_scores = scores[i] if scores is not None else None
+        block["mlp"], _, norms = prune_layer(cfg, block["mlp"], width, method, seed + i, layer_scores)
+        layers[f"blocks_{i}"] = block
+        if report is not None:
+            report.append(LayerReport(i, cfg.mlp_hidden[i], width, norms))
+    uniform = len(set(widths)) == 1
+    new_cfg = cfg.replace(mlp_hidden=widths, scan_layers=cfg.scan_layers and uniform)
+    return new_cfg, stack_blocks(layers) if new_cfg.scan_layers else layers
