@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from dgmr_jax.convert.checkpoint_io import CheckpointError, load_state_dict
+from dgmr_jax.convert.checkpoint_io import CheckpointError, open_state_dict
 from dgmr_jax.convert.hooks import HOOKS
 from dgmr_jax.convert.keymaps import DERIVED, FAMILIES, Rule, rules, torch_prefix
 from dgmr_jax.models.config import ModelConfig
@@ -31,13 +31,30 @@ def resolve_config(arch: str | ModelConfig, family: str) -> ModelConfig:
     return cfg
 
 
-def _vision_entries(sd: dict[str, np.ndarray], family: str) -> dict[str, np.ndarray]:
-    """The vision tower's entries, prefix removed, derived buffers dropped."""
-    prefix = torch_prefix(family)
-    if prefix and any(k.startswith(prefix) for k in sd):
-        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-    derived = DERIVED.get(family)
-    return {k: v for k, v in sd.items() if not (derived and derived.search(k))}
+class VisionEntries(Mapping):
+    """The vision tower's entries of a checkpoint: family prefix removed, derived buffers dropped.
+    Values are fetched from the underlying (possibly lazy) state dict only when read."""
+
+    def __init__(self, sd: Mapping[str, np.ndarray], family: str):
+        prefix = torch_prefix(family)
+        if not (prefix and any(k.startswith(prefix) for k in sd)):
+            prefix = ""
+        derived = DERIVED.get(family)
+        self._sd = sd
+        self._names = {
+            k[len(prefix) :]: k
+            for k in sd
+            if k.startswith(prefix) and not (derived and derived.search(k[len(prefix) :]))
+        }
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._sd[self._names[key]]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def _listing(kind: str, names: list[str]) -> str:
@@ -52,23 +69,43 @@ def _closest_family(sd: Mapping[str, Any], arch: str | ModelConfig, family: str)
             continue
         other_cfg = resolve_config(arch, other)
         expected = {k for r in rules(other_cfg, other) for k in r.torch}
-        if expected == set(_vision_entries(dict(sd), other)):
+        if expected == set(VisionEntries(sd, other)):
             return f"\nThe keys fit family={other!r}: pass that instead."
     return ""
 
 
-def _match(sd: dict[str, np.ndarray], cfg: ModelConfig, family: str) -> tuple[list[Rule], list[str]]:
-    """The family's rules for cfg, and the problems (missing / unexpected / mis-shaped) with sd."""
-    table = rules(cfg, family)
+def check_keys(sd: Mapping[str, Any], table: list[Rule]) -> list[str]:
+    """Missing and unexpected torch names of sd against the rules (no tensor is read)."""
     expected = {k for r in table for k in r.torch}
-    problems = []
-    missing = sorted(expected - set(sd))
-    unexpected = sorted(set(sd) - expected)
-    if missing:
-        problems.append(_listing("missing keys", missing))
-    if unexpected:
-        problems.append(_listing("unexpected keys", unexpected))
-    return table, problems
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    return ([_listing("missing keys", missing)] if missing else []) + (
+        [_listing("unexpected keys", unexpected)] if unexpected else []
+    )
+
+
+def convert_rules(
+    sd: Mapping[str, np.ndarray], table: list[Rule], shapes: dict[str, Any]
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Apply the rules whose torch entries are all present: ({flax path: array}, mis-shaped notes)."""
+    flat, misshaped = {}, []
+    for rule in table:
+        if not all(k in sd for k in rule.torch):
+            continue
+        for path, value in zip(rule.flax, HOOKS[rule.hook][0]([sd[k] for k in rule.torch]), strict=True):
+            want = tuple(shapes[path].shape)
+            if value.shape != want:
+                misshaped.append(f"{'+'.join(rule.torch)} {tuple(value.shape)} -> {path} expects {want}")
+            else:
+                flat[path] = value
+    return flat, misshaped
+
+
+def mismatch_error(problems: list[str], family: str, arch: str | ModelConfig, cfg: ModelConfig, raw) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint does not match family={family!r}, arch={cfg.name!r}:\n"
+        + "\n".join(problems)
+        + _closest_family(raw, arch, family)
+    )
 
 
 def from_torch(
@@ -84,29 +121,16 @@ def from_torch(
     Arrays keep the checkpoint's dtype, so to_torch(from_torch(sd)) reproduces sd bit for bit.
     """
     cfg = resolve_config(arch, family)
-    raw = load_state_dict(src)
-    sd = _vision_entries(raw, family)
-    table, problems = _match(sd, cfg, family)
+    raw = open_state_dict(src)
+    sd = VisionEntries(raw, family)
+    table = rules(cfg, family)
+    problems = check_keys(sd, table)
     shapes = flatten(param_shapes(cfg.replace(scan_layers=False)))
-    flat: dict[str, np.ndarray] = {}
-    misshaped = []
-    for rule in table:
-        if not all(k in sd for k in rule.torch):
-            continue
-        for path, value in zip(rule.flax, HOOKS[rule.hook][0]([sd[k] for k in rule.torch]), strict=True):
-            want = tuple(shapes[path].shape)
-            if value.shape != want:
-                misshaped.append(f"{'+'.join(rule.torch)} {tuple(value.shape)} -> {path} expects {want}")
-            else:
-                flat[path] = value
+    flat, misshaped = convert_rules(sd, table, shapes)
     if misshaped:
         problems.append(_listing("mis-shaped keys", misshaped))
     if problems and strict:
-        raise CheckpointError(
-            f"checkpoint does not match family={family!r}, arch={cfg.name!r}:\n"
-            + "\n".join(problems)
-            + _closest_family(raw, arch, family)
-        )
+        raise mismatch_error(problems, family, arch, cfg, raw)
     if not strict and len(flat) < len(shapes):
         from dgmr_jax.models.vit import init_params
 
