@@ -97,6 +97,30 @@ class SafetensorsFile(Mapping):
         return len(self._entries)
 
 
+def save_safetensors(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write {name: array} as .safetensors with numpy alone (bfloat16 included), via a temporary file."""
+    names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for key, value in arrays.items():
+        value = np.asarray(value)
+        if value.dtype not in names:
+            raise ValueError(f"{key}: dtype {value.dtype} cannot be stored in safetensors")
+        header[key] = {
+            "dtype": names[value.dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + value.nbytes],
+        }
+        offset += value.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = f"{os.fspath(path)}.partial"
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for value in arrays.values():
+            f.write(np.ascontiguousarray(value).tobytes())
+    os.replace(tmp, path)
+
+
 class _Converted(Mapping):
     """A mapping of tensors seen as numpy arrays, converted one entry at a time on access."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -14,7 +15,7 @@ from dgmr_jax.convert.keymaps import DERIVED, FAMILIES, Rule, rules, torch_prefi
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import preset
 from dgmr_jax.models.tree import flatten, is_scanned, stack_blocks, unflatten, unstack_blocks
-from dgmr_jax.models.vit import param_shapes
+from dgmr_jax.models.vit import param_shapes, set_image_size
 
 Params = dict[str, Any]
 _LISTED = 12  # names shown per kind of mismatch in an error
@@ -57,7 +58,7 @@ class VisionEntries(Mapping):
         return len(self._names)
 
 
-def _listing(kind: str, names: list[str]) -> str:
+def listing(kind: str, names: list[str]) -> str:
     shown = ", ".join(names[:_LISTED]) + (f", ... ({len(names) - _LISTED} more)" if len(names) > _LISTED else "")
     return f"  {len(names)} {kind}: {shown}"
 
@@ -78,8 +79,8 @@ def check_keys(sd: Mapping[str, Any], table: list[Rule]) -> list[str]:
     """Missing and unexpected torch names of sd against the rules (no tensor is read)."""
     expected = {k for r in table for k in r.torch}
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    return ([_listing("missing keys", missing)] if missing else []) + (
-        [_listing("unexpected keys", unexpected)] if unexpected else []
+    return ([listing("missing keys", missing)] if missing else []) + (
+        [listing("unexpected keys", unexpected)] if unexpected else []
     )
 
 
@@ -101,11 +102,25 @@ def convert_rules(
 
 
 def mismatch_error(problems: list[str], family: str, arch: str | ModelConfig, cfg: ModelConfig, raw) -> CheckpointError:
+    """One error listing every problem; when key names are off, name a family whose layout fits."""
+    names_off = any("missing keys" in p or "unexpected keys" in p for p in problems)
     return CheckpointError(
         f"checkpoint does not match family={family!r}, arch={cfg.name!r}:\n"
         + "\n".join(problems)
-        + _closest_family(raw, arch, family)
+        + (_closest_family(raw, arch, family) if names_off else "")
     )
+
+
+def checkpoint_image_size(sd: Mapping[str, np.ndarray], cfg: ModelConfig, family: str) -> ModelConfig:
+    """cfg at the image size the checkpoint's position grid was trained for (e.g. DINOv2 at 518 px)."""
+    (pos_rule,) = [r for r in rules(cfg, family) if r.flax == ("pos_embed",)]
+    if pos_rule.torch[0] not in sd:
+        return cfg
+    patches = sd[pos_rule.torch[0]].shape[-2] - cfg.pos_embed_prefix
+    side = math.isqrt(max(patches, 0))
+    if side * side != patches or side == cfg.grid:
+        return cfg
+    return cfg.replace(img_size=side * cfg.patch_size)
 
 
 def from_torch(
@@ -113,8 +128,12 @@ def from_torch(
     family: str = "timm",
     arch: str | ModelConfig = "vit_base_patch16_224",
     strict: bool = True,
+    img_size: int | None = None,
 ) -> tuple[ModelConfig, Params]:
     """Import a PyTorch checkpoint (path or mapping) of `family` into (config, Flax params).
+
+    The config's image size follows the checkpoint's position grid; `img_size` then resamples the
+    grid (bicubic, as timm does on load) to run the model at another resolution.
 
     strict: missing, unexpected and mis-shaped keys raise one CheckpointError that lists them all;
     with strict=False only keys that fit are loaded and the rest keep their random init.
@@ -123,12 +142,13 @@ def from_torch(
     cfg = resolve_config(arch, family)
     raw = open_state_dict(src)
     sd = VisionEntries(raw, family)
+    cfg = checkpoint_image_size(sd, cfg, family)
     table = rules(cfg, family)
     problems = check_keys(sd, table)
     shapes = flatten(param_shapes(cfg.replace(scan_layers=False)))
     flat, misshaped = convert_rules(sd, table, shapes)
     if misshaped:
-        problems.append(_listing("mis-shaped keys", misshaped))
+        problems.append(listing("mis-shaped keys", misshaped))
     if problems and strict:
         raise mismatch_error(problems, family, arch, cfg, raw)
     if not strict and len(flat) < len(shapes):
@@ -136,6 +156,8 @@ def from_torch(
 
         flat = {**flatten(init_params(cfg.replace(scan_layers=False))), **flat}
     params = unflatten(flat)
+    if img_size is not None:
+        cfg, params = set_image_size(cfg, params, img_size)
     return cfg, stack_blocks(params) if cfg.scan_layers else params
 
 
@@ -152,8 +174,8 @@ def to_torch(cfg: ModelConfig, params: Params, family: str = "timm", prefix: str
     used = {p for r in table for p in r.flax}
     missing, extra = sorted(used - set(flat)), sorted(set(flat) - used)
     if missing or extra:
-        problems = ([_listing("params missing", missing)] if missing else []) + (
-            [_listing("params not in the config", extra)] if extra else []
+        problems = ([listing("params missing", missing)] if missing else []) + (
+            [listing("params not in the config", extra)] if extra else []
         )
         raise CheckpointError(f"params do not match config {cfg.name!r}:\n" + "\n".join(problems))
     sd = {}

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.models.posemb import apply_rope, resample_grid, rope_tables
+from dgmr_jax.models.posemb import apply_rope, resample_grid, resample_pos_embed, rope_tables
 
 Params = dict[str, Any]
 
@@ -270,6 +270,17 @@ def param_shapes(cfg: ModelConfig) -> Params:
 def logical_axes(cfg: ModelConfig) -> Params:
     """Param tree of logical axis-name PartitionSpecs, mapped to mesh axes by sharding rules."""
     return nn.get_partition_spec(jax.eval_shape(functools.partial(_init, cfg), jax.random.PRNGKey(0)))
+
+
+def set_image_size(cfg: ModelConfig, params: Params, img_size: int) -> tuple[ModelConfig, Params]:
+    """Resample the learned position grid for another input resolution (timm's load-time resize)."""
+    new_cfg = cfg.replace(img_size=img_size)
+    if new_cfg.grid == cfg.grid:
+        return new_cfg, params
+    pos = resample_pos_embed(
+        jnp.asarray(params["pos_embed"]), cfg.pos_embed_prefix, (new_cfg.grid, new_cfg.grid), cfg.pos_resample_antialias
+    )
+    return new_cfg, {**params, "pos_embed": np.asarray(pos)}
 
 
 def count_tree(params: Params) -> int:

@@ -1,0 +1,130 @@
+"""`dgmr-jax` command line: convert, export, prune (more stages register themselves here as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dgmr_jax.convert.checkpoint_io import CheckpointError
+from dgmr_jax.convert.keymaps import FAMILIES
+
+# Errors that mean "the input is wrong": printed as one line, no traceback.
+USER_ERRORS = (CheckpointError, ValueError, FileExistsError, FileNotFoundError)
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from dgmr_jax.convert import from_torch
+    from dgmr_jax.model_dir import check_new_dir, save_model
+    from dgmr_jax.prune.cost import count_params
+
+    check_new_dir(args.out)
+    cfg, params = from_torch(args.checkpoint, family=args.family, arch=args.arch)
+    save_model(args.out, cfg, params, family=args.family, source=str(args.checkpoint))
+    print(f"wrote {args.out}: {cfg.name}, {count_params(cfg) / 1e6:.2f}M params, depth {cfg.depth}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from dgmr_jax.convert import to_torch
+    from dgmr_jax.convert.checkpoint_io import save_safetensors
+    from dgmr_jax.model_dir import load_config, load_params
+
+    out = Path(args.out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose another --out or remove it first")
+    if out.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+        raise ValueError(f"--out must end in .safetensors, .pth, .pt or .bin, got {out.name}")
+    cfg, meta = load_config(args.model)
+    family = args.family or meta.get("family", "timm")
+    sd = to_torch(cfg, load_params(args.model), family=family, prefix=args.prefix)
+    if out.suffix == ".safetensors":
+        save_safetensors(out, sd)
+    else:
+        import numpy as np
+        import torch
+
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            if a.dtype.name == "bfloat16":
+                return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+            return torch.from_numpy(np.ascontiguousarray(a))
+
+        torch.save({k: tensor(v) for k, v in sd.items()}, out)
+    print(f"wrote {out}: {len(sd)} tensors in the {family} layout (MLP widths {sorted(set(cfg.mlp_hidden))})")
+
+
+def _hidden(text: str) -> int | list[int]:
+    values = [int(v) for v in text.split(",")]
+    return values[0] if len(values) == 1 else values
+
+
+def _prune(args: argparse.Namespace) -> None:
+    from dgmr_jax.model_dir import check_new_dir
+    from dgmr_jax.prune.report import write_report
+    from dgmr_jax.prune.stream import ModelDirLayerSource, TorchLayerSource, prune_to_dir
+
+    check_new_dir(args.out)
+    if (args.model is None) == (args.checkpoint is None):
+        raise ValueError("give exactly one of --model DIR (from `dgmr-jax convert`) or --checkpoint PATH")
+    if args.checkpoint is not None:
+        if not args.arch:
+            raise ValueError("--checkpoint needs --arch (a preset name, e.g. eva02_enormous_patch14_clip_224)")
+        source = TorchLayerSource(args.checkpoint, args.family, args.arch)
+    else:
+        source = ModelDirLayerSource(args.model)
+    hidden = _hidden(args.hidden) if args.hidden else None
+    mlp_ratio = 1.0 if args.mlp_ratio is None and hidden is None else args.mlp_ratio
+    new_cfg, reports = prune_to_dir(source, args.out, args.method, mlp_ratio, hidden, args.round_to, args.seed)
+    info = write_report(args.out, source.cfg, new_cfg, reports, args.method)
+    print(
+        f"wrote {args.out}: params {info['params_before'] / 1e6:.2f}M -> {info['params_after'] / 1e6:.2f}M "
+        f"(-{info['params_saved_pct']}%), GFLOPs {info['gflops_before']} -> {info['gflops_after']} "
+        f"(-{info['flops_saved_pct']}%); report: {Path(args.out) / 'prune_report.md'}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgmr-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="PyTorch checkpoint -> model directory (config.json + Orbax params)")
+    p.add_argument("--family", choices=FAMILIES, default="timm")
+    p.add_argument("--arch", required=True, help="preset name, e.g. vit_small_patch16_224 or ViT-g-14")
+    p.add_argument("--checkpoint", required=True, help=".safetensors, .pth, .pt or .bin")
+    p.add_argument("--out", required=True, help="new model directory")
+    p.set_defaults(run=_convert)
+
+    p = sub.add_parser("export", help="model directory -> PyTorch state dict (.safetensors or .pth)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--family", choices=FAMILIES, help="layout to write (default: the one it was converted from)")
+    p.add_argument("--prefix", default="", help='put before every name, e.g. "visual." for a full CLIP model')
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_export)
+
+    p = sub.add_parser("prune", help="DGMR MLP pruning, one layer at a time, with a report")
+    p.add_argument("--model", help="model directory from `dgmr-jax convert`")
+    p.add_argument("--checkpoint", help="or a PyTorch checkpoint (.safetensors is read lazily)")
+    p.add_argument("--family", choices=FAMILIES, default="timm", help="with --checkpoint")
+    p.add_argument("--arch", help="with --checkpoint: preset name")
+    p.add_argument("--method", choices=("diversity", "l2", "random"), default="diversity")
+    p.add_argument("--mlp-ratio", type=float, help="kept width = int(ratio * width); default 1.0")
+    p.add_argument("--hidden", help="kept width: one int, or comma-separated per layer")
+    p.add_argument("--round-to", type=int, default=1, help="round widths up to a multiple (128 on TPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(run=_prune)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as err:
+        print(f"dgmr-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
