@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="PyTorch checkpoint -> model directory (config.json + Orbax params)")
     p.add_argument("--family", choices=FAMILIES, default="timm")
-    p.add_argument("--arch", required=True, help="preset name, e.g. vit_small_patch16_224 or ViT-g-14")
+    p.add_argument("--arch", required=True, help="preset name (e.g. vit_small_patch16_224, ViT-g-14) or a config .json")
     p.add_argument("--checkpoint", required=True, help=".safetensors, .pth, .pt or .bin")
     p.add_argument("--out", required=True, help="new model directory")
     p.set_defaults(run=_convert)
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory from `dgmr-jax convert`")
     p.add_argument("--checkpoint", help="or a PyTorch checkpoint (.safetensors is read lazily)")
     p.add_argument("--family", choices=FAMILIES, default="timm", help="with --checkpoint")
-    p.add_argument("--arch", help="with --checkpoint: preset name")
+    p.add_argument("--arch", help="with --checkpoint: preset name or config .json")
     p.add_argument("--method", choices=("diversity", "l2", "random"), default="diversity")
     p.add_argument("--mlp-ratio", type=float, help="kept width = int(ratio * width); default 1.0")
     p.add_argument("--hidden", help="kept width: one int, or comma-separated per layer")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,11 +23,18 @@ _LISTED = 12  # names shown per kind of mismatch in an error
 
 
 def resolve_config(arch: str | ModelConfig, family: str) -> ModelConfig:
-    """The config for arch as stored in family's layout (DINOv2's own layout keeps the mask token and
-    gives the class token, not the registers, a position embedding)."""
+    """The config for arch (preset name, config .json path or ModelConfig) as stored in family's layout.
+
+    DINOv2's own layout keeps the mask token and gives the class token, not the registers, a position
+    embedding."""
     if family not in FAMILIES:
         raise CheckpointError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    cfg = arch if isinstance(arch, ModelConfig) else preset(arch)
+    if isinstance(arch, ModelConfig):
+        cfg = arch
+    elif arch.endswith(".json"):  # a ModelConfig written by ModelConfig.to_json (custom depth, widths, ...)
+        cfg = ModelConfig.from_json(Path(arch).read_text())
+    else:
+        cfg = preset(arch)
     if family == "dinov2":
         cfg = cfg.replace(mask_token=True, pos_embed_prefix=1)
     return cfg

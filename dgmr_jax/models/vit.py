@@ -101,6 +101,9 @@ class Mlp(nn.Module):
             h = _activation(cfg.mlp_type)(_dense(self.hidden, ("embed", "mlp"), cfg, "fc1")(x))
         if cfg.mlp_norm:
             h = _norm(cfg, "norm", axis="mlp")(h)
+        # the fc2 input, exposed for Taylor importance (both are no-ops unless the collections are asked for)
+        self.sow("intermediates", "hidden", h)
+        h = self.perturb("hidden", h)
         return _dense(cfg.width, ("mlp", "embed"), cfg, "fc2")(h)
 
 

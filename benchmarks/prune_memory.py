@@ -1,0 +1,105 @@
+"""Peak host memory of streamed pruning: synthetic EVA02-CLIP-E-shaped bf16 checkpoints of 4 and 16 layers.
+
+    python benchmarks/prune_memory.py [--layers 4 16] [--workdir /tmp/dgmr_prune_memory]
+
+Each checkpoint is pruned to prune1 (hidden 1792) by `dgmr-jax prune` in a fresh process; peak RSS
+comes from getrusage of that child. Streaming holds one layer plus the output, so the 16-layer peak
+may exceed the 4-layer peak by at most one float32 EVA-E fc1 (110 MB) plus the extra output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from dgmr_jax.convert.checkpoint_io import save_safetensors
+from dgmr_jax.convert.keymaps import rules
+from dgmr_jax.models.presets import preset
+from dgmr_jax.models.tree import flatten
+from dgmr_jax.models.vit import param_shapes
+from dgmr_jax.prune.cost import count_params
+
+FC1_F32_MB = 1792 * 15360 * 4 / 1e6
+
+
+def write_checkpoint(path: Path, depth: int, seed: int = 0) -> Path:
+    """A timm-layout EVA-E vision tower of `depth` layers with random bf16 weights, and its config."""
+    cfg = preset("eva02_enormous_patch14_clip_224", depth=depth)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    shapes = flatten(param_shapes(cfg))
+    for rule in rules(cfg, "timm"):  # torch shapes: flax shapes through the rule's layout
+        (flax_path,) = rule.flax
+        shape = tuple(shapes[flax_path].shape)
+        if rule.hook == "linear":
+            shape = shape[::-1]
+        elif rule.hook == "conv":
+            shape = (shape[3], shape[2], shape[0], shape[1])
+        (name,) = rule.torch
+        tensors[name] = (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+    save_safetensors(path, tensors)
+    config = path.with_suffix(".json")
+    config.write_text(cfg.to_json())
+    return config
+
+
+def run(checkpoint: Path, config: Path, out: Path) -> tuple[float, float]:
+    """(peak RSS in MB, seconds) of one `dgmr-jax prune` process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "dgmr_jax.cli", "prune", "--checkpoint", str(checkpoint), "--arch", str(config),
+           "--mlp-ratio", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak <= before:
+        print("warning: a later child did not exceed an earlier child's peak; run one size per process")
+    return peak / 1024, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[16, 4], help="largest first (getrusage keeps a max)")
+    parser.add_argument("--workdir", default="/tmp/dgmr_prune_memory")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    rows = []
+    for depth in args.layers:
+        ckpt = work / f"eva_e_{depth}.safetensors"
+        config = write_checkpoint(ckpt, depth)
+        out = work / f"pruned_{depth}"
+        peak, seconds = run(ckpt, config, out)
+        out_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+        slim = preset("eva02_enormous_patch14_clip_224", depth=depth, hidden=1792)
+        rows.append(dict(layers=depth, ckpt_mb=ckpt.stat().st_size / 1e6, out_mb=out_mb, peak_rss_mb=peak,
+                         seconds=seconds, out_params=count_params(slim)))
+        ckpt.unlink()
+    rows.sort(key=lambda r: r["layers"])
+    print("| layers | checkpoint MB | output MB | peak RSS MB | seconds | s/layer |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layers']} | {r['ckpt_mb']:.0f} | {r['out_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+              f"{r['seconds']:.1f} | {r['seconds'] / r['layers']:.2f} |")
+    small, big = rows[0], rows[-1]
+    growth = big["peak_rss_mb"] - small["peak_rss_mb"]
+    allowed = FC1_F32_MB + (big["out_mb"] - small["out_mb"])
+    per_layer = (big["seconds"] - small["seconds"]) / (big["layers"] - small["layers"])
+    print(f"\npeak growth {growth:.0f} MB vs allowed {allowed:.0f} MB (one fp32 fc1 {FC1_F32_MB:.0f} MB + "
+          f"output difference): {'OK' if growth <= allowed else 'OVER'}")
+    print(f"extrapolated 64-layer time: {small['seconds'] + per_layer * (64 - small['layers']):.0f} s")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
