@@ -1,0 +1,153 @@
+"""Random-access sources of encoded images: an image folder, ArrayRecord files, a local TFDS dataset.
+
+Each source has `__len__` and `__getitem__(i) -> bytes` (the encoded image, never decoded here) so
+grain can read it from any worker, and a stable `repr` that grain stores in the iterator state
+to refuse resuming on a different dataset. Labels are ignored: distillation needs images only.
+Decoding, and skipping what does not decode, happens in `transforms.DecodeOrSkip`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterable, Sequence
+
+import grain
+from array_record.python.array_record_module import ArrayRecordWriter
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class ImageFolderSource:
+    """Every image file under `root`, at any depth, in sorted relative-path order.
+
+    Sorting makes record i the same file on every host and every run. Files whose extension is
+    not in `IMAGE_EXTENSIONS` (case-insensitive) are not records; their number is `ignored_files`.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        if not os.path.isdir(self.root):
+            raise ValueError(f"image folder {self.root!r} does not exist or is not a directory")
+        relpaths, ignored, seen = [], 0, set()
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            if os.path.realpath(dirpath) in seen:  # a symlink loop or a second link to a visited folder
+                dirnames.clear()
+                continue
+            seen.add(os.path.realpath(dirpath))
+            dirnames.sort()  # visit in sorted order so the copy kept among duplicates is the same everywhere
+            for filename in filenames:
+                if filename.lower().endswith(IMAGE_EXTENSIONS):
+                    relpaths.append(os.path.relpath(os.path.join(dirpath, filename), self.root))
+                else:
+                    ignored += 1
+        if not relpaths:
+            raise ValueError(
+                f"no image files found under {self.root!r} ({ignored} other files); accepted extensions "
+                f"(case-insensitive): {' '.join(IMAGE_EXTENSIONS)}"
+            )
+        self.relpaths = sorted(relpaths)
+        self.ignored_files = ignored
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+    def __getitem__(self, i: int) -> bytes:
+        with open(self.path(i), "rb") as f:
+            return f.read()
+
+    def path(self, i: int) -> str:
+        """Absolute path of record i (for log messages about unreadable files)."""
+        return os.path.join(self.root, self.relpaths[i])
+
+    def __repr__(self) -> str:
+        return f"ImageFolderSource(root={self.root!r}, num_images={len(self)})"
+
+
+def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Expand glob patterns (sorted) and check that every file exists."""
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    files = []
+    for pattern in map(os.fspath, paths):
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        missing = [m for m in matches if not os.path.isfile(m)]
+        if not matches or missing:
+            raise ValueError(f"ArrayRecord path {pattern!r} matches no file ({missing or 'empty glob'})")
+        files.extend(matches)
+    return files
+
+
+class ArrayRecordSource:
+    """Records of ArrayRecord files (paths or glob patterns), each record one encoded image."""
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> None:
+        self.paths = _expand(paths)
+        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        if len(self._source) == 0:
+            raise ValueError(f"ArrayRecord files {self.paths} hold no records")
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self._source[i]
+
+    def __repr__(self) -> str:
+        return f"ArrayRecordSource(paths={self.paths!r}, num_records={len(self)})"
+
+
+def write_array_record(path: str | os.PathLike, encoded_images: Iterable[bytes]) -> int:
+    """Write encoded images as one ArrayRecord file (group_size 1: cheap random access); return the count."""
+    writer = ArrayRecordWriter(os.fspath(path), "group_size:1")
+    count = 0
+    try:
+        for data in encoded_images:
+            writer.write(data)
+            count += 1
+    finally:
+        writer.close()
+    return count
+
+
+class TfdsSource:
+    """The encoded `image_key` feature of a TFDS dataset already prepared under `data_dir`.
+
+    Never downloads or prepares: an unprepared dataset raises ValueError saying how to prepare it.
+    The dataset must be stored as array_record (or parquet), the random-access formats.
+    """
+
+    def __init__(
+        self, name: str, split: str = "train", data_dir: str | os.PathLike | None = None, image_key: str = "image"
+    ) -> None:
+        import tensorflow_datasets as tfds  # heavy import, only for this source
+
+        how = (
+            f"prepare it once with `tfds build {name} --file_format=array_record"
+            f"{f' --data_dir={data_dir}' if data_dir else ''}` where the raw data is available"
+        )
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError as err:
+            raise ValueError(f"TFDS dataset {name!r} not found (data_dir={data_dir}); {how}") from err
+        if not builder.is_prepared():
+            raise ValueError(
+                f"TFDS dataset {name!r} is not prepared under {builder.data_dir} (this loader never downloads); {how}"
+            )
+        features = list(builder.info.features)
+        if image_key not in features:
+            raise ValueError(f"TFDS dataset {name!r} has no feature {image_key!r}; features: {features}")
+        try:
+            self._source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
+        except NotImplementedError as err:  # prepared as tfrecord: no random access
+            raise ValueError(f"TFDS dataset {name!r} is not stored as array_record; {how}") from err
+        self.name, self.split, self.image_key = name, split, image_key
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self._source[i][self.image_key]
+
+    def __repr__(self) -> str:
+        return f"TfdsSource(name={self.name!r}, split={self.split!r}, num_records={len(self)})"

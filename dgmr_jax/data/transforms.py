@@ -1,0 +1,169 @@
+"""Per-example image transforms: decode (skipping unreadable records), crop, flip, normalize.
+
+Crops follow torchvision's RandomResizedCrop / Resize + CenterCrop with PIL bicubic resizing,
+so images match what the PyTorch recipes feed their models. Randomness comes from the numpy
+Generator grain derives from (seed, global example index), so an example's augmentation does
+not depend on the worker count or on where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_log = logging.getLogger(__name__)
+
+_FAMILY_STATS = {
+    "timm": (IMAGENET_MEAN, IMAGENET_STD),
+    "dinov2": (IMAGENET_MEAN, IMAGENET_STD),
+    "open_clip": (CLIP_MEAN, CLIP_STD),
+    "eva_clip": (CLIP_MEAN, CLIP_STD),
+}
+
+
+def family_mean_std(family: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) that a model family was trained with: ImageNet's for timm/dinov2, CLIP's otherwise."""
+    if family not in _FAMILY_STATS:
+        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(_FAMILY_STATS)}")
+    return _FAMILY_STATS[family]
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode encoded image bytes to an RGB PIL image (first frame of animations).
+
+    `convert` forces the full decode, so truncated files fail here rather than later.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: Sequence[float], ratio: Sequence[float], rng: np.random.Generator
+) -> tuple[int, int, int, int]:
+    """torchvision `RandomResizedCrop.get_params`: (top, left, h, w) of a crop of the given area/aspect.
+
+    10 tries to sample an area fraction in `scale` and a log-uniform aspect ratio in `ratio` that
+    fits; otherwise the largest center crop whose aspect ratio is clamped into `ratio`.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(
+    img: Image.Image, size: int, scale: Sequence[float], ratio: Sequence[float], rng: np.random.Generator
+) -> Image.Image:
+    """Random crop (torchvision semantics) resized to size x size with PIL bicubic."""
+    top, left, h, w = random_resized_crop_box(img.width, img.height, scale, ratio, rng)
+    return img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+
+
+def resize_center_crop(img: Image.Image, size: int, resize_size: int | None = None) -> Image.Image:
+    """Eval view: bicubic-resize the shorter side to `resize_size` (default `size`), center-crop size x size."""
+    resize_size = size if resize_size is None else resize_size
+    if img.width <= img.height:
+        new_w, new_h = resize_size, int(resize_size * img.height / img.width)
+    else:
+        new_w, new_h = int(resize_size * img.width / img.height), resize_size
+    img = img.resize((new_w, new_h), Image.BICUBIC)
+    top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+    return img.crop((left, top, left + size, top + size))
+
+
+def normalize(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """RGB image -> float32 (H, W, 3) in [0, 1], then (x - mean) / std per channel."""
+    x = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+class DecodeOrSkip(grain.transforms.Map):
+    """Record key -> {"image": PIL RGB, "index", "skipped"}, passing over records that fail to read or decode.
+
+    When record i fails, records i+1, i+2, ... (mod len) are tried in turn, so the replacement
+    is deterministic and the batch shape stays fixed. "skipped" is the number of records passed
+    over for this example (a corrupt record counts each time it is sampled or passed over);
+    "index" is the sampled key i. The loader feeds record keys instead of bytes precisely so that
+    this transform can read the replacement records itself.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def map(self, key: int) -> dict[str, Any]:
+        n = len(self.source)
+        for skipped in range(n):
+            i = (key + skipped) % n
+            try:
+                image = decode_rgb(self.source[i])
+            except Exception as err:  # any failure of one file (read, format, truncation) must not stop training
+                where = self.source.path(i) if hasattr(self.source, "path") else f"record {i}"
+                _log.warning("skipping unreadable image %s of %r: %s", where, self.source, err)
+                continue
+            return {"image": image, "index": np.int64(key), "skipped": np.int32(skipped)}
+        raise ValueError(f"none of the {n} records of {self.source!r} decodes as an image; check the data path")
+
+
+def _with_images(element: dict[str, Any], images: np.ndarray) -> dict[str, Any]:
+    """The loader's example layout: the PIL image replaced by the normalized array under "images"."""
+    return {"images": images, "index": element["index"], "skipped": element["skipped"]}
+
+
+class TrainTransform(grain.transforms.RandomMap):
+    """Random resized crop (bicubic), optional horizontal flip, normalize; image -> "images" float32 (H, W, 3)."""
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        scale: Sequence[float],
+        ratio: Sequence[float],
+        flip: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        self.size, self.scale, self.ratio, self.flip, self.mean, self.std = size, scale, ratio, flip, mean, std
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        img = random_resized_crop(element["image"], self.size, self.scale, self.ratio, rng)
+        if self.flip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return _with_images(element, normalize(img, self.mean, self.std))
+
+
+class EvalTransform(grain.transforms.Map):
+    """Resize shorter side, center crop, normalize; image -> "images" float32 (H, W, 3)."""
+
+    def __init__(
+        self, size: int, *, resize_size: int | None = None, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        self.size, self.resize_size, self.mean, self.std = size, resize_size, mean, std
+
+    def map(self, element: dict[str, Any]) -> dict[str, Any]:
+        img = resize_center_crop(element["image"], self.size, self.resize_size)
+        return _with_images(element, normalize(img, self.mean, self.std))

@@ -1,0 +1,42 @@
+"""DGMR feature-distillation loss: cls_coef * MSE(pooled) + feat_coef * MSE(patch tokens), mean reduction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.vit import VisionTransformer
+
+TAPS = ("output", "raw")
+
+
+def tap_config(cfg: ModelConfig, tap: str) -> ModelConfig:
+    """The config whose forward yields the distilled tensors (SPEC.md 1.2).
+
+    "output": the model's own pooled vector and final-norm tokens (OpenCLIP: after ln_post and proj;
+    DINOv2: class and patch tokens after the final norm). "raw": final norm, pooling norm and head
+    removed on both sides, i.e. the raw class token and patch tokens of the last block (EVA-CLIP).
+    """
+    if tap not in TAPS:
+        raise ValueError(f"unknown distillation tap {tap!r}; choose one of {TAPS}")
+    if tap == "raw":
+        return cfg.replace(final_norm=False, fc_norm=False, num_classes=0, proj_dim=0, global_pool="token")
+    return cfg
+
+
+def features(cfg: ModelConfig, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(pooled (B, E), patch tokens (B, N, D)) of cfg, a tap_config; unused params (head, norm) are ignored."""
+    out = VisionTransformer(cfg).apply({"params": params}, images)
+    return out["pooled"], out["tokens"][:, cfg.num_prefix_tokens :]
+
+
+def distill_loss(
+    student: tuple[jax.Array, jax.Array], teacher: tuple[jax.Array, jax.Array], cls_coef: float, feat_coef: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar loss (float32) and its two terms."""
+    mse = lambda a, b: jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))  # noqa: E731
+    cls, feat = mse(student[0], teacher[0]), mse(student[1], teacher[1])
+    return cls_coef * cls + feat_coef * feat, {"loss_cls": cls, "loss_feat": feat}

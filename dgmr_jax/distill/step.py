@@ -1,0 +1,153 @@
+"""The jitted, sharded distillation step: optimizer, train state, and one pure step function."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from dgmr_jax.distill.loss import distill_loss, features
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.vit import logical_axes, param_shapes
+from dgmr_jax.parallel import batch_sharding, replicated, tree_shardings
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with the DGMR schedules (SPEC.md 1.2); all schedules are per step."""
+
+    base_lr: float = 6e-5
+    min_lr: float = 1e-6
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    global_batch: int = 256
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    wd_start: float = 0.04
+    wd_end: float = 0.2
+    clip_norm: float = 0.0  # 0: no clipping
+    accum_steps: int = 1  # gradient accumulation: one optimizer update every accum_steps micro-batches
+    ema_decay: float = 0.0  # 0: no EMA of the student
+
+    @property
+    def peak_lr(self) -> float:
+        return self.base_lr * self.global_batch / 256
+
+
+def lr_schedule(opt: OptimConfig) -> optax.Schedule:
+    """Linear warmup from 0 to base_lr * batch / 256, then cosine to min_lr at total_steps."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, opt.peak_lr, max(opt.warmup_steps, 0), max(opt.total_steps, opt.warmup_steps + 1), opt.min_lr
+    )
+
+
+def wd_schedule(opt: OptimConfig) -> optax.Schedule:
+    """Cosine from wd_start up to wd_end over total_steps."""
+
+    def schedule(step):
+        t = jnp.clip(step / max(opt.total_steps, 1), 0.0, 1.0)
+        return opt.wd_end + 0.5 * (opt.wd_start - opt.wd_end) * (1 + jnp.cos(jnp.pi * t))
+
+    return schedule
+
+
+def make_optimizer(opt: OptimConfig) -> optax.GradientTransformation:
+    """AdamW (decoupled decay on all params) with scheduled lr and wd, optional clip and accumulation."""
+    adamw = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=lr_schedule(opt), weight_decay=wd_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps
+    )
+    tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw) if opt.clip_norm > 0 else adamw
+    return optax.MultiSteps(tx, every_k_schedule=opt.accum_steps) if opt.accum_steps > 1 else tx
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Params
+    opt_state: Any
+    ema: Params | None
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation, ema: bool) -> TrainState:
+    """Fresh state owning its buffers (it is donated each step, so it must not alias the teacher's)."""
+    own = lambda tree: jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), tree)  # noqa: E731
+    params = own(params)
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), own(params) if ema else None)
+
+
+def make_step(
+    student_cfg: ModelConfig,
+    teacher_cfg: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    opt: OptimConfig,
+    cls_coef: float = 1.0,
+    feat_coef: float = 1.0,
+) -> Callable[[TrainState, Params, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """Pure step: teacher and student forward on the same images, loss, grads, AdamW update, EMA."""
+    schedule = lr_schedule(opt)
+
+    def step(state: TrainState, teacher_params: Params, images: jax.Array):
+        target = jax.lax.stop_gradient(features(teacher_cfg, teacher_params, images.astype(teacher_cfg.dtype)))
+
+        def loss_fn(params):
+            return distill_loss(features(student_cfg, params, images), target, cls_coef, feat_coef)
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            ema = jax.tree_util.tree_map(lambda e, p: opt.ema_decay * e + (1 - opt.ema_decay) * p, ema, params)
+        update_step = state.step // opt.accum_steps
+        metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads), "lr": schedule(update_step)}
+        return TrainState(state.step + 1, params, opt_state, ema), metrics
+
+    return step
+
+
+def state_shardings(student_cfg: ModelConfig, state_shapes: TrainState, mesh: Mesh) -> TrainState:
+    """Shardings of a TrainState: params/EMA by logical axes, optimizer moments like their params."""
+    shapes = param_shapes(student_cfg)
+    param_sh = tree_shardings(logical_axes(student_cfg), shapes, mesh, "student params")
+    by_path = {
+        _dict_keys(path): (sh, tuple(leaf.shape))
+        for (path, sh), leaf in zip(
+            jax.tree_util.tree_leaves_with_path(param_sh), jax.tree_util.tree_leaves(shapes), strict=True
+        )
+    }
+
+    def opt_leaf(path, leaf):  # a moment mirrors the param whose path ends its own; scalars replicate
+        keys = _dict_keys(path)
+        for i in range(len(keys)):
+            match = by_path.get(keys[i:])
+            if match and match[1] == tuple(np.shape(leaf)):
+                return match[0]
+        return replicated(mesh)
+
+    opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, state_shapes.opt_state)
+    return TrainState(replicated(mesh), param_sh, opt_sh, param_sh if state_shapes.ema is not None else None)
+
+
+def _dict_keys(path) -> tuple:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def jit_step(step: Callable, mesh: Mesh, state_sh: TrainState, teacher_sh: Params) -> Callable:
+    """jax.jit with explicit in/out shardings; the state is donated (updated in place)."""
+    metrics_sh = replicated(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, teacher_sh, batch_sharding(mesh)),
+        out_shardings=(state_sh, metrics_sh),
+        donate_argnums=(0,),
+    )

@@ -1,0 +1,128 @@
+"""One mesh code path: a (data, fsdp, tensor) Mesh, logical-axis rules, and shardings for params and batches.
+
+The same functions serve 1 CPU, 8 fake CPU devices, a GPU node and a multi-host TPU pod; only the mesh
+shape (from config) changes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # the global batch is split over both data-parallel axes
+
+# logical axis name (on params, see models/vit.py) -> mesh axis
+RULES: tuple[tuple[str, str | None], ...] = (
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("classes", None),
+    ("layers", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: list | None = None) -> Mesh:
+    """Mesh with axes (data, fsdp, tensor); one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh axis sizes must be positive (or one -1), got data={data}, fsdp={fsdp}, tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"{len(devices)} devices cannot be split into fsdp*tensor*data with the fixed sizes {sizes}"
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) needs {math.prod(sizes)} devices but "
+            f"{len(devices)} are available; make the product equal the device count or set one axis to -1"
+        )
+    grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def spec_for(logical: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, path: str, notes: list[str]) -> PartitionSpec:
+    """Mesh PartitionSpec for one param; dims that a mesh axis does not divide stay replicated (noted)."""
+    rules = dict(RULES)
+    out = []
+    for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical)), strict=True):
+        axis = rules.get(name) if name else None
+        if axis is not None and dim % mesh.shape[axis]:
+            notes.append(f"{path} dim {dim} ({name}) not divisible by mesh axis {axis}={mesh.shape[axis]}")
+            axis = None
+        out.append(axis)
+    return PartitionSpec(*out)
+
+
+def tree_shardings(logical_tree: Any, shapes_tree: Any, mesh: Mesh, what: str = "params") -> Any:
+    """NamedShardings for a param-shaped tree; warns once listing params replicated for divisibility."""
+    notes: list[str] = []
+    flat_logical = jax.tree_util.tree_leaves_with_path(logical_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    flat_shapes = jax.tree_util.tree_leaves(shapes_tree)
+    specs = [
+        spec_for(spec, tuple(shape.shape), mesh, jax.tree_util.keystr(path), notes)
+        for (path, spec), shape in zip(flat_logical, flat_shapes, strict=True)
+    ]
+    if notes:
+        warnings.warn(f"{what}: {len(notes)} dims replicated instead of sharded: " + "; ".join(notes[:8]), stacklevel=2)
+    treedef = jax.tree_util.tree_structure(shapes_tree)
+    return jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, s) for s in specs])
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(BATCH))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch(global_batch: int, mesh: Mesh) -> None:
+    """Fail early when the global batch cannot be split evenly over the data-parallel axes or hosts."""
+    dp = data_parallel_size(mesh)
+    if global_batch % dp:
+        raise ValueError(
+            f"global batch {global_batch} does not divide the data-parallel size data*fsdp={dp}; use a multiple of {dp}"
+        )
+    if global_batch % jax.process_count():
+        raise ValueError(f"global batch {global_batch} does not divide the {jax.process_count()} processes")
+
+
+def host_batch_to_global(local: Any, mesh: Mesh) -> Any:
+    """Assemble per-host batches (leading axis = this host's examples) into global sharded arrays."""
+    sharding = batch_sharding(mesh)
+    return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
+
+
+def maybe_initialize_distributed(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
+    """jax.distributed.initialize from arguments or DGMR_COORDINATOR / DGMR_NUM_PROCESSES / DGMR_PROCESS_ID
+    (GPU clusters, local tests), or with no arguments on a TPU pod (DGMR_TPU_POD=1). Returns whether it ran."""
+    coordinator = coordinator or os.environ.get("DGMR_COORDINATOR")
+    if num_processes is None and "DGMR_NUM_PROCESSES" in os.environ:
+        num_processes = int(os.environ["DGMR_NUM_PROCESSES"])
+    if process_id is None and "DGMR_PROCESS_ID" in os.environ:
+        process_id = int(os.environ["DGMR_PROCESS_ID"])
+    if coordinator:
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        return True
+    if os.environ.get("DGMR_TPU_POD") == "1":
+        jax.distributed.initialize()
+        return True
+    return False

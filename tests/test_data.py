@@ -1,0 +1,253 @@
+"""Unlabeled-image pipeline: sources, corrupt-file skipping, exact normalization, determinism, shards, resume."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dgmr_jax import data
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+MEAN, STD = data.CLIP_MEAN, data.CLIP_STD
+BATCH, SIZE = 4, 16
+
+
+def _encode(array: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _noise(seed: int, h: int = 32, w: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+GOOD = {  # relative path -> encoded bytes; mixed formats, sizes, modes and depths
+    **{f"a/img_{i:02d}.jpg": _encode(_noise(i, 28, 40), "JPEG") for i in range(9)},
+    "a/b/c/deep.PNG": _encode(_noise(10), "PNG"),
+    "a/b/photo.JPEG": _encode(_noise(11, 40, 28), "JPEG"),
+    "anim.gif": _encode(_noise(12), "GIF"),
+    "gray.png": _encode(_noise(13)[..., 0], "PNG"),
+    "top.png": _encode(_noise(14), "PNG"),
+}
+# Sorted, the two corrupt files are not neighbours, so each is passed over exactly once per epoch.
+CORRUPT = {
+    "a/garbage.jpg": np.random.default_rng(99).bytes(500),
+    "b/truncated.jpg": _encode(_noise(15), "JPEG")[:400],
+}
+OTHER = {"notes.txt": b"hello", "a/meta.json": b"{}", "a/b/README": b"readme"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    for rel, payload in {**GOOD, **CORRUPT, **OTHER}.items():
+        os.makedirs(os.path.dirname(root / rel), exist_ok=True)
+        (root / rel).write_bytes(payload)
+    return data.ImageFolderSource(root)
+
+
+def _loader(source, **kw):
+    args = dict(batch_size=BATCH, img_size=SIZE, mean=MEAN, std=STD, num_epochs=1)
+    return data.make_loader(source, **{**args, **kw})
+
+
+def _expected_skips(source, indices) -> int:
+    """Records DecodeOrSkip must pass over for these sampled indices: the run of corrupt records at each."""
+    bad = [os.path.relpath(source.path(i), source.root) in CORRUPT for i in range(len(source))]
+    total = 0
+    for i in indices:
+        run = 0
+        while bad[(i + run) % len(bad)]:
+            run += 1
+        total += run
+    return total
+
+
+def test_folder_finds_images_at_any_depth(folder):
+    assert sorted(folder.relpaths) == folder.relpaths == sorted([*GOOD, *CORRUPT])
+    assert folder.ignored_files == len(OTHER)
+    assert folder[folder.relpaths.index("top.png")] == GOOD["top.png"]
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"no image files found under .*accepted extensions.*\.jpg"):
+        data.ImageFolderSource(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        data.ImageFolderSource(tmp_path / "missing")
+
+
+def test_corrupt_files_fail_to_decode():
+    for payload in CORRUPT.values():
+        with pytest.raises(Exception):  # noqa: B017 - Pillow raises several types; any failure counts
+            data.decode_rgb(payload)
+    assert data.decode_rgb(GOOD["gray.png"]).mode == "RGB"
+
+
+def test_full_epoch_batches_and_exact_skip_count(folder):
+    batches = list(_loader(folder, seed=3))
+    assert len(batches) == len(folder) // BATCH
+    counter = data.SkipCounter()
+    for batch in batches:
+        assert batch["images"].shape == (BATCH, SIZE, SIZE, 3) and batch["images"].dtype == np.float32
+        assert batch["skipped"].shape == (BATCH,) and batch["index"].dtype == np.int64
+        counter.update(batch)
+    indices = np.concatenate([b["index"] for b in batches])
+    assert sorted(indices) == list(range(len(folder)))
+    assert counter.total == _expected_skips(folder, indices) == len(CORRUPT)
+    assert str(counter) == f"{len(CORRUPT)} corrupt/unreadable files skipped so far"
+
+
+def test_corrupt_record_is_replaced_by_the_next_one(folder):
+    batches = list(_loader(folder, train=False))
+    images = np.concatenate([b["images"] for b in batches])
+    skipped = np.concatenate([b["skipped"] for b in batches])
+    assert list(np.concatenate([b["index"] for b in batches])) == list(range(len(folder)))  # eval: source order
+    for rel in CORRUPT:
+        i = folder.relpaths.index(rel)
+        assert skipped[i] == 1
+        np.testing.assert_array_equal(images[i], images[i + 1])
+    assert skipped.sum() == len(CORRUPT)
+
+
+def test_normalization_matches_manual_bicubic_resize(folder):
+    """scale (1, 1) and ratio (1, 1) on a square image crop nothing: a plain bicubic resize, then normalize."""
+    i = folder.relpaths.index("top.png")
+    for batch in _loader(folder, scale=(1.0, 1.0), ratio=(1.0, 1.0)):
+        if i in batch["index"]:
+            got = batch["images"][list(batch["index"]).index(i)]
+    img = Image.open(io.BytesIO(GOOD["top.png"])).convert("RGB").resize((SIZE, SIZE), Image.BICUBIC)
+    want = (np.asarray(img, np.float32) / 255 - np.float32(MEAN)) / np.float32(STD)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_crop_follows_torchvision_rules():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        top, left, h, w = data.random_resized_crop_box(40, 28, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        assert 0 <= top <= 28 - h and 0 <= left <= 40 - w and 3 / 4 - 0.1 < w / h < 4 / 3 + 0.1
+    # No square crop of the full area fits a 40x20 image: fall back to the largest centered square.
+    assert data.random_resized_crop_box(40, 20, (1.0, 1.0), (1.0, 1.0), rng) == (0, 10, 20, 20)
+    img = Image.fromarray(_noise(0, 28, 40))
+    want = img.resize((22, 16), Image.BICUBIC).crop((3, 0, 19, 16))
+    np.testing.assert_array_equal(np.asarray(data.resize_center_crop(img, 16)), np.asarray(want))
+
+
+def test_family_mean_std():
+    assert data.family_mean_std("dinov2") == (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    assert data.family_mean_std("eva_clip") == (data.CLIP_MEAN, data.CLIP_STD)
+    with pytest.raises(ValueError, match="unknown model family"):
+        data.family_mean_std("resnet")
+
+
+def test_same_seed_same_batches_other_seed_other_order(folder):
+    def take(seed, n=6):  # 6 batches run past the end of the first epoch
+        it = iter(_loader(folder, seed=seed, num_epochs=None, flip=True))
+        return [next(it) for _ in range(n)]
+
+    first, again, other = take(0), take(0), take(1)
+    for a, b in zip(first, again, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(np.stack([b["index"] for b in first]), np.stack([b["index"] for b in other]))
+
+
+def test_shards_are_disjoint_and_cover_the_data(folder):
+    shards = [
+        np.concatenate([b["index"] for b in _loader(folder, shard_index=k, shard_count=2, batch_size=2)])
+        for k in range(2)
+    ]
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(np.concatenate(shards)) == list(range(len(folder)))
+
+
+def test_resume_continues_exactly(folder):
+    it = iter(_loader(folder, num_epochs=None, flip=True))
+    for _ in range(3):
+        next(it)
+    state = data.loader_state(it)
+    want = [next(it) for _ in range(3)]  # crosses into the second epoch
+
+    resumed = iter(_loader(folder, num_epochs=None, flip=True))
+    data.restore_loader(resumed, state)
+    for a in want:
+        b = next(resumed)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+    with pytest.raises(ValueError, match="cannot resume the data loader"):
+        data.restore_loader(iter(_loader(folder, num_epochs=None, seed=7)), state)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(batch_size=0), "batch_size must be a positive"),
+        (dict(img_size=0), "img_size must be positive"),
+        (dict(shard_index=2, shard_count=2), r"shard_index must be in \[0, shard_count=2\)"),
+        (dict(shard_count=5), "fewer than one batch of 4: lower batch_size or shard_count"),
+        (dict(batch_size=17), "fewer than one batch of 17"),
+        (dict(scale=(1.0, 0.5)), "scale must satisfy"),
+    ],
+)
+def test_bad_arguments_fail_early(folder, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _loader(folder, **kw)
+
+
+def test_array_record_round_trip(tmp_path):
+    records = [GOOD["top.png"], GOOD["a/img_00.jpg"], CORRUPT["a/garbage.jpg"], *list(GOOD.values())[:5]]
+    assert data.write_array_record(tmp_path / "part-0.array_record", records[:4]) == 4
+    data.write_array_record(tmp_path / "part-1.array_record", records[4:])
+    source = data.ArrayRecordSource(str(tmp_path / "part-*.array_record"))
+    assert len(source) == len(records) and [source[i] for i in range(len(source))] == records
+    assert sum(data.skipped_total(b) for b in _loader(source)) == 1
+    with pytest.raises(ValueError, match="matches no file"):
+        data.ArrayRecordSource(tmp_path / "missing.array_record")
+
+
+class DgmrTestImages(tfds.core.GeneratorBasedBuilder):
+    """Six labeled noise images, built locally without TensorFlow or network."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        features = {"image": tfds.features.Image(), "label": tfds.features.ClassLabel(num_classes=2)}
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(6):
+            yield i, {"image": _encode(_noise(100 + i), "PNG"), "label": i % 2}
+
+
+def test_tfds_source(tmp_path):
+    DgmrTestImages(data_dir=tmp_path / "tfds", file_format="array_record").download_and_prepare()
+    source = data.TfdsSource("dgmr_test_images", data_dir=tmp_path / "tfds")
+    assert len(source) == 6
+    assert sorted(data.decode_rgb(source[i]).tobytes() for i in range(6)) == sorted(
+        _noise(100 + i).tobytes() for i in range(6)
+    )
+    batches = list(_loader(source, batch_size=3))
+    assert len(batches) == 2 and sum(data.skipped_total(b) for b in batches) == 0
+
+    with pytest.raises(ValueError, match="is not prepared under .*never downloads"):
+        data.TfdsSource("dgmr_test_images", data_dir=tmp_path / "empty")
+    with pytest.raises(ValueError, match="not found"):
+        data.TfdsSource("no_such_dataset_xyz", data_dir=tmp_path / "tfds")
+    with pytest.raises(ValueError, match="has no feature 'img'"):
+        data.TfdsSource("dgmr_test_images", data_dir=tmp_path / "tfds", image_key="img")
+
+
+def test_worker_processes_give_the_same_batches(folder):
+    """Sources and transforms pickle into grain workers; one worker reproduces the in-process batches."""
+    for a, b in zip(_loader(folder, flip=True), _loader(folder, flip=True, worker_count=1), strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
