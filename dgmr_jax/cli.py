@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dgmr_jax.convert.checkpoint_io import CheckpointError
 from dgmr_jax.convert.keymaps import FAMILIES
+from dgmr_jax.distill.errors import NonFiniteLoss
 
 # Errors that mean "the input is wrong": printed as one line, no traceback.
 USER_ERRORS = (CheckpointError, ValueError, FileExistsError, FileNotFoundError)
@@ -83,6 +84,15 @@ def _prune(args: argparse.Namespace) -> None:
     )
 
 
+def _distill(args: argparse.Namespace) -> None:
+    from dgmr_jax import config_file
+    from dgmr_jax.distill.trainer import train
+
+    config = config_file.apply_overrides(config_file.load(args.config), [o.lstrip("-") for o in args.overrides])
+    summary = train(config, args.workdir)
+    print(f"distill {summary['reason']} at step {summary['step']}: {summary['metrics']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgmr-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,13 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(run=_prune)
+
+    p = sub.add_parser("distill", help="recover a pruned student by feature distillation (resumes from --workdir)")
+    p.add_argument("--config", required=True, help="recipe file, e.g. configs/cpu_tiny.py (optionally path:arg)")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard events")
+    p.set_defaults(run=_distill)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if args.command == "distill":
+        args.overrides = extra
+    elif extra:
+        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args)
+    except NonFiniteLoss as err:
+        print(f"dgmr-jax {args.command}: error: {err}", file=sys.stderr)
+        return 3
     except USER_ERRORS as err:
         print(f"dgmr-jax {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,8 +1,9 @@
 """Per-host grain DataLoader over an image source, with resumable state and a skip counter.
 
 Each host passes its own `shard_index`/`shard_count` (e.g. `jax.process_index()`,
-`jax.process_count()`) and reads a disjoint slice of the records; `batch_size` is the per-host
-batch, and the global batch is assembled with `jax.make_array_from_process_local_data`.
+`jax.process_count()`) and reads a disjoint, interleaved slice of one global record stream;
+`batch_size` is the per-host batch, and the global batch is assembled with
+`jax.make_array_from_process_local_data`. Global batch k holds the same records whatever the host count.
 Every batch is a dict:
   "images":  float32 (batch, img_size, img_size, 3), channels-last, normalized with mean/std;
   "skipped": int32 (batch,), unreadable records passed over to fill each slot (see DecodeOrSkip);
@@ -125,9 +126,15 @@ def make_loader(
         # grain workers read an absl flag and crash when the program never parsed flags (no absl.app);
         # the flags' defaults are what we want (grain issue #1355).
         flags.FLAGS.mark_as_parsed()
+    # The sampler defines one global stream (independent of the host count); the DataLoader gives host h the
+    # positions h, h + P, h + 2P, ... So global batch k holds the same records (and crops) on 1 or P hosts.
     shard = grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
     sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=shard, shuffle=train, num_epochs=num_epochs, seed=seed
+        num_records=len(source),
+        shard_options=grain.sharding.NoSharding(),
+        shuffle=train,
+        num_epochs=num_epochs,
+        seed=seed,
     )
     if train:
         transform = TrainTransform(img_size, scale=scale, ratio=ratio, flip=flip, mean=mean, std=std)

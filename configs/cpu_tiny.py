@@ -1,0 +1,20 @@
+"""Small CPU recipe (used by the tests): random-init ViT-Ti teacher at 32 px, prune1 diversity student.
+
+dgmr-jax distill --config configs/cpu_tiny.py --workdir /tmp/run --config.data.path=/path/to/images
+"""
+
+from common import base_config
+
+
+def get_config():
+    c = base_config()
+    c.teacher.arch = "vit_tiny_patch16_224"
+    c.teacher.arch_overrides = dict(depth=2, img_size=32)
+    c.teacher.dtype = "float32"
+    c.student.dtype = "float32"
+    c.optim.update(base_lr=1e-3, min_lr=1e-5, warmup_steps=2, total_steps=12, eps=1e-6)
+    c.global_batch = 8
+    c.checkpoint_every = 4
+    c.log_every = 2
+    c.async_checkpoint = False
+    return c

@@ -1,0 +1,65 @@
+"""ml_collections recipe files: `path.py[:arg]` with get_config(), plus `--config.a.b=value` overrides."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """Import a recipe file and call its get_config([arg]); its folder is importable (shared defaults)."""
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    sys.path.insert(0, str(file.parent.resolve()))
+    try:
+        module_spec = importlib.util.spec_from_file_location(f"dgmr_config_{file.stem}", file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} has no get_config() function")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _parse(text: str, like):
+    if isinstance(like, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true/false, got {text!r}")
+        return text.lower() in ("true", "1")
+    if isinstance(like, str):
+        return text
+    value = ast.literal_eval(text)
+    if isinstance(like, float) and isinstance(value, int):
+        value = float(value)
+    if isinstance(like, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply `config.a.b=value` items (the `--` already stripped); values parse like the field they replace."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.startswith("config."):
+            raise ValueError(f"override {item!r} must look like --config.field=value")
+        *parents, leaf = key[len("config.") :].split(".")
+        node = config
+        for name in parents:
+            if name not in node:
+                raise ValueError(f"unknown config field {key!r}")
+            node = node[name]
+        if leaf not in node:
+            raise ValueError(f"unknown config field {key!r}; known here: {sorted(node.keys())}")
+        try:
+            node[leaf] = _parse(text, node[leaf])
+        except (ValueError, SyntaxError) as err:
+            raise ValueError(f"cannot set {key} from {text!r}: {err}") from err
+    return config
