@@ -18,7 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.teacher.arch_overrides = ml_collections.ConfigDict()  # ModelConfig fields for a random-init teacher
     c.student = ml_collections.ConfigDict(
-        dict(model_dir="", method="diversity", mlp_ratio=1.0, dtype="bfloat16", remat=False)
+        dict(model_dir="", method="diversity", mlp_ratio=1.0, dtype="bfloat16", param_dtype="float32", remat=False)
     )
     c.distill = ml_collections.ConfigDict(dict(tap="output", cls_coef=1.0, feat_coef=1.0))
     c.optim = ml_collections.ConfigDict(

@@ -73,3 +73,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, cap
     err = capsys.readouterr().err
     assert "stopped without saving" in err and "The last good checkpoint (step 8) is kept" in err
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in Path(CONFIG).parent.glob("*.py") if p.name != "common.py"))
+def test_every_recipe_loads_with_known_fields(recipe):
+    from dgmr_jax import config_file
+    from dgmr_jax.distill.trainer import optim_config
+
+    config = config_file.load(str(Path(CONFIG).parent / recipe))
+    opt = optim_config(config)
+    assert 0 <= opt.warmup_steps < opt.total_steps and config.global_batch > 0
+    assert config.distill.tap in ("output", "raw")

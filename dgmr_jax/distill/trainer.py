@@ -107,7 +107,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
 
     teacher_cfg, teacher = load_teacher(config.teacher)
     student_cfg, student = build_student(config.student, teacher_cfg, teacher)
-    student_cfg = student_cfg.replace(dtype=config.student.dtype, remat=config.student.remat)
+    student_cfg = student_cfg.replace(
+        dtype=config.student.dtype, param_dtype=config.student.param_dtype, remat=config.student.remat
+    )
+    student = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.student.param_dtype), student)
     teacher_cfg = teacher_cfg.replace(dtype=config.teacher.dtype)
     teacher = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.teacher.dtype), teacher)
     img_size = config.data.img_size or student_cfg.img_size
