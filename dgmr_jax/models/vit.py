@@ -55,6 +55,27 @@ def _activation(kind: str):
     return jax.nn.silu
 
 
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> width, as one matmul (a strided conv is several times slower on
+    XLA:CPU, backward most of all); the kernel keeps the conv layout (p, p, 3, width)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
+        cfg, p = self.cfg, self.cfg.patch_size
+        b, h, w, c = images.shape
+        kernel = self.param(
+            "kernel", _part(_kernel_init, (None, None, None, "embed")), (p, p, c, cfg.width), cfg.param_dtype
+        )
+        patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+        x = patches.reshape(b, (h // p) * (w // p), p * p * c) @ kernel.reshape(p * p * c, -1).astype(cfg.dtype)
+        if cfg.patch_bias:
+            bias = self.param("bias", _part(nn.initializers.zeros, ("embed",)), (cfg.width,), cfg.param_dtype)
+            x = x + bias.astype(cfg.dtype)
+        return x
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with fused qkv, optional q/v-only bias, RoPE and output norm."""
 
@@ -161,19 +182,7 @@ class VisionTransformer(nn.Module):
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
         gh, gw = h // p, w // p
-        x = nn.Conv(
-            cfg.width,
-            (p, p),
-            strides=(p, p),
-            padding="VALID",
-            use_bias=cfg.patch_bias,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_part(_kernel_init, (None, None, None, "embed")),
-            bias_init=_part(nn.initializers.zeros, ("embed",)),
-            name="patch_embed",
-        )(images.astype(cfg.dtype))
-        x = x.reshape(b, gh * gw, cfg.width)
+        x = PatchEmbed(cfg, name="patch_embed")(images.astype(cfg.dtype))
 
         token_init = _part(_kernel_init, (None, None, "embed"))
         prefix = [
