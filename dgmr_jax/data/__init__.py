@@ -1,5 +1,6 @@
 """Unlabeled-image input pipeline for distillation: sources, transforms, a per-host grain loader."""
 
+from dgmr_jax.data.builtin import SKIMAGE_PHOTOS, LfwSubsetSource, Mnist5kSource, SkimagePhotosSource
 from dgmr_jax.data.loader import SkipCounter, loader_state, make_loader, restore_loader, skipped_total
 from dgmr_jax.data.sources import (
     IMAGE_EXTENSIONS,
@@ -25,6 +26,10 @@ from dgmr_jax.data.transforms import (
 )
 
 __all__ = [
+    "SKIMAGE_PHOTOS",
+    "LfwSubsetSource",
+    "Mnist5kSource",
+    "SkimagePhotosSource",
     "CLIP_MEAN",
     "CLIP_STD",
     "IMAGENET_MEAN",

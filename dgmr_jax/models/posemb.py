@@ -86,9 +86,8 @@ def rope_tables(
 
 
 def apply_rope(x: jnp.ndarray, sin: jnp.ndarray, cos: jnp.ndarray) -> jnp.ndarray:
-    """Rotate interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); x: (B, N, heads, hd)."""
+    """Rotate interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); x: (..., N, hd)."""
     pairs = x.reshape(*x.shape[:-1], -1, 2)
     rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
-    sin = sin[None, :, None, :].astype(x.dtype)
-    cos = cos[None, :, None, :].astype(x.dtype)
+    sin, cos = sin.astype(x.dtype), cos.astype(x.dtype)
     return x * cos + rotated * sin

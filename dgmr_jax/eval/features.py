@@ -1,0 +1,108 @@
+"""Frozen features of a whole dataset: a jitted forward over batches, gathered on the host.
+
+`extract_features` takes any iterable of batch dicts with "images" (a grain loader from
+`data.make_loader`, or `EvalBatches`). `make_loader` drops the last partial batch, so for
+evaluation, where every test image must count, `EvalBatches` yields every record of a source
+in order, the last batch smaller; `extract_features` pads such a batch to the first batch's size
+(one compilation) and drops the padding.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from dgmr_jax.data.transforms import decode_rgb, normalize, resize_center_crop
+from dgmr_jax.models import ModelConfig, forward
+
+FEATURE_KEYS = ("pooled", "tokens", "logits")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "key"))
+def _features(params: Any, images: jnp.ndarray, *, cfg: ModelConfig, key: str) -> jnp.ndarray:
+    return forward(cfg, params, images)[key].astype(jnp.float32)
+
+
+def extract_features(
+    cfg: ModelConfig,
+    params: Any,
+    loader_or_batches: Iterable[Mapping[str, np.ndarray]],
+    key: str = "pooled",
+    *,
+    return_index: bool = False,
+    total: int | None = None,
+    progress: bool = True,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Concatenated float32 `forward(cfg, params, batch["images"])[key]` over all batches, on the host.
+
+    key: "pooled" (num, dim), "tokens" (num, tokens, dim) or "logits". With return_index, also the
+    concatenated batch["index"] (the source record of each row, which the loaders provide), to look up
+    labels. `total` is the number of batches for the progress bar (default: len() of the iterable, if any).
+    """
+    if key not in FEATURE_KEYS:
+        raise ValueError(f"key must be one of {FEATURE_KEYS}, got {key!r}")
+    if key == "logits" and not cfg.num_classes:
+        raise ValueError(f"model {cfg.name!r} has no head (num_classes=0), so no 'logits'")
+    if total is None and hasattr(loader_or_batches, "__len__"):
+        total = len(loader_or_batches)
+    feats, index, batch_size = [], [], None
+    for batch in tqdm(loader_or_batches, total=total, desc=f"features ({key})", unit="batch", disable=not progress):
+        images = np.asarray(batch["images"])
+        n = len(images)
+        batch_size = batch_size or n
+        if n > batch_size:
+            raise ValueError(f"batch of {n} images after a first batch of {batch_size}: batches must not grow")
+        images = np.pad(images, ((0, batch_size - n),) + ((0, 0),) * (images.ndim - 1))
+        feats.append(np.asarray(_features(params, images, cfg=cfg, key=key))[:n])
+        if return_index:
+            index.append(np.asarray(batch["index"]))
+    if not feats:
+        raise ValueError("no batches to extract features from")
+    feats = np.concatenate(feats)
+    return (feats, np.concatenate(index)) if return_index else feats
+
+
+class EvalBatches:
+    """Every record of a source, in order, as eval batches {"images": (b, size, size, 3) float32, "index": (b,)}.
+
+    The eval transform of `make_loader(train=False)` (resize shorter side to resize_size, center crop
+    img_size, normalize), but single-process, never dropping the last partial batch and never skipping:
+    an unreadable record raises, since a skipped test image would change the accuracy.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        batch_size: int,
+        img_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        resize_size: int | None = None,
+    ) -> None:
+        if batch_size <= 0 or len(source) == 0:
+            raise ValueError(f"need batch_size > 0 and a non-empty source, got {batch_size} and {len(source)} records")
+        self.source, self.batch_size, self.img_size = source, batch_size, img_size
+        self.mean, self.std, self.resize_size = mean, std, resize_size
+
+    def __len__(self) -> int:
+        return -(-len(self.source) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(self.source), self.batch_size):
+            index = np.arange(start, min(start + self.batch_size, len(self.source)), dtype=np.int64)
+            images = [
+                normalize(
+                    resize_center_crop(decode_rgb(self.source[int(i)]), self.img_size, self.resize_size),
+                    self.mean,
+                    self.std,
+                )
+                for i in index
+            ]
+            yield {"images": np.stack(images), "index": index}
