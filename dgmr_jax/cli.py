@@ -93,6 +93,23 @@ def _distill(args: argparse.Namespace) -> None:
     print(f"distill {summary['reason']} at step {summary['step']}: {summary['metrics']}")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    import time
+
+    from dgmr_jax.demo import run_demo
+
+    out = args.out or f"dgmr_demo_{time.strftime('%Y%m%d-%H%M%S')}"
+    run_demo(
+        out,
+        methods=args.methods.split(","),
+        mlp_ratio=args.mlp_ratio,
+        steps=args.steps,
+        batch=args.batch,
+        img_size=args.img_size,
+        base_lr=args.lr,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dgmr-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="recipe file, e.g. configs/cpu_tiny.py (optionally path:arg)")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard events")
     p.set_defaults(run=_distill)
+
+    p = sub.add_parser("demo", help="prune + distill a real pretrained ViT (shipped in pip packages), print a table")
+    p.add_argument("--out", help="new output directory (default: dgmr_demo_<time>)")
+    p.add_argument("--methods", default="diversity,l2,random", help="comma-separated: diversity,l2,random")
+    p.add_argument("--mlp-ratio", type=float, default=1.0, help="kept MLP width / model width")
+    p.add_argument("--steps", type=int, default=150, help="distillation steps per student")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=42, help="input resolution (multiple of 14)")
+    p.add_argument("--lr", type=float, default=2e-3, help="base_lr (scaled by batch / 256)")
+    p.set_defaults(run=_demo)
     return parser
 
 

