@@ -2,8 +2,8 @@
 
     python benchmarks/prune_memory.py [--layers 4 16] [--workdir /tmp/dgmr_prune_memory]
 
-Each checkpoint is pruned to prune1 (hidden 1792) by `dgmr-jax prune` in a fresh process; peak RSS
-comes from getrusage of that child. Streaming holds one layer plus the output, so the 16-layer peak
+Each checkpoint is pruned to prune1 (hidden 1792) by `dgmr-jax prune` in a fresh process, which reports
+its own peak RSS (getrusage RUSAGE_SELF). Streaming holds one layer plus the output, so the 16-layer peak
 may exceed the 4-layer peak by at most one float32 EVA-E fc1 (110 MB) plus the extra output.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -52,23 +51,30 @@ def write_checkpoint(path: Path, depth: int, seed: int = 0) -> Path:
     return config
 
 
+_CHILD = (
+    "import resource, sys\n"
+    "from dgmr_jax.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
 def run(checkpoint: Path, config: Path, out: Path) -> tuple[float, float]:
-    """(peak RSS in MB, seconds) of one `dgmr-jax prune` process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """(peak RSS in MB of that process alone, seconds) of one `dgmr-jax prune` run."""
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "dgmr_jax.cli", "prune", "--checkpoint", str(checkpoint), "--arch", str(config),
-           "--mlp-ratio", "1", "--out", str(out)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    args = ["prune", "--checkpoint", str(checkpoint), "--arch", str(config), "--mlp-ratio", "1", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:
-        print("warning: a later child did not exceed an earlier child's peak; run one size per process")
-    return peak / 1024, seconds
+    peak_kb = int(done.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0])
+    return peak_kb / 1024, seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[16, 4], help="largest first (getrusage keeps a max)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--workdir", default="/tmp/dgmr_prune_memory")
     args = parser.parse_args()
     work = Path(args.workdir)
@@ -82,21 +88,33 @@ def main() -> None:
         peak, seconds = run(ckpt, config, out)
         out_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
         slim = preset("eva02_enormous_patch14_clip_224", depth=depth, hidden=1792)
-        rows.append(dict(layers=depth, ckpt_mb=ckpt.stat().st_size / 1e6, out_mb=out_mb, peak_rss_mb=peak,
-                         seconds=seconds, out_params=count_params(slim)))
+        rows.append(
+            dict(
+                layers=depth,
+                ckpt_mb=ckpt.stat().st_size / 1e6,
+                out_mb=out_mb,
+                peak_rss_mb=peak,
+                seconds=seconds,
+                out_params=count_params(slim),
+            )
+        )
         ckpt.unlink()
     rows.sort(key=lambda r: r["layers"])
     print("| layers | checkpoint MB | output MB | peak RSS MB | seconds | s/layer |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['layers']} | {r['ckpt_mb']:.0f} | {r['out_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
-              f"{r['seconds']:.1f} | {r['seconds'] / r['layers']:.2f} |")
+        print(
+            f"| {r['layers']} | {r['ckpt_mb']:.0f} | {r['out_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['seconds']:.1f} | {r['seconds'] / r['layers']:.2f} |"
+        )
     small, big = rows[0], rows[-1]
     growth = big["peak_rss_mb"] - small["peak_rss_mb"]
     allowed = FC1_F32_MB + (big["out_mb"] - small["out_mb"])
     per_layer = (big["seconds"] - small["seconds"]) / (big["layers"] - small["layers"])
-    print(f"\npeak growth {growth:.0f} MB vs allowed {allowed:.0f} MB (one fp32 fc1 {FC1_F32_MB:.0f} MB + "
-          f"output difference): {'OK' if growth <= allowed else 'OVER'}")
+    print(
+        f"\npeak growth {growth:.0f} MB vs allowed {allowed:.0f} MB (one fp32 fc1 {FC1_F32_MB:.0f} MB + "
+        f"output difference): {'OK' if growth <= allowed else 'OVER'}"
+    )
     print(f"extrapolated 64-layer time: {small['seconds'] + per_layer * (64 - small['layers']):.0f} s")
     print(json.dumps(rows))
 

@@ -111,3 +111,15 @@ def test_gradient_accumulation_runs_and_bad_batches_fail_early():
         check_batch(6, make_mesh(2, 4, 1))
     with pytest.raises(ValueError, match="needs 16 devices but 8 are available"):
         make_mesh(2, 8, 1)
+
+
+def test_undividable_dims_replicate_with_a_warning():
+    cfg = dj.models.preset("vit_tiny_patch16_224", depth=1, img_size=32, width=100, num_heads=4, hidden=96)
+    mesh = make_mesh(1, 8, 1)
+    with pytest.warns(
+        UserWarning, match="replicated instead of sharded: .*dim 100 \\(embed\\) not divisible by mesh axis fsdp=8"
+    ):
+        shardings = tree_shardings(logical_axes(cfg), param_shapes(cfg), mesh)
+    assert shardings["blocks_0"]["mlp"]["fc1"]["kernel"].spec == jax.sharding.PartitionSpec(None, "tensor")
+    params = jax.device_put(dj.models.init_params(cfg), shardings)  # places without error
+    assert params["blocks_0"]["mlp"]["fc1"]["kernel"].shape == (100, 96)

@@ -37,7 +37,7 @@ BACKENDS = ("auto", "lapack", "gram_schmidt")
 # explicit residuals. Tuned on a 2-core CPU at the ViT-g and EVA-E fc1 shapes, where a block
 # averages about 15 picks; larger values cost more per pick than they save in blocks.
 _BLOCK = 32
-_CANDIDATES = 256
+_CANDIDATES = 128
 
 _matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
 
