@@ -1,4 +1,6 @@
-"""A model directory: config.json (ModelConfig + provenance) and params/ (an Orbax PyTree checkpoint).
+"""A model directory: config.json (ModelConfig + provenance) and params/, one Orbax PyTree checkpoint per
+block (params/blocks_<i>) plus one for everything else (params/rest), so a huge model is written and read
+one layer at a time (Orbax copies what it writes: saving a whole 4B-parameter tree at once doubles memory).
 
 Writes go to a temporary sibling first and are renamed into place, so an interrupted write never
 leaves a half-written model where a later stage would read it, and nothing existing is overwritten.
@@ -21,6 +23,19 @@ from dgmr_jax.models.tree import flatten, unflatten
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 Params = dict[str, Any]
+_REST = "rest"
+
+
+def _group_of(key: str) -> str:
+    return key if key.startswith("blocks_") else _REST
+
+
+def _groups(params: Params) -> dict[str, Params]:
+    """Top-level params split into one group per unscanned block and one for the rest."""
+    groups: dict[str, Params] = {}
+    for key, value in params.items():
+        groups.setdefault(_group_of(key), {})[key] = value
+    return groups
 
 
 def check_new_dir(directory: str | os.PathLike) -> Path:
@@ -37,9 +52,10 @@ def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Params, *
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    host = {k: np.asarray(v) for k, v in flatten(params).items()}
     with ocp.PyTreeCheckpointer() as ckpt:
-        ckpt.save(tmp.resolve() / PARAMS_DIR, unflatten(host))
+        for group, subtree in _groups(params).items():
+            host = unflatten({k: np.asarray(v) for k, v in flatten(subtree).items()})
+            ckpt.save(tmp.resolve() / PARAMS_DIR / group, host)
     (tmp / CONFIG_FILE).write_text(json.dumps({"config": json.loads(cfg.to_json()), "meta": meta}, indent=2))
     if path.exists():
         path.rmdir()  # empty (checked above)
@@ -57,15 +73,20 @@ def load_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, An
 
 
 def load_params(directory: str | os.PathLike, only: Params | None = None) -> Params:
-    """Params of a model directory as numpy; `only` (a subtree of the param structure) restores just
-    those leaves, which keeps memory at one layer when pruning huge models layer by layer."""
-    path = (Path(directory) / PARAMS_DIR).resolve()
+    """Params of a model directory as numpy; `only` (top-level keys of the param tree, e.g. {"blocks_3": ...})
+    restores just those groups, which keeps memory at one layer when pruning huge models layer by layer."""
+    root = (Path(directory) / PARAMS_DIR).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{directory} is not a model directory: {PARAMS_DIR}/ is missing")
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if only is not None:
+        names = sorted({_group_of(key) for key in only})
+    params: Params = {}
     with ocp.PyTreeCheckpointer() as ckpt:
-        if only is None:
-            return ckpt.restore(path)
-        restore_args = {k: ocp.RestoreArgs(restore_type=np.ndarray) for k in flatten(only)}
-        args = ocp.args.PyTreeRestore(item=only, restore_args=unflatten(restore_args), partial_restore=True)
-        return ckpt.restore(path, args=args)
+        for name in names:
+            group = ckpt.restore(root / name)
+            params.update({k: v for k, v in group.items() if only is None or k in only})
+    return params
 
 
 def load_model(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
