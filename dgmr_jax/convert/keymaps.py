@@ -167,7 +167,7 @@ def rules(cfg: ModelConfig, family: str) -> list[Rule]:
     """All rules for cfg in one family's layout, in unscanned form (blocks_0 ... blocks_{depth-1})."""
     n = family_names(cfg, family)
     clip = family == "open_clip"
-    out = [Rule(("patch_embed/kernel",), (f"{n['patch']}.weight" if not clip else "conv1.weight",), "conv")]
+    out = [Rule(("patch_embed/kernel",), (f"{n['patch']}.weight",), "conv")]
     if cfg.patch_bias:
         out.append(Rule(("patch_embed/bias",), (f"{n['patch']}.bias",)))
     if cfg.class_token:

@@ -109,7 +109,7 @@ def make_step(
         if ema is not None:
             ema = jax.tree_util.tree_map(lambda e, p: opt.ema_decay * e + (1 - opt.ema_decay) * p, ema, params)
         update_step = state.step // opt.accum_steps
-        metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads), "lr": schedule(update_step)}
+        metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads), "lr": schedule(update_step)}
         return TrainState(state.step + 1, params, opt_state, ema), metrics
 
     return step
