@@ -1,4 +1,4 @@
-"""`dgmr-jax` command line: convert, export, prune (more stages register themselves here as they land)."""
+"""`dgmr-jax` command line: convert, export, prune, distill, eval, demo."""
 
 from __future__ import annotations
 
@@ -93,6 +93,24 @@ def _distill(args: argparse.Namespace) -> None:
     print(f"distill {summary['reason']} at step {summary['step']}: {summary['metrics']}")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from dgmr_jax.eval.run import evaluate
+
+    if args.out and Path(args.out).exists():
+        raise FileExistsError(f"{args.out} already exists; choose another --out")
+    result = evaluate(args.model, args.train, args.test, args.img_size, args.batch, args.l2)
+    knn = ", ".join(f"k={k}: {v:.4f}" for k, v in result["knn"].items())
+    print(
+        f"kNN top-1 ({knn}); linear probe top-1 {result['linear_probe']['top1']:.4f} "
+        f"({result['train_images']} train / {result['test_images']} test images, {result['classes']} classes)"
+    )
+    if args.out:
+        with open(args.out, "x") as f:  # never overwrite
+            json.dump(result, f, indent=2)
+
+
 def _demo(args: argparse.Namespace) -> None:
     import time
 
@@ -145,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="recipe file, e.g. configs/cpu_tiny.py (optionally path:arg)")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard events")
     p.set_defaults(run=_distill)
+
+    p = sub.add_parser("eval", help="kNN (DINOv2 protocol) and linear probe on labeled images")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--train", default="mnist5k", help="'mnist5k' or a folder of class subfolders")
+    p.add_argument("--test", default="mnist5k", help="'mnist5k' (its held-out split) or a folder")
+    p.add_argument("--img-size", type=int, help="default: the model's image size")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--l2", type=float, default=1e-3, help="linear-probe L2 (sklearn C = 1 / l2)")
+    p.add_argument("--out", help="write the results as JSON to this new file")
+    p.set_defaults(run=_eval)
 
     p = sub.add_parser("demo", help="prune + distill a real pretrained ViT (shipped in pip packages), print a table")
     p.add_argument("--out", help="new output directory (default: dgmr_demo_<time>)")

@@ -16,10 +16,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dgmr_jax.data.transforms import decode_rgb, normalize, resize_center_crop
 from dgmr_jax.models import ModelConfig, forward
+from dgmr_jax.models.vit import logical_axes, param_shapes
+from dgmr_jax.parallel import batch_sharding, data_parallel_size, make_mesh, tree_shardings
 
 FEATURE_KEYS = ("pooled", "tokens", "logits")
 
@@ -38,8 +41,12 @@ def extract_features(
     return_index: bool = False,
     total: int | None = None,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Concatenated float32 `forward(cfg, params, batch["images"])[key]` over all batches, on the host.
+
+    Sharded like the trainer: params by their logical axes and each batch over the mesh's data axes
+    (default mesh: every local device on the data axis; batches are padded to a multiple of it).
 
     key: "pooled" (num, dim), "tokens" (num, tokens, dim) or "logits". With return_index, also the
     concatenated batch["index"] (the source record of each row, which the loaders provide), to look up
@@ -51,14 +58,18 @@ def extract_features(
         raise ValueError(f"model {cfg.name!r} has no head (num_classes=0), so no 'logits'")
     if total is None and hasattr(loader_or_batches, "__len__"):
         total = len(loader_or_batches)
+    mesh = mesh or make_mesh()
+    dp = data_parallel_size(mesh)
+    params = jax.device_put(params, tree_shardings(logical_axes(cfg), param_shapes(cfg), mesh, "eval params"))
     feats, index, batch_size = [], [], None
     for batch in tqdm(loader_or_batches, total=total, desc=f"features ({key})", unit="batch", disable=not progress):
         images = np.asarray(batch["images"])
         n = len(images)
-        batch_size = batch_size or n
+        batch_size = batch_size or -(-n // dp) * dp
         if n > batch_size:
             raise ValueError(f"batch of {n} images after a first batch of {batch_size}: batches must not grow")
         images = np.pad(images, ((0, batch_size - n),) + ((0, 0),) * (images.ndim - 1))
+        images = jax.device_put(images, batch_sharding(mesh))
         feats.append(np.asarray(_features(params, images, cfg=cfg, key=key))[:n])
         if return_index:
             index.append(np.asarray(batch["index"]))
