@@ -23,8 +23,10 @@ def to_numpy(value: Any) -> np.ndarray:
     """A torch tensor, jax or numpy array as numpy; bfloat16 stays bfloat16 (bit-exact)."""
     if hasattr(value, "detach"):  # torch.Tensor, without importing torch
         t = value.detach().cpu()
-        if str(t.dtype) == "torch.bfloat16":
-            return t.contiguous().view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
+        if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16: reinterpret the bits
+            import torch
+
+            return t.contiguous().view(dtype=torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
     return np.asarray(value)
 

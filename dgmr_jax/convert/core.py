@@ -16,7 +16,7 @@ from dgmr_jax.convert.keymaps import DERIVED, FAMILIES, Rule, rules, torch_prefi
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import preset
 from dgmr_jax.models.tree import flatten, is_scanned, stack_blocks, unflatten, unstack_blocks
-from dgmr_jax.models.vit import param_shapes, set_image_size
+from dgmr_jax.models.vit import init_params, param_shapes, set_image_size
 
 Params = dict[str, Any]
 _LISTED = 12  # names shown per kind of mismatch in an error
@@ -160,8 +160,6 @@ def from_torch(
     if problems and strict:
         raise mismatch_error(problems, family, arch, cfg, raw)
     if not strict and len(flat) < len(shapes):
-        from dgmr_jax.models.vit import init_params
-
         flat = {**flatten(init_params(cfg.replace(scan_layers=False))), **flat}
     params = unflatten(flat)
     if img_size is not None:
