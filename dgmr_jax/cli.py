@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dgmr_jax.convert.checkpoint_io import CheckpointError
 from dgmr_jax.convert.keymaps import FAMILIES
 from dgmr_jax.distill.errors import NonFiniteLoss
+
+if TYPE_CHECKING:
+    from dgmr_jax.eval.run import ClipEval
 
 # Errors that mean "the input is wrong": printed as one line, no traceback.
 USER_ERRORS = (CheckpointError, ValueError, FileExistsError, FileNotFoundError)
@@ -93,6 +98,20 @@ def _distill(args: argparse.Namespace) -> None:
     print(f"distill {summary['reason']} at step {summary['step']}: {summary['metrics']}")
 
 
+def _clip_eval(args: argparse.Namespace) -> ClipEval | None:
+    """The zero-shot / retrieval settings of `eval`, or None; CLIP flags without --clip-text are an error."""
+    from dgmr_jax.eval.run import ClipEval
+
+    names = [f.name for f in dataclasses.fields(ClipEval) if f.name != "checkpoint"]
+    given = {name: getattr(args, name) for name in names if getattr(args, name)}
+    if args.clip_text:
+        return ClipEval(args.clip_text, **given)
+    if given:
+        flags = " ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags} need --clip-text CKPT: the open_clip checkpoint whose text tower embeds the prompts")
+    return None
+
+
 def _eval(args: argparse.Namespace) -> None:
     import json
 
@@ -100,12 +119,21 @@ def _eval(args: argparse.Namespace) -> None:
 
     if args.out and Path(args.out).exists():
         raise FileExistsError(f"{args.out} already exists; choose another --out")
-    result = evaluate(args.model, args.train, args.test, args.img_size, args.batch, args.l2)
-    knn = ", ".join(f"k={k}: {v:.4f}" for k, v in result["knn"].items())
-    print(
-        f"kNN top-1 ({knn}); linear probe top-1 {result['linear_probe']['top1']:.4f} "
-        f"({result['train_images']} train / {result['test_images']} test images, {result['classes']} classes)"
-    )
+    result = evaluate(args.model, args.train, args.test, args.img_size, args.batch, args.l2, _clip_eval(args))
+    if "knn" in result:
+        knn = ", ".join(f"k={k}: {v:.4f}" for k, v in result["knn"].items())
+        print(
+            f"kNN top-1 ({knn}); linear probe top-1 {result['linear_probe']['top1']:.4f} "
+            f"({result['train_images']} train / {result['test_images']} test images, {result['classes']} classes)"
+        )
+    if "zeroshot" in result:
+        top = ", ".join(f"{k} {v:.4f}" for k, v in result["zeroshot"].items() if k.startswith("top"))
+        print(f"zero-shot {top} ({result['test_images']} images, {result['classes']} classes)")
+    if "retrieval" in result:
+        r = result["retrieval"]
+        for way in ("image_to_text", "text_to_image"):
+            recall = ", ".join(f"R@{k} {v:.4f}" for k, v in r[way].items())
+            print(f"retrieval {way.replace('_', ' ')}: {recall} ({r['images']} images, {r['captions']} captions)")
     if args.out:
         with open(args.out, "x") as f:  # never overwrite
             json.dump(result, f, indent=2)
@@ -164,13 +192,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard events")
     p.set_defaults(run=_distill)
 
-    p = sub.add_parser("eval", help="kNN (DINOv2 protocol) and linear probe on labeled images")
+    p = sub.add_parser("eval", help="kNN (DINOv2 protocol), linear probe, CLIP zero-shot and retrieval")
     p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("--train", default="mnist5k", help="'mnist5k' or a folder of class subfolders")
+    p.add_argument("--train", default="mnist5k", help="'mnist5k', a folder of class subfolders, or 'none' (no kNN)")
     p.add_argument("--test", default="mnist5k", help="'mnist5k' (its held-out split) or a folder")
     p.add_argument("--img-size", type=int, help="default: the model's image size")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--l2", type=float, default=1e-3, help="linear-probe L2 (sklearn C = 1 / l2)")
+    p.add_argument("--clip-text", help="open_clip CLIP checkpoint whose (unpruned) text tower embeds prompts, captions")
+    p.add_argument("--text-arch", help="text preset (default: the model's arch) or a TextConfig .json")
+    p.add_argument("--zeroshot", action="store_true", help="zero-shot top-1/top-5 on the --test classes")
+    p.add_argument("--retrieval", help='jsonl of {"image": path, "captions": [...]}: image<->text recall@1/5/10')
+    p.add_argument("--classnames", help="zero-shot class names, one a line (default: folder names / digit words)")
+    p.add_argument("--templates", help="zero-shot prompts, one a line with {} for the class name")
+    p.add_argument("--bpe-vocab", help="bpe_simple_vocab_16e6.txt.gz (default: the one open_clip_torch ships)")
     p.add_argument("--out", help="write the results as JSON to this new file")
     p.set_defaults(run=_eval)
 

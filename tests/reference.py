@@ -68,3 +68,26 @@ def timm_outputs(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def state_dict_numpy(model) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def small_clip(activation: str = "gelu", custom_text: bool = False, seed: int = 0):
+    """(open_clip CLIP with 2-layer, 64-wide towers and a 32-d joint embedding, its vision ModelConfig, its
+    TextConfig); custom_text builds CustomTextCLIP, whose text tower sits under "text." (EVA02-E-14-plus)."""
+    open_clip = pytest.importorskip("open_clip")
+    vision = dict(image_size=32, patch_size=16, width=64, layers=2, head_width=32)
+    text = dict(width=64, heads=2, layers=2)
+    kind = open_clip.model.CustomTextCLIP if custom_text else open_clip.model.CLIP
+    model = randomize(kind(32, vision, text, quick_gelu=activation == "quick_gelu"), seed)
+    vision_cfg = dj.models.preset(
+        "ViT-B-32",
+        depth=2,
+        img_size=32,
+        patch_size=16,
+        width=64,
+        num_heads=2,
+        hidden=256,
+        proj_dim=32,
+        mlp_type=activation,
+    )
+    text_cfg = dj.models.TextConfig(name="tiny", width=64, heads=2, layers=2, embed_dim=32, activation=activation)
+    return model, vision_cfg, text_cfg

@@ -40,21 +40,12 @@ def resolve_config(arch: str | ModelConfig, family: str) -> ModelConfig:
     return cfg
 
 
-class VisionEntries(Mapping):
-    """The vision tower's entries of a checkpoint: family prefix removed, derived buffers dropped.
-    Values are fetched from the underlying (possibly lazy) state dict only when read."""
+class RenamedEntries(Mapping):
+    """Some entries of a checkpoint under new names ({new: original}); values are fetched from the
+    underlying (possibly lazy) state dict only when read."""
 
-    def __init__(self, sd: Mapping[str, np.ndarray], family: str):
-        prefix = torch_prefix(family)
-        if not (prefix and any(k.startswith(prefix) for k in sd)):
-            prefix = ""
-        derived = DERIVED.get(family)
-        self._sd = sd
-        self._names = {
-            k[len(prefix) :]: k
-            for k in sd
-            if k.startswith(prefix) and not (derived and derived.search(k[len(prefix) :]))
-        }
+    def __init__(self, sd: Mapping[str, np.ndarray], names: dict[str, str]):
+        self._sd, self._names = sd, names
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._sd[self._names[key]]
@@ -64,6 +55,22 @@ class VisionEntries(Mapping):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+class VisionEntries(RenamedEntries):
+    """The vision tower's entries of a checkpoint: family prefix removed, derived buffers dropped."""
+
+    def __init__(self, sd: Mapping[str, np.ndarray], family: str):
+        prefix = torch_prefix(family)
+        if not (prefix and any(k.startswith(prefix) for k in sd)):
+            prefix = ""
+        derived = DERIVED.get(family)
+        names = {
+            k[len(prefix) :]: k
+            for k in sd
+            if k.startswith(prefix) and not (derived and derived.search(k[len(prefix) :]))
+        }
+        super().__init__(sd, names)
 
 
 def listing(kind: str, names: list[str]) -> str:
@@ -167,6 +174,24 @@ def from_torch(
     return cfg, stack_blocks(params) if cfg.scan_layers else params
 
 
+def export_rules(flat: dict[str, Any], table: list[Rule], config_name: str) -> dict[str, np.ndarray]:
+    """{torch name: array} from flat Flax params through the rules' inverse hooks; params that the rules
+    do not cover, or that they need but are absent, raise one CheckpointError listing them."""
+    flat = {k: np.asarray(v) for k, v in flat.items()}
+    used = {p for r in table for p in r.flax}
+    missing, extra = sorted(used - set(flat)), sorted(set(flat) - used)
+    if missing or extra:
+        problems = ([listing("params missing", missing)] if missing else []) + (
+            [listing("params not in the config", extra)] if extra else []
+        )
+        raise CheckpointError(f"params do not match config {config_name!r}:\n" + "\n".join(problems))
+    return {
+        name: value
+        for rule in table
+        for name, value in zip(rule.torch, HOOKS[rule.hook][1]([flat[p] for p in rule.flax]), strict=True)
+    }
+
+
 def to_torch(cfg: ModelConfig, params: Params, family: str = "timm", prefix: str = "") -> dict[str, np.ndarray]:
     """Export Flax params to a state dict {name: np.ndarray} in family's PyTorch layout.
 
@@ -175,17 +200,5 @@ def to_torch(cfg: ModelConfig, params: Params, family: str = "timm", prefix: str
     """
     if family not in FAMILIES:
         raise CheckpointError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    flat = {k: np.asarray(v) for k, v in flatten(unstack_blocks(params) if is_scanned(params) else params).items()}
-    table = rules(cfg, family)
-    used = {p for r in table for p in r.flax}
-    missing, extra = sorted(used - set(flat)), sorted(set(flat) - used)
-    if missing or extra:
-        problems = ([listing("params missing", missing)] if missing else []) + (
-            [listing("params not in the config", extra)] if extra else []
-        )
-        raise CheckpointError(f"params do not match config {cfg.name!r}:\n" + "\n".join(problems))
-    sd = {}
-    for rule in table:
-        for name, value in zip(rule.torch, HOOKS[rule.hook][1]([flat[p] for p in rule.flax]), strict=True):
-            sd[prefix + name] = value
-    return sd
+    flat = flatten(unstack_blocks(params) if is_scanned(params) else params)
+    return {prefix + name: value for name, value in export_rules(flat, rules(cfg, family), cfg.name).items()}

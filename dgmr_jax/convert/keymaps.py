@@ -109,12 +109,14 @@ def family_names(cfg: ModelConfig, family: str) -> dict[str, str]:
     return _NAMES[family]
 
 
-def _linear(flax: str, torch: str, bias: bool = True) -> list[Rule]:
+def linear_rules(flax: str, torch: str, bias: bool = True) -> list[Rule]:
+    """A Linear: torch <name>.weight (out, in) -> flax <path>/kernel (in, out), and its bias."""
     out = [Rule((f"{flax}/kernel",), (f"{torch}.weight",), "linear")]
     return out + [Rule((f"{flax}/bias",), (f"{torch}.bias",))] if bias else out
 
 
-def _norm(flax: str, torch: str) -> list[Rule]:
+def norm_rules(flax: str, torch: str) -> list[Rule]:
+    """A LayerNorm: torch weight / bias -> flax scale / bias."""
     return [Rule((f"{flax}/scale",), (f"{torch}.weight",)), Rule((f"{flax}/bias",), (f"{torch}.bias",))]
 
 
@@ -133,14 +135,14 @@ def _attention(cfg: ModelConfig, n: dict[str, str], f: str, t: str, family: str)
             q_bias, v_bias = n["q_bias"], n["v_bias"]
         rules += [Rule((f"{f}/q_bias",), (t + q_bias,)), Rule((f"{f}/v_bias",), (t + v_bias,))]
     if cfg.attn_norm:
-        rules += _norm(f"{f}/norm", t + n["attn_norm"])
-    return rules + _linear(f"{f}/proj", t + n["proj"])
+        rules += norm_rules(f"{f}/norm", t + n["attn_norm"])
+    return rules + linear_rules(f"{f}/proj", t + n["proj"])
 
 
 def _mlp(cfg: ModelConfig, n: dict[str, str], f: str, t: str) -> list[Rule]:
     fc2 = n.get("gated_fc2", n["fc2"]) if cfg.gated else n["fc2"]
     if not cfg.gated:
-        rules = _linear(f"{f}/fc1", t + n["fc1"])
+        rules = linear_rules(f"{f}/fc1", t + n["fc1"])
     elif cfg.mlp_packed:
         packed = t + n.get("packed_fc1", n["fc1"])
         rules = [
@@ -148,16 +150,16 @@ def _mlp(cfg: ModelConfig, n: dict[str, str], f: str, t: str) -> list[Rule]:
             Rule((f"{f}/fc1_g/bias", f"{f}/fc1_x/bias"), (f"{packed}.bias",), "packed"),
         ]
     else:
-        rules = _linear(f"{f}/fc1_g", t + n["fc1_g"]) + _linear(f"{f}/fc1_x", t + n["fc1_x"])
+        rules = linear_rules(f"{f}/fc1_g", t + n["fc1_g"]) + linear_rules(f"{f}/fc1_x", t + n["fc1_x"])
     if cfg.mlp_norm:
-        rules += _norm(f"{f}/norm", t + n["mlp_norm"])
-    return rules + _linear(f"{f}/fc2", t + fc2)
+        rules += norm_rules(f"{f}/norm", t + n["mlp_norm"])
+    return rules + linear_rules(f"{f}/fc2", t + fc2)
 
 
 def _block(cfg: ModelConfig, n: dict[str, str], i: int, family: str) -> list[Rule]:
     f, t = f"blocks_{i}", n["block"].format(i=i)
-    rules = _norm(f"{f}/norm1", t + n["norm1"]) + _attention(cfg, n, f"{f}/attn", t, family)
-    rules += _norm(f"{f}/norm2", t + n["norm2"]) + _mlp(cfg, n, f"{f}/mlp", t)
+    rules = norm_rules(f"{f}/norm1", t + n["norm1"]) + _attention(cfg, n, f"{f}/attn", t, family)
+    rules += norm_rules(f"{f}/norm2", t + n["norm2"]) + _mlp(cfg, n, f"{f}/mlp", t)
     if cfg.layer_scale:
         rules += [Rule((f"{f}/ls1/scale",), (t + n["ls1"],)), Rule((f"{f}/ls2/scale",), (t + n["ls2"],))]
     return rules
@@ -180,17 +182,17 @@ def rules(cfg: ModelConfig, family: str) -> list[Rule]:
         out.append(Rule(("mask_token",), (n["mask"],)))
     out.append(Rule(("pos_embed",), (n["pos"],), "rows" if clip else "copy"))
     if cfg.pre_norm:
-        out += _norm("norm_pre", n["norm_pre"])
+        out += norm_rules("norm_pre", n["norm_pre"])
     for i in range(cfg.depth):
         out += _block(cfg, n, i, family)
     if cfg.final_norm:
-        out += _norm("norm", n["norm"])
+        out += norm_rules("norm", n["norm"])
     if cfg.fc_norm:
-        out += _norm("fc_norm", n["fc_norm"])
+        out += norm_rules("fc_norm", n["fc_norm"])
     if cfg.num_classes:
-        out += _linear("head", n["head"])
+        out += linear_rules("head", n["head"])
         if cfg.dist_token:
-            out += _linear("head_dist", n["head_dist"])
+            out += linear_rules("head_dist", n["head_dist"])
     if cfg.proj_dim:
         out.append(Rule(("proj/kernel",), ("proj",)))
     return out

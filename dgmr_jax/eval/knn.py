@@ -24,7 +24,8 @@ DINOV2_KS = (10, 20, 100, 200)
 DINOV2_TEMPERATURE = 0.07
 
 
-def _l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
+def l2_normalize(x: jnp.ndarray) -> jnp.ndarray:
+    """Rows scaled to unit length in float32 (F.normalize(x, dim=-1)); zero rows stay zero."""
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -79,7 +80,7 @@ def _ranked_classes(
     if train_labels.min() < 0 or train_labels.max() >= num_classes:
         raise ValueError(f"train labels must lie in [0, num_classes={num_classes})")
     clipped = tuple(sorted({min(int(k), len(train_feats)) for k in ks}))
-    train = _l2_normalize(jnp.asarray(train_feats))
+    train = l2_normalize(jnp.asarray(train_feats))
     labels = jnp.asarray(train_labels, jnp.int32)
     chunk = min(chunk, len(test_feats))
     outs = []
@@ -90,7 +91,7 @@ def _ranked_classes(
         ranked = _ranked_chunk(
             train,
             labels,
-            _l2_normalize(jnp.asarray(block)),
+            l2_normalize(jnp.asarray(block)),
             jnp.float32(temperature),
             ks=clipped,
             num_classes=num_classes,

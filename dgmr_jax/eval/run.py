@@ -1,17 +1,30 @@
-"""`dgmr-jax eval`: kNN (DINOv2 protocol) and linear-probe accuracy of a model directory on labeled images."""
+"""`dgmr-jax eval`: kNN (DINOv2 protocol) and linear-probe accuracy of a model directory on labeled images, and,
+with a CLIP text tower, zero-shot accuracy and image-text retrieval recall."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Any
 
 import numpy as np
 
+from dgmr_jax.convert.text import text_from_torch
 from dgmr_jax.data import ImageFolderSource, Mnist5kSource, family_mean_std
 from dgmr_jax.eval.features import EvalBatches, extract_features
 from dgmr_jax.eval.knn import DINOV2_KS, knn_accuracy
 from dgmr_jax.eval.linear_probe import linear_probe
+from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall, zeroshot_accuracy, zeroshot_classifier
 from dgmr_jax.model_dir import load_config, load_params
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.text import TEXT_PRESETS, TextConfig, resolve_text_config
+from dgmr_jax.models.tokenizer import Tokenizer
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+MNIST_TEMPLATES = ("a photo of the number {}.", "a photo of the digit {}.")
+FOLDER_TEMPLATES = ("a photo of a {}.",)
+ZEROSHOT_KS, RETRIEVAL_KS = (1, 5), (1, 5, 10)
 
 
 def labeled_source(spec: str, split: str) -> tuple[Any, np.ndarray, list[str]]:
@@ -30,30 +43,181 @@ def labeled_source(spec: str, split: str) -> tuple[Any, np.ndarray, list[str]]:
     return source, np.array([classes.index(n) for n in names]), classes
 
 
+@dataclasses.dataclass(frozen=True)
+class ClipEval:
+    """What zero-shot / retrieval evaluation needs: the open_clip checkpoint whose text tower (the original:
+    DGMR prunes only the vision tower) embeds prompts and captions, and which measurements to run."""
+
+    checkpoint: str
+    text_arch: str | None = None  # text preset or TextConfig .json; default: the vision model's arch name
+    zeroshot: bool = False  # classify the test images by prompts built from their class names
+    retrieval: str | None = None  # jsonl of {"image": path, "captions": [...]}, paths relative to the file
+    classnames: str | None = None  # file: one class name per line, in sorted class-folder order
+    templates: str | None = None  # file: one prompt per line, "{}" standing for the class name
+    bpe_vocab: str | None = None  # bpe_simple_vocab_16e6.txt.gz (default: the one in open_clip_torch)
+
+    def __post_init__(self) -> None:
+        if not (self.zeroshot or self.retrieval):
+            raise ValueError("a CLIP text tower is only used with --zeroshot and/or --retrieval FILE")
+
+
+def clip_embedding(cfg: ModelConfig) -> tuple[str, int]:
+    """(forward output, width) holding a vision tower's CLIP image embedding: open_clip's projected "pooled",
+    the embedding head ("logits") of timm / EVA-CLIP towers, else the plain pooled features."""
+    if cfg.proj_dim:
+        return "pooled", cfg.proj_dim
+    if cfg.num_classes:
+        return "logits", cfg.num_classes
+    return "pooled", cfg.width
+
+
+def read_retrieval(path: str) -> tuple[list[str], list[str], np.ndarray]:
+    """(image paths, captions, image index of each caption) from a jsonl file of {"image": path, "captions":
+    [...]} lines; relative image paths are taken from the file's folder."""
+    root = os.path.dirname(os.path.abspath(path))
+    images, captions, owners = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {n} is not JSON ({err})") from err
+            ok = isinstance(record, dict) and isinstance(record.get("image"), str)
+            caps = record.get("captions") if ok else None
+            if not (isinstance(caps, list) and caps and all(isinstance(c, str) for c in caps)):
+                raise ValueError(f'{path} line {n}: expected {{"image": path, "captions": [one or more strings]}}')
+            image = os.path.join(root, record["image"])
+            if not os.path.isfile(image):
+                raise FileNotFoundError(f"{path} line {n}: image {image} does not exist")
+            captions += caps
+            owners += [len(images)] * len(caps)
+            images.append(image)
+    if not images:
+        raise ValueError(f"{path} lists no images")
+    return images, captions, np.asarray(owners)
+
+
+class _Files:
+    """Image files by path, as the encoded-bytes source that EvalBatches reads."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> bytes:
+        with open(self.paths[i], "rb") as f:
+            return f.read()
+
+
+def _lines(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _prompts(clip: ClipEval, test: str, classes: list[str]) -> tuple[list[str], list[str]]:
+    """(class names, templates) for zero-shot: digit words for mnist5k, folder names ("_" as spaces)
+    otherwise, unless files give them."""
+    names = list(DIGITS) if test == "mnist5k" else [c.replace("_", " ") for c in classes]
+    templates = list(MNIST_TEMPLATES if test == "mnist5k" else FOLDER_TEMPLATES)
+    if clip.classnames:
+        names = _lines(clip.classnames)
+        if len(names) != len(classes):
+            raise ValueError(f"{clip.classnames} has {len(names)} class names but --test has {len(classes)} classes")
+    if clip.templates:
+        templates = _lines(clip.templates)
+        if not templates or not all("{}" in t for t in templates):
+            raise ValueError(f"{clip.templates}: give one or more templates, each with {{}} for the class name")
+    return names, templates
+
+
+def _text_tower(clip: ClipEval, cfg: ModelConfig) -> tuple[TextConfig, Any, Tokenizer]:
+    """The text tower's config (checked against the image embedding width), params and tokenizer."""
+    arch = clip.text_arch or (cfg.name if cfg.name in TEXT_PRESETS else None)
+    if arch is None:
+        raise ValueError(
+            f"model {cfg.name!r} has no text preset of that name: pass --text-arch "
+            f"(one of {', '.join(sorted(TEXT_PRESETS))}, or a TextConfig .json)"
+        )
+    text_cfg = resolve_text_config(arch)
+    key, width = clip_embedding(cfg)
+    if width != text_cfg.embed_dim:
+        raise ValueError(
+            f"model {cfg.name!r} embeds images in {width} dims ({key}) but text tower {text_cfg.name!r} in "
+            f"{text_cfg.embed_dim}: pass the --text-arch and --clip-text of the CLIP model the vision tower came from"
+        )
+    tokenizer = Tokenizer(clip.bpe_vocab)
+    text_cfg, text_params = text_from_torch(clip.checkpoint, text_cfg)
+    return text_cfg, text_params, tokenizer
+
+
 def evaluate(
-    model_dir: str, train: str, test: str, img_size: int | None = None, batch: int = 64, l2: float = 1e-3
+    model_dir: str,
+    train: str,
+    test: str,
+    img_size: int | None = None,
+    batch: int = 64,
+    l2: float = 1e-3,
+    clip: ClipEval | None = None,
 ) -> dict[str, Any]:
-    """Pooled features of train and test images -> kNN top-1 per k and linear-probe top-1."""
+    """Pooled features of train and test images -> kNN top-1 per k and linear-probe top-1 (skipped with
+    train="none"); with `clip`, zero-shot top-k on the test images and retrieval recall@k. Every input is
+    checked, and the text tower loaded, before any image is embedded."""
     cfg, meta = load_config(model_dir)
-    train_source, train_labels, classes = labeled_source(train, "train")
-    test_source, test_labels, test_classes = labeled_source(test, "test")
-    if test_classes != classes:
-        raise ValueError(f"train classes {classes[:10]} and test classes {test_classes[:10]} differ")
+    knn = train != "none"
+    if not knn and clip is None:
+        raise ValueError("--train none leaves nothing to evaluate: add --zeroshot or --retrieval (with --clip-text)")
+    classes = None
+    if knn or (clip and clip.zeroshot):
+        test_source, test_labels, classes = labeled_source(test, "test")
+    if knn:
+        train_source, train_labels, train_classes = labeled_source(train, "train")
+        if train_classes != classes:
+            raise ValueError(f"train classes {train_classes[:10]} and test classes {classes[:10]} differ")
+    if clip:
+        prompts = _prompts(clip, test, classes) if clip.zeroshot else None
+        retrieval = read_retrieval(clip.retrieval) if clip.retrieval else None
+        text_cfg, text_params, tokenizer = _text_tower(clip, cfg)
     params = load_params(model_dir)
     mean, std = family_mean_std(meta.get("family", "timm"))
     size = img_size or cfg.img_size
-    feats = [
-        extract_features(cfg, params, EvalBatches(src, batch_size=batch, img_size=size, mean=mean, std=std))
-        for src in (train_source, test_source)
-    ]
-    ks = tuple(k for k in DINOV2_KS if k <= len(train_labels))
-    knn = knn_accuracy(feats[0], train_labels, feats[1], test_labels, ks=ks, num_classes=len(classes))
-    probe = linear_probe(feats[0], train_labels, feats[1], test_labels, l2=l2, num_classes=len(classes))
-    return {
-        "knn": {int(k): float(v) for k, v in knn.items()},
-        "linear_probe": probe,
-        "classes": len(classes),
-        "train_images": len(train_labels),
-        "test_images": len(test_labels),
-        "img_size": size,
-    }
+
+    def features(source: Any, key: str = "pooled") -> np.ndarray:
+        batches = EvalBatches(source, batch_size=batch, img_size=size, mean=mean, std=std)
+        return extract_features(cfg, params, batches, key)
+
+    result: dict[str, Any] = {"img_size": size}
+    if classes is not None:
+        result.update(classes=len(classes), test_images=len(test_labels))
+    test_feats = {}
+    if knn:
+        train_feats, test_feats["pooled"] = features(train_source), features(test_source)
+        ks = tuple(k for k in DINOV2_KS if k <= len(train_labels))
+        knn_top1 = knn_accuracy(
+            train_feats, train_labels, test_feats["pooled"], test_labels, ks=ks, num_classes=len(classes)
+        )
+        result["knn"] = {int(k): float(v) for k, v in knn_top1.items()}
+        result["linear_probe"] = linear_probe(
+            train_feats, train_labels, test_feats["pooled"], test_labels, l2=l2, num_classes=len(classes)
+        )
+        result["train_images"] = len(train_labels)
+    if clip:
+        key, _ = clip_embedding(cfg)
+        result["text_arch"] = text_cfg.name
+    if clip and clip.zeroshot:
+        classifier = zeroshot_classifier(text_cfg, text_params, *prompts, tokenizer, progress=True)
+        image_emb = test_feats[key] if key in test_feats else features(test_source, key)
+        ks = tuple(k for k in ZEROSHOT_KS if k <= len(classes))
+        top = zeroshot_accuracy(image_emb, test_labels, classifier, ks)
+        result["zeroshot"] = {**{f"top{k}": v for k, v in top.items()}, "templates": len(prompts[1])}
+    if clip and clip.retrieval:
+        images, captions, owners = retrieval
+        image_emb = features(_Files(images), key)
+        text_emb = encode_texts(text_cfg, text_params, tokenizer(captions), progress=True)
+        ks = tuple(k for k in RETRIEVAL_KS if k <= min(len(images), len(captions)))
+        recall = retrieval_recall(image_emb, text_emb, owners, ks)
+        result["retrieval"] = {**recall, "images": len(images), "captions": len(captions)}
+    return result

@@ -1,7 +1,8 @@
-"""The Flax ViT encoder, its config and named presets."""
+"""The Flax ViT encoder, its config and named presets; the CLIP text tower (text.py) and tokenizer."""
 
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import PRESETS, preset
+from dgmr_jax.models.text import TEXT_PRESETS, TextConfig, encode_text, resolve_text_config
 from dgmr_jax.models.vit import (
     VisionTransformer,
     count_tree,
@@ -13,12 +14,16 @@ from dgmr_jax.models.vit import (
 
 __all__ = [
     "PRESETS",
+    "TEXT_PRESETS",
     "ModelConfig",
+    "TextConfig",
     "VisionTransformer",
     "count_tree",
+    "encode_text",
     "forward",
     "init_params",
     "logical_axes",
     "param_shapes",
     "preset",
+    "resolve_text_config",
 ]

@@ -1,0 +1,196 @@
+"""CLIP text tower (open_clip's TextTransformer) as a linen module, its frozen TextConfig and named presets.
+
+DGMR prunes only the vision tower; this tower is the original, frozen one, needed to turn class names and
+captions into embeddings for zero-shot classification and retrieval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dgmr_jax.models.vit import _activation, _dense, _norm, _part
+
+Params = dict[str, Any]
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Architecture of an open_clip text tower: causal pre-norm transformer, EOT pooling, bias-free projection."""
+
+    name: str = "text"
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0  # MLP hidden width = int(width * mlp_ratio), as open_clip rounds it
+    embed_dim: int = 512  # text_projection output: the joint image-text embedding width
+    activation: str = "gelu"  # gelu | quick_gelu (OpenAI-trained weights)
+    norm_eps: float = 1e-5
+    dtype: str = "float32"  # activation / matmul dtype, e.g. bfloat16
+    param_dtype: str = "float32"  # of freshly initialized params (converted ones keep the checkpoint's)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}"),
+            (self.width % self.heads == 0, f"width {self.width} is not divisible by heads {self.heads}"),
+            (
+                min(self.vocab_size, self.context_length, self.layers, self.embed_dim, self.mlp_hidden) > 0,
+                "vocab_size, context_length, layers, embed_dim and int(width * mlp_ratio) must be > 0",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TextConfig {self.name!r}: {message}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    def replace(self, **changes: Any) -> TextConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TextConfig:
+        """A TextConfig from to_json's output; unknown fields are an error, not silently dropped."""
+        fields = json.loads(text)
+        unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown TextConfig fields {unknown}")
+        return cls(**fields)
+
+
+# Text towers of the open_clip archs in presets.py (numbers from open_clip's model_configs/<name>.json; a test
+# checks them). "-quickgelu" variants are the same towers with OpenAI's activation (OpenAI/MetaCLIP weights).
+_BASE = dict(vocab_size=49408, context_length=77, mlp_ratio=4.0)
+TEXT_PRESETS: dict[str, dict[str, Any]] = {
+    "ViT-B-32": dict(_BASE, width=512, heads=8, layers=12, embed_dim=512),
+    "ViT-B-16": dict(_BASE, width=512, heads=8, layers=12, embed_dim=512),
+    "ViT-L-14": dict(_BASE, width=768, heads=12, layers=12, embed_dim=768),
+    "ViT-g-14": dict(_BASE, width=1024, heads=16, layers=24, embed_dim=1024),
+    "ViT-bigG-14": dict(_BASE, width=1280, heads=20, layers=32, embed_dim=1280),
+    "EVA02-E-14-plus": dict(_BASE, width=1280, heads=20, layers=32, embed_dim=1024),
+}
+TEXT_PRESETS.update(
+    {
+        f"{name}-quickgelu": dict(TEXT_PRESETS[name], activation="quick_gelu")
+        for name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-bigG-14")
+    }
+)
+
+
+def resolve_text_config(arch: str | TextConfig) -> TextConfig:
+    """The TextConfig for a preset name, a .json file written by TextConfig.to_json, or a TextConfig."""
+    if isinstance(arch, TextConfig):
+        return arch
+    if arch.endswith(".json"):
+        return TextConfig.from_json(Path(arch).read_text())
+    if arch not in TEXT_PRESETS:
+        known = ", ".join(sorted(TEXT_PRESETS))
+        raise ValueError(f"unknown text tower {arch!r}; known: {known}, or a TextConfig .json file")
+    return TextConfig(name=arch, **TEXT_PRESETS[arch])
+
+
+class CausalAttention(nn.Module):
+    """Multi-head self-attention in which each token sees only itself and earlier tokens."""
+
+    cfg: TextConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.cfg
+        b, n, _ = x.shape
+        hd = cfg.width // cfg.heads
+        qkv = _dense(3 * cfg.width, ("embed", "heads"), cfg, "qkv")(x)
+        q, k, v = qkv.reshape(b, n, 3, cfg.heads, hd).transpose(2, 0, 3, 1, 4)
+        logits = ((q * (hd**-0.5)) @ k.swapaxes(-1, -2)).astype(jnp.float32)
+        logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, -jnp.inf)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, n, cfg.width)
+        return _dense(cfg.width, ("heads", "embed"), cfg, "proj")(out)
+
+
+class TextMlp(nn.Module):
+    """fc2(act(fc1 x)), open_clip's c_fc / c_proj."""
+
+    cfg: TextConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        h = _activation(self.cfg.activation)(_dense(self.cfg.mlp_hidden, ("embed", "mlp"), self.cfg, "fc1")(x))
+        return _dense(self.cfg.width, ("mlp", "embed"), self.cfg, "fc2")(h)
+
+
+class TextBlock(nn.Module):
+    """Pre-norm block: x + attn(norm1 x), then x + mlp(norm2 x)."""
+
+    cfg: TextConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        x = x + CausalAttention(self.cfg, name="attn")(_norm(self.cfg, "norm1")(x))
+        return x + TextMlp(self.cfg, name="mlp")(_norm(self.cfg, "norm2")(x))
+
+
+class TextTransformer(nn.Module):
+    """Token ids (B, n <= context_length) -> text embeddings (B, embed_dim), taken at the EOT token."""
+
+    cfg: TextConfig
+
+    @nn.compact
+    def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.cfg
+        b, n = tokens.shape
+        normal, dtype = nn.initializers.normal, cfg.param_dtype
+        table = self.param("token_embed", _part(normal(0.02), ("vocab", "embed")), (cfg.vocab_size, cfg.width), dtype)
+        pos = self.param("pos_embed", _part(normal(0.01), (None, "embed")), (cfg.context_length, cfg.width), dtype)
+        # CLIP's temperature: not used to embed text, declared so checkpoints convert back complete
+        self.param("logit_scale", _part(nn.initializers.constant(np.log(1 / 0.07)), ()), (), dtype)
+        x = jnp.take(table, tokens, axis=0).astype(cfg.dtype) + pos[:n].astype(cfg.dtype)
+        for i in range(cfg.layers):
+            x = TextBlock(cfg, name=f"blocks_{i}")(x)
+        x = _norm(cfg, "norm")(x)
+        # the EOT token has the largest id in CLIP's vocabulary, so argmax finds it (first one, as torch does)
+        pooled = x[jnp.arange(b), jnp.argmax(tokens, axis=-1)]
+        return _dense(cfg.embed_dim, ("embed", "classes"), cfg, "proj", bias=False)(pooled)
+
+
+def encode_text(cfg: TextConfig, params: Params, tokens: jnp.ndarray) -> jnp.ndarray:
+    """Unnormalized text embeddings (B, embed_dim) of token ids (B, n): open_clip's model.encode_text(tokens)."""
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] > cfg.context_length:
+        raise ValueError(f"tokens must be (batch, n <= {cfg.context_length}) ids, got shape {tokens.shape}")
+    return TextTransformer(cfg).apply({"params": params}, tokens)
+
+
+def _init(cfg: TextConfig, rng: jax.Array) -> Params:
+    return TextTransformer(cfg).init(rng, jnp.zeros((1, cfg.context_length), jnp.int32))["params"]
+
+
+def init_text_params(cfg: TextConfig, rng: jax.Array | int = 0) -> Params:
+    """Randomly initialized text-tower params (plain arrays), for tests and shapes."""
+    rng = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    return nn.unbox(_init(cfg, rng))
+
+
+def text_param_shapes(cfg: TextConfig) -> Params:
+    """Text-tower param tree of jax.ShapeDtypeStruct, built without allocating."""
+    return nn.unbox(jax.eval_shape(functools.partial(_init, cfg), jax.random.PRNGKey(0)))
+
+
+def text_logical_axes(cfg: TextConfig) -> Params:
+    """Text-tower param tree of logical axis-name PartitionSpecs (see dgmr_jax.parallel.RULES)."""
+    return nn.get_partition_spec(jax.eval_shape(functools.partial(_init, cfg), jax.random.PRNGKey(0)))

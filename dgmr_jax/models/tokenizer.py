@@ -1,0 +1,115 @@
+"""CLIP's byte-level BPE tokenizer, equal to `open_clip.tokenize` (OpenAI's SimpleTokenizer), without torch.
+
+Text is cleaned (ftfy, HTML entities unescaped twice, whitespace collapsed, lower-cased), split by CLIP's
+regex into words, each word's UTF-8 bytes are mapped to printable characters and merged by the BPE ranks
+of `bpe_simple_vocab_16e6.txt.gz`. The vocabulary file ships inside the open_clip_torch package; it is
+read from there without importing open_clip (which would import torch), or from an explicit path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import ftfy
+import numpy as np
+import regex
+
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+CONTEXT_LENGTH = 77
+SOT, EOT = "<start_of_text>", "<end_of_text>"
+_NUM_MERGES = 49152 - 256 - 2  # 256 byte symbols x 2 (plain and word-final) + merges + 2 specials = 49408 ids
+_WORDS = regex.compile(
+    rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+", regex.IGNORECASE
+)
+
+
+def default_vocab_path() -> str | None:
+    """The vocabulary file inside the installed open_clip_torch package (located, not imported), if any."""
+    try:
+        spec = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    path = os.path.join(os.path.dirname(spec.origin), VOCAB_FILE)
+    return path if os.path.isfile(path) else None
+
+
+def _byte_symbols() -> list[str]:
+    """One printable character per byte value 0..255 (GPT-2's reversible map): printable Latin-1 bytes
+    stand for themselves, the others take code points 256, 257, ... in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def clean(text: str) -> str:
+    """CLIP's text cleaning: ftfy repairs, HTML unescaped twice, whitespace runs collapsed, lower case."""
+    return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
+
+
+class Tokenizer:
+    """Texts -> (n, context_length) int32 token ids: SOT, BPE ids, EOT, zero padding; too long texts are
+    truncated and end in EOT, exactly as open_clip.tokenize."""
+
+    def __init__(self, vocab_path: str | os.PathLike | None = None) -> None:
+        path = os.fspath(vocab_path) if vocab_path is not None else default_vocab_path()
+        if path is None or not os.path.isfile(path):
+            where = f"{path} does not exist" if path else "open_clip_torch is not installed"
+            raise FileNotFoundError(
+                f"CLIP's BPE vocabulary {VOCAB_FILE} was not found ({where}): pip install open_clip_torch "
+                "(it ships the file), or pass the file's path"
+            )
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+        self.byte_symbols = _byte_symbols()
+        singles = sorted(self.byte_symbols)  # vocabulary order: printable bytes first, then the shifted ones
+        vocab = singles + [s + "</w>" for s in singles] + ["".join(m) for m in merges] + [SOT, EOT]
+        self.ids = {token: i for i, token in enumerate(vocab)}
+        self.ranks = {merge: i for i, merge in enumerate(merges)}
+        self.sot, self.eot = self.ids[SOT], self.ids[EOT]
+        self._cache: dict[str, list[str]] = {SOT: [SOT], EOT: [EOT]}
+
+    def _bpe(self, word: str) -> list[str]:
+        """Merge a word's symbols (last one marked word-final) by rank, lowest first, until none applies."""
+        if word in self._cache:
+            return self._cache[word]
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            best = min(zip(parts[:-1], parts[1:], strict=True), key=lambda pair: self.ranks.get(pair, len(self.ranks)))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self._cache[word] = parts
+        return parts
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of one text, without SOT / EOT."""
+        out = []
+        for word in _WORDS.findall(clean(text)):
+            symbols = "".join(self.byte_symbols[b] for b in word.encode("utf-8"))
+            out += [self.ids[part] for part in self._bpe(symbols)]
+        return out
+
+    def __call__(self, texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -> np.ndarray:
+        """(len(texts), context_length) int32 ids, as open_clip.tokenize(texts, context_length)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = np.zeros((len(texts), context_length), np.int32)
+        for row, text in zip(out, texts, strict=True):
+            ids = [self.sot, *self.encode(text), self.eot][:context_length]
+            ids[-1] = self.eot
+            row[: len(ids)] = ids
+        return out
