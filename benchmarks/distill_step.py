@@ -4,8 +4,9 @@
 
 Teacher: the arch (random init, no download); student: its prune1 (MLP hidden = width). One step =
 teacher forward + student forward/backward + AdamW update. Both sides use the same threads (all cores).
-Model FLOPs per image = 3 x student forward + teacher forward (count_flops); MFU = achieved / measured
-matmul peak of this machine (a large float32 or bf16 GEMM in XLA).
+Model FLOPs per image = 3 x student forward + teacher forward (count_flops). The matmul peak is the best
+FLOP/s of the step's own GEMM shapes and a 4096^3 GEMM, under XLA and under PyTorch (MKL); both columns
+are printed, since XLA:CPU's GEMMs are the slower ones here. All timings alternate between the contenders.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,17 +23,44 @@ import numpy as np
 
 import dgmr_jax as dj
 from dgmr_jax.distill.step import OptimConfig, init_state, jit_step, make_optimizer, make_step, state_shardings
+from dgmr_jax.hostmem import keep_freed_host_memory
 from dgmr_jax.models.vit import logical_axes, param_shapes
 from dgmr_jax.parallel import host_batch_to_global, make_mesh, tree_shardings
 
 
-def matmul_peak(dtype: str, n: int = 4096, repeats: int = 5) -> float:
-    """Best FLOP/s of an n x n x n GEMM under XLA: the machine's practical peak for this dtype."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    best = min(_timed(lambda: f(a, a).block_until_ready()) for _ in range(repeats))
-    return 2 * n**3 / best
+def gemm_shapes(arch: str, batch: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the step's large GEMMs (tokens x width -> qkv / MLP and back) plus a square 4096 GEMM."""
+    cfg = dj.models.preset(arch)
+    tokens = batch * (cfg.grid**2 + cfg.num_prefix_tokens)
+    d, hidden = cfg.width, cfg.mlp_hidden[0]
+    return [(tokens, d, 3 * d), (tokens, 3 * d, d), (tokens, d, hidden), (tokens, hidden, d), (4096, 4096, 4096)]
+
+
+def gemm_table(
+    shapes: list[tuple[int, int, int]], dtype: str, with_torch: bool, rounds: int = 5
+) -> dict[str, list[float]]:
+    """FLOP/s per GEMM shape for XLA and, if with_torch and installed, PyTorch (timed in alternation)."""
+    fns: dict[str, list[Callable[[], None]]] = {"XLA": []}
+    xla_mm = jax.jit(lambda x, y: x @ y)
+    torch = _torch() if with_torch else None
+    if torch is not None:
+        fns["PyTorch"] = []
+    for m, k, n in shapes:
+        a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+        fns["XLA"].append(lambda a=a, b=b: xla_mm(a, b).block_until_ready())
+        if torch is not None:
+            ta, tb = torch.ones(m, k, dtype=getattr(torch, dtype)), torch.ones(k, n, dtype=getattr(torch, dtype))
+            fns["PyTorch"].append(lambda ta=ta, tb=tb: ta @ tb)
+    out = {}
+    for name, calls in fns.items():
+        for call in calls:
+            call()
+        out[name] = []
+    for (m, k, n), *calls in zip(shapes, *fns.values(), strict=True):
+        secs = interleaved(dict(zip(fns, calls, strict=True)), rounds, stat=min)
+        for name in fns:
+            out[name].append(2 * m * k * n / secs[name])
+    return out
 
 
 def _timed(fn) -> float:
@@ -40,12 +69,12 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def ours(arch: str, batch: int, steps: int, dtype: str) -> tuple[float, float]:
-    """(seconds per step, compile seconds) of the jitted sharded step on all local devices."""
+def ours(arch: str, batch: int, dtype: str) -> tuple[Callable[[], None], float]:
+    """(one blocking step, compile seconds) of the jitted sharded step on all local devices."""
     teacher_cfg = dj.models.preset(arch, dtype=dtype)
     teacher = dj.models.init_params(teacher_cfg, 0)
     student_cfg, student = dj.prune.prune_mlp(teacher_cfg, teacher, method="l2", mlp_ratio=1.0)
-    opt = OptimConfig(base_lr=1e-4, warmup_steps=1, total_steps=steps + 2, global_batch=batch)
+    opt = OptimConfig(base_lr=1e-4, warmup_steps=1, total_steps=1000, global_batch=batch)
     tx = make_optimizer(opt)
     mesh = make_mesh()
     state = init_state(student, tx, ema=False)
@@ -58,24 +87,35 @@ def ours(arch: str, batch: int, steps: int, dtype: str) -> tuple[float, float]:
     state, m = step(state, teacher, images)
     m["loss"].block_until_ready()
     compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+
+    def run() -> None:
+        nonlocal state
         state, m = step(state, teacher, images)
         m["loss"].block_until_ready()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), compile_s
+
+    return run, compile_s
 
 
-def torch_eager(arch: str, batch: int, steps: int) -> float | None:
-    """Seconds per step of the same step in PyTorch eager (timm models), or None without torch/timm."""
+def _torch():
+    """torch (with timm's torchvision shim from tests/conftest.py), or None when not installed. Import it only
+    after JAX has started: conftest also asks for 8 fake devices if JAX has not."""
     try:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-        import conftest  # noqa: F401  (torchvision shim for timm)
-        import timm
+        import conftest  # noqa: F401
+        import timm  # noqa: F401
         import torch
     except ImportError:
         return None
+    return torch
+
+
+def torch_eager(arch: str, batch: int) -> Callable[[], None] | None:
+    """One step of the same distillation in PyTorch eager (timm models), or None without torch/timm."""
+    torch = _torch()
+    if torch is None:
+        return None
+    import timm
+
     torch.manual_seed(0)
     teacher = timm.create_model(arch, pretrained=False).eval()
     student = timm.create_model(arch, pretrained=False, mlp_ratio=1.0).train()
@@ -94,7 +134,17 @@ def torch_eager(arch: str, batch: int, steps: int) -> float | None:
         optim.step()
 
     step()
-    return float(np.median([_timed(step) for _ in range(steps)]))
+    return step
+
+
+def interleaved(steps: dict[str, Callable[[], None]], rounds: int, stat=np.median) -> dict[str, float]:
+    """Seconds per call of each function (median, or stat), timed in alternation so that drift in the
+    machine's speed (shared hosts) hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(_timed(step))
+    return {name: float(stat(t)) for name, t in times.items()}
 
 
 def main() -> None:
@@ -105,31 +155,43 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="student/teacher compute dtype (bfloat16 on GPU/TPU)")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
+    keep_freed_host_memory()  # as the CLI does; PyTorch runs in this process too and gains from it as well
 
     cfg = dj.models.preset(args.arch)
     student_cfg = cfg.replace(mlp_hidden=(cfg.width,) * cfg.depth)
     flops_per_step = args.batch * (3 * dj.prune.count_flops(student_cfg) + dj.prune.count_flops(cfg))
-    peak = matmul_peak(args.dtype)
-    step_s, compile_s = ours(args.arch, args.batch, args.steps, args.dtype)
-    torch_s = None if args.no_torch else torch_eager(args.arch, args.batch, args.steps)
+    steps = {}
+    steps["dgmr-jax (jit)"], compile_s = ours(args.arch, args.batch, args.dtype)
+    torch_step = None if args.no_torch else torch_eager(args.arch, args.batch)
+    if torch_step is not None:
+        steps["PyTorch eager"] = torch_step
+    secs = interleaved(steps, args.steps)
+    shapes = gemm_shapes(args.arch, args.batch)
+    gemms = gemm_table(shapes, args.dtype, with_torch=torch_step is not None)
+    peaks = {name: max(v) for name, v in gemms.items()}
+    peak = max(peaks.values())
 
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, threads: {os.cpu_count()}")
     print(
-        f"{args.arch} teacher -> prune1 student, batch {args.batch}, {args.dtype}; "
-        f"model GFLOP/step {flops_per_step / 1e9:.1f}; matmul peak {peak / 1e9:.1f} GFLOP/s\n"
+        f"{args.arch} teacher -> prune1 student, batch {args.batch}, {args.dtype}; model GFLOP/step "
+        f"{flops_per_step / 1e9:.1f}\n"
     )
-    print("| implementation | s/step | images/s | GFLOP/s | % of matmul peak |")
-    print("|---|---|---|---|---|")
-    for name, secs in (("dgmr-jax (jit)", step_s), ("PyTorch eager", torch_s)):
-        if secs is None:
-            continue
+    print("| GEMM (m x k x n) | " + " | ".join(f"{name} GFLOP/s" for name in gemms) + " |")
+    print("|---" * (len(gemms) + 1) + "|")
+    for i, (m, k, n) in enumerate(shapes):
+        print(f"| {m} x {k} x {n} | " + " | ".join(f"{v[i] / 1e9:.0f}" for v in gemms.values()) + " |")
+    print(f"\nmatmul peak (best of the above): {peak / 1e9:.0f} GFLOP/s; XLA's own: {peaks['XLA'] / 1e9:.0f}\n")
+    print("| implementation | s/step | images/s | GFLOP/s | % of matmul peak | % of XLA's GEMM peak |")
+    print("|---|---|---|---|---|---|")
+    for name, s in secs.items():
+        rate = flops_per_step / s
         print(
-            f"| {name} | {secs:.3f} | {args.batch / secs:.1f} | {flops_per_step / secs / 1e9:.1f} | "
-            f"{100 * flops_per_step / secs / peak:.1f}% |"
+            f"| {name} | {s:.3f} | {args.batch / s:.1f} | {rate / 1e9:.1f} | {100 * rate / peak:.1f}% | "
+            f"{100 * rate / peaks['XLA']:.1f}% |"
         )
     print(f"\ncompile: {compile_s:.1f} s")
-    if torch_s:
-        print(f"speed-up over PyTorch eager: {torch_s / step_s:.2f}x")
+    if "PyTorch eager" in secs:
+        print(f"speed-up over PyTorch eager: {secs['PyTorch eager'] / secs['dgmr-jax (jit)']:.2f}x")
 
 
 if __name__ == "__main__":

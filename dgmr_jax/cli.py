@@ -221,8 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands whose XLA:CPU steps allocate large activations many times (see dgmr_jax.hostmem)
+_COMPUTE_COMMANDS = ("distill", "eval", "demo")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
+    if argv is None and args.command in _COMPUTE_COMMANDS:  # a real process, not a test calling main([...])
+        from dgmr_jax.hostmem import keep_freed_host_memory
+
+        keep_freed_host_memory()
     if args.command == "distill":
         args.overrides = extra
     elif extra:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dgmr_jax.models.vit import _activation, _dense, _norm, _part
+from dgmr_jax.models.layers import activation, dense, layer_norm, partitioned
 
 Params = dict[str, Any]
 ACTIVATIONS = ("gelu", "quick_gelu")
@@ -114,13 +114,13 @@ class CausalAttention(nn.Module):
         cfg = self.cfg
         b, n, _ = x.shape
         hd = cfg.width // cfg.heads
-        qkv = _dense(3 * cfg.width, ("embed", "heads"), cfg, "qkv")(x)
+        qkv = dense(3 * cfg.width, ("embed", "heads"), cfg, "qkv")(x)
         q, k, v = qkv.reshape(b, n, 3, cfg.heads, hd).transpose(2, 0, 3, 1, 4)
         logits = ((q * (hd**-0.5)) @ k.swapaxes(-1, -2)).astype(jnp.float32)
         logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, -jnp.inf)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, n, cfg.width)
-        return _dense(cfg.width, ("heads", "embed"), cfg, "proj")(out)
+        return dense(cfg.width, ("heads", "embed"), cfg, "proj")(out)
 
 
 class TextMlp(nn.Module):
@@ -130,8 +130,8 @@ class TextMlp(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        h = _activation(self.cfg.activation)(_dense(self.cfg.mlp_hidden, ("embed", "mlp"), self.cfg, "fc1")(x))
-        return _dense(self.cfg.width, ("mlp", "embed"), self.cfg, "fc2")(h)
+        h = activation(self.cfg.activation)(dense(self.cfg.mlp_hidden, ("embed", "mlp"), self.cfg, "fc1")(x))
+        return dense(self.cfg.width, ("mlp", "embed"), self.cfg, "fc2")(h)
 
 
 class TextBlock(nn.Module):
@@ -141,8 +141,8 @@ class TextBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        x = x + CausalAttention(self.cfg, name="attn")(_norm(self.cfg, "norm1")(x))
-        return x + TextMlp(self.cfg, name="mlp")(_norm(self.cfg, "norm2")(x))
+        x = x + CausalAttention(self.cfg, name="attn")(layer_norm(self.cfg, "norm1")(x))
+        return x + TextMlp(self.cfg, name="mlp")(layer_norm(self.cfg, "norm2")(x))
 
 
 class TextTransformer(nn.Module):
@@ -155,17 +155,21 @@ class TextTransformer(nn.Module):
         cfg = self.cfg
         b, n = tokens.shape
         normal, dtype = nn.initializers.normal, cfg.param_dtype
-        table = self.param("token_embed", _part(normal(0.02), ("vocab", "embed")), (cfg.vocab_size, cfg.width), dtype)
-        pos = self.param("pos_embed", _part(normal(0.01), (None, "embed")), (cfg.context_length, cfg.width), dtype)
+        table = self.param(
+            "token_embed", partitioned(normal(0.02), ("vocab", "embed")), (cfg.vocab_size, cfg.width), dtype
+        )
+        pos = self.param(
+            "pos_embed", partitioned(normal(0.01), (None, "embed")), (cfg.context_length, cfg.width), dtype
+        )
         # CLIP's temperature: not used to embed text, declared so checkpoints convert back complete
-        self.param("logit_scale", _part(nn.initializers.constant(np.log(1 / 0.07)), ()), (), dtype)
+        self.param("logit_scale", partitioned(nn.initializers.constant(np.log(1 / 0.07)), ()), (), dtype)
         x = jnp.take(table, tokens, axis=0).astype(cfg.dtype) + pos[:n].astype(cfg.dtype)
         for i in range(cfg.layers):
             x = TextBlock(cfg, name=f"blocks_{i}")(x)
-        x = _norm(cfg, "norm")(x)
+        x = layer_norm(cfg, "norm")(x)
         # the EOT token has the largest id in CLIP's vocabulary, so argmax finds it (first one, as torch does)
         pooled = x[jnp.arange(b), jnp.argmax(tokens, axis=-1)]
-        return _dense(cfg.embed_dim, ("embed", "classes"), cfg, "proj", bias=False)(pooled)
+        return dense(cfg.embed_dim, ("embed", "classes"), cfg, "proj", bias=False)(pooled)
 
 
 def encode_text(cfg: TextConfig, params: Params, tokens: jnp.ndarray) -> jnp.ndarray:

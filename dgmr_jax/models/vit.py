@@ -11,48 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.layers import activation, dense, kernel_init, layer_norm, partitioned
 from dgmr_jax.models.posemb import apply_rope, resample_grid, resample_pos_embed, rope_tables
 
 Params = dict[str, Any]
-
-_kernel_init = nn.initializers.truncated_normal(0.02)
-
-
-def _part(init, names: tuple[str | None, ...]):
-    """Attach logical axis names (mapped to mesh axes by dgmr_jax.parallel rules) to an initializer."""
-    return nn.with_logical_partitioning(init, names)
-
-
-def _dense(features: int, names: tuple[str, str], cfg: ModelConfig, name: str, bias: bool = True) -> nn.Dense:
-    return nn.Dense(
-        features,
-        use_bias=bias,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        kernel_init=_part(_kernel_init, names),
-        bias_init=_part(nn.initializers.zeros, names[1:]),
-        name=name,
-    )
-
-
-def _norm(cfg: ModelConfig, name: str, axis: str = "embed") -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=cfg.norm_eps,
-        use_fast_variance=False,  # E[x^2]-E[x]^2 loses digits that PyTorch keeps
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        scale_init=_part(nn.initializers.ones, (axis,)),
-        bias_init=_part(nn.initializers.zeros, (axis,)),
-        name=name,
-    )
-
-
-def _activation(kind: str):
-    if kind == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if kind == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    return jax.nn.silu
 
 
 class PatchEmbed(nn.Module):
@@ -66,12 +28,12 @@ class PatchEmbed(nn.Module):
         cfg, p = self.cfg, self.cfg.patch_size
         b, h, w, c = images.shape
         kernel = self.param(
-            "kernel", _part(_kernel_init, (None, None, None, "embed")), (p, p, c, cfg.width), cfg.param_dtype
+            "kernel", partitioned(kernel_init, (None, None, None, "embed")), (p, p, c, cfg.width), cfg.param_dtype
         )
         patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         x = patches.reshape(b, (h // p) * (w // p), p * p * c) @ kernel.reshape(p * p * c, -1).astype(cfg.dtype)
         if cfg.patch_bias:
-            bias = self.param("bias", _part(nn.initializers.zeros, ("embed",)), (cfg.width,), cfg.param_dtype)
+            bias = self.param("bias", partitioned(nn.initializers.zeros, ("embed",)), (cfg.width,), cfg.param_dtype)
             x = x + bias.astype(cfg.dtype)
         return x
 
@@ -86,11 +48,11 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, n, _ = x.shape
         heads, hd = cfg.num_heads, cfg.attn_head_dim
-        qkv = _dense(3 * cfg.attn_dim, ("embed", "heads"), cfg, "qkv", bias=cfg.qkv_bias == "full")(x)
+        qkv = dense(3 * cfg.attn_dim, ("embed", "heads"), cfg, "qkv", bias=cfg.qkv_bias == "full")(x)
         if cfg.qkv_bias == "qv":
             zeros = nn.initializers.zeros
-            q_bias = self.param("q_bias", _part(zeros, ("heads",)), (cfg.attn_dim,), cfg.param_dtype)
-            v_bias = self.param("v_bias", _part(zeros, ("heads",)), (cfg.attn_dim,), cfg.param_dtype)
+            q_bias = self.param("q_bias", partitioned(zeros, ("heads",)), (cfg.attn_dim,), cfg.param_dtype)
+            v_bias = self.param("v_bias", partitioned(zeros, ("heads",)), (cfg.attn_dim,), cfg.param_dtype)
             qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
         # (3, B, heads, N, hd): batched matmuls in this layout are ~3x faster on XLA:CPU than einsums over (B, N, h, d)
         q, k, v = qkv.reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)
@@ -102,8 +64,8 @@ class Attention(nn.Module):
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, n, cfg.attn_dim)
         if cfg.attn_norm:
-            out = _norm(cfg, "norm", axis="heads")(out)
-        return _dense(cfg.width, ("heads", "embed"), cfg, "proj")(out)
+            out = layer_norm(cfg, "norm", axis="heads")(out)
+        return dense(cfg.width, ("heads", "embed"), cfg, "proj")(out)
 
 
 class Mlp(nn.Module):
@@ -116,16 +78,16 @@ class Mlp(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         cfg = self.cfg
         if cfg.gated:
-            gate = _dense(self.hidden, ("embed", "mlp"), cfg, "fc1_g")(x)
-            h = jax.nn.silu(gate) * _dense(self.hidden, ("embed", "mlp"), cfg, "fc1_x")(x)
+            gate = dense(self.hidden, ("embed", "mlp"), cfg, "fc1_g")(x)
+            h = jax.nn.silu(gate) * dense(self.hidden, ("embed", "mlp"), cfg, "fc1_x")(x)
         else:
-            h = _activation(cfg.mlp_type)(_dense(self.hidden, ("embed", "mlp"), cfg, "fc1")(x))
+            h = activation(cfg.mlp_type)(dense(self.hidden, ("embed", "mlp"), cfg, "fc1")(x))
         if cfg.mlp_norm:
-            h = _norm(cfg, "norm", axis="mlp")(h)
+            h = layer_norm(cfg, "norm", axis="mlp")(h)
         # the fc2 input, exposed for Taylor importance (both are no-ops unless the collections are asked for)
         self.sow("intermediates", "hidden", h)
         h = self.perturb("hidden", h)
-        return _dense(cfg.width, ("mlp", "embed"), cfg, "fc2")(h)
+        return dense(cfg.width, ("mlp", "embed"), cfg, "fc2")(h)
 
 
 class LayerScale(nn.Module):
@@ -133,7 +95,7 @@ class LayerScale(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        init = _part(nn.initializers.ones, ("embed",))
+        init = partitioned(nn.initializers.ones, ("embed",))
         return x * self.param("scale", init, (self.cfg.width,), self.cfg.param_dtype).astype(x.dtype)
 
 
@@ -146,7 +108,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None) -> jnp.ndarray:
         cfg = self.cfg
-        norm1, norm2 = _norm(cfg, "norm1"), _norm(cfg, "norm2")
+        norm1, norm2 = layer_norm(cfg, "norm1"), layer_norm(cfg, "norm2")
         attn, mlp = Attention(cfg, name="attn"), Mlp(cfg, self.hidden, name="mlp")
         ls1 = LayerScale(cfg, name="ls1") if cfg.layer_scale else (lambda y: y)
         ls2 = LayerScale(cfg, name="ls2") if cfg.layer_scale else (lambda y: y)
@@ -184,7 +146,7 @@ class VisionTransformer(nn.Module):
         gh, gw = h // p, w // p
         x = PatchEmbed(cfg, name="patch_embed")(images.astype(cfg.dtype))
 
-        token_init = _part(_kernel_init, (None, None, "embed"))
+        token_init = partitioned(kernel_init, (None, None, "embed"))
         prefix = [
             self.param(name, token_init, (1, count, cfg.width), cfg.param_dtype)
             for name, count in (
@@ -195,7 +157,9 @@ class VisionTransformer(nn.Module):
             if count
         ]
         if cfg.mask_token:  # declared so DINOv2 checkpoints round-trip; only masked training reads it
-            self.param("mask_token", _part(nn.initializers.zeros, (None, "embed")), (1, cfg.width), cfg.param_dtype)
+            self.param(
+                "mask_token", partitioned(nn.initializers.zeros, (None, "embed")), (1, cfg.width), cfg.param_dtype
+            )
         prefix = jnp.concatenate(prefix, axis=1).astype(x.dtype) if prefix else x[:, :0]
         pos = self.param(
             "pos_embed", token_init, (1, cfg.pos_embed_prefix + cfg.grid * cfg.grid, cfg.width), cfg.param_dtype
@@ -206,7 +170,7 @@ class VisionTransformer(nn.Module):
         prefix = prefix.at[:, : cfg.pos_embed_prefix].add(pos_prefix.astype(x.dtype))
         x = jnp.concatenate([jnp.broadcast_to(prefix, (b, *prefix.shape[1:])), x], axis=1)
         if cfg.pre_norm:
-            x = _norm(cfg, "norm_pre")(x)
+            x = layer_norm(cfg, "norm_pre")(x)
 
         rope = None
         if cfg.rope:
@@ -230,7 +194,7 @@ class VisionTransformer(nn.Module):
                 x = block(cfg, hidden, name=f"blocks_{i}")(x, rope)
 
         if cfg.final_norm:
-            x = _norm(cfg, "norm")(x)
+            x = layer_norm(cfg, "norm")(x)
         out = {"tokens": x}
         npt = cfg.num_prefix_tokens
         if cfg.dist_token:
@@ -240,17 +204,17 @@ class VisionTransformer(nn.Module):
         else:
             pooled = x[:, npt:].mean(axis=1)
         if cfg.fc_norm:
-            pooled = _norm(cfg, "fc_norm")(pooled)
+            pooled = layer_norm(cfg, "fc_norm")(pooled)
         if cfg.num_classes:
-            logits = _dense(cfg.num_classes, ("embed", "classes"), cfg, "head")(pooled)
+            logits = dense(cfg.num_classes, ("embed", "classes"), cfg, "head")(pooled)
             if cfg.dist_token:
-                logits_dist = _dense(cfg.num_classes, ("embed", "classes"), cfg, "head_dist")(pooled_dist)
+                logits_dist = dense(cfg.num_classes, ("embed", "classes"), cfg, "head_dist")(pooled_dist)
                 logits = (logits + logits_dist) / 2
             out["logits"] = logits
         if cfg.dist_token:
             pooled = (pooled + pooled_dist) / 2
         if cfg.proj_dim:
-            pooled = _dense(cfg.proj_dim, ("embed", "classes"), cfg, "proj", bias=False)(pooled)
+            pooled = dense(cfg.proj_dim, ("embed", "classes"), cfg, "proj", bias=False)(pooled)
         out["pooled"] = pooled
         return out
 
