@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dgmr_jax.convert.checkpoint_io import CheckpointError
 from dgmr_jax.convert.keymaps import FAMILIES
@@ -64,12 +64,33 @@ def _hidden(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 else values
 
 
+def _taylor_scores(source: Any, spec: str, num_images: int, batch: int) -> list[Any]:
+    """Per-layer Taylor importance of `source`'s MLP neurons over the first images of mnist5k or a folder."""
+    import itertools
+
+    from dgmr_jax.data import ImageFolderSource, Mnist5kSource, family_mean_std
+    from dgmr_jax.eval.features import EvalBatches
+    from dgmr_jax.prune.stream import load_all
+    from dgmr_jax.prune.taylor import taylor_scores
+
+    data = Mnist5kSource("train") if spec == "mnist5k" else ImageFolderSource(spec)
+    mean, std = family_mean_std(source.meta.get("family", "timm"))
+    batches = EvalBatches(data, batch_size=batch, img_size=source.cfg.img_size, mean=mean, std=std)
+    images = (b["images"] for b in itertools.islice(batches, -(-num_images // batch)))
+    print(f"taylor: scoring neurons on {min(num_images, len(data))} images of {spec} (whole model in memory)")
+    return taylor_scores(source.cfg, load_all(source), images)
+
+
 def _prune(args: argparse.Namespace) -> None:
     from dgmr_jax.model_dir import check_new_dir
     from dgmr_jax.prune.report import write_report
     from dgmr_jax.prune.stream import ModelDirLayerSource, TorchLayerSource, prune_to_dir
 
     check_new_dir(args.out)
+    if (args.method == "taylor") != bool(args.taylor_data):
+        raise ValueError("--method taylor and --taylor-data mnist5k|FOLDER (the images that score neurons) go together")
+    if args.taylor_images <= 0 or args.taylor_batch <= 0:
+        raise ValueError("--taylor-images and --taylor-batch must be positive")
     if (args.model is None) == (args.checkpoint is None):
         raise ValueError("give exactly one of --model DIR (from `dgmr-jax convert`) or --checkpoint PATH")
     if args.checkpoint is not None:
@@ -80,7 +101,12 @@ def _prune(args: argparse.Namespace) -> None:
         source = ModelDirLayerSource(args.model)
     hidden = _hidden(args.hidden) if args.hidden else None
     mlp_ratio = 1.0 if args.mlp_ratio is None and hidden is None else args.mlp_ratio
-    new_cfg, reports = prune_to_dir(source, args.out, args.method, mlp_ratio, hidden, args.round_to, args.seed)
+    scores = None
+    if args.taylor_data:
+        scores = _taylor_scores(source, args.taylor_data, args.taylor_images, args.taylor_batch)
+    new_cfg, reports = prune_to_dir(
+        source, args.out, args.method, mlp_ratio, hidden, args.round_to, args.seed, scores=scores
+    )
     info = write_report(args.out, source.cfg, new_cfg, reports, args.method)
     print(
         f"wrote {args.out}: params {info['params_before'] / 1e6:.2f}M -> {info['params_after'] / 1e6:.2f}M "
@@ -179,11 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="or a PyTorch checkpoint (.safetensors is read lazily)")
     p.add_argument("--family", choices=FAMILIES, default="timm", help="with --checkpoint")
     p.add_argument("--arch", help="with --checkpoint: preset name or config .json")
-    p.add_argument("--method", choices=("diversity", "l2", "random"), default="diversity")
+    p.add_argument("--method", choices=("diversity", "l2", "random", "taylor"), default="diversity")
     p.add_argument("--mlp-ratio", type=float, help="kept width = int(ratio * width); default 1.0")
     p.add_argument("--hidden", help="kept width: one int, or comma-separated per layer")
     p.add_argument("--round-to", type=int, default=1, help="round widths up to a multiple (128 on TPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--taylor-data", help="with --method taylor: 'mnist5k' or an image folder (loads the whole model)")
+    p.add_argument("--taylor-images", type=int, default=256, help="images that score the neurons (taylor)")
+    p.add_argument("--taylor-batch", type=int, default=32)
     p.add_argument("--out", required=True)
     p.set_defaults(run=_prune)
 

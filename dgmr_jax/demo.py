@@ -44,8 +44,7 @@ class EvalSet:
     def features(self, cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
         return {
             "train_pooled": extract_features(cfg, params, self.train_batches, "pooled", progress=False),
-            "pooled": extract_features(cfg, params, self.test_batches, "pooled", progress=False),
-            "tokens": extract_features(cfg, params, self.test_batches, "tokens", progress=False),
+            **extract_features(cfg, params, self.test_batches, ("pooled", "tokens"), progress=False),
         }
 
     def score(self, cfg: ModelConfig, feats: dict[str, np.ndarray], teacher: dict[str, np.ndarray]) -> dict:

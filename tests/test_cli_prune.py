@@ -6,13 +6,17 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from reference import images, rel_err, small_timm, timm, timm_outputs, to_nhwc, torch
 
 import dgmr_jax as dj
 from dgmr_jax.cli import main
 from dgmr_jax.convert.checkpoint_io import save_safetensors
+from dgmr_jax.data import ImageFolderSource, family_mean_std
+from dgmr_jax.eval.features import EvalBatches
 from dgmr_jax.model_dir import load_model
 from dgmr_jax.models.tree import flatten
+from dgmr_jax.prune.taylor import taylor_scores
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +63,32 @@ def test_streamed_prune_equals_in_memory_prune(checkpoint, tmp_path):
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_taylor_prune_from_the_cli_equals_taylor_scores_in_memory(checkpoint, tmp_path):
+    """--method taylor scores neurons on the first --taylor-images of a folder, then prunes like prune_mlp."""
+    _, cfg, path = checkpoint
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        rgb = np.random.default_rng(i).integers(0, 256, (40, 36, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(folder / f"{i}.png")
+    out = tmp_path / "p"
+    argv = ["prune", "--checkpoint", str(path), "--arch", cfg.name, "--method", "taylor", "--mlp-ratio", "0.5"]
+    argv += ["--taylor-data", str(folder), "--taylor-images", "4", "--taylor-batch", "2", "--out", str(out)]
+    assert main(argv) == 0
+
+    full_cfg, full = dj.convert.from_torch(path, arch=cfg)
+    mean, std = family_mean_std("timm")
+    batches = list(EvalBatches(ImageFolderSource(folder), batch_size=2, img_size=cfg.img_size, mean=mean, std=std))
+    scores = taylor_scores(full_cfg, full, [b["images"] for b in batches[:2]])  # the first 4 images
+    mem_cfg, mem = dj.prune.prune_mlp(full_cfg, full, method="taylor", mlp_ratio=0.5, scores=scores)
+    cli_cfg, cli = load_model(out)
+    assert cli_cfg == mem_cfg
+    a, b = flatten(cli), flatten(mem)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    l2_cfg, l2 = dj.prune.prune_mlp(full_cfg, full, method="l2", mlp_ratio=0.5)
+    assert not all(np.array_equal(a[k], flatten(l2)[k]) for k in a)  # the scores, not the weight norms, chose
+
+
 def test_cli_errors_are_one_line_and_keep_existing_output(checkpoint, tmp_path, capsys):
     _, cfg, path = checkpoint
     keep = tmp_path / "existing"
@@ -75,6 +105,10 @@ def test_cli_errors_are_one_line_and_keep_existing_output(checkpoint, tmp_path, 
             "exceeds the current width 768",
         ),
         (["prune", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "c")], "is not a model directory"),
+        (
+            ["prune", "--checkpoint", str(path), "--arch", cfg.name, "--method", "taylor", "--out", str(keep / "t")],
+            "--method taylor and --taylor-data",
+        ),
         (
             [
                 "convert",

@@ -169,6 +169,12 @@ def test_extract_features_covers_every_record_in_order():
     np.testing.assert_allclose(feats, forward(cfg, params, images)["pooled"], rtol=1e-5, atol=1e-5)
     tokens = ev.extract_features(cfg, params, batches, key="tokens", progress=False)
     assert tokens.shape == (7, 1 + 4, 16)
+    both = ev.extract_features(cfg, params, batches, key=("pooled", "tokens"), progress=False)
+    assert sorted(both) == ["pooled", "tokens"]
+    np.testing.assert_array_equal(both["pooled"], feats)
+    np.testing.assert_array_equal(both["tokens"], tokens)
+    with pytest.raises(ValueError, match="one or more of"):
+        ev.extract_features(cfg, params, batches, key=("pooled", "cls"), progress=False)
 
 
 # ---------------------------------------------------------------- built-in datasets

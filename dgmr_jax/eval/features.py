@@ -27,34 +27,37 @@ from dgmr_jax.parallel import batch_sharding, data_parallel_size, make_mesh, tre
 FEATURE_KEYS = ("pooled", "tokens", "logits")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "key"))
-def _features(params: Any, images: jnp.ndarray, *, cfg: ModelConfig, key: str) -> jnp.ndarray:
-    return forward(cfg, params, images)[key].astype(jnp.float32)
+@functools.partial(jax.jit, static_argnames=("cfg", "keys"))
+def _features(params: Any, images: jnp.ndarray, *, cfg: ModelConfig, keys: tuple[str, ...]) -> tuple[jnp.ndarray, ...]:
+    out = forward(cfg, params, images)
+    return tuple(out[key].astype(jnp.float32) for key in keys)
 
 
 def extract_features(
     cfg: ModelConfig,
     params: Any,
     loader_or_batches: Iterable[Mapping[str, np.ndarray]],
-    key: str = "pooled",
+    key: str | Sequence[str] = "pooled",
     *,
     return_index: bool = False,
     total: int | None = None,
     progress: bool = True,
     mesh: Mesh | None = None,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray | dict[str, np.ndarray] | tuple[np.ndarray | dict[str, np.ndarray], np.ndarray]:
     """Concatenated float32 `forward(cfg, params, batch["images"])[key]` over all batches, on the host.
 
     Sharded like the trainer: params by their logical axes and each batch over the mesh's data axes
     (default mesh: every local device on the data axis; batches are padded to a multiple of it).
 
-    key: "pooled" (num, dim), "tokens" (num, tokens, dim) or "logits". With return_index, also the
-    concatenated batch["index"] (the source record of each row, which the loaders provide), to look up
-    labels. `total` is the number of batches for the progress bar (default: len() of the iterable, if any).
+    key: "pooled" (num, dim), "tokens" (num, tokens, dim) or "logits"; a sequence of keys gives a dict,
+    all from one forward pass. With return_index, also the concatenated batch["index"] (the source record
+    of each row, which the loaders provide), to look up labels. `total` is the number of batches for the
+    progress bar (default: len() of the iterable, if any).
     """
-    if key not in FEATURE_KEYS:
-        raise ValueError(f"key must be one of {FEATURE_KEYS}, got {key!r}")
-    if key == "logits" and not cfg.num_classes:
+    keys = (key,) if isinstance(key, str) else tuple(key)
+    if not keys or any(k not in FEATURE_KEYS for k in keys):
+        raise ValueError(f"key must be one or more of {FEATURE_KEYS}, got {key!r}")
+    if "logits" in keys and not cfg.num_classes:
         raise ValueError(f"model {cfg.name!r} has no head (num_classes=0), so no 'logits'")
     if total is None and hasattr(loader_or_batches, "__len__"):
         total = len(loader_or_batches)
@@ -62,7 +65,8 @@ def extract_features(
     dp = data_parallel_size(mesh)
     params = jax.device_put(params, tree_shardings(logical_axes(cfg), param_shapes(cfg), mesh, "eval params"))
     feats, index, batch_size = [], [], None
-    for batch in tqdm(loader_or_batches, total=total, desc=f"features ({key})", unit="batch", disable=not progress):
+    bar = tqdm(loader_or_batches, total=total, desc=f"features ({', '.join(keys)})", unit="batch", disable=not progress)
+    for batch in bar:
         images = np.asarray(batch["images"])
         n = len(images)
         batch_size = batch_size or -(-n // dp) * dp
@@ -70,13 +74,14 @@ def extract_features(
             raise ValueError(f"batch of {n} images after a first batch of {batch_size}: batches must not grow")
         images = np.pad(images, ((0, batch_size - n),) + ((0, 0),) * (images.ndim - 1))
         images = jax.device_put(images, batch_sharding(mesh))
-        feats.append(np.asarray(_features(params, images, cfg=cfg, key=key))[:n])
+        feats.append([np.asarray(f)[:n] for f in _features(params, images, cfg=cfg, keys=keys)])
         if return_index:
             index.append(np.asarray(batch["index"]))
     if not feats:
         raise ValueError("no batches to extract features from")
-    feats = np.concatenate(feats)
-    return (feats, np.concatenate(index)) if return_index else feats
+    by_key = {k: np.concatenate([f[i] for f in feats]) for i, k in enumerate(keys)}
+    result = by_key[key] if isinstance(key, str) else by_key
+    return (result, np.concatenate(index)) if return_index else result
 
 
 class EvalBatches:

@@ -93,9 +93,11 @@ def prune_to_dir(
     round_to: int = 1,
     seed: int = 0,
     progress: bool = True,
+    scores: Sequence[Any] | None = None,
 ) -> tuple[ModelConfig, list[LayerReport]]:
     """Prune every MLP of `source` and write the slim model to the new directory `out`.
 
+    `scores`: one importance array per layer, for method "taylor" (see load_all and prune.taylor).
     Targets and the output path are checked before the first layer is read.
     """
     check_new_dir(out)
@@ -105,9 +107,18 @@ def prune_to_dir(
     reports = []
     for i in tqdm(range(cfg.depth), desc=f"pruning ({method})", unit="layer", disable=not progress):
         block = source.block(i)
-        block["mlp"], _, norms = prune_layer(cfg, block["mlp"], widths[i], method, seed + i)
+        layer_scores = None if scores is None else scores[i]
+        block["mlp"], _, norms = prune_layer(cfg, block["mlp"], widths[i], method, seed + i, layer_scores)
         params[f"blocks_{i}"] = block
         reports.append(LayerReport(i, cfg.mlp_hidden[i], widths[i], norms))
     new_cfg = cfg.replace(mlp_hidden=widths, scan_layers=False)
     save_model(out, new_cfg, params, **source.meta, pruned={"method": method, "seed": seed})
     return new_cfg, reports
+
+
+def load_all(source: TorchLayerSource | ModelDirLayerSource) -> Params:
+    """Every param of `source` in host memory: Taylor scores need whole forward and backward passes."""
+    params = source.top()
+    for i in range(source.cfg.depth):
+        params[f"blocks_{i}"] = source.block(i)
+    return params

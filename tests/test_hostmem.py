@@ -1,0 +1,41 @@
+"""keep_freed_host_memory: freed large buffers are reused without page faults (glibc only)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+
+# malloc, touch and free 64 MB; then count the minor page faults of doing it again.
+_PROBE = """
+import ctypes, resource
+from dgmr_jax.hostmem import keep_freed_host_memory
+applied = keep_freed_host_memory()
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+size = 64 * 2**20
+libc.free(ctypes.memset(libc.malloc(size), 1, size))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+ctypes.memset(libc.malloc(size), 1, size)
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _probe(**env: str) -> tuple[str, int]:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], env={**os.environ, **env}, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return out[0], int(out[1])
+
+
+def test_freed_buffers_are_reused_without_page_faults():
+    applied, faults = _probe()
+    assert applied == "True" and faults < 100
+    applied, faults = _probe(DGMR_KEEP_HOST_MEMORY="0")  # glibc's default: the 64 MB come back from the OS
+    assert applied == "False" and faults > 10_000
