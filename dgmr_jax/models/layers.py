@@ -57,3 +57,23 @@ def activation(kind: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
     if kind == "quick_gelu":
         return lambda x: x * jax.nn.sigmoid(1.702 * x)
     return jax.nn.silu
+
+
+# A model's init as a function of the rng alone, returning boxed (logically partitioned) params.
+Init = Callable[[jax.Array], Any]
+
+
+def init_tree(init: Init, rng: jax.Array | int = 0) -> dict[str, Any]:
+    """Randomly initialized params as plain arrays; an int rng is a PRNGKey seed."""
+    rng = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
+    return nn.unbox(init(rng))
+
+
+def shape_tree(init: Init) -> dict[str, Any]:
+    """The param tree as jax.ShapeDtypeStruct leaves, built without allocating (jax.eval_shape)."""
+    return nn.unbox(jax.eval_shape(init, jax.random.PRNGKey(0)))
+
+
+def axes_tree(init: Init) -> dict[str, Any]:
+    """The param tree of logical axis-name PartitionSpecs, mapped to mesh axes by dgmr_jax.parallel rules."""
+    return nn.get_partition_spec(jax.eval_shape(init, jax.random.PRNGKey(0)))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dgmr_jax.models.layers import activation, dense, layer_norm, partitioned
+from dgmr_jax.models.layers import activation, axes_tree, dense, init_tree, layer_norm, partitioned, shape_tree
 
 Params = dict[str, Any]
 ACTIVATIONS = ("gelu", "quick_gelu")
@@ -186,15 +186,14 @@ def _init(cfg: TextConfig, rng: jax.Array) -> Params:
 
 def init_text_params(cfg: TextConfig, rng: jax.Array | int = 0) -> Params:
     """Randomly initialized text-tower params (plain arrays), for tests and shapes."""
-    rng = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
-    return nn.unbox(_init(cfg, rng))
+    return init_tree(functools.partial(_init, cfg), rng)
 
 
 def text_param_shapes(cfg: TextConfig) -> Params:
     """Text-tower param tree of jax.ShapeDtypeStruct, built without allocating."""
-    return nn.unbox(jax.eval_shape(functools.partial(_init, cfg), jax.random.PRNGKey(0)))
+    return shape_tree(functools.partial(_init, cfg))
 
 
 def text_logical_axes(cfg: TextConfig) -> Params:
     """Text-tower param tree of logical axis-name PartitionSpecs (see dgmr_jax.parallel.RULES)."""
-    return nn.get_partition_spec(jax.eval_shape(functools.partial(_init, cfg), jax.random.PRNGKey(0)))
+    return axes_tree(functools.partial(_init, cfg))

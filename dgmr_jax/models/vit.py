@@ -11,7 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.models.layers import activation, dense, kernel_init, layer_norm, partitioned
+from dgmr_jax.models.layers import (
+    activation,
+    axes_tree,
+    dense,
+    init_tree,
+    kernel_init,
+    layer_norm,
+    partitioned,
+    shape_tree,
+)
 from dgmr_jax.models.posemb import apply_rope, resample_grid, resample_pos_embed, rope_tables
 
 Params = dict[str, Any]
@@ -234,18 +243,17 @@ def _init(cfg: ModelConfig, rng: jax.Array) -> Params:
 
 def init_params(cfg: ModelConfig, rng: jax.Array | int = 0) -> Params:
     """Randomly initialized params (plain arrays) for cfg."""
-    rng = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
-    return nn.unbox(_init(cfg, rng))
+    return init_tree(functools.partial(_init, cfg), rng)
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
     """Param tree of jax.ShapeDtypeStruct, built without allocating (jax.eval_shape)."""
-    return nn.unbox(jax.eval_shape(functools.partial(_init, cfg), jax.random.PRNGKey(0)))
+    return shape_tree(functools.partial(_init, cfg))
 
 
 def logical_axes(cfg: ModelConfig) -> Params:
     """Param tree of logical axis-name PartitionSpecs, mapped to mesh axes by sharding rules."""
-    return nn.get_partition_spec(jax.eval_shape(functools.partial(_init, cfg), jax.random.PRNGKey(0)))
+    return axes_tree(functools.partial(_init, cfg))
 
 
 def set_image_size(cfg: ModelConfig, params: Params, img_size: int) -> tuple[ModelConfig, Params]:
