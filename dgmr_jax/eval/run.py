@@ -185,16 +185,19 @@ def evaluate(
     mean, std = family_mean_std(meta.get("family", "timm"))
     size = img_size or cfg.img_size
 
-    def features(source: Any, key: str = "pooled") -> np.ndarray:
+    def features(source: Any, key: str | tuple[str, ...] = "pooled") -> np.ndarray | dict[str, np.ndarray]:
         batches = EvalBatches(source, batch_size=batch, img_size=size, mean=mean, std=std)
         return extract_features(cfg, params, batches, key)
 
     result: dict[str, Any] = {"img_size": size}
     if classes is not None:
         result.update(classes=len(classes), test_images=len(test_labels))
-    test_feats = {}
+    key = clip_embedding(cfg)[0] if clip else None
+    # every test-image output that kNN and zero-shot read, from one pass over the test set
+    test_keys = tuple(dict.fromkeys((["pooled"] if knn else []) + ([key] if clip and clip.zeroshot else [])))
+    test_feats = features(test_source, test_keys) if test_keys else {}
     if knn:
-        train_feats, test_feats["pooled"] = features(train_source), features(test_source)
+        train_feats = features(train_source)
         ks = tuple(k for k in DINOV2_KS if k <= len(train_labels))
         knn_top1 = knn_accuracy(
             train_feats, train_labels, test_feats["pooled"], test_labels, ks=ks, num_classes=len(classes)
@@ -205,13 +208,11 @@ def evaluate(
         )
         result["train_images"] = len(train_labels)
     if clip:
-        key, _ = clip_embedding(cfg)
         result["text_arch"] = text_cfg.name
     if clip and clip.zeroshot:
         classifier = zeroshot_classifier(text_cfg, text_params, *prompts, tokenizer, progress=True)
-        image_emb = test_feats[key] if key in test_feats else features(test_source, key)
         ks = tuple(k for k in ZEROSHOT_KS if k <= len(classes))
-        top = zeroshot_accuracy(image_emb, test_labels, classifier, ks)
+        top = zeroshot_accuracy(test_feats[key], test_labels, classifier, ks)
         result["zeroshot"] = {**{f"top{k}": v for k, v in top.items()}, "templates": len(prompts[1])}
     if clip and clip.retrieval:
         images, captions, owners = retrieval
