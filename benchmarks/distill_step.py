@@ -40,26 +40,19 @@ def gemm_table(
     shapes: list[tuple[int, int, int]], dtype: str, with_torch: bool, rounds: int = 5
 ) -> dict[str, list[float]]:
     """FLOP/s per GEMM shape for XLA and, if with_torch and installed, PyTorch (timed in alternation)."""
-    fns: dict[str, list[Callable[[], None]]] = {"XLA": []}
     xla_mm = jax.jit(lambda x, y: x @ y)
     torch = _torch() if with_torch else None
-    if torch is not None:
-        fns["PyTorch"] = []
+    out: dict[str, list[float]] = {}
     for m, k, n in shapes:
         a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
-        fns["XLA"].append(lambda a=a, b=b: xla_mm(a, b).block_until_ready())
+        calls = {"XLA": lambda a=a, b=b: xla_mm(a, b).block_until_ready()}
         if torch is not None:
             ta, tb = torch.ones(m, k, dtype=getattr(torch, dtype)), torch.ones(k, n, dtype=getattr(torch, dtype))
-            fns["PyTorch"].append(lambda ta=ta, tb=tb: ta @ tb)
-    out = {}
-    for name, calls in fns.items():
-        for call in calls:
+            calls["PyTorch"] = lambda ta=ta, tb=tb: ta @ tb
+        for call in calls.values():  # compile / warm up
             call()
-        out[name] = []
-    for (m, k, n), *calls in zip(shapes, *fns.values(), strict=True):
-        secs = interleaved(dict(zip(fns, calls, strict=True)), rounds, stat=min)
-        for name in fns:
-            out[name].append(2 * m * k * n / secs[name])
+        for name, secs in interleaved(calls, rounds, stat=min).items():
+            out.setdefault(name, []).append(2 * m * k * n / secs)
     return out
 
 
