@@ -7,11 +7,13 @@ teacher forward + student forward/backward + AdamW update. Both sides use the sa
 Model FLOPs per image = 3 x student forward + teacher forward (count_flops). The matmul peak is the best
 FLOP/s of the step's own GEMM shapes and a 4096^3 GEMM, under XLA and under PyTorch (MKL); both columns
 are printed, since XLA:CPU's GEMMs are the slower ones here. All timings alternate between the contenders.
+PyTorch runs in a child process: in one process its idle OpenMP threads slowed our step by about 0.5 s.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import sys
 import time
@@ -28,32 +30,46 @@ from dgmr_jax.models.vit import logical_axes, param_shapes
 from dgmr_jax.parallel import host_batch_to_global, make_mesh, tree_shardings
 
 
-def gemm_shapes(arch: str, batch: int) -> list[tuple[int, int, int]]:
-    """(m, k, n) of the step's large GEMMs (tokens x width -> qkv / MLP and back) plus a square 4096 GEMM."""
+def gemm_shapes(arch: str, batch: int) -> list[tuple[int, int, int, int]]:
+    """(batch, m, k, n) of the step's matmuls: tokens x width -> qkv / MLP and back (batch 1), the attention's
+    per-head scores and weighted sum (batch = images x heads), and a square 4096 GEMM."""
     cfg = dj.models.preset(arch)
-    tokens = batch * (cfg.grid**2 + cfg.num_prefix_tokens)
+    n_tok = cfg.grid**2 + cfg.num_prefix_tokens
+    tokens, heads, head_dim = batch * n_tok, batch * cfg.num_heads, cfg.attn_head_dim
     d, hidden = cfg.width, cfg.mlp_hidden[0]
-    return [(tokens, d, 3 * d), (tokens, 3 * d, d), (tokens, d, hidden), (tokens, hidden, d), (4096, 4096, 4096)]
+    return [
+        (1, tokens, d, 3 * d),
+        (1, tokens, 3 * d, d),
+        (1, tokens, d, hidden),
+        (1, tokens, hidden, d),
+        (heads, n_tok, head_dim, n_tok),
+        (heads, n_tok, n_tok, head_dim),
+        (1, 4096, 4096, 4096),
+    ]
 
 
 def gemm_table(
-    shapes: list[tuple[int, int, int]], dtype: str, with_torch: bool, rounds: int = 5
+    shapes: list[tuple[int, int, int, int]], dtype: str, torch_side: TorchWorker | None, rounds: int = 5
 ) -> dict[str, list[float]]:
-    """FLOP/s per GEMM shape for XLA and, if with_torch and installed, PyTorch (timed in alternation)."""
+    """FLOP/s per (batch, m, k, n) matmul for XLA and, with a torch worker, PyTorch (timed in alternation)."""
     xla_mm = jax.jit(lambda x, y: x @ y)
-    torch = _torch() if with_torch else None
     out: dict[str, list[float]] = {}
-    for m, k, n in shapes:
-        a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
-        calls = {"XLA": lambda a=a, b=b: xla_mm(a, b).block_until_ready()}
-        if torch is not None:
-            ta, tb = torch.ones(m, k, dtype=getattr(torch, dtype)), torch.ones(k, n, dtype=getattr(torch, dtype))
-            calls["PyTorch"] = lambda ta=ta, tb=tb: ta @ tb
+    for shape in shapes:
+        a, b = (jnp.ones(s, dtype) for s in _operand_shapes(*shape))
+        calls = {"XLA": lambda a=a, b=b: _timed(lambda: xla_mm(a, b).block_until_ready())}
+        if torch_side is not None:
+            calls["PyTorch"] = lambda shape=shape: torch_side.call("gemm", *shape, dtype)
         for call in calls.values():  # compile / warm up
             call()
+        g, m, k, n = shape
         for name, secs in interleaved(calls, rounds, stat=min).items():
-            out.setdefault(name, []).append(2 * m * k * n / secs)
+            out.setdefault(name, []).append(2 * g * m * k * n / secs)
     return out
+
+
+def _operand_shapes(g: int, m: int, k: int, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Operand shapes of a (g, m, k, n) matmul: 2-D when g is 1, batched over g otherwise."""
+    return ((m, k), (k, n)) if g == 1 else ((g, m, k), (g, k, n))
 
 
 def _timed(fn) -> float:
@@ -90,8 +106,7 @@ def ours(arch: str, batch: int, dtype: str) -> tuple[Callable[[], None], float]:
 
 
 def _torch():
-    """torch (with timm's torchvision shim from tests/conftest.py), or None when not installed. Import it only
-    after JAX has started: conftest also asks for 8 fake devices if JAX has not."""
+    """torch (with timm's torchvision shim from tests/conftest.py), or None when not installed."""
     try:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
         import conftest  # noqa: F401
@@ -130,13 +145,60 @@ def torch_eager(arch: str, batch: int) -> Callable[[], None] | None:
     return step
 
 
-def interleaved(steps: dict[str, Callable[[], None]], rounds: int, stat=np.median) -> dict[str, float]:
-    """Seconds per call of each function (median, or stat), timed in alternation so that drift in the
+def _torch_serve(conn, arch: str, batch: int) -> None:
+    """Child-process loop: build the PyTorch step, then answer ("step",) and ("gemm", m, k, n, dtype) requests
+    with the seconds each took; None ends it."""
+    keep_freed_host_memory()  # the same allocator setting as our side
+    step = torch_eager(arch, batch)
+    conn.send(step is not None)
+    torch, operands = _torch(), {}
+    while (request := conn.recv()) is not None:
+        if request[0] == "step":
+            conn.send(_timed(step))
+            continue
+        *shape, dtype = request[1:]
+        if tuple(shape) not in operands:
+            operands[tuple(shape)] = [torch.ones(s, dtype=getattr(torch, dtype)) for s in _operand_shapes(*shape)]
+        a, b = operands[tuple(shape)]
+        conn.send(_timed(lambda a=a, b=b: a @ b))
+
+
+class TorchWorker:
+    """The PyTorch contender in its own process, so that neither library's threads or heap slow the other."""
+
+    def __init__(self, conn, process) -> None:
+        self.conn, self.process = conn, process
+
+    @classmethod
+    def start(cls, arch: str, batch: int) -> TorchWorker | None:
+        """Spawn the worker; None when torch/timm are not installed."""
+        ctx = multiprocessing.get_context("spawn")
+        conn, child = ctx.Pipe()
+        process = ctx.Process(target=_torch_serve, args=(child, arch, batch), daemon=True)
+        process.start()
+        worker = cls(conn, process)
+        if not conn.recv():
+            worker.close()
+            return None
+        return worker
+
+    def call(self, *request) -> float:
+        """Seconds that one request took in the worker."""
+        self.conn.send(request)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join()
+
+
+def interleaved(calls: dict[str, Callable[[], float]], rounds: int, stat=np.median) -> dict[str, float]:
+    """Seconds per call of each timed call (median, or stat), run in alternation so that drift in the
     machine's speed (shared hosts) hits all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(rounds):
-        for name, step in steps.items():
-            times[name].append(_timed(step))
+        for name, call in calls.items():
+            times[name].append(call())
     return {name: float(stat(t)) for name, t in times.items()}
 
 
@@ -148,19 +210,21 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="student/teacher compute dtype (bfloat16 on GPU/TPU)")
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
-    keep_freed_host_memory()  # as the CLI does; PyTorch runs in this process too and gains from it as well
+    keep_freed_host_memory()  # as the CLI does
 
     cfg = dj.models.preset(args.arch)
     student_cfg = cfg.replace(mlp_hidden=(cfg.width,) * cfg.depth)
     flops_per_step = args.batch * (3 * dj.prune.count_flops(student_cfg) + dj.prune.count_flops(cfg))
-    steps = {}
-    steps["dgmr-jax (jit)"], compile_s = ours(args.arch, args.batch, args.dtype)
-    torch_step = None if args.no_torch else torch_eager(args.arch, args.batch)
-    if torch_step is not None:
-        steps["PyTorch eager"] = torch_step
+    run, compile_s = ours(args.arch, args.batch, args.dtype)
+    steps = {"dgmr-jax (jit)": lambda: _timed(run)}
+    worker = None if args.no_torch else TorchWorker.start(args.arch, args.batch)
+    if worker is not None:
+        steps["PyTorch eager"] = lambda: worker.call("step")
     secs = interleaved(steps, args.steps)
     shapes = gemm_shapes(args.arch, args.batch)
-    gemms = gemm_table(shapes, args.dtype, with_torch=torch_step is not None)
+    gemms = gemm_table(shapes, args.dtype, worker)
+    if worker is not None:
+        worker.close()
     peaks = {name: max(v) for name, v in gemms.items()}
     peak = max(peaks.values())
 
@@ -169,10 +233,11 @@ def main() -> None:
         f"{args.arch} teacher -> prune1 student, batch {args.batch}, {args.dtype}; model GFLOP/step "
         f"{flops_per_step / 1e9:.1f}\n"
     )
-    print("| GEMM (m x k x n) | " + " | ".join(f"{name} GFLOP/s" for name in gemms) + " |")
+    print("| matmul (batch x) m x k x n | " + " | ".join(f"{name} GFLOP/s" for name in gemms) + " |")
     print("|---" * (len(gemms) + 1) + "|")
-    for i, (m, k, n) in enumerate(shapes):
-        print(f"| {m} x {k} x {n} | " + " | ".join(f"{v[i] / 1e9:.0f}" for v in gemms.values()) + " |")
+    for i, (g, m, k, n) in enumerate(shapes):
+        label = f"{m} x {k} x {n}" if g == 1 else f"{g} x {m} x {k} x {n}"
+        print(f"| {label} | " + " | ".join(f"{v[i] / 1e9:.0f}" for v in gemms.values()) + " |")
     print(f"\nmatmul peak (best of the above): {peak / 1e9:.0f} GFLOP/s; XLA's own: {peaks['XLA'] / 1e9:.0f}\n")
     print("| implementation | s/step | images/s | GFLOP/s | % of matmul peak | % of XLA's GEMM peak |")
     print("|---|---|---|---|---|---|")
