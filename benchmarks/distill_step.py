@@ -7,7 +7,7 @@ teacher forward + student forward/backward + AdamW update. Both sides use the sa
 Model FLOPs per image = 3 x student forward + teacher forward (count_flops). The matmul peak is the best
 FLOP/s of the step's own GEMM shapes and a 4096^3 GEMM, under XLA and under PyTorch (MKL); both columns
 are printed, since XLA:CPU's GEMMs are the slower ones here. All timings alternate between the contenders.
-PyTorch runs in a child process: in one process its idle OpenMP threads slowed our step by about 0.5 s.
+PyTorch runs in a child process: sharing one process with it slowed our step by about 0.5 s.
 """
 
 from __future__ import annotations
