@@ -151,7 +151,11 @@ def _torch_serve(conn, arch: str, batch: int) -> None:
     keep_freed_host_memory()  # the same allocator setting as our side
     step = torch_eager(arch, batch)
     conn.send(step is not None)
-    torch, operands = _torch(), {}
+    if step is None:
+        return
+    import torch  # installed: torch_eager built the step
+
+    operands = {}
     while (request := conn.recv()) is not None:
         if request[0] == "step":
             conn.send(_timed(step))
