@@ -7,22 +7,22 @@ their target shardings.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
+from dgmr_jax.paths import PathLike, as_path
+
 
 class TrainCheckpointer:
     """Keeps the last `keep` checkpoints under workdir/checkpoints, one every `every` steps."""
 
-    def __init__(self, workdir: str | os.PathLike, every: int, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir: PathLike, every: int, keep: int = 3, async_save: bool = True):
         if every <= 0 or keep <= 0:
             raise ValueError(f"checkpoint every ({every}) and keep ({keep}) must be > 0")
-        self.directory = Path(workdir).resolve() / "checkpoints"
+        self.directory = as_path(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )

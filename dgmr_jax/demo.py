@@ -19,10 +19,10 @@ import numpy as np
 
 from dgmr_jax.data import IMAGENET_MEAN, IMAGENET_STD, Mnist5kSource
 from dgmr_jax.distill.defaults import base_config
-from dgmr_jax.distill.trainer import final_params, train
+from dgmr_jax.distill.trainer import train
 from dgmr_jax.eval import EvalBatches, extract_features, knn_accuracy
 from dgmr_jax.eval.agreement import cosine_similarity
-from dgmr_jax.model_dir import check_new_dir, save_model
+from dgmr_jax.model_dir import check_new_dir, load_params, save_model
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.prune.cost import count_flops, count_params
 from dgmr_jax.prune.mlp import LayerReport, prune_mlp
@@ -63,6 +63,7 @@ def _cost(cfg: ModelConfig, img_size: int) -> dict[str, float]:
 
 
 def _distill(out: Path, method: str, steps: int, batch: int, base_lr: float, img_size: int) -> Params:
+    """Distill the pruned student; the trainer writes it as the model directory runs/<method>/model."""
     config = base_config()
     config.teacher.update(model_dir=str(out / "teacher"), family="dinov2", dtype="float32")
     config.student.update(model_dir=str(out / f"student_{method}"), dtype="float32")
@@ -70,7 +71,7 @@ def _distill(out: Path, method: str, steps: int, batch: int, base_lr: float, img
     config.optim.update(base_lr=base_lr, min_lr=base_lr / 100, warmup_steps=max(steps // 10, 1), total_steps=steps)
     config.update(global_batch=batch, checkpoint_every=steps, async_checkpoint=False, log_every=max(steps // 20, 1))
     config.mesh.update(data=-1, fsdp=1, tensor=1)
-    return final_params(train(config, out / "runs" / method))
+    return load_params(train(config, out / "runs" / method)["model_dir"])
 
 
 def _plot(out: Path, methods: Sequence[str], rows: list[dict]) -> None:

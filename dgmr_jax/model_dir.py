@@ -4,21 +4,24 @@ one layer at a time (Orbax copies what it writes: saving a whole 4B-parameter tr
 
 Writes go to a temporary sibling first and are renamed into place, so an interrupted write never
 leaves a half-written model where a later stage would read it, and nothing existing is overwritten.
+Paths may be local or gs://. Sharded jax.Arrays are written by every process holding shards (call
+`save_model` on all processes of a multi-host run); reads always return numpy.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.tree import flatten, unflatten
+from dgmr_jax.parallel import sync_processes
+from dgmr_jax.paths import PathLike, as_path
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -38,44 +41,71 @@ def _groups(params: Params) -> dict[str, Params]:
     return groups
 
 
-def check_new_dir(directory: str | os.PathLike) -> Path:
+def check_new_dir(directory: PathLike) -> epath.Path:
     """Fail early (before any long work) if `directory` already holds something."""
-    path = Path(directory)
+    path = as_path(directory)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} already exists and is not empty; choose another output or remove it first")
     return path
 
 
-def save_model(directory: str | os.PathLike, cfg: ModelConfig, params: Params, **meta: Any) -> Path:
+def _host_or_global(value: Any) -> Any:
+    """Leaves as Orbax should write them: a jax.Array as is (each process writes its own shards), else numpy."""
+    return value if isinstance(value, jax.Array) else np.asarray(value)
+
+
+def save_model(directory: PathLike, cfg: ModelConfig, params: Params, **meta: Any) -> epath.Path:
     """Write cfg and params to a new directory; `meta` (e.g. family, source) goes into config.json."""
     path = check_new_dir(directory)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    primary = jax.process_index() == 0
+    if primary:
+        if tmp.exists():  # left by an interrupted write
+            tmp.rmtree()
+        tmp.mkdir(parents=True)
+    sync_processes(f"dgmr_jax.save_model:{tmp}:start")
     with ocp.PyTreeCheckpointer() as ckpt:
         for group, subtree in _groups(params).items():
-            host = unflatten({k: np.asarray(v) for k, v in flatten(subtree).items()})
-            ckpt.save(tmp.resolve() / PARAMS_DIR / group, host)
-    (tmp / CONFIG_FILE).write_text(json.dumps({"config": json.loads(cfg.to_json()), "meta": meta}, indent=2))
-    if path.exists():
-        path.rmdir()  # empty (checked above)
-    tmp.rename(path)
+            leaves = unflatten({k: _host_or_global(v) for k, v in flatten(subtree).items()})
+            ckpt.save(tmp / PARAMS_DIR / group, leaves)
+    if primary:
+        config = {"config": json.loads(cfg.to_json()), "meta": meta}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if path.exists():
+            path.rmdir()  # empty (checked above)
+        tmp.rename(path)
+    sync_processes(f"dgmr_jax.save_model:{tmp}:done")
     return path
 
 
-def load_config(directory: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+def load_config(directory: PathLike) -> tuple[ModelConfig, dict[str, Any]]:
     """(ModelConfig, meta) of a model directory."""
-    path = Path(directory) / CONFIG_FILE
+    path = as_path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory} is not a model directory: {CONFIG_FILE} is missing")
+        raise FileNotFoundError(
+            f"{directory} is not a model directory: {CONFIG_FILE} is missing{_workdir_hint(directory)}"
+        )
     data = json.loads(path.read_text())
     return ModelConfig.from_dict(data["config"]), data.get("meta", {})
 
 
-def load_params(directory: str | os.PathLike, only: Params | None = None) -> Params:
+def _workdir_hint(directory: PathLike) -> str:
+    """Where the model is, when `directory` is a distillation workdir or one of its checkpoints."""
+    path = as_path(directory)
+    workdir = path.parent.parent if path.parent.name == "checkpoints" else path
+    if not (workdir / "checkpoints").is_dir():
+        return ""
+    return (
+        f"; {workdir} is a `dgmr-jax distill` workdir: its student is the model directory {workdir / 'model'} "
+        f"(written at the end of the run), or write one from any saved step with "
+        f"`dgmr-jax distill --workdir {workdir} --from-checkpoint STEP`"
+    )
+
+
+def load_params(directory: PathLike, only: Params | None = None) -> Params:
     """Params of a model directory as numpy; `only` (top-level keys of the param tree, e.g. {"blocks_3": ...})
     restores just those groups, which keeps memory at one layer when pruning huge models layer by layer."""
-    root = (Path(directory) / PARAMS_DIR).resolve()
+    root = as_path(directory) / PARAMS_DIR
     if not root.is_dir():
         raise FileNotFoundError(f"{directory} is not a model directory: {PARAMS_DIR}/ is missing")
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -84,11 +114,15 @@ def load_params(directory: str | os.PathLike, only: Params | None = None) -> Par
     params: Params = {}
     with ocp.PyTreeCheckpointer() as ckpt:
         for name in names:
-            group = ckpt.restore(root / name)
+            as_numpy = jax.tree_util.tree_map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ckpt.metadata(root / name).item_metadata.tree
+            )
+            group = ckpt.restore(root / name, restore_args=as_numpy)
             params.update({k: v for k, v in group.items() if only is None or k in only})
     return params
 
 
-def load_model(directory: str | os.PathLike) -> tuple[ModelConfig, Params]:
+def load_model(directory: PathLike) -> tuple[ModelConfig, Params]:
+    """(ModelConfig, params as numpy) of a model directory."""
     cfg, _ = load_config(directory)
     return cfg, load_params(directory)

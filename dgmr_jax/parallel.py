@@ -109,6 +109,14 @@ def host_batch_to_global(local: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
 
 
+def sync_processes(name: str) -> None:
+    """Barrier across the processes of a multi-host run (no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def maybe_initialize_distributed(
     coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> bool:

@@ -1,18 +1,32 @@
-"""Read PyTorch-style checkpoints (.safetensors with numpy only; .pth/.pt/.bin through torch) as numpy."""
+"""Read PyTorch-style checkpoints (.safetensors with numpy only; .pth/.pt/.bin/.ckpt/.pth.tar through torch) as
+numpy, unwrapping the training-checkpoint structures around the weights."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import pickle
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-# Wrappers that training scripts put around the weights.
-_WRAPPER_KEYS = ("state_dict", "model", "module", "model_ema", "params")
+# .tar covers the ImageNet-example convention "checkpoint.pth.tar" (a torch zip file, not a tar archive).
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+# Harmless classes that training scripts pickle beside the weights; torch.load(weights_only=True) refuses
+# every other global, so an arbitrary pickle never runs code here.
+SAFE_GLOBALS = (argparse.Namespace,)
+# Keys under which training scripts keep the weights, in order of preference: the raw weights
+# (Lightning/timm "state_dict", DeiT/MAE "model", DeepSpeed "module", "params") before the EMA copies.
+_WRAPPER_KEYS = ("state_dict", "model", "module", "params", "model_ema", "state_dict_ema")
+# Values that may sit beside top-level tensors and are dropped (e.g. "epoch": 3 next to the weights).
+_METADATA = (int, float, str, bytes, type(None), argparse.Namespace)
+# Prefixes that wrappers add to every key: DDP/DataParallel "module.", torch.compile "_orig_mod.".
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_MAX_NESTING = 4  # wrapper levels searched; real checkpoints use one or two
 
 
 class CheckpointError(ValueError):
@@ -31,17 +45,56 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _find_weights(obj: Any, depth: int = 0) -> Mapping[str, Any] | None:
+    """The mapping of names to tensors in obj: obj itself when every value is a tensor, else the first wrapper
+    key (in _WRAPPER_KEYS order) that holds one, else obj's tensors when the rest is plain metadata; None if none."""
+    if isinstance(obj, SafetensorsFile):
+        return obj
+    if not isinstance(obj, Mapping) or not obj or depth > _MAX_NESTING:
+        return None
+    tensors = {k: v for k, v in obj.items() if hasattr(v, "shape")}
+    if len(tensors) == len(obj):
+        return obj
+    for key in _WRAPPER_KEYS:
+        found = _find_weights(obj[key], depth + 1) if key in obj else None
+        if found is not None:
+            return found
+    if tensors and all(isinstance(v, _METADATA) for k, v in obj.items() if k not in tensors):
+        return tensors
+    return None
+
+
+def _strip_prefixes(sd: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Drop the DDP/DataParallel ("module.") and torch.compile ("_orig_mod.") prefixes shared by every key,
+    in any order and nesting (DDP of a compiled model saves "module._orig_mod.")."""
+    while True:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(isinstance(k, str) and k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            return sd
+        sd = {k[len(prefix) :]: v for k, v in sd.items()}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
 def _unwrap(obj: Any, source: str) -> Mapping[str, Any]:
-    while isinstance(obj, Mapping):
-        if obj and all(hasattr(v, "shape") for v in obj.values()):
-            return obj
-        inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
+    """The state dict inside a checkpoint (see _find_weights), with wrapper key prefixes removed."""
+    found = _find_weights(obj)
+    if found is not None:
+        return _strip_prefixes(found)
+    if isinstance(obj, Mapping):
+        shown = [f"{k!r} ({_describe(v)})" for k, v in list(obj.items())[:12]]
+        more = f" and {len(obj) - 12} more" if len(obj) > 12 else ""
+        got = f"top-level keys {', '.join(shown)}{more}" if obj else "an empty mapping"
+    else:
+        got = type(obj).__name__
     raise CheckpointError(
-        f"{source} is not a checkpoint: expected a mapping of parameter names to tensors "
-        f"(optionally under one of {_WRAPPER_KEYS}), got {type(obj).__name__}"
+        f"{source} is not a checkpoint: expected a mapping of parameter names to tensors, optionally under one "
+        f"of the keys {', '.join(_WRAPPER_KEYS)} or beside plain metadata (numbers, strings, argparse.Namespace); "
+        f"got {got}"
     )
 
 
@@ -140,6 +193,7 @@ class _Converted(Mapping):
 
 
 def _load_torch(path: str) -> Any:
+    """torch.load with weights_only=True and only SAFE_GLOBALS allowed; a refused global names itself."""
     try:
         import torch
     except ImportError as err:
@@ -147,18 +201,33 @@ def _load_torch(path: str) -> Any:
             f"reading {path} needs PyTorch: pip install 'dgmr-jax[torch]', or convert it to .safetensors"
         ) from err
     try:
-        try:  # mmap keeps memory at what is read; files in the legacy (pre-zip) format cannot be mapped
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            try:  # mmap keeps memory at what is read; files in the legacy (pre-zip) format cannot be mapped
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a bad file; all mean the same to a user
+        refused = re.search(r"GLOBAL ([\w.]+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+        if refused:
+            allowed = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in SAFE_GLOBALS)
+            raise CheckpointError(
+                f"{path} pickles {refused.group(1)}, which is not allowed: only tensors, plain containers and "
+                f"{allowed} are loaded, because unpickling arbitrary objects can run arbitrary code. Save the "
+                f"weights alone (torch.save(model.state_dict(), path)) or as .safetensors, from a trusted copy"
+            ) from err
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
 
 
 def open_state_dict(src: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, np.ndarray]:
-    """A state dict {name: numpy array} from a path or a mapping; safetensors entries load lazily."""
+    """A state dict {name: numpy array} from a path or a mapping; safetensors entries load lazily.
+
+    Training checkpoints are unwrapped: the weights may sit under a wrapper key (state_dict, model, module,
+    params, model_ema, state_dict_ema; the first that holds tensors wins) beside epochs, optimizer state or an
+    argparse.Namespace, and "module." / "_orig_mod." prefixes shared by every key are removed. To read another
+    entry (e.g. the EMA weights), load the checkpoint yourself and pass that mapping.
+    """
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
         if not os.path.isfile(path):

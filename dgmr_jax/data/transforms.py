@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -38,6 +38,19 @@ def family_mean_std(family: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if family not in _FAMILY_STATS:
         raise ValueError(f"unknown model family {family!r}; expected one of {sorted(_FAMILY_STATS)}")
     return _FAMILY_STATS[family]
+
+
+def model_mean_std(meta: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for a model directory's meta: its stored `preprocess`, else its family's statistics."""
+    stored = meta.get("preprocess")
+    if stored:
+        return tuple(stored["mean"]), tuple(stored["std"])
+    return family_mean_std(meta.get("family", "timm"))
+
+
+def preprocess_meta(mean: Sequence[float], std: Sequence[float], img_size: int) -> dict[str, Any]:
+    """What a model directory records of its input pipeline, so later stages feed it the same images."""
+    return {"mean": list(mean), "std": list(std), "img_size": img_size, "interpolation": "bicubic"}
 
 
 def decode_rgb(data: bytes) -> Image.Image:

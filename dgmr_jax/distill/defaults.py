@@ -52,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep = 3
     c.async_checkpoint = True
     c.log_every = 10
+    c.export_every = 0  # also write the student as workdir/models/step_<N> every N steps (0: only at the end)
+    c.export_ema = False  # export the EMA weights (needs optim.ema_decay > 0) instead of the trained ones
     c.peak_flops = 0.0  # per-chip peak x chips; 0 hides the MFU estimate
     c.log_indices = False  # write each step's record indices to seen.jsonl (tests of data order)
     return c

