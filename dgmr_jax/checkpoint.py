@@ -44,7 +44,14 @@ class TrainCheckpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iterator)
         )
-        return self.manager.restore(step, args=args)["state"]
+        try:
+            return self.manager.restore(step, args=args)["state"]
+        except (ValueError, KeyError, TypeError) as err:  # Orbax/grain dump whole trees: keep the first line
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"cannot resume from {self.directory / str(step)}: the saved state does not fit this run ({first}); "
+                "start fresh with a new --workdir"
+            ) from err
 
     def wait(self) -> None:
         """Block until pending async saves are on disk."""

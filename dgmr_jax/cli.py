@@ -22,12 +22,14 @@ USER_ERRORS = (CheckpointError, ValueError, FileExistsError, FileNotFoundError)
 
 def _convert(args: argparse.Namespace) -> None:
     from dgmr_jax.convert import from_torch
+    from dgmr_jax.data import family_mean_std, preprocess_meta
     from dgmr_jax.model_dir import check_new_dir, save_model
     from dgmr_jax.prune.cost import count_params
 
     check_new_dir(args.out)
     cfg, params = from_torch(args.checkpoint, family=args.family, arch=args.arch)
-    save_model(args.out, cfg, params, family=args.family, source=str(args.checkpoint))
+    preprocess = preprocess_meta(*family_mean_std(args.family), cfg.img_size)
+    save_model(args.out, cfg, params, family=args.family, source=str(args.checkpoint), preprocess=preprocess)
     print(f"wrote {args.out}: {cfg.name}, {count_params(cfg) / 1e6:.2f}M params, depth {cfg.depth}")
 
 
@@ -68,13 +70,13 @@ def _taylor_scores(source: Any, spec: str, num_images: int, batch: int) -> list[
     """Per-layer Taylor importance of `source`'s MLP neurons over the first images of mnist5k or a folder."""
     import itertools
 
-    from dgmr_jax.data import ImageFolderSource, Mnist5kSource, family_mean_std
+    from dgmr_jax.data import ImageFolderSource, Mnist5kSource, model_mean_std
     from dgmr_jax.eval.features import EvalBatches
     from dgmr_jax.prune.stream import load_all
     from dgmr_jax.prune.taylor import taylor_scores
 
     data = Mnist5kSource("train") if spec == "mnist5k" else ImageFolderSource(spec)
-    mean, std = family_mean_std(source.meta.get("family", "timm"))
+    mean, std = model_mean_std(source.meta)
     batches = EvalBatches(data, batch_size=batch, img_size=source.cfg.img_size, mean=mean, std=std)
     images = (b["images"] for b in itertools.islice(batches, -(-num_images // batch)))
     print(f"taylor: scoring neurons on {min(num_images, len(data))} images of {spec} (whole model in memory)")
@@ -118,10 +120,32 @@ def _prune(args: argparse.Namespace) -> None:
 def _distill(args: argparse.Namespace) -> None:
     from dgmr_jax import config_file
     from dgmr_jax.distill.trainer import train
+    from dgmr_jax.distill.workdir import student_from_checkpoint
 
-    config = config_file.apply_overrides(config_file.load(args.config), [o.lstrip("-") for o in args.overrides])
-    summary = train(config, args.workdir)
-    print(f"distill {summary['reason']} at step {summary['step']}: {summary['metrics']}")
+    if args.from_checkpoint is not None:
+        if args.config or args.overrides or args.export_every is not None:
+            raise ValueError("--from-checkpoint STEP only writes a saved step as a model directory: drop --config")
+        out = student_from_checkpoint(args.workdir, args.from_checkpoint, args.out, ema=args.ema)
+        print(f"wrote {out}: the student at step {args.from_checkpoint} ({'EMA' if args.ema else 'trained'} weights)")
+        return
+    if not args.config:
+        raise ValueError("--config RECIPE is required (or --from-checkpoint STEP to export a saved step)")
+    if args.out:
+        raise ValueError("--out goes with --from-checkpoint; a run writes its student to WORKDIR/model")
+    overrides = [o.lstrip("-") for o in args.overrides]
+    if args.export_every is not None:
+        overrides.append(f"config.export_every={args.export_every}")
+    if args.ema:
+        overrides.append("config.export_ema=true")
+    summary = train(config_file.apply_overrides(config_file.load(args.config), overrides), args.workdir)
+    if summary["model_dir"] is None:
+        return  # preempted: the trainer said so
+    loss = summary["metrics"].get("loss")
+    print(
+        f"distill {summary['reason']} at step {summary['step']}"
+        + (f" (loss {loss:.4g})" if loss is not None else "")
+        + f": model directory {summary['model_dir']}, metrics {summary['metrics_file']}"
+    )
 
 
 def _clip_eval(args: argparse.Namespace) -> ClipEval | None:
@@ -189,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="PyTorch checkpoint -> model directory (config.json + Orbax params)")
     p.add_argument("--family", choices=FAMILIES, default="timm")
     p.add_argument("--arch", required=True, help="preset name (e.g. vit_small_patch16_224, ViT-g-14) or a config .json")
-    p.add_argument("--checkpoint", required=True, help=".safetensors, .pth, .pt or .bin")
+    p.add_argument("--checkpoint", required=True, help=".safetensors, .pth, .pt, .bin, .ckpt or .pth.tar")
     p.add_argument("--out", required=True, help="new model directory")
     p.set_defaults(run=_convert)
 
@@ -217,8 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_prune)
 
     p = sub.add_parser("distill", help="recover a pruned student by feature distillation (resumes from --workdir)")
-    p.add_argument("--config", required=True, help="recipe file, e.g. configs/cpu_tiny.py (optionally path:arg)")
-    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard events")
+    p.add_argument("--config", help="recipe file, e.g. configs/cpu_tiny.py (optionally path:arg)")
+    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, model/ (local or gs://)")
+    p.add_argument("--export-every", type=int, help="also write the student as WORKDIR/models/step_N every N steps")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights (needs --config.optim.ema_decay)")
+    p.add_argument("--from-checkpoint", type=int, metavar="STEP", help="write saved STEP as a model dir and stop")
+    p.add_argument("--out", help="with --from-checkpoint: the new model directory (default WORKDIR/models/step_STEP)")
     p.set_defaults(run=_distill)
 
     p = sub.add_parser("eval", help="kNN (DINOv2 protocol), linear probe, CLIP zero-shot and retrieval")

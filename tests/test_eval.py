@@ -177,6 +177,21 @@ def test_extract_features_covers_every_record_in_order():
         ev.extract_features(cfg, params, batches, key=("pooled", "cls"), progress=False)
 
 
+def test_eval_batches_leave_out_unreadable_records():
+    good = [_png(i, 20, 24) for i in range(7)]
+    garbage, truncated = b"not an image", _png(99, 20, 24)[:100]
+    # unreadable records first, in a run, in the middle and last: none is replaced, every batch but the last is full
+    source = [garbage, good[0], good[1], truncated, garbage, good[2], good[3], good[4], good[5], good[6], truncated]
+    kw = dict(batch_size=3, img_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    batches = list(ev.EvalBatches(source, **kw))
+    assert [b["index"].tolist() for b in batches] == [[1, 2, 5], [6, 7, 8], [9]]
+    clean = list(ev.EvalBatches(good, **kw))
+    for b, c in zip(batches, clean, strict=True):
+        np.testing.assert_array_equal(b["images"], c["images"])
+    with pytest.raises(ValueError, match="none of the 2 records .* decodes as an image"):
+        list(ev.EvalBatches([garbage, truncated], **kw))
+
+
 # ---------------------------------------------------------------- built-in datasets
 
 

@@ -21,12 +21,12 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def _folder(root, per_class, seed):
+def _folder(root, per_class, seed, colors=((220, 20, 20), (20, 20, 220)), noise=10):
     rng = np.random.default_rng(seed)
-    for name, color in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+    for name, color in zip(("red", "blue"), colors, strict=True):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            pixels = np.clip(np.array(color) + rng.normal(0, 10, (32, 32, 3)), 0, 255).astype("uint8")
+            pixels = np.clip(np.array(color) + rng.normal(0, noise, (32, 32, 3)), 0, 255).astype("uint8")
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
 
@@ -69,6 +69,88 @@ def test_eval_errors(model_dir, tmp_path, capsys):
     assert "images must sit in class subfolders" in capsys.readouterr().err
     assert main(["eval", "--model", str(model_dir), "--train", str(tmp_path / "nope")]) == 2
     assert "neither 'mnist5k' nor a folder" in capsys.readouterr().err
+
+
+def test_eval_skips_unreadable_images_like_removing_them(model_dir, tmp_path, capsys):
+    # close colors under heavy noise: accuracies strictly between 0 and 1, so equality below means something
+    hard = dict(colors=((140, 120, 120), (120, 120, 140)), noise=60)
+    clean_train, clean_test = (
+        _folder(tmp_path / "clean_train", 12, 0, **hard),
+        _folder(tmp_path / "clean_test", 9, 1, **hard),
+    )
+    train, test = _folder(tmp_path / "train", 12, 0, **hard), _folder(tmp_path / "test", 9, 1, **hard)
+    bad_train, bad_test = train / "red" / "5_garbage.png", test / "blue" / "0_truncated.png"
+    bad_train.write_bytes(b"\x89PNG not really")
+    bad_test.write_bytes((test / "blue" / "0.png").read_bytes()[:200])
+
+    def run(train, test, out):
+        args = ["--train", str(train), "--test", str(test), "--batch", "8", "--out", str(out)]
+        assert main(["eval", "--model", str(model_dir), *args]) == 0
+        return json.loads(out.read_text()), capsys.readouterr().err
+
+    clean, _ = run(clean_train, clean_test, tmp_path / "clean.json")
+    result, err = run(train, test, tmp_path / "result.json")
+    assert result["skipped_files"] == {"train": [str(bad_train)], "test": [str(bad_test)]}
+    assert clean["skipped_files"] == {"train": [], "test": []}
+    assert 0 < clean["knn"]["10"] < 1 and 0 < clean["linear_probe"]["top1"] < 1
+    assert {k: result[k] for k in ("knn", "linear_probe", "train_images", "test_images")} == {
+        k: clean[k] for k in ("knn", "linear_probe", "train_images", "test_images")
+    }
+    assert (result["train_images"], result["test_images"]) == (24, 18)
+    assert "eval: embedding 25 train + 19 test images at 32 px" in err
+    assert "train features (25 images, 32 px)" in err and "test features (19 images, 32 px)" in err
+    assert f"eval: warning: skipped 1 unreadable train image, left out of the results: {bad_train}\n" in err
+    assert f"eval: warning: skipped 1 unreadable test image, left out of the results: {bad_test}\n" in err
+
+
+def test_eval_fails_when_no_image_of_a_split_reads(model_dir, tmp_path, capsys):
+    train, bad = _folder(tmp_path / "train", 4, 0), tmp_path / "bad"
+    for name in ("red", "blue"):
+        (bad / name).mkdir(parents=True)
+        (bad / name / "x.png").write_bytes(b"garbage")
+    assert main(["eval", "--model", str(model_dir), "--train", str(train), "--test", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"dgmr-jax eval: error: none of the 2 records of ImageFolderSource(root={str(bad)!r}, num_images=2) "
+        "decodes as an image; check the data path"
+    )
+
+
+def test_eval_retrieval_drops_an_unreadable_image_with_its_captions(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from reference import small_clip  # skips without open_clip
+
+    model, vision_cfg, text_cfg = small_clip(seed=3)
+    torch.save(model.state_dict(), tmp_path / "clip.pt")
+    (tmp_path / "vision.json").write_text(vision_cfg.to_json())
+    (tmp_path / "text.json").write_text(text_cfg.to_json())
+    convert = ["convert", "--family", "open_clip", "--arch", str(tmp_path / "vision.json")]
+    assert main([*convert, "--checkpoint", str(tmp_path / "clip.pt"), "--out", str(tmp_path / "model")]) == 0
+    _folder(tmp_path / "images", 4, 0)
+    bad = tmp_path / "images" / "red" / "bad.png"
+    bad.write_bytes(b"garbage")
+    good = [
+        {"image": f"images/{c}/{i}.png", "captions": [f"a {c} square {i}", f"picture {i}, {c}"]}
+        for c in ("red", "blue")
+        for i in range(4)
+    ]
+    clean_lines = [json.dumps(r) for r in good]
+    lines = clean_lines[:3] + [json.dumps({"image": "images/red/bad.png", "captions": ["bad", "worse", "x"]})]
+    (tmp_path / "clean.jsonl").write_text("\n".join(clean_lines) + "\n")
+    (tmp_path / "with_bad.jsonl").write_text("\n".join(lines + clean_lines[3:]) + "\n")
+
+    def run(name):
+        clip = ["--clip-text", str(tmp_path / "clip.pt"), "--text-arch", str(tmp_path / "text.json")]
+        args = ["--train", "none", *clip, "--retrieval", str(tmp_path / f"{name}.jsonl"), "--out", str(tmp_path / name)]
+        assert main(["eval", "--model", str(tmp_path / "model"), *args]) == 0
+        return json.loads((tmp_path / name).read_text())
+
+    clean, result = run("clean"), run("with_bad")
+    assert result["skipped_files"] == {"retrieval": [str(bad)]} and clean["skipped_files"] == {"retrieval": []}
+    assert result["retrieval"] == clean["retrieval"]
+    assert (result["retrieval"]["images"], result["retrieval"]["captions"]) == (8, 16)
+    assert f"skipped 1 unreadable retrieval image, left out of the results: {bad}" in capsys.readouterr().err
 
 
 def test_eval_on_shipped_mnist(model_dir, capsys):

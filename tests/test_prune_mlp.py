@@ -80,13 +80,18 @@ def test_per_layer_widths_and_rounding():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(mlp_ratio=0), "mlp_ratio must be > 0"),
-        (dict(mlp_ratio=-1.0), "mlp_ratio must be > 0"),
+        (dict(mlp_ratio=0), "--mlp-ratio must be a finite number > 0, got 0"),
+        (dict(mlp_ratio=-1.0), "--mlp-ratio must be a finite number > 0, got -1.0"),
+        (dict(mlp_ratio=float("inf")), "--mlp-ratio must be a finite number > 0, got inf"),
+        (dict(mlp_ratio=float("nan")), "--mlp-ratio must be a finite number > 0, got nan"),
+        (dict(mlp_ratio=4.0), r"nothing to prune: --mlp-ratio 4.0 keeps every neuron \(MLP widths \[768\]"),
+        (dict(hidden=700, round_to=128), r"nothing to prune: --hidden 700 keeps every neuron"),
+        (dict(hidden=8, round_to=0), "--round-to must be >= 1, got 0"),
         (dict(hidden=0), "layer 0: target width 0 must be > 0"),
         (dict(hidden=769), "layer 0: target width 769 exceeds the current width 768"),
-        (dict(hidden=[10, 10]), "hidden lists 2 widths but the model has 3 layers"),
-        (dict(), "give exactly one of mlp_ratio= or hidden="),
-        (dict(mlp_ratio=1, hidden=5), "give exactly one of mlp_ratio= or hidden="),
+        (dict(hidden=[10, 10]), "--hidden lists 2 widths but the model has 3 layers"),
+        (dict(), "give exactly one of --mlp-ratio or --hidden"),
+        (dict(mlp_ratio=1, hidden=5), "give exactly one of --mlp-ratio or --hidden"),
     ],
 )
 def test_impossible_targets_fail_before_work(kwargs, message):

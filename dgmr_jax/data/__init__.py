@@ -24,6 +24,7 @@ from dgmr_jax.data.transforms import (
     preprocess_meta,
     random_resized_crop,
     random_resized_crop_box,
+    record_name,
     resize_center_crop,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "family_mean_std",
     "model_mean_std",
     "preprocess_meta",
+    "record_name",
     "loader_state",
     "make_loader",
     "normalize",

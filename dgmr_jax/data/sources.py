@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 import grain
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from dgmr_jax.paths import as_path, is_uri
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -26,16 +28,11 @@ class ImageFolderSource:
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = os.path.abspath(os.fspath(root))
-        if not os.path.isdir(self.root):
+        self.root = str(as_path(root))
+        if not as_path(self.root).is_dir():
             raise ValueError(f"image folder {self.root!r} does not exist or is not a directory")
-        relpaths, ignored, seen = [], 0, set()
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            if os.path.realpath(dirpath) in seen:  # a symlink loop or a second link to a visited folder
-                dirnames.clear()
-                continue
-            seen.add(os.path.realpath(dirpath))
-            dirnames.sort()  # visit in sorted order so the copy kept among duplicates is the same everywhere
+        relpaths, ignored = [], 0
+        for dirpath, filenames in _walk(self.root):
             for filename in filenames:
                 if filename.lower().endswith(IMAGE_EXTENSIONS):
                     relpaths.append(os.path.relpath(os.path.join(dirpath, filename), self.root))
@@ -53,15 +50,32 @@ class ImageFolderSource:
         return len(self.relpaths)
 
     def __getitem__(self, i: int) -> bytes:
-        with open(self.path(i), "rb") as f:
-            return f.read()
+        return as_path(self.path(i)).read_bytes()
 
     def path(self, i: int) -> str:
-        """Absolute path of record i (for log messages about unreadable files)."""
+        """Absolute path (or URI) of record i (for log messages about unreadable files)."""
         return os.path.join(self.root, self.relpaths[i])
 
     def __repr__(self) -> str:
         return f"ImageFolderSource(root={self.root!r}, num_images={len(self)})"
+
+
+def _walk(root: str) -> Iterable[tuple[str, list[str]]]:
+    """(folder, file names) under `root` at any depth, folders in sorted order. Local folders follow symlinks
+    but visit each real folder once (a link loop or a second link would repeat records); gs:// and other
+    URIs are listed through epath."""
+    if is_uri(root):
+        for dirpath, _, filenames in as_path(root).walk():
+            yield str(dirpath), list(filenames)
+        return
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        if os.path.realpath(dirpath) in seen:
+            dirnames.clear()
+            continue
+        seen.add(os.path.realpath(dirpath))
+        dirnames.sort()  # visit in sorted order so the copy kept among duplicates is the same everywhere
+        yield dirpath, filenames
 
 
 def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -70,8 +84,13 @@ def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]
         paths = [paths]
     files = []
     for pattern in map(os.fspath, paths):
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        missing = [m for m in matches if not os.path.isfile(m)]
+        if not glob.has_magic(pattern):
+            matches = [pattern]
+        elif is_uri(pattern):  # gs://bucket/dir/train-*.array_record: the pattern in the last part only
+            matches = sorted(str(p) for p in as_path(pattern).parent.glob(as_path(pattern).name))
+        else:
+            matches = sorted(glob.glob(pattern))
+        missing = [m for m in matches if not as_path(m).is_file()]
         if not matches or missing:
             raise ValueError(f"ArrayRecord path {pattern!r} matches no file ({missing or 'empty glob'})")
         files.extend(matches)

@@ -115,6 +115,11 @@ def normalize(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> 
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def record_name(source: Any, i: int) -> str:
+    """How messages name record i: its path for file-backed sources, else its index."""
+    return source.path(i) if hasattr(source, "path") else f"record {i}"
+
+
 class DecodeOrSkip(grain.transforms.Map):
     """Record key -> {"image": PIL RGB, "index", "skipped"}, passing over records that fail to read or decode.
 
@@ -135,8 +140,7 @@ class DecodeOrSkip(grain.transforms.Map):
             try:
                 image = decode_rgb(self.source[i])
             except Exception as err:  # any failure of one file (read, format, truncation) must not stop training
-                where = self.source.path(i) if hasattr(self.source, "path") else f"record {i}"
-                _log.warning("skipping unreadable image %s of %r: %s", where, self.source, err)
+                _log.warning("skipping unreadable image %s of %r: %s", record_name(self.source, i), self.source, err)
                 continue
             return {"image": image, "index": np.int64(key), "skipped": np.int32(skipped)}
         raise ValueError(f"none of the {n} records of {self.source!r} decodes as an image; check the data path")

@@ -2,9 +2,9 @@
 
 `extract_features` takes any iterable of batch dicts with "images" (a grain loader from
 `data.make_loader`, or `EvalBatches`). `make_loader` drops the last partial batch, so for
-evaluation, where every test image must count, `EvalBatches` yields every record of a source
-in order, the last batch smaller; `extract_features` pads such a batch to the first batch's size
-(one compilation) and drops the padding.
+evaluation, where every test image must count, `EvalBatches` yields every readable record of a
+source in order, the last batch smaller; `extract_features` pads such a batch to the first batch's
+size (one compilation) and drops the padding.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from dgmr_jax.data.transforms import decode_rgb, normalize, resize_center_crop
+from dgmr_jax.data.transforms import DecodeOrSkip, normalize, resize_center_crop
 from dgmr_jax.models import ModelConfig, forward
 from dgmr_jax.models.vit import logical_axes, param_shapes
 from dgmr_jax.parallel import batch_sharding, data_parallel_size, make_mesh, tree_shardings
@@ -42,6 +42,7 @@ def extract_features(
     return_index: bool = False,
     total: int | None = None,
     progress: bool = True,
+    desc: str | None = None,
     mesh: Mesh | None = None,
 ) -> np.ndarray | dict[str, np.ndarray] | tuple[np.ndarray | dict[str, np.ndarray], np.ndarray]:
     """Concatenated float32 `forward(cfg, params, batch["images"])[key]` over all batches, on the host.
@@ -52,7 +53,7 @@ def extract_features(
     key: "pooled" (num, dim), "tokens" (num, tokens, dim) or "logits"; a sequence of keys gives a dict,
     all from one forward pass. With return_index, also the concatenated batch["index"] (the source record
     of each row, which the loaders provide), to look up labels. `total` is the number of batches for the
-    progress bar (default: len() of the iterable, if any).
+    progress bar (default: len() of the iterable, if any), `desc` its label (default: the keys).
     """
     keys = (key,) if isinstance(key, str) else tuple(key)
     if not keys or any(k not in FEATURE_KEYS for k in keys):
@@ -65,18 +66,21 @@ def extract_features(
     dp = data_parallel_size(mesh)
     params = jax.device_put(params, tree_shardings(logical_axes(cfg), param_shapes(cfg), mesh, "eval params"))
     feats, index, batch_size = [], [], None
-    bar = tqdm(loader_or_batches, total=total, desc=f"features ({', '.join(keys)})", unit="batch", disable=not progress)
-    for batch in bar:
-        images = np.asarray(batch["images"])
-        n = len(images)
-        batch_size = batch_size or -(-n // dp) * dp
-        if n > batch_size:
-            raise ValueError(f"batch of {n} images after a first batch of {batch_size}: batches must not grow")
-        images = np.pad(images, ((0, batch_size - n),) + ((0, 0),) * (images.ndim - 1))
-        images = jax.device_put(images, batch_sharding(mesh))
-        feats.append([np.asarray(f)[:n] for f in _features(params, images, cfg=cfg, keys=keys)])
-        if return_index:
-            index.append(np.asarray(batch["index"]))
+    desc = desc or f"features ({', '.join(keys)})"
+    with tqdm(total=total, desc=desc, unit="batch", disable=not progress) as bar:
+        for batch in loader_or_batches:
+            images = np.asarray(batch["images"])
+            n = len(images)
+            batch_size = batch_size or -(-n // dp) * dp
+            if n > batch_size:
+                raise ValueError(f"batch of {n} images after a first batch of {batch_size}: batches must not grow")
+            images = np.pad(images, ((0, batch_size - n),) + ((0, 0),) * (images.ndim - 1))
+            images = jax.device_put(images, batch_sharding(mesh))
+            feats.append([np.asarray(f)[:n] for f in _features(params, images, cfg=cfg, keys=keys)])
+            if return_index:
+                index.append(np.asarray(batch["index"]))
+            bar.update()
+        bar.total = bar.n  # len() overcounts when EvalBatches leaves out unreadable records: end at 100%
     if not feats:
         raise ValueError("no batches to extract features from")
     by_key = {k: np.concatenate([f[i] for f in feats]) for i, k in enumerate(keys)}
@@ -85,11 +89,13 @@ def extract_features(
 
 
 class EvalBatches:
-    """Every record of a source, in order, as eval batches {"images": (b, size, size, 3) float32, "index": (b,)}.
+    """Every readable record of a source, in order, as batches {"images": (b, size, size, 3) float32, "index": (b,)}.
 
     The eval transform of `make_loader(train=False)` (resize shorter side to resize_size, center crop
-    img_size, normalize), but single-process, never dropping the last partial batch and never skipping:
-    an unreadable record raises, since a skipped test image would change the accuracy.
+    img_size, normalize), but single-process and never dropping the last partial batch. Records that
+    `DecodeOrSkip` passes over (and logs) are left out rather than replaced: "index" names the record of
+    each row, so callers select labels with it and can tell which records were skipped. len() counts
+    batches as if every record were readable. A source with no readable record raises ValueError.
     """
 
     def __init__(
@@ -110,15 +116,24 @@ class EvalBatches:
     def __len__(self) -> int:
         return -(-len(self.source) // self.batch_size)
 
+    def _readable(self) -> Iterator[tuple[int, Any]]:
+        """(record index, RGB image) of each readable record, in order, each record decoded once."""
+        decode, i, n = DecodeOrSkip(self.source), 0, len(self.source)
+        while i < n:
+            element = decode.map(i)  # the first readable record from i on, wrapping around to 0
+            i += int(element["skipped"])
+            if i >= n:  # records from the first i on were all unreadable
+                return
+            yield i, element["image"]
+            i += 1
+
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for start in range(0, len(self.source), self.batch_size):
-            index = np.arange(start, min(start + self.batch_size, len(self.source)), dtype=np.int64)
-            images = [
-                normalize(
-                    resize_center_crop(decode_rgb(self.source[int(i)]), self.img_size, self.resize_size),
-                    self.mean,
-                    self.std,
-                )
-                for i in index
-            ]
-            yield {"images": np.stack(images), "index": index}
+        index, images = [], []
+        for i, image in self._readable():
+            index.append(i)
+            images.append(normalize(resize_center_crop(image, self.img_size, self.resize_size), self.mean, self.std))
+            if len(index) == self.batch_size:
+                yield {"images": np.stack(images), "index": np.asarray(index, np.int64)}
+                index, images = [], []
+        if index:
+            yield {"images": np.stack(images), "index": np.asarray(index, np.int64)}

@@ -6,12 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
+import jax
 import numpy as np
 
 from dgmr_jax.convert.text import text_from_torch
-from dgmr_jax.data import ImageFolderSource, Mnist5kSource, family_mean_std
+from dgmr_jax.data import ImageFolderSource, Mnist5kSource, model_mean_std, record_name
 from dgmr_jax.eval.features import EvalBatches, extract_features
 from dgmr_jax.eval.knn import DINOV2_KS, knn_accuracy
 from dgmr_jax.eval.linear_probe import linear_probe
@@ -102,8 +104,8 @@ def read_retrieval(path: str) -> tuple[list[str], list[str], np.ndarray]:
 class _Files:
     """Image files by path, as the encoded-bytes source that EvalBatches reads."""
 
-    def __init__(self, paths: list[str]) -> None:
-        self.paths = paths
+    def __init__(self, paths: list[str], listed_in: str) -> None:
+        self.paths, self.listed_in = paths, listed_in
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -111,6 +113,13 @@ class _Files:
     def __getitem__(self, i: int) -> bytes:
         with open(self.paths[i], "rb") as f:
             return f.read()
+
+    def path(self, i: int) -> str:
+        """Path of image i (named in the messages about unreadable images)."""
+        return self.paths[i]
+
+    def __repr__(self) -> str:
+        return f"RetrievalImages(listed_in={self.listed_in!r}, num_images={len(self)})"
 
 
 def _lines(path: str) -> list[str]:
@@ -165,7 +174,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Pooled features of train and test images -> kNN top-1 per k and linear-probe top-1 (skipped with
     train="none"); with `clip`, zero-shot top-k on the test images and retrieval recall@k. Every input is
-    checked, and the text tower loaded, before any image is embedded."""
+    checked, and the text tower loaded, before any image is embedded. Images that do not read or decode are
+    left out (with their labels, or captions), named in a warning and in result["skipped_files"][split]."""
     cfg, meta = load_config(model_dir)
     knn = train != "none"
     if not knn and clip is None:
@@ -182,22 +192,46 @@ def evaluate(
         retrieval = read_retrieval(clip.retrieval) if clip.retrieval else None
         text_cfg, text_params, tokenizer = _text_tower(clip, cfg)
     params = load_params(model_dir)
-    mean, std = family_mean_std(meta.get("family", "timm"))
+    mean, std = model_mean_std(meta)
     size = img_size or cfg.img_size
-
-    def features(source: Any, key: str | tuple[str, ...] = "pooled") -> np.ndarray | dict[str, np.ndarray]:
-        batches = EvalBatches(source, batch_size=batch, img_size=size, mean=mean, std=std)
-        return extract_features(cfg, params, batches, key)
-
-    result: dict[str, Any] = {"img_size": size}
-    if classes is not None:
-        result.update(classes=len(classes), test_images=len(test_labels))
     key = clip_embedding(cfg)[0] if clip else None
     # every test-image output that kNN and zero-shot read, from one pass over the test set
     test_keys = tuple(dict.fromkeys((["pooled"] if knn else []) + ([key] if clip and clip.zeroshot else [])))
-    test_feats = features(test_source, test_keys) if test_keys else {}
+    counts = [(len(train_source), "train")] if knn else []
+    counts += [(len(test_source), "test")] if test_keys else []
+    counts += [(len(retrieval[0]), "retrieval")] if clip and clip.retrieval else []
+    hint = " (use --img-size to go faster on CPU)" if img_size is None and jax.default_backend() == "cpu" else ""
+    print(
+        f"eval: embedding {' + '.join(f'{n} {split}' for n, split in counts)} images at {size} px{hint}",
+        file=sys.stderr,
+    )
+    result: dict[str, Any] = {"img_size": size, "skipped_files": {}}
+
+    def features(split: str, source: Any, key: str | tuple[str, ...]) -> tuple[Any, np.ndarray]:
+        """Features of the readable images of `source` and the record index of each row; the unreadable
+        ones are named in result["skipped_files"][split] and in a warning."""
+        batches = EvalBatches(source, batch_size=batch, img_size=size, mean=mean, std=std)
+        desc = f"{split} features ({len(source)} images, {size} px)"
+        feats, index = extract_features(cfg, params, batches, key, return_index=True, desc=desc)
+        skipped = [record_name(source, int(i)) for i in np.setdiff1d(np.arange(len(source)), index)]
+        result["skipped_files"][split] = skipped
+        if skipped:
+            shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            print(
+                f"eval: warning: skipped {len(skipped)} unreadable {split} image{'s' * (len(skipped) > 1)}, "
+                f"left out of the results: {shown}",
+                file=sys.stderr,
+            )
+        return feats, index
+
+    if test_keys:
+        test_feats, test_index = features("test", test_source, test_keys)
+        test_labels = test_labels[test_index]
+    if classes is not None:
+        result.update(classes=len(classes), test_images=len(test_labels))
     if knn:
-        train_feats = features(train_source)
+        train_feats, train_index = features("train", train_source, "pooled")
+        train_labels = train_labels[train_index]
         ks = tuple(k for k in DINOV2_KS if k <= len(train_labels))
         knn_top1 = knn_accuracy(
             train_feats, train_labels, test_feats["pooled"], test_labels, ks=ks, num_classes=len(classes)
@@ -216,9 +250,13 @@ def evaluate(
         result["zeroshot"] = {**{f"top{k}": v for k, v in top.items()}, "templates": len(prompts[1])}
     if clip and clip.retrieval:
         images, captions, owners = retrieval
-        image_emb = features(_Files(images), key)
+        image_emb, kept = features("retrieval", _Files(images, clip.retrieval), key)
+        # a skipped image takes its captions with it: each caption has exactly one true image
+        has_image = np.isin(owners, kept)
+        captions = [c for c, keep in zip(captions, has_image, strict=True) if keep]
+        owners = np.searchsorted(kept, owners[has_image])
         text_emb = encode_texts(text_cfg, text_params, tokenizer(captions), progress=True)
-        ks = tuple(k for k in RETRIEVAL_KS if k <= min(len(images), len(captions)))
+        ks = tuple(k for k in RETRIEVAL_KS if k <= min(len(kept), len(captions)))
         recall = retrieval_recall(image_emb, text_emb, owners, ks)
-        result["retrieval"] = {**recall, "images": len(images), "captions": len(captions)}
+        result["retrieval"] = {**recall, "images": len(kept), "captions": len(captions)}
     return result

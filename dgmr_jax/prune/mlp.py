@@ -9,6 +9,7 @@ official code handles plain GELU MLPs only.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,28 +41,39 @@ def target_widths(
     """Per-layer kept widths from exactly one of mlp_ratio (K = int(ratio * D)) or hidden (int or list).
 
     Widths are rounded up to a multiple of round_to (e.g. 128 so TPU shards divide evenly), capped at
-    the current width. Raises ValueError before any work for impossible targets.
+    the current width. Raises ValueError before any work for impossible targets, and for targets that
+    keep every neuron (nothing to prune); messages name the `dgmr-jax prune` flags.
     """
     if (mlp_ratio is None) == (hidden is None):
-        raise ValueError("give exactly one of mlp_ratio= or hidden= (an int or one int per layer)")
+        raise ValueError("give exactly one of --mlp-ratio or --hidden (mlp_ratio= or hidden= in Python)")
     if round_to < 1:
-        raise ValueError(f"round_to must be >= 1, got {round_to}")
+        raise ValueError(f"--round-to must be >= 1, got {round_to}")
     if mlp_ratio is not None:
-        if not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
+        if not (math.isfinite(mlp_ratio) and mlp_ratio > 0):
+            raise ValueError(f"--mlp-ratio must be a finite number > 0, got {mlp_ratio}")
         widths = [int(mlp_ratio * cfg.width)] * cfg.depth
     elif isinstance(hidden, (int, np.integer)):
         widths = [int(hidden)] * cfg.depth
     else:
         widths = [int(h) for h in hidden]
         if len(widths) != cfg.depth:
-            raise ValueError(f"hidden lists {len(widths)} widths but the model has {cfg.depth} layers")
+            raise ValueError(f"--hidden lists {len(widths)} widths but the model has {cfg.depth} layers")
     for i, (w, cur) in enumerate(zip(widths, cfg.mlp_hidden, strict=True)):
         if w <= 0:
-            raise ValueError(f"layer {i}: target width {w} must be > 0 (raise mlp_ratio / hidden)")
+            raise ValueError(f"layer {i}: target width {w} must be > 0 (raise --mlp-ratio / --hidden)")
         if w > cur:
-            raise ValueError(f"layer {i}: target width {w} exceeds the current width {cur}; pruning cannot grow")
-    return tuple(min(-(-w // round_to) * round_to, cur) for w, cur in zip(widths, cfg.mlp_hidden, strict=True))
+            raise ValueError(
+                f"layer {i}: target width {w} exceeds the current width {cur}; pruning cannot grow "
+                "(lower --mlp-ratio / --hidden)"
+            )
+    widths = [min(-(-w // round_to) * round_to, cur) for w, cur in zip(widths, cfg.mlp_hidden, strict=True)]
+    if widths == list(cfg.mlp_hidden):
+        target = f"--mlp-ratio {mlp_ratio}" if mlp_ratio is not None else f"--hidden {hidden}"
+        raise ValueError(
+            f"nothing to prune: {target} keeps every neuron (MLP widths {sorted(set(widths))} of width "
+            f"{cfg.width}); choose a smaller --mlp-ratio or --hidden"
+        )
+    return tuple(widths)
 
 
 def selection_matrix(cfg: ModelConfig, mlp: Params) -> np.ndarray:
