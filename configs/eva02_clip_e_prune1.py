@@ -1,4 +1,4 @@
-"""EVA02-CLIP-bigE-14-plus prune1 (hidden 1792, -71.6% params): SPEC.md 1.2 recipe.
+"""EVA02-CLIP-bigE-14-plus prune1 (hidden 1792, -71.6% params): the published recipe.
 
     dgmr-jax convert --family eva_clip --arch eva02_enormous_patch14_clip_224 \\
         --checkpoint EVA02_CLIP_E_psz14_plus_s9B.pt --out /ckpt/eva_e

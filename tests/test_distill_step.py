@@ -1,4 +1,4 @@
-"""The distillation step: sharding is invisible to the math; schedules follow SPEC.md 1.2."""
+"""The distillation step: sharding is invisible to the math; schedules follow docs/method.md."""
 
 from __future__ import annotations
 

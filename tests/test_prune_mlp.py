@@ -117,7 +117,7 @@ def test_unknown_method_and_taylor_without_scores():
     ],
 )
 def test_cost_of_prune1_matches_the_paper(name, hidden, params_b, param_drop, flop_drop):
-    cfg = dj.models.preset(name, img_size=224)  # SPEC.md 1.3 counts at 224 px (DINOv2 presets default to 518)
+    cfg = dj.models.preset(name, img_size=224)  # the paper counts at 224 px (DINOv2 presets default to 518)
     slim = cfg.replace(mlp_hidden=(hidden,) * cfg.depth)
     before, after = dj.prune.count_params(cfg), dj.prune.count_params(slim)
     if params_b:

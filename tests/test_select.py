@@ -1,4 +1,4 @@
-"""Neuron selection (SPEC.md 1.1): exact greedy pivots, k-round semantics, baselines, errors."""
+"""Neuron selection (docs/method.md): exact greedy pivots, k-round semantics, baselines, errors."""
 
 import jax
 import jax.numpy as jnp

@@ -1,1 +1,1 @@
-"""Feature distillation of a pruned student from its teacher (SPEC.md 1.2)."""
+"""Feature distillation of a pruned student from its teacher (docs/method.md, Recovery by distillation)."""

@@ -14,7 +14,7 @@ TAPS = ("output", "raw")
 
 
 def tap_config(cfg: ModelConfig, tap: str) -> ModelConfig:
-    """The config whose forward yields the distilled tensors (SPEC.md 1.2).
+    """The config whose forward yields the distilled tensors (docs/method.md, Recovery by distillation).
 
     "output": the model's own pooled vector and final-norm tokens (OpenCLIP: after ln_post and proj;
     DINOv2: class and patch tokens after the final norm). "raw": final norm, pooling norm and head

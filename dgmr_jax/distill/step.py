@@ -23,7 +23,7 @@ Params = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with the DGMR schedules (SPEC.md 1.2); all schedules are per step."""
+    """AdamW with the DGMR schedules (docs/method.md, Recovery by distillation); all schedules are per step."""
 
     base_lr: float = 6e-5
     min_lr: float = 1e-6

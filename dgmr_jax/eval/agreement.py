@@ -2,7 +2,7 @@
 
 Cosine similarity is scale-free, so it stays readable across families whose feature norms differ
 by orders of magnitude, unlike the distillation MSE. It is measured on the two tensors the DGMR
-loss matches (SPEC.md section 1.2): the pooled vector and the patch tokens (prefix tokens dropped).
+loss matches (docs/method.md, Recovery by distillation): the pooled vector and the patch tokens (prefix tokens dropped).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DINOv2's weighted k-nearest-neighbour classifier on frozen features (SPEC.md section 1.3).
+"""DINOv2's weighted k-nearest-neighbour classifier on frozen features (docs/method.md, Evaluation).
 
 Train and test features are L2-normalized, so the similarity is the cosine. Each test point takes
 its k most similar train points; a neighbour with similarity s votes for its class with weight

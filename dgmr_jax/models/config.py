@@ -13,7 +13,7 @@ POOLS = ("token", "avg")
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a ViT vision tower; every family of SPEC.md section 3 is a setting of it.
+    """Architecture of a ViT vision tower; every family of docs/method.md is a setting of it.
 
     Fields marked "layout" change only how a PyTorch checkpoint names or packs its tensors,
     not what the Flax model computes.

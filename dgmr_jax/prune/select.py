@@ -1,4 +1,4 @@
-"""Which hidden neurons of an MLP survive pruning (SPEC.md 1.1).
+"""Which hidden neurons of an MLP survive pruning (docs/method.md, Neuron selection).
 
 `kernel` is always a Flax fc1 kernel of shape (D, H): column i is the weight vector of hidden
 neuron i. Methods:
@@ -16,7 +16,7 @@ random matrices:
 - ``gram_schmidt`` (the default everywhere): a jitted blocked Gram-Schmidt in plain jnp that
   runs on CPU, GPU and TPU. On a 2-core CPU it is 1.3x (ViT-g fc1) to 2x (EVA-E fc1) faster than
   geqp3 in float32, and on a random ViT-g-shaped kernel in float32 it kept the float64 pick order
-  through all 1408 picks, where float32 geqp3 drifts after about 440 (near-ties; SPEC.md 1.1).
+  through all 1408 picks, where float32 geqp3 drifts after about 440 (near-ties; docs/method.md).
 - ``lapack``: LAPACK's pivoted QR (geqp3) through ``jax.lax.linalg.qr``; the reference route.
   CPU and GPU only (TPU has no pivoted QR).
 """
