@@ -85,6 +85,7 @@ def _taylor_scores(source: Any, spec: str, num_images: int, batch: int) -> list[
 
 def _prune(args: argparse.Namespace) -> None:
     from dgmr_jax.model_dir import check_new_dir
+    from dgmr_jax.paths import as_path
     from dgmr_jax.prune.report import write_report
     from dgmr_jax.prune.stream import ModelDirLayerSource, TorchLayerSource, prune_to_dir
 
@@ -113,7 +114,7 @@ def _prune(args: argparse.Namespace) -> None:
     print(
         f"wrote {args.out}: params {info['params_before'] / 1e6:.2f}M -> {info['params_after'] / 1e6:.2f}M "
         f"(-{info['params_saved_pct']}%), GFLOPs {info['gflops_before']} -> {info['gflops_after']} "
-        f"(-{info['flops_saved_pct']}%); report: {Path(args.out) / 'prune_report.md'}"
+        f"(-{info['flops_saved_pct']}%); report: {as_path(args.out) / 'prune_report.md'}"
     )
 
 

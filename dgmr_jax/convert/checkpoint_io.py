@@ -230,6 +230,10 @@ def open_state_dict(src: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, 
     """
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
+        if "://" in path:
+            raise CheckpointError(
+                f"{path}: PyTorch checkpoints are read from local disk; copy it first (gcloud storage cp)"
+            )
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path} does not exist")
         if path.endswith(".safetensors"):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.paths import PathLike, as_path
 from dgmr_jax.prune.cost import count_flops, count_params
 from dgmr_jax.prune.mlp import LayerReport
 
@@ -27,7 +29,7 @@ def summary(before: ModelConfig, after: ModelConfig) -> dict[str, Any]:
     }
 
 
-def plot_curves(reports: list[LayerReport], path: str | Path) -> Path | None:
+def plot_curves(reports: list[LayerReport], path: PathLike) -> epath.Path | None:
     """Residual norm of each greedy pick divided by the first pick's, one line per layer.
 
     A curve that falls to ~0 well before the kept width says the layer's neurons span few
@@ -51,16 +53,19 @@ def plot_curves(reports: list[LayerReport], path: str | Path) -> Path | None:
     ax.set_title("Diversity curve per layer (dark: first layer, light: last)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()  # through a buffer: the path may be gs://
+    fig.savefig(png, format="png", dpi=110)
     plt.close(fig)
-    return Path(path)
+    path = as_path(path)
+    path.write_bytes(png.getvalue())
+    return path
 
 
 def write_report(
-    directory: str | Path, before: ModelConfig, after: ModelConfig, reports: list[LayerReport], method: str
+    directory: PathLike, before: ModelConfig, after: ModelConfig, reports: list[LayerReport], method: str
 ) -> dict[str, Any]:
     """Write prune_report.json, prune_report.md and (diversity) prune_curves.png; return the summary."""
-    directory = Path(directory)
+    directory = as_path(directory)
     info = {"method": method, **summary(before, after)}
     layers = [
         {
