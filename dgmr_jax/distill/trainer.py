@@ -51,7 +51,7 @@ from dgmr_jax.parallel import (
 )
 from dgmr_jax.paths import PathLike, as_path, is_uri
 from dgmr_jax.prune.cost import count_flops
-from dgmr_jax.prune.mlp import prune_mlp
+from dgmr_jax.prune.mlp import prune_mlp, target_widths
 
 Params = dict[str, Any]
 
@@ -105,6 +105,74 @@ def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
     return OptimConfig(global_batch=config.global_batch, **dict(config.optim))
 
 
+def model_configs(config: ml_collections.ConfigDict) -> tuple[ModelConfig, ModelConfig]:
+    """(teacher, student) configs of a recipe from config files and presets alone, no weights read:
+    what `dgmr-jax plan` compiles. A student pruned at start gets the widths `prune_mlp` would give it."""
+    tc, sc = config.teacher, config.student
+    if tc.model_dir:
+        teacher_cfg = load_config(tc.model_dir)[0]
+    elif tc.checkpoint:
+        from dgmr_jax.convert.core import resolve_config
+
+        teacher_cfg = resolve_config(tc.arch, tc.family)
+    else:
+        teacher_cfg = preset(tc.arch, **dict(tc.arch_overrides))
+    if sc.model_dir:
+        return teacher_cfg, load_config(sc.model_dir)[0]
+    return teacher_cfg, teacher_cfg.replace(mlp_hidden=target_widths(teacher_cfg, sc.mlp_ratio))
+
+
+@dataclasses.dataclass
+class Step:
+    """The train step of a run, before any weights exist: configs as computed, abstract state, shardings."""
+
+    teacher_cfg: ModelConfig  # compute dtype of config.teacher
+    student_cfg: ModelConfig  # dtype, param_dtype, remat of config.student
+    optimizer: Any
+    state_shapes: TrainState  # jax.ShapeDtypeStruct leaves
+    teacher_shapes: Params  # jax.ShapeDtypeStruct leaves, in the teacher's dtype
+    state_sh: TrainState
+    teacher_sh: Params
+    fn: Any  # jitted (state, teacher, images) -> (state, metrics)
+
+    def abstract_inputs(self, mesh: jax.sharding.Mesh, global_batch: int, img_size: int) -> tuple[Any, Any, Any]:
+        """(state, teacher, images) as ShapeDtypeStructs carrying their shardings: what `fn.lower` takes."""
+        images = jax.ShapeDtypeStruct((global_batch, img_size, img_size, 3), np.float32, sharding=batch_sharding(mesh))
+        return (
+            abstract_with_shardings(self.state_shapes, self.state_sh),
+            abstract_with_shardings(self.teacher_shapes, self.teacher_sh),
+            images,
+        )
+
+
+def build_step(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, teacher_cfg: ModelConfig, model_cfg: ModelConfig
+) -> Step:
+    """The sharded, jitted distillation step for these configs; shared by `train` and `dgmr-jax plan`."""
+    opt = optim_config(config)
+    student_cfg = model_cfg.replace(
+        dtype=config.student.dtype, param_dtype=config.student.param_dtype, remat=config.student.remat
+    )
+    teacher_cfg = teacher_cfg.replace(dtype=config.teacher.dtype)
+    tx = make_optimizer(opt)
+    cast = lambda tree, dtype: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), tree)  # noqa: E731
+    student_shapes = cast(param_shapes(student_cfg), config.student.param_dtype)
+    state_shapes = jax.eval_shape(lambda p: init_state(p, tx, ema=opt.ema_decay > 0), student_shapes)
+    state_sh = state_shardings(student_cfg, state_shapes, mesh)
+    teacher_shapes = cast(param_shapes(teacher_cfg), config.teacher.dtype)
+    teacher_sh = tree_shardings(logical_axes(teacher_cfg), teacher_shapes, mesh, "teacher params")
+    step = make_step(
+        tap_config(student_cfg, config.distill.tap),
+        tap_config(teacher_cfg, config.distill.tap),
+        tx,
+        opt,
+        config.distill.cls_coef,
+        config.distill.feat_coef,
+    )
+    fn = jit_step(step, mesh, state_sh, teacher_sh)
+    return Step(teacher_cfg, student_cfg, tx, state_shapes, teacher_shapes, state_sh, teacher_sh, fn)
+
+
 @dataclasses.dataclass
 class Run:
     """Everything one distillation run is made of, before its first step."""
@@ -114,15 +182,11 @@ class Run:
     mesh: jax.sharding.Mesh
     opt: OptimConfig
     loader: Any
-    teacher_cfg: ModelConfig  # as computed (dtype of config.teacher)
+    step: Step
     teacher: Params  # on the mesh
-    student_cfg: ModelConfig  # as trained (dtype, param_dtype, remat of config.student)
     model_cfg: ModelConfig  # as the student is saved (its model directory's config)
     student_meta: dict[str, Any]
     state: TrainState  # fresh, on the mesh
-    state_sh: TrainState
-    teacher_sh: Params
-    step_fn: Any  # jitted (state, teacher, images) -> (state, metrics)
     img_size: int
 
 
@@ -135,7 +199,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: PathLike) -> Run:
     check_batch(config.global_batch, mesh)
     opt = optim_config(config)
     source = make_source(config.data)  # bad data paths fail before the (possibly huge) models load
-    img_size = config.data.img_size or _model_img_size(config)
+    img_size = config.data.img_size or model_configs(config)[1].img_size
     sig = workdir_lib.signature(config, source, img_size)
     workdir_lib.check_resume(workdir, sig)
 
@@ -143,14 +207,10 @@ def build_run(config: ml_collections.ConfigDict, workdir: PathLike) -> Run:
     model_cfg, student, student_meta = build_student(config.student, teacher_cfg, teacher, teacher_meta)
     mean, std = data_lib.model_mean_std(teacher_meta)
     student_meta = {**student_meta, "preprocess": data_lib.preprocess_meta(mean, std, img_size)}
-    student_cfg = model_cfg.replace(
-        dtype=config.student.dtype, param_dtype=config.student.param_dtype, remat=config.student.remat
-    )
-    student = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.student.param_dtype), student)
-    teacher_cfg = teacher_cfg.replace(dtype=config.teacher.dtype)
-    teacher = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.teacher.dtype), teacher)
     workdir_lib.record_run(workdir, sig, model_cfg, student_meta)
-
+    step = build_step(config, mesh, teacher_cfg, model_cfg)
+    student = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.student.param_dtype), student)
+    teacher = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.teacher.dtype), teacher)
     loader = data_lib.make_loader(
         source,
         batch_size=config.global_batch // jax.process_count(),
@@ -164,47 +224,20 @@ def build_run(config: ml_collections.ConfigDict, workdir: PathLike) -> Run:
         shard_count=jax.process_count(),
         worker_count=config.data.workers,
     )
-    tx = make_optimizer(opt)
-    state = init_state(student, tx, ema=opt.ema_decay > 0)
-    state_sh = state_shardings(student_cfg, jax.eval_shape(lambda: state), mesh)
-    teacher_sh = tree_shardings(logical_axes(teacher_cfg), param_shapes(teacher_cfg), mesh, "teacher params")
-    step = make_step(
-        tap_config(student_cfg, config.distill.tap),
-        tap_config(teacher_cfg, config.distill.tap),
-        tx,
-        opt,
-        config.distill.cls_coef,
-        config.distill.feat_coef,
-    )
+    state = init_state(student, step.optimizer, ema=opt.ema_decay > 0)
     return Run(
         config=config,
         workdir=workdir,
         mesh=mesh,
         opt=opt,
         loader=loader,
-        teacher_cfg=teacher_cfg,
-        teacher=jax.device_put(teacher, teacher_sh),
-        student_cfg=student_cfg,
+        step=step,
+        teacher=jax.device_put(teacher, step.teacher_sh),
         model_cfg=model_cfg,
         student_meta=student_meta,
-        state=jax.device_put(state, state_sh),
-        state_sh=state_sh,
-        teacher_sh=teacher_sh,
-        step_fn=jit_step(step, mesh, state_sh, teacher_sh),
+        state=jax.device_put(state, step.state_sh),
         img_size=img_size,
     )
-
-
-def _model_img_size(config: ml_collections.ConfigDict) -> int:
-    """The image size the student was built for, read without loading weights."""
-    for model_dir in (config.student.model_dir, config.teacher.model_dir):
-        if model_dir:
-            return load_config(model_dir)[0].img_size
-    if config.teacher.checkpoint:
-        from dgmr_jax.convert.core import resolve_config
-
-        return resolve_config(config.teacher.arch, config.teacher.family).img_size
-    return preset(config.teacher.arch, **dict(config.teacher.arch_overrides)).img_size
 
 
 class _Stop:
@@ -264,10 +297,8 @@ def _compile(run: Run) -> Any:
     if main_process:
         print(f"distill: compiling the train step ({run.config.global_batch} images of {run.img_size} px) ...")
     start = time.perf_counter()
-    images = jax.ShapeDtypeStruct(
-        (run.config.global_batch, run.img_size, run.img_size, 3), np.float32, sharding=batch_sharding(run.mesh)
-    )
-    compiled = run.step_fn.lower(run.state, run.teacher, images).compile()
+    inputs = run.step.abstract_inputs(run.mesh, run.config.global_batch, run.img_size)
+    compiled = run.step.fn.lower(*inputs).compile()
     if main_process:
         print(f"distill: compiled in {time.perf_counter() - start:.1f} s")
     return compiled
@@ -311,12 +342,14 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
     ckpt = TrainCheckpointer(workdir, config.checkpoint_every, config.keep, config.async_checkpoint)
     start, state = ckpt.latest_step(), run.state
     if start is not None:  # resume: arrays go straight to their shardings, data continues where it stopped
-        state = ckpt.restore(start, abstract_with_shardings(jax.eval_shape(lambda: state), run.state_sh), iterator)
+        state = ckpt.restore(start, abstract_with_shardings(run.step.state_shapes, run.step.state_sh), iterator)
     else:
         start = 0
     step_fn = _compile(run)
 
-    flops_per_image = 3 * count_flops(run.student_cfg, run.img_size) + count_flops(run.teacher_cfg, run.img_size)
+    flops_per_image = 3 * count_flops(run.step.student_cfg, run.img_size) + count_flops(
+        run.step.teacher_cfg, run.img_size
+    )
     skipped = data_lib.SkipCounter()
     logs = _Logs(workdir, main_process)
     seen_file = (workdir / "seen.jsonl").open("a") if main_process and config.log_indices else None
@@ -378,7 +411,7 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
         "step": final_step,
         "metrics": last,
         "state": state,
-        "student_cfg": run.student_cfg,
+        "student_cfg": run.step.student_cfg,
         "skipped_files": skipped.total,
         "model_dir": model,
         "metrics_file": logs.path,
