@@ -149,6 +149,77 @@ def _distill(args: argparse.Namespace) -> None:
     )
 
 
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g}"
+
+
+def _plan_lines(row: dict[str, Any]) -> str:
+    """One plan, per chip, in GiB."""
+    mesh = " ".join(f"{k}={v}" for k, v in row["mesh"].items())
+    hbm = f" of {_gib(row['hbm'])} HBM" if "hbm" in row else ""
+    lines = [
+        f"{row['target']} ({row['chips']} chips), mesh {mesh}, {row['batch_per_chip']:g} images/chip, "
+        f"remat {'on' if row['remat'] else 'off'}, compiled in {row['compile_s']:.1f} s",
+        f"  per chip, GiB: params {_gib(row['params'])}, optimizer {_gib(row['optimizer'])}, "
+        f"EMA {_gib(row['ema'])}, teacher {_gib(row['teacher'])} (from the shardings)",
+        f"  {row['memory_source']}, GiB: arguments {_gib(row['arguments'])}, temp {_gib(row['temp'])}, "
+        f"outputs {_gib(row['outputs'])} (aliased {_gib(row['aliased'])}) -> total {_gib(row['total'])}{hbm}",
+        f"  FLOPs per chip per step: {row['flops_compiled']:.4g} compiled (remat recompute included), "
+        f"{row['flops_analytic']:.4g} analytic (3 x student + teacher)",
+    ]
+    if "step_s" in row:
+        lines.append(f"  step time at the given MFU: {row['step_s']:.3g} s")
+    return "\n".join(lines)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from dgmr_jax import config_file
+    from dgmr_jax import plan as planner
+
+    if (args.topology is None) == (args.devices is None):
+        raise ValueError("give exactly one target: --topology v5p:4x4x4 (TPU, needs libtpu) or --devices N (CPU)")
+    if not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
+    config = config_file.apply_overrides(config_file.load(args.config), [o.lstrip("-") for o in args.overrides])
+    target = planner.tpu_target(args.topology) if args.topology else planner.cpu_target(args.devices)
+    variants = planner.search_space(config, len(target.devices)) if args.search else [config]
+    rows = []
+    for i, variant in enumerate(variants, 1):
+        if args.search:
+            mesh = dict(variant.mesh)
+            print(f"[{i}/{len(variants)}] batch {variant.global_batch}, mesh {mesh}, remat {variant.student.remat}")
+        try:
+            row = planner.plan_step(variant, target, args.mfu)
+        except ValueError as err:
+            if not args.search:
+                raise
+            print(f"  skipped: {err}")
+            continue
+        row = planner.with_hbm(row, args.hbm_gib, args.peak_tflops, args.mfu)
+        rows.append(row)
+        print(_plan_lines(row))
+    if args.search:
+        print("\n| images/chip | mesh (data, fsdp, tensor) | remat | temp GiB | total GiB | fits |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            mesh = ", ".join(str(v) for v in r["mesh"].values())
+            cells = [f"{r['batch_per_chip']:g}", mesh, str(r["remat"]), _gib(r["temp"]), _gib(r["total"])]
+            print("| " + " | ".join(cells) + f" | {'yes' if planner.fits(r) else 'no'} |")
+        best = planner.pick(rows)
+        if best is None:
+            raise ValueError(f"nothing fits {target.label}: not at 1 image per chip, any fsdp split, with remat")
+        mesh = " ".join(f"--config.mesh.{k}={v}" for k, v in best["mesh"].items())
+        batch = int(best["batch_per_chip"] * best["chips"])
+        print(f"search picks: --config.global_batch={batch} {mesh} --config.student.remat={best['remat']}")
+        return
+    row = rows[0]
+    if not planner.fits(row):
+        raise ValueError(
+            f"does not fit: {_gib(row['total'])} GiB per chip > {_gib(row['hbm'])} GiB HBM on {target.label}; "
+            "try --search, a smaller --config.global_batch, more --config.mesh.fsdp or --config.student.remat=true"
+        )
+
+
 def _clip_eval(args: argparse.Namespace) -> ClipEval | None:
     """The zero-shot / retrieval settings of `eval`, or None; CLIP flags without --clip-text are an error."""
     from dgmr_jax.eval.run import ClipEval
@@ -250,6 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="with --from-checkpoint: the new model directory (default WORKDIR/models/step_STEP)")
     p.set_defaults(run=_distill)
 
+    p = sub.add_parser("plan", help="compile a recipe's train step for a target; per-chip memory, FLOPs, fit")
+    p.add_argument("--config", required=True, help="recipe file, as for distill; --config.x=y overrides follow")
+    p.add_argument("--topology", help="TPU topology, e.g. v5p:4x4x4 or v5e:8x8 (needs libtpu: .[tpu-plan])")
+    p.add_argument("--devices", type=int, help="or N fake CPU devices (memory figures are CPU estimates)")
+    p.add_argument("--hbm-gib", type=float, help="memory per chip (default: the TPU generation's)")
+    p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s per chip (default: the TPU generation's)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for the step-time estimate")
+    p.add_argument("--search", action="store_true", help="try per-chip batch x fsdp split x remat; table of fits")
+    p.set_defaults(run=_plan)
+
     p = sub.add_parser("eval", help="kNN (DINOv2 protocol), linear probe, CLIP zero-shot and retrieval")
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--train", default="mnist5k", help="'mnist5k', a folder of class subfolders, or 'none' (no kNN)")
@@ -283,13 +364,27 @@ def build_parser() -> argparse.ArgumentParser:
 _COMPUTE_COMMANDS = ("distill", "eval", "demo")
 
 
+def _plan_environment(devices: int | None) -> None:
+    """Compile on this host's CPU (TPU targets come from libtpu as abstract devices): N fake CPU devices, and
+    XLA:CPU keeping remat's barriers (its cse_barrier_expander pass removes them, so remat would save nothing)."""
+    import os
+
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if devices:  # not for TPU targets: libtpu reads XLA_FLAGS too, and TPU needs that pass
+        flags = [os.environ.get("XLA_FLAGS", ""), "--xla_disable_hlo_passes=cse_barrier_expander"]
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+        os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if argv is None and args.command in _COMPUTE_COMMANDS:  # a real process, not a test calling main([...])
         from dgmr_jax.hostmem import keep_freed_host_memory
 
         keep_freed_host_memory()
-    if args.command == "distill":
+    if argv is None and args.command == "plan":  # before JAX starts a backend: never a real accelerator here
+        _plan_environment(args.devices)
+    if args.command in ("distill", "plan"):
         args.overrides = extra
     elif extra:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")

@@ -1,0 +1,189 @@
+"""`dgmr-jax plan`: does a distillation recipe fit the target's memory, before any weights are read or a pod
+is rented?
+
+The step is built exactly as `distill` builds it (`trainer.model_configs` + `trainer.build_step`), with
+abstract params, and compiled ahead of time for the target: a TPU topology through libtpu's compiler on
+this host (`pip install 'dgmr-jax[tpu-plan]'`, no TPU needed), or N fake CPU devices, whose memory figures
+are the CPU compiler's estimate and not what a TPU would use. Per-chip bytes of params, optimizer state,
+EMA and teacher come from the shardings (exact); argument, temp and output bytes from the compiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from dgmr_jax.distill.trainer import build_step, model_configs
+from dgmr_jax.parallel import check_batch, make_mesh
+from dgmr_jax.prune.cost import count_flops
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """What the planner needs to know of one accelerator chip."""
+
+    name: str
+    hbm_gib: float
+    peak_tflops: float  # dense bf16
+    wrap: bool  # torus wrap-around links (v4, v5p)
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 32, 275, True),
+    "v5e": Chip("TPU v5e", 16, 197, False),
+    "v5p": Chip("TPU v5p", 95, 459, True),
+    "v6e": Chip("TPU v6e", 32, 918, False),
+}
+
+ACCELERATOR_NAMES = {"v4": "v4", "v5e": "v5litepod", "v5p": "v5p", "v6e": "v6e"}  # as gcloud names them
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The devices a step is compiled for, and how to read the compiler's memory figures."""
+
+    devices: list
+    label: str
+    chip: Chip | None  # None: fake CPU devices (memory figures are CPU estimates)
+
+
+def tpu_target(topology: str) -> Target:
+    """Abstract TPU devices of `topology` ("v5p:4x4x4", "v5e:8x8", ...) from libtpu, compiled for on this host."""
+    generation, _, shape = topology.partition(":")
+    if generation not in CHIPS or not shape:
+        raise ValueError(f"--topology {topology!r}: expected GENERATION:SHAPE with GENERATION in {', '.join(CHIPS)}")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as err:
+        raise ValueError(
+            "--topology needs TPU's compiler: pip install 'dgmr-jax[tpu-plan]' (libtpu), or plan for --devices N "
+            "fake CPU devices (CPU memory estimates)"
+        ) from err
+    from jax.experimental import topologies
+
+    # libtpu looks for a TPU host it is running on; say there is none (it would log three warnings)
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{ACCELERATOR_NAMES[generation]}-8")
+    dims = len(shape.split("x"))
+    try:
+        topo = topologies.get_topology_desc(
+            topology_name=topology,
+            platform="tpu",
+            chips_per_host_bounds=(2, 2, 1),
+            num_slices=1,
+            wrap=(CHIPS[generation].wrap,) * 3 if dims == 3 else (False,) * 3,
+        )
+    except Exception as err:  # libtpu reports a bad shape in many ways
+        raise ValueError(f"--topology {topology!r} is not a topology libtpu knows ({err})") from err
+    return Target(list(topo.devices), topology, CHIPS[generation])
+
+
+def cpu_target(count: int) -> Target:
+    """`count` CPU devices of this process (the CLI makes them fake devices before JAX starts)."""
+    devices = jax.devices("cpu")
+    if len(devices) < count:
+        raise ValueError(
+            f"--devices {count}: this process has {len(devices)} CPU devices; run `dgmr-jax plan` in a fresh process"
+        )
+    return Target(devices[:count], f"{count} CPU devices", None)
+
+
+def _bytes_per_chip(shapes: Any, shardings: Any) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs laid out by `shardings`."""
+    total = 0
+    for shape, sharding in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(shardings), strict=True):
+        total += math.prod(sharding.shard_shape(shape.shape)) * np.dtype(shape.dtype).itemsize
+    return total
+
+
+def plan_step(config: ml_collections.ConfigDict, target: Target, mfu: float = 0.4) -> dict[str, Any]:
+    """Compile the recipe's train step for `target`; per-chip memory (bytes), FLOPs and timings."""
+    mesh = make_mesh(**dict(config.mesh), devices=target.devices)
+    check_batch(config.global_batch, mesh)
+    teacher_cfg, model_cfg = model_configs(config)
+    step = build_step(config, mesh, teacher_cfg, model_cfg)
+    img_size = config.data.img_size or model_cfg.img_size
+    start = time.perf_counter()
+    compiled = step.fn.lower(*step.abstract_inputs(mesh, config.global_batch, img_size)).compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, Sequence) else cost
+    chips = len(target.devices)
+    state, sh = step.state_shapes, step.state_sh
+    analytic = config.global_batch * (
+        3 * count_flops(step.student_cfg, img_size) + count_flops(step.teacher_cfg, img_size)
+    )
+    row = {
+        "target": target.label,
+        "chips": chips,
+        "mesh": dict(mesh.shape),
+        "batch_per_chip": config.global_batch / chips,
+        "remat": config.student.remat,
+        "params": _bytes_per_chip(state.params, sh.params),
+        "optimizer": _bytes_per_chip(state.opt_state, sh.opt_state),
+        "ema": _bytes_per_chip(state.ema, sh.ema) if state.ema is not None else 0,
+        "teacher": _bytes_per_chip(step.teacher_shapes, step.teacher_sh),
+        "arguments": mem.argument_size_in_bytes,
+        "temp": mem.temp_size_in_bytes,
+        "outputs": mem.output_size_in_bytes,
+        "aliased": mem.alias_size_in_bytes,
+        "flops_compiled": float(cost.get("flops", 0.0)),
+        "flops_analytic": analytic / chips,
+        "compile_s": compile_s,
+        "memory_source": "TPU compiler" if target.chip else "CPU compiler estimate (not a TPU figure)",
+    }
+    # donated state: outputs reuse the argument buffers they alias
+    row["total"] = row["arguments"] + row["outputs"] - row["aliased"] + row["temp"]
+    if target.chip:
+        row["hbm"] = target.chip.hbm_gib * GIB
+        row["step_s"] = row["flops_analytic"] / (target.chip.peak_tflops * 1e12 * mfu)
+    return row
+
+
+def with_hbm(row: dict[str, Any], hbm_gib: float | None, peak_tflops: float | None, mfu: float) -> dict[str, Any]:
+    """Apply user overrides of the chip's HBM and peak to a plan row."""
+    row = dict(row)
+    if hbm_gib:
+        row["hbm"] = hbm_gib * GIB
+    if peak_tflops:
+        row["step_s"] = row["flops_analytic"] / (peak_tflops * 1e12 * mfu)
+    return row
+
+
+def fits(row: dict[str, Any]) -> bool:
+    return "hbm" not in row or row["total"] <= row["hbm"]
+
+
+def search_space(config: ml_collections.ConfigDict, chips: int) -> list[ml_collections.ConfigDict]:
+    """Variants of `config`: per-chip batch (the recipe's, halved down to 1), every power-of-two fsdp split of the
+    chips (data takes the rest, tensor 1), student remat off and on."""
+    per_chip = max(config.global_batch // chips, 1)
+    batches = sorted({max(per_chip >> i, 1) for i in range(4)}, reverse=True)
+    fsdps = [2**i for i in range(int(math.log2(chips)) + 1) if chips % 2**i == 0]
+    variants = []
+    for batch, fsdp, remat in itertools.product(batches, fsdps, (False, True)):
+        c = ml_collections.ConfigDict(config.to_dict())
+        c.global_batch = batch * chips
+        c.mesh.update(data=chips // fsdp, fsdp=fsdp, tensor=1)
+        c.student.remat = remat
+        variants.append(c)
+    return variants
+
+
+def pick(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The fitting plan with the largest per-chip batch; then without remat (faster), then the least fsdp."""
+    fitting = [r for r in rows if fits(r)]
+    return min(fitting, key=lambda r: (-r["batch_per_chip"], r["remat"], r["mesh"]["fsdp"]), default=None)
