@@ -10,13 +10,19 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from gcs_emulator import gcs_emulator
 from PIL import Image
+
+from dgmr_jax.model_dir import load_config, load_model
+from dgmr_jax.paths import as_path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -63,10 +69,11 @@ def _run(workdir: Path, images: Path, *extra: str) -> subprocess.CompletedProces
     return done
 
 
-def _final(workdir: Path) -> dict:
+def _final(workdir: Path | str) -> dict:
+    workdir = as_path(workdir)
     last = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert last == STEPS
-    path = (workdir / "checkpoints" / str(last) / "state").resolve()
+    path = workdir / "checkpoints" / str(last) / "state"
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # any saved topology -> this process
     with ocp.StandardCheckpointer() as ckpt:
         meta = ckpt.metadata(path).item_metadata
@@ -74,10 +81,10 @@ def _final(workdir: Path) -> dict:
         return ckpt.restore(path, target)
 
 
-def _seen(workdir: Path) -> dict[int, list[int]]:
+def _seen(workdir: Path | str) -> dict[int, list[int]]:
     """Step -> record indices of the trajectory that survived (a redone step overwrites its first try)."""
     out = {}
-    for line in (workdir / "seen.jsonl").read_text().splitlines():
+    for line in (as_path(workdir) / "seen.jsonl").read_text().splitlines():
         row = json.loads(line)
         out[row["step"]] = row["index"]
     return out
@@ -121,6 +128,46 @@ def test_sigkill_mid_training_then_resume(reference, images, tmp_path):
     assert seen == clean  # the resumed data order continues exactly: nothing repeated, nothing skipped
     flat = [i for step in sorted(seen) for i in seen[step]]
     assert len(flat) == STEPS * 8 and flat == [i for step in sorted(clean) for i in clean[step]]
+
+
+def _gcs_objects(env: dict[str, str], bucket: str, prefix: str) -> list[str]:
+    """Object names under a prefix, asked of the emulator directly (gcsfs caches listings in this process)."""
+    query = urllib.parse.urlencode({"prefix": prefix})
+    with urllib.request.urlopen(f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/{bucket}/o?{query}") as response:
+        return [item["name"] for item in json.load(response).get("items", [])]
+
+
+def test_sigkill_and_resume_through_gs_equals_the_local_run(reference, images):
+    """The same run with its workdir on Cloud Storage (a local emulator): killed mid-run, resumed, bit-identical
+    to the uninterrupted local run, same images seen; its model directory on gs:// is the final state."""
+    with gcs_emulator("dgmr-test") as env:
+        workdir = "gs://dgmr-test/run"
+
+        def committed() -> list[int]:  # Orbax marks a finished step on GCS with commit_success.txt
+            names = _gcs_objects(env, "dgmr-test", "run/checkpoints/")
+            return [int(n.split("/")[2]) for n in names if n.count("/") == 3 and n.endswith("/commit_success.txt")]
+
+        proc = subprocess.Popen(
+            _command(workdir, images, "--config.async_checkpoint=true"),
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_for(lambda: any(step >= 8 for step in committed()), proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert max(committed()) < STEPS and not _gcs_objects(env, "dgmr-test", "run/model/")
+        _run(workdir, images)
+        _assert_same(_final(workdir), _final(reference))
+        assert _seen(workdir) == _seen(reference)
+        assert load_config(f"{workdir}/model")[1]["distilled"]["step"] == STEPS
+        _, params = load_model(f"{workdir}/model")
+        for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(_final(reference)["params"]), strict=True):
+            np.testing.assert_array_equal(x, y)
+        metrics = (as_path(workdir) / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(metrics[-1])["step"] == STEPS
+        assert any("/tensorboard/events.out.tfevents" in n for n in _gcs_objects(env, "dgmr-test", "run/"))
 
 
 def test_sigterm_saves_and_resumes(reference, images, tmp_path):

@@ -10,7 +10,6 @@ resumes from its last complete checkpoint. The student is written as a model dir
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import time
@@ -26,6 +25,7 @@ from dgmr_jax import data as data_lib
 from dgmr_jax.checkpoint import TrainCheckpointer, abstract_with_shardings
 from dgmr_jax.distill import workdir as workdir_lib
 from dgmr_jax.distill.errors import NonFiniteLoss
+from dgmr_jax.distill.logs import JsonlLog, TensorBoard
 from dgmr_jax.distill.loss import tap_config
 from dgmr_jax.distill.step import (
     OptimConfig,
@@ -49,7 +49,7 @@ from dgmr_jax.parallel import (
     sync_processes,
     tree_shardings,
 )
-from dgmr_jax.paths import PathLike, as_path, is_uri
+from dgmr_jax.paths import PathLike, as_path
 from dgmr_jax.prune.cost import count_flops
 from dgmr_jax.prune.mlp import prune_mlp, target_widths
 
@@ -254,43 +254,6 @@ class _Stop:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-class _Logs:
-    """metrics.jsonl and TensorBoard events, written by process 0 only. On gs:// (no appends) the metrics
-    file is rewritten whole at each log step and TensorBoard events go through tensorboardX's own gs://
-    writer (google-cloud-storage)."""
-
-    def __init__(self, workdir: epath.Path, enabled: bool):
-        self.enabled = enabled
-        self.path = workdir / "metrics.jsonl"
-        self._lines = self.path.read_text().splitlines(keepends=True) if enabled and self.path.exists() else []
-        self.writer = None
-        if enabled:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:  # optional: progress bar and metrics.jsonl still log
-                return
-            self.writer = SummaryWriter(str(workdir / "tensorboard"))
-
-    def write(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        line = json.dumps(row) + "\n"
-        self._lines.append(line)
-        if is_uri(self.path):
-            self.path.write_text("".join(self._lines))
-        else:
-            with self.path.open("a") as f:
-                f.write(line)
-        if self.writer:
-            for k, v in row.items():
-                self.writer.add_scalar(k, v, row["step"])
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-
-
 def _compile(run: Run) -> Any:
     """AOT-compile the step for the run's shapes, saying so: the first compile of a big model takes minutes."""
     main_process = jax.process_index() == 0
@@ -351,8 +314,9 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
         run.step.teacher_cfg, run.img_size
     )
     skipped = data_lib.SkipCounter()
-    logs = _Logs(workdir, main_process)
-    seen_file = (workdir / "seen.jsonl").open("a") if main_process and config.log_indices else None
+    metrics_log = JsonlLog(workdir / "metrics.jsonl") if main_process else None
+    seen_log = JsonlLog(workdir / "seen.jsonl") if main_process and config.log_indices else None
+    tensorboard = TensorBoard(workdir / "tensorboard") if main_process else None
     stop = _Stop()
     bar = tqdm(total=opt.total_steps, initial=start, desc="distill", unit="step", disable=not main_process)
     last, tick, reason = {}, time.perf_counter(), "done"
@@ -372,9 +336,8 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
                         f"loss is {loss} at step {done}; stopped without saving. The last good checkpoint "
                         f"(step {ckpt.latest_step()}) is kept: lower optim.base_lr or enable optim.clip_norm and rerun"
                     )
-            if seen_file:
-                seen_file.write(json.dumps({"step": done, "index": batch["index"].tolist()}) + "\n")
-                seen_file.flush()
+            if seen_log:
+                seen_log.write({"step": done, "index": batch["index"].tolist()})
             if log_now:
                 now = time.perf_counter()
                 ips = config.log_every * config.global_batch / max(now - tick, 1e-9)
@@ -386,7 +349,9 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
                 }
                 if config.peak_flops:
                     last["mfu"] = flops_per_image * ips / config.peak_flops
-                logs.write(last)
+                if main_process:
+                    metrics_log.write(last)
+                    tensorboard.write(last, done)
                 bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "lr", "images_per_s", "mfu") if k in last})
             bar.update(1)
             ckpt.save(done, state, iterator, force=save_now)
@@ -399,9 +364,8 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
         ckpt.close()
         stop.restore()
         bar.close()
-        logs.close()
-        if seen_file:
-            seen_file.close()
+        if tensorboard:
+            tensorboard.close()
     final_step = int(state.step)
     model = _export_final(run, state, final_step) if reason == "done" else None
     if main_process and reason != "done":
@@ -414,5 +378,5 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
         "student_cfg": run.step.student_cfg,
         "skipped_files": skipped.total,
         "model_dir": model,
-        "metrics_file": logs.path,
+        "metrics_file": workdir / "metrics.jsonl",
     }
