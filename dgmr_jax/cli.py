@@ -173,6 +173,9 @@ def _plan_lines(row: dict[str, Any]) -> str:
 
 
 def _plan(args: argparse.Namespace) -> None:
+    import json
+    import os
+
     from dgmr_jax import config_file
     from dgmr_jax import plan as planner
 
@@ -180,6 +183,8 @@ def _plan(args: argparse.Namespace) -> None:
         raise ValueError("give exactly one target: --topology v5p:4x4x4 (TPU, needs libtpu) or --devices N (CPU)")
     if not 0 < args.mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
+    if args.out and os.path.exists(args.out):
+        raise FileExistsError(f"{args.out} already exists; choose another --out")
     config = config_file.apply_overrides(config_file.load(args.config), [o.lstrip("-") for o in args.overrides])
     target = planner.tpu_target(args.topology) if args.topology else planner.cpu_target(args.devices)
     variants = planner.search_space(config, len(target.devices)) if args.search else [config]
@@ -198,6 +203,9 @@ def _plan(args: argparse.Namespace) -> None:
         row = planner.with_hbm(row, args.hbm_gib, args.peak_tflops, args.mfu)
         rows.append(row)
         print(_plan_lines(row))
+    if args.out:
+        with open(args.out, "x") as f:  # never overwrite
+            json.dump(rows, f, indent=2)
     if args.search:
         print("\n| images/chip | mesh (data, fsdp, tensor) | remat | temp GiB | total GiB | fits |")
         print("|---|---|---|---|---|---|")
@@ -329,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s per chip (default: the TPU generation's)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for the step-time estimate")
     p.add_argument("--search", action="store_true", help="try per-chip batch x fsdp split x remat; table of fits")
+    p.add_argument("--out", help="also write the plans (bytes per chip, FLOPs, seconds) as JSON to this new file")
     p.set_defaults(run=_plan)
 
     p = sub.add_parser("eval", help="kNN (DINOv2 protocol), linear probe, CLIP zero-shot and retrieval")

@@ -128,6 +128,20 @@ class Block(nn.Module):
         return x + ls2(mlp(norm2(x)))
 
 
+def _block_type(cfg: ModelConfig, scanned: bool) -> type[nn.Module]:
+    """Block, or with cfg.remat a rematerialized Block whose backward keeps only the block's input.
+
+    The policy saves nothing inside a block (`nothing_saveable`), so the student's backward holds one
+    (batch, tokens, width) residual per layer plus one block's activations at a time: measured with the TPU
+    compiler (ViT-B, 32 images/chip at 224 px, bf16) 11-12 MiB per layer against 9.2 MiB predicted, instead
+    of ~190 MiB without remat. Unscanned blocks keep remat's CSE barrier (else XLA merges the recompute back
+    into the forward); inside nn.scan the loop itself separates them.
+    """
+    if not cfg.remat:
+        return Block
+    return nn.remat(Block, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=not scanned)
+
+
 class _ScanStep(nn.Module):
     """Block in the (carry, output) form nn.scan expects."""
 
@@ -136,8 +150,7 @@ class _ScanStep(nn.Module):
 
     @nn.compact
     def __call__(self, x, rope):
-        block = nn.remat(Block) if self.cfg.remat else Block
-        return block(self.cfg, self.hidden, name="block")(x, rope), None
+        return _block_type(self.cfg, scanned=True)(self.cfg, self.hidden, name="block")(x, rope), None
 
 
 class VisionTransformer(nn.Module):
@@ -198,7 +211,7 @@ class VisionTransformer(nn.Module):
             )
             x, _ = stack(cfg, cfg.mlp_hidden[0], name="blocks")(x, rope)
         else:
-            block = nn.remat(Block) if cfg.remat else Block
+            block = _block_type(cfg, scanned=False)
             for i, hidden in enumerate(cfg.mlp_hidden):
                 x = block(cfg, hidden, name=f"blocks_{i}")(x, rope)
 

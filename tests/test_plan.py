@@ -1,0 +1,96 @@
+"""`dgmr-jax plan`: the distill step compiled for a target without weights; exact sharded bytes, fit checks,
+search, and remat memory that follows its policy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from dgmr_jax import config_file
+from dgmr_jax.cli import main
+from dgmr_jax.models.presets import preset
+from dgmr_jax.prune.cost import count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "cpu_tiny.py")
+
+
+def _plan(tmp_path: Path, *argv: str) -> list[dict]:
+    out = tmp_path / f"plan{len(list(tmp_path.iterdir()))}.json"
+    assert main(["plan", "--config", CONFIG, *argv, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_tpu_plan_bytes_are_exact_and_compiled_by_the_tpu_compiler(tmp_path, capsys):
+    """On a v5p:2x2x1 topology (libtpu, no TPU) with the batch over 4 chips, every chip holds whole copies:
+    params and teacher at 4 bytes each, AdamW's two moments twice the params (+ its step counters)."""
+    (row,) = _plan(tmp_path, "--topology", "v5p:2x2x1", "--config.mesh.data=4")
+    config = config_file.load(CONFIG)
+    teacher = preset(config.teacher.arch, **dict(config.teacher.arch_overrides))
+    student = teacher.replace(mlp_hidden=(192,) * teacher.depth)
+    assert row["chips"] == 4 and row["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert row["params"] == 4 * count_params(student)
+    assert row["teacher"] == 4 * count_params(teacher)
+    assert 8 * count_params(student) <= row["optimizer"] <= 8 * count_params(student) + 64
+    assert row["ema"] == 0 and row["memory_source"] == "TPU compiler" and row["hbm"] == 95 * 2**30
+    assert row["arguments"] >= row["params"] + row["optimizer"] + row["teacher"]
+    assert row["temp"] > 0 and row["flops_compiled"] >= row["flops_analytic"] > 0
+    out = capsys.readouterr().out
+    assert "v5p:2x2x1 (4 chips), mesh data=4 fsdp=1 tensor=1, 2 images/chip, remat off" in out
+    assert "TPU compiler, GiB: arguments" in out and "of 95 HBM" in out
+
+    (sharded,) = _plan(tmp_path, "--topology", "v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=4")
+    assert sharded["params"] < row["params"] and sharded["teacher"] < row["teacher"]
+
+
+def test_a_plan_over_hbm_fails_in_one_line(capsys):
+    argv = ["plan", "--config", CONFIG, "--topology", "v5e:2x2", "--hbm-gib", "0.001"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dgmr-jax plan: error: does not fit: ") and "GiB HBM on v5e:2x2; try --search" in err
+
+
+def test_cpu_plan_is_labelled_an_estimate_and_search_picks_the_largest_batch(tmp_path, capsys):
+    rows = _plan(tmp_path, "--devices", "4", "--search")
+    assert {r["memory_source"] for r in rows} == {"CPU compiler estimate (not a TPU figure)"}
+    assert {(r["batch_per_chip"], r["mesh"]["fsdp"], r["remat"]) for r in rows} == {
+        (b, f, m) for b in (2, 1) for f in (1, 2, 4) for m in (False, True)
+    }
+    out = capsys.readouterr().out
+    assert "| images/chip | mesh (data, fsdp, tensor) | remat | temp GiB | total GiB | fits |" in out
+    assert "search picks: --config.global_batch=8 --config.mesh.data=4 --config.mesh.fsdp=1" in out
+
+
+def test_bad_targets(monkeypatch, capsys):
+    assert main(["plan", "--config", CONFIG]) == 2
+    assert "give exactly one target" in capsys.readouterr().err
+    assert main(["plan", "--config", CONFIG, "--topology", "v9:2x2"]) == 2
+    assert "expected GENERATION:SHAPE with GENERATION in v4, v5e, v5p, v6e" in capsys.readouterr().err
+    assert main(["plan", "--config", CONFIG, "--devices", "64"]) == 2
+    assert "this process has 8 CPU devices" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # as if the tpu-plan extra were not installed
+    assert main(["plan", "--config", CONFIG, "--topology", "v5p:2x2x1"]) == 2
+    assert "pip install 'dgmr-jax[tpu-plan]'" in capsys.readouterr().err
+
+
+def test_remat_memory_per_layer_follows_the_policy(tmp_path):
+    """Temp bytes over depth (2 -> 6 layers, 16 images/chip of 65 tokens, width 192, float32): with remat the
+    slope is one saved block input per layer; without it, several times more. Fresh processes: the CLI sets
+    the XLA:CPU flags that keep remat's barriers."""
+    slopes = {}
+    for remat in (False, True):
+        temps = []
+        for depth in (2, 6):
+            out = tmp_path / f"{remat}_{depth}.json"
+            argv = [sys.executable, "-m", "dgmr_jax.cli", "plan", "--config", CONFIG, "--devices", "4"]
+            argv += [f"--config.teacher.arch_overrides={{'depth': {depth}, 'img_size': 128}}"]
+            argv += [f"--config.student.remat={remat}", "--config.global_batch=64", "--out", str(out)]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-2000:]
+            temps.append(json.loads(out.read_text())[0]["temp"])
+        slopes[remat] = (temps[1] - temps[0]) / 4
+    predicted = 16 * 65 * 192 * 4
+    assert 0.8 * predicted <= slopes[True] <= 1.5 * predicted, slopes
+    assert slopes[False] >= 8 * slopes[True], slopes
