@@ -109,6 +109,41 @@ def host_batch_to_global(local: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
 
 
+class DevicePrefetch:
+    """A host batch iterator whose next batch goes onto the mesh while the current step runs.
+
+    Call `prefetch()` right after dispatching a step: the host reads and transfers batch k+1 while the
+    device computes step k. `get_state`/`set_state` (what grain's checkpoint handler calls) describe the
+    batches handed out so far, not the one prefetched, so a resume continues exactly.
+    """
+
+    def __init__(self, iterator: Any, mesh: Mesh):
+        self._iterator, self._mesh = iterator, mesh
+        self._ahead: tuple[Any, dict, Any] | None = None  # (state before it, host batch, device images)
+
+    def _pull(self) -> tuple[Any, dict, Any]:
+        state = self._iterator.get_state()
+        batch = next(self._iterator)
+        return state, batch, host_batch_to_global(batch["images"], self._mesh)
+
+    def __next__(self) -> tuple[dict, Any]:
+        """(host batch, its images as a global sharded array)."""
+        _, batch, images = self._ahead or self._pull()
+        self._ahead = None
+        return batch, images
+
+    def prefetch(self) -> None:
+        if self._ahead is None:
+            self._ahead = self._pull()
+
+    def get_state(self) -> Any:
+        return self._ahead[0] if self._ahead else self._iterator.get_state()
+
+    def set_state(self, state: Any) -> None:
+        self._iterator.set_state(state)
+        self._ahead = None
+
+
 def sync_processes(name: str) -> None:
     """Barrier across the processes of a multi-host run (no-op for one process)."""
     if jax.process_count() > 1:

@@ -76,6 +76,7 @@ def tpu_target(topology: str) -> Target:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{ACCELERATOR_NAMES[generation]}-8")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: several planners may run at once
     dims = len(shape.split("x"))
     try:
         topo = topologies.get_topology_desc(

@@ -41,9 +41,9 @@ from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import preset
 from dgmr_jax.models.vit import init_params, logical_axes, param_shapes
 from dgmr_jax.parallel import (
+    DevicePrefetch,
     batch_sharding,
     check_batch,
-    host_batch_to_global,
     make_mesh,
     maybe_initialize_distributed,
     sync_processes,
@@ -309,6 +309,7 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
     else:
         start = 0
     step_fn = _compile(run)
+    feed = DevicePrefetch(iterator, run.mesh)
 
     flops_per_image = 3 * count_flops(run.step.student_cfg, run.img_size) + count_flops(
         run.step.teacher_cfg, run.img_size
@@ -322,10 +323,10 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
     last, tick, reason = {}, time.perf_counter(), "done"
     try:
         for step in range(start, opt.total_steps):
-            batch = next(iterator)
+            batch, images = next(feed)
             skipped.update(batch)
-            images = host_batch_to_global(batch["images"], run.mesh)
             state, metrics = step_fn(state, run.teacher, images)
+            feed.prefetch()  # the next batch's host work overlaps this step
             done = step + 1
             log_now = done % config.log_every == 0 or done == opt.total_steps
             save_now = stop.requested or done == opt.total_steps or ckpt.manager.should_save(done)
@@ -354,7 +355,7 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
                     tensorboard.write(last, done)
                 bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "lr", "images_per_s", "mfu") if k in last})
             bar.update(1)
-            ckpt.save(done, state, iterator, force=save_now)
+            ckpt.save(done, state, feed, force=save_now)
             if config.export_every and done % config.export_every == 0 and done != opt.total_steps:
                 _export(run, state, done, workdir / workdir_lib.STEP_MODELS / f"step_{done}")
             if stop.requested:
