@@ -9,6 +9,10 @@ from typing import Any
 MLP_TYPES = ("gelu", "quick_gelu", "swiglu")
 QKV_BIAS = ("full", "qv", "none")
 POOLS = ("token", "avg")
+# einsum: batched matmuls in (B, heads, N, d), softmax in float32 (the reference path);
+# dot_product_attention: jax.nn.dot_product_attention with JAX's default implementation (XLA today);
+# cudnn: jax.nn.dot_product_attention(implementation="cudnn"), cuDNN flash attention (NVIDIA GPU, bf16/fp16)
+ATTENTION = ("einsum", "dot_product_attention", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +62,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False  # nn.scan over a uniform layer stack (fast compile for deep models)
     remat: bool = False  # rematerialize each block in the backward pass
+    attention: str = "einsum"  # einsum | dot_product_attention | cudnn (see ATTENTION)
 
     def __post_init__(self) -> None:
         if not self.mlp_hidden:
@@ -71,6 +76,7 @@ class ModelConfig:
             (self.mlp_type in MLP_TYPES, f"mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}"),
             (self.qkv_bias in QKV_BIAS, f"qkv_bias must be one of {QKV_BIAS}, got {self.qkv_bias!r}"),
             (self.global_pool in POOLS, f"global_pool must be one of {POOLS}, got {self.global_pool!r}"),
+            (self.attention in ATTENTION, f"attention must be one of {ATTENTION}, got {self.attention!r}"),
             (
                 len(self.mlp_hidden) == self.depth,
                 f"mlp_hidden has {len(self.mlp_hidden)} entries but depth is {self.depth}",

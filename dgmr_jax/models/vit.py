@@ -48,7 +48,8 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with fused qkv, optional q/v-only bias, RoPE and output norm."""
+    """Multi-head self-attention with fused qkv, optional q/v-only bias, RoPE and output norm; the softmax
+    attention itself by cfg.attention (einsum, or jax.nn.dot_product_attention)."""
 
     cfg: ModelConfig
 
@@ -63,18 +64,47 @@ class Attention(nn.Module):
             q_bias = self.param("q_bias", partitioned(zeros, ("heads",)), (cfg.attn_dim,), cfg.param_dtype)
             v_bias = self.param("v_bias", partitioned(zeros, ("heads",)), (cfg.attn_dim,), cfg.param_dtype)
             qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-        # (3, B, heads, N, hd): batched matmuls in this layout are ~3x faster on XLA:CPU than einsums over (B, N, h, d)
-        q, k, v = qkv.reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)
-        if rope is not None:
-            npt = n - rope[0].shape[0]
-            q = jnp.concatenate([q[:, :, :npt], apply_rope(q[:, :, npt:], *rope)], axis=2)
-            k = jnp.concatenate([k[:, :, :npt], apply_rope(k[:, :, npt:], *rope)], axis=2)
-        logits = (q * (hd**-0.5)) @ k.swapaxes(-1, -2)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, n, cfg.attn_dim)
+        qkv = qkv.reshape(b, n, 3, heads, hd)
+        out = _einsum_attention(qkv, rope) if cfg.attention == "einsum" else _fused_attention(qkv, rope, cfg.attention)
+        out = out.reshape(b, n, cfg.attn_dim)
         if cfg.attn_norm:
             out = layer_norm(cfg, "norm", axis="heads")(out)
         return dense(cfg.width, ("heads", "embed"), cfg, "proj")(out)
+
+
+def _einsum_attention(qkv: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None) -> jnp.ndarray:
+    """Softmax attention of qkv (B, N, 3, heads, hd) -> (B, N, heads, hd) as batched matmuls in (B, heads, N, hd),
+    the softmax in float32."""
+    n, hd = qkv.shape[1], qkv.shape[-1]
+    # (3, B, heads, N, hd): batched matmuls in this layout are ~3x faster on XLA:CPU than einsums over (B, N, h, d)
+    q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    if rope is not None:
+        npt = n - rope[0].shape[0]
+        q = jnp.concatenate([q[:, :, :npt], apply_rope(q[:, :, npt:], *rope)], axis=2)
+        k = jnp.concatenate([k[:, :, :npt], apply_rope(k[:, :, npt:], *rope)], axis=2)
+    logits = (q * (hd**-0.5)) @ k.swapaxes(-1, -2)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return (weights @ v).transpose(0, 2, 1, 3)
+
+
+def _fused_attention(qkv: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None, kind: str) -> jnp.ndarray:
+    """The same attention through jax.nn.dot_product_attention, in its (B, N, heads, hd) layout: JAX's default
+    implementation ("dot_product_attention": XLA, logits and softmax in float32) or cuDNN flash attention
+    ("cudnn": NVIDIA GPUs, bfloat16/float16, head_dim a multiple of 8)."""
+    n, hd = qkv.shape[1], qkv.shape[-1]
+    if kind == "cudnn" and qkv.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"attention='cudnn' (cuDNN flash attention) needs dtype bfloat16 or float16, got {qkv.dtype}; "
+            "use attention='dot_product_attention' or 'einsum' for float32"
+        )
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if rope is not None:
+        npt = n - rope[0].shape[0]
+        sin, cos = rope[0][:, None], rope[1][:, None]  # (patches, 1, hd): broadcast over heads
+        q = jnp.concatenate([q[:, :npt], apply_rope(q[:, npt:], sin, cos)], axis=1)
+        k = jnp.concatenate([k[:, :npt], apply_rope(k[:, npt:], sin, cos)], axis=1)
+    impl = "cudnn" if kind == "cudnn" else None
+    return jax.nn.dot_product_attention(q, k, v, scale=hd**-0.5, implementation=impl)
 
 
 class Mlp(nn.Module):
