@@ -67,7 +67,7 @@ def test_resume_with_other_inputs_fails_in_one_line_and_keeps_the_workdir(images
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and len(err) < 600, err
     assert f"workdir {workdir} holds a run with other inputs (teacher: " in err
-    assert "seed 0\" -> " in err and f"data: \"ImageFolderSource(root='{images}', num_images=18)\" -> " in err
+    assert 'seed 0" -> ' in err and f"data: \"ImageFolderSource(root='{images}', num_images=18)\" -> " in err
     assert "to start fresh use a new --workdir" in err
     assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
 
