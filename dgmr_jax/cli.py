@@ -149,6 +149,10 @@ def _distill(args: argparse.Namespace) -> None:
     )
 
 
+def _ints(text: str | None) -> list[int] | None:
+    return [int(v) for v in text.split(",")] if text else None
+
+
 def _gib(n: float) -> str:
     return f"{n / 2**30:.3g}"
 
@@ -187,7 +191,13 @@ def _plan(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{args.out} already exists; choose another --out")
     config = config_file.apply_overrides(config_file.load(args.config), [o.lstrip("-") for o in args.overrides])
     target = planner.tpu_target(args.topology) if args.topology else planner.cpu_target(args.devices)
-    variants = planner.search_space(config, len(target.devices)) if args.search else [config]
+    if not args.search and (args.search_batches or args.search_fsdp or args.search_remat != "both"):
+        raise ValueError("--search-batches, --search-fsdp and --search-remat narrow --search: add --search")
+    remats = {"both": (False, True), "on": (True,), "off": (False,)}[args.search_remat]
+    variants = [config]
+    if args.search:
+        batches, fsdps = _ints(args.search_batches), _ints(args.search_fsdp)
+        variants = planner.search_space(config, len(target.devices), batches, fsdps, remats)
     rows = []
     for i, variant in enumerate(variants, 1):
         if args.search:
@@ -337,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s per chip (default: the TPU generation's)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization for the step-time estimate")
     p.add_argument("--search", action="store_true", help="try per-chip batch x fsdp split x remat; table of fits")
+    p.add_argument("--search-batches", help="per-chip batches to try, e.g. 40,24 (default: the recipe's, halved)")
+    p.add_argument("--search-fsdp", help="fsdp sizes to try, e.g. 8,16 (default: every power of two)")
+    p.add_argument("--search-remat", choices=("both", "on", "off"), default="both", help="remat settings to try")
     p.add_argument("--out", help="also write the plans (bytes per chip, FLOPs, seconds) as JSON to this new file")
     p.set_defaults(run=_plan)
 

@@ -168,14 +168,23 @@ def fits(row: dict[str, Any]) -> bool:
     return "hbm" not in row or row["total"] <= row["hbm"]
 
 
-def search_space(config: ml_collections.ConfigDict, chips: int) -> list[ml_collections.ConfigDict]:
-    """Variants of `config`: per-chip batch (the recipe's, halved down to 1), every power-of-two fsdp split of the
-    chips (data takes the rest, tensor 1), student remat off and on."""
+def search_space(
+    config: ml_collections.ConfigDict,
+    chips: int,
+    batches: Sequence[int] | None = None,
+    fsdps: Sequence[int] | None = None,
+    remats: Sequence[bool] = (False, True),
+) -> list[ml_collections.ConfigDict]:
+    """Variants of `config`: per-chip batches (default: the recipe's, halved three times), fsdp splits of the
+    chips (default: every power of two; data takes the rest, tensor 1) and student remat settings."""
     per_chip = max(config.global_batch // chips, 1)
-    batches = sorted({max(per_chip >> i, 1) for i in range(4)}, reverse=True)
-    fsdps = [2**i for i in range(int(math.log2(chips)) + 1) if chips % 2**i == 0]
+    batches = batches or sorted({max(per_chip >> i, 1) for i in range(4)}, reverse=True)
+    fsdps = fsdps or [2**i for i in range(int(math.log2(chips)) + 1) if chips % 2**i == 0]
+    bad = [f for f in fsdps if f < 1 or chips % f]
+    if bad or min(batches) < 1:
+        raise ValueError(f"--search-fsdp must divide the {chips} chips and --search-batches be >= 1, got {fsdps}")
     variants = []
-    for batch, fsdp, remat in itertools.product(batches, fsdps, (False, True)):
+    for batch, fsdp, remat in itertools.product(batches, fsdps, remats):
         c = ml_collections.ConfigDict(config.to_dict())
         c.global_batch = batch * chips
         c.mesh.update(data=chips // fsdp, fsdp=fsdp, tensor=1)

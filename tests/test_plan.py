@@ -63,6 +63,22 @@ def test_cpu_plan_is_labelled_an_estimate_and_search_picks_the_largest_batch(tmp
     assert "search picks: --config.global_batch=8 --config.mesh.data=4 --config.mesh.fsdp=1" in out
 
 
+def test_search_can_be_narrowed(tmp_path, capsys):
+    rows = _plan(tmp_path, "--devices", "4", "--search", "--search-batches", "2", "--search-fsdp", "1,4")
+    assert [(r["batch_per_chip"], r["mesh"]["fsdp"], r["remat"]) for r in rows] == [
+        (2, 1, False),
+        (2, 1, True),
+        (2, 4, False),
+        (2, 4, True),
+    ]
+    rows = _plan(tmp_path, "--devices", "4", "--search", "--search-batches", "1", "--search-remat", "on")
+    assert {r["remat"] for r in rows} == {True} and len(rows) == 3
+    assert main(["plan", "--config", CONFIG, "--devices", "4", "--search-fsdp", "2"]) == 2
+    assert "narrow --search: add --search" in capsys.readouterr().err
+    assert main(["plan", "--config", CONFIG, "--devices", "4", "--search", "--search-fsdp", "3"]) == 2
+    assert "--search-fsdp must divide the 4 chips" in capsys.readouterr().err
+
+
 def test_bad_targets(monkeypatch, capsys):
     assert main(["plan", "--config", CONFIG]) == 2
     assert "give exactly one target" in capsys.readouterr().err
