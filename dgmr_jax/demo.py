@@ -170,5 +170,8 @@ def run_demo(
     (out / "results.md").write_text(f"# dgmr-jax demo\n\nsettings: {json.dumps(settings)}\n\n{table}\n")
     (out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
     _plot(out, methods, rows)
-    print(f"\n{table}\n\nfinished in {minutes:.1f} min; table, prune reports and demo.png in {out}")
+    print(
+        f"\n{table}\n\nfinished in {minutes:.1f} min; table, prune reports, demo.png and the distilled students "
+        f"(model directories runs/<method>/model) in {out}"
+    )
     return rows
