@@ -61,8 +61,13 @@ def _export(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {len(sd)} tensors in the {family} layout (MLP widths {sorted(set(cfg.mlp_hidden))})")
 
 
+def _ints(text: str | None) -> list[int] | None:
+    """Comma-separated integers of a flag, or None for an absent flag."""
+    return [int(v) for v in text.split(",")] if text else None
+
+
 def _hidden(text: str) -> int | list[int]:
-    values = [int(v) for v in text.split(",")]
+    values = _ints(text)
     return values[0] if len(values) == 1 else values
 
 
@@ -149,10 +154,6 @@ def _distill(args: argparse.Namespace) -> None:
     )
 
 
-def _ints(text: str | None) -> list[int] | None:
-    return [int(v) for v in text.split(",")] if text else None
-
-
 def _gib(n: float) -> str:
     return f"{n / 2**30:.3g}"
 
@@ -204,13 +205,12 @@ def _plan(args: argparse.Namespace) -> None:
             mesh = dict(variant.mesh)
             print(f"[{i}/{len(variants)}] batch {variant.global_batch}, mesh {mesh}, remat {variant.student.remat}")
         try:
-            row = planner.plan_step(variant, target, args.mfu)
+            row = planner.plan_step(variant, target, args.mfu, args.hbm_gib, args.peak_tflops)
         except ValueError as err:
             if not args.search:
                 raise
             print(f"  skipped: {err}")
             continue
-        row = planner.with_hbm(row, args.hbm_gib, args.peak_tflops, args.mfu)
         rows.append(row)
         print(_plan_lines(row))
     if args.out:

@@ -11,6 +11,7 @@ Paths may be local or gs://. Sharded jax.Arrays are written by every process hol
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -112,14 +113,25 @@ def load_params(directory: PathLike, only: Params | None = None) -> Params:
     if only is not None:
         names = sorted({_group_of(key) for key in only})
     params: Params = {}
-    with ocp.PyTreeCheckpointer() as ckpt:
-        for name in names:
-            as_numpy = jax.tree_util.tree_map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), ckpt.metadata(root / name).item_metadata.tree
-            )
-            group = ckpt.restore(root / name, restore_args=as_numpy)
-            params.update({k: v for k, v in group.items() if only is None or k in only})
+    for name in names:
+        group = restore_numpy(root / name)
+        params.update({k: v for k, v in group.items() if only is None or k in only})
     return params
+
+
+def restore_numpy(path: PathLike, keys: Sequence[str] | None = None) -> dict[str, Any]:
+    """An Orbax PyTree checkpoint as numpy arrays on this host, whatever sharding it was saved with; `keys`
+    restores only those top-level entries (entries saved empty, e.g. a missing EMA, are left out)."""
+    path = as_path(path)
+    with ocp.PyTreeCheckpointer() as ckpt:
+        tree = ckpt.metadata(path).item_metadata.tree
+        if keys is not None:
+            tree = {k: tree[k] for k in keys if tree.get(k)}
+            if not tree:
+                return {}
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        restore = ocp.args.PyTreeRestore(item=tree, restore_args=as_numpy, partial_restore=keys is not None)
+        return ckpt.restore(path, args=restore)
 
 
 def load_model(directory: PathLike) -> tuple[ModelConfig, Params]:

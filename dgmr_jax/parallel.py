@@ -113,8 +113,8 @@ class DevicePrefetch:
     """A host batch iterator whose next batch goes onto the mesh while the current step runs.
 
     Call `prefetch()` right after dispatching a step: the host reads and transfers batch k+1 while the
-    device computes step k. `get_state`/`set_state` (what grain's checkpoint handler calls) describe the
-    batches handed out so far, not the one prefetched, so a resume continues exactly.
+    device computes step k. `get_state` (what grain's checkpoint handler saves) describes the batches handed
+    out so far, not the one prefetched, so a resume continues exactly; restore the wrapped iterator itself.
     """
 
     def __init__(self, iterator: Any, mesh: Mesh):
@@ -138,10 +138,6 @@ class DevicePrefetch:
 
     def get_state(self) -> Any:
         return self._ahead[0] if self._ahead else self._iterator.get_state()
-
-    def set_state(self, state: Any) -> None:
-        self._iterator.set_state(state)
-        self._ahead = None
 
 
 def sync_processes(name: str) -> None:

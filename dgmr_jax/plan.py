@@ -109,8 +109,15 @@ def _bytes_per_chip(shapes: Any, shardings: Any) -> int:
     return total
 
 
-def plan_step(config: ml_collections.ConfigDict, target: Target, mfu: float = 0.4) -> dict[str, Any]:
-    """Compile the recipe's train step for `target`; per-chip memory (bytes), FLOPs and timings."""
+def plan_step(
+    config: ml_collections.ConfigDict,
+    target: Target,
+    mfu: float = 0.4,
+    hbm_gib: float | None = None,
+    peak_tflops: float | None = None,
+) -> dict[str, Any]:
+    """Compile the recipe's train step for `target`; per-chip memory (bytes), FLOPs and timings. HBM and peak
+    default to the TPU generation's; `hbm_gib` / `peak_tflops` override them (and give CPU targets both)."""
     mesh = make_mesh(**dict(config.mesh), devices=target.devices)
     check_batch(config.global_batch, mesh)
     teacher_cfg, model_cfg = model_configs(config)
@@ -148,15 +155,8 @@ def plan_step(config: ml_collections.ConfigDict, target: Target, mfu: float = 0.
     }
     # donated state: outputs reuse the argument buffers they alias
     row["total"] = row["arguments"] + row["outputs"] - row["aliased"] + row["temp"]
-    if target.chip:
-        row["hbm"] = target.chip.hbm_gib * GIB
-        row["step_s"] = row["flops_analytic"] / (target.chip.peak_tflops * 1e12 * mfu)
-    return row
-
-
-def with_hbm(row: dict[str, Any], hbm_gib: float | None, peak_tflops: float | None, mfu: float) -> dict[str, Any]:
-    """Apply user overrides of the chip's HBM and peak to a plan row."""
-    row = dict(row)
+    hbm_gib = hbm_gib or (target.chip and target.chip.hbm_gib)
+    peak_tflops = peak_tflops or (target.chip and target.chip.peak_tflops)
     if hbm_gib:
         row["hbm"] = hbm_gib * GIB
     if peak_tflops:

@@ -14,6 +14,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from dgmr_jax.paths import is_uri
+
 # .tar covers the ImageNet-example convention "checkpoint.pth.tar" (a torch zip file, not a tar archive).
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 # Harmless classes that training scripts pickle beside the weights; torch.load(weights_only=True) refuses
@@ -230,7 +232,7 @@ def open_state_dict(src: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, 
     """
     if isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
-        if "://" in path:
+        if is_uri(path):
             raise CheckpointError(
                 f"{path}: PyTorch checkpoints are read from local disk; copy it first (gcloud storage cp)"
             )

@@ -36,7 +36,7 @@ from dgmr_jax.distill.step import (
     make_step,
     state_shardings,
 )
-from dgmr_jax.model_dir import load_config, load_model
+from dgmr_jax.model_dir import load_config, load_params
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import preset
 from dgmr_jax.models.vit import init_params, logical_axes, param_shapes
@@ -61,7 +61,7 @@ def load_teacher(tc: ml_collections.ConfigDict) -> tuple[ModelConfig, Params, di
     benchmarks) a seeded random init."""
     if tc.model_dir:
         cfg, meta = load_config(tc.model_dir)
-        return cfg, load_model(tc.model_dir)[1], {**meta, "source": str(as_path(tc.model_dir))}
+        return cfg, load_params(tc.model_dir), {**meta, "source": str(as_path(tc.model_dir))}
     meta = {"family": tc.family}
     if tc.checkpoint:
         from dgmr_jax.convert import from_torch
@@ -79,7 +79,7 @@ def build_student(
     from the teacher now."""
     if sc.model_dir:
         cfg, meta = load_config(sc.model_dir)
-        return cfg, load_model(sc.model_dir)[1], meta
+        return cfg, load_params(sc.model_dir), meta
     cfg, params = prune_mlp(teacher_cfg, teacher, method=sc.method, mlp_ratio=sc.mlp_ratio)
     return cfg, params, {**teacher_meta, "pruned": {"method": sc.method, "mlp_ratio": sc.mlp_ratio}}
 
@@ -199,12 +199,12 @@ def build_run(config: ml_collections.ConfigDict, workdir: PathLike) -> Run:
     check_batch(config.global_batch, mesh)
     opt = optim_config(config)
     source = make_source(config.data)  # bad data paths fail before the (possibly huge) models load
-    img_size = config.data.img_size or model_configs(config)[1].img_size
-    sig = workdir_lib.signature(config, source, img_size)
+    sig = workdir_lib.signature(config, source)
     workdir_lib.check_resume(workdir, sig)
 
     teacher_cfg, teacher, teacher_meta = load_teacher(config.teacher)
     model_cfg, student, student_meta = build_student(config.student, teacher_cfg, teacher, teacher_meta)
+    img_size = config.data.img_size or model_cfg.img_size
     mean, std = data_lib.model_mean_std(teacher_meta)
     student_meta = {**student_meta, "preprocess": data_lib.preprocess_meta(mean, std, img_size)}
     workdir_lib.record_run(workdir, sig, model_cfg, student_meta)

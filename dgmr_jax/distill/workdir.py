@@ -12,11 +12,9 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
-from dgmr_jax.model_dir import save_model
+from dgmr_jax.model_dir import restore_numpy, save_model
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.paths import PathLike, as_path
 
@@ -26,7 +24,7 @@ FINAL_MODEL = "model"  # workdir/model: the student at the end of the run
 STEP_MODELS = "models"  # workdir/models/step_<N>: students written on request (--export-every, --from-checkpoint)
 
 
-def signature(config: ml_collections.ConfigDict, source: Any, img_size: int) -> dict[str, Any]:
+def signature(config: ml_collections.ConfigDict, source: Any) -> dict[str, Any]:
     """The inputs a run's checkpoints and data-iterator state depend on (not the schedule: runs may be
     extended), named by the `--config.` fields that set them."""
     tc, sc, dc = config.teacher, config.student, config.data
@@ -36,7 +34,7 @@ def signature(config: ml_collections.ConfigDict, source: Any, img_size: int) -> 
         "teacher": teacher,
         "student": student,
         "data": repr(source),
-        "data.img_size": img_size,
+        "data.img_size": dc.img_size,  # 0: the student's own, fixed by the models signed above
         "data.seed": dc.seed,
         "global_batch": config.global_batch,
     }
@@ -95,17 +93,10 @@ def student_from_checkpoint(workdir: PathLike, step: int, out: PathLike | None =
     steps = saved_steps(workdir)
     if step not in steps:
         raise ValueError(f"--from-checkpoint {step}: {workdir / CHECKPOINTS} holds steps {steps or 'none'}")
-    path = workdir / CHECKPOINTS / str(step) / "state"
     key = "ema" if ema else "params"
-    with ocp.PyTreeCheckpointer() as ckpt:
-        tree = ckpt.metadata(path).item_metadata.tree
-        if not tree.get(key):
-            raise ValueError(f"step {step} holds no EMA weights (the run had optim.ema_decay = 0); drop --ema")
-        target = {key: tree[key]}
-        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-        params = ckpt.restore(
-            path, args=ocp.args.PyTreeRestore(item=target, restore_args=as_numpy, partial_restore=True)
-        )[key]
+    params = restore_numpy(workdir / CHECKPOINTS / str(step) / "state", [key]).get(key)
+    if params is None:
+        raise ValueError(f"step {step} holds no EMA weights (the run had optim.ema_decay = 0); drop --ema")
     cfg = ModelConfig.from_dict(record["student"]["config"])
     out = out or workdir / STEP_MODELS / f"step_{step}"
     return write_student(out, cfg, record["student"]["meta"], params, step, ema, workdir)
