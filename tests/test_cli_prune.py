@@ -12,10 +12,11 @@ from reference import images, rel_err, small_timm, timm, timm_outputs, to_nhwc, 
 import dgmr_jax as dj
 from dgmr_jax.cli import main
 from dgmr_jax.convert.checkpoint_io import save_safetensors
-from dgmr_jax.data import ImageFolderSource, family_mean_std
+from dgmr_jax.data import ImageFolderSource
 from dgmr_jax.eval.features import EvalBatches
 from dgmr_jax.model_dir import load_model
 from dgmr_jax.models.tree import flatten
+from dgmr_jax.preprocess import published
 from dgmr_jax.prune.taylor import taylor_scores
 
 
@@ -77,8 +78,8 @@ def test_taylor_prune_from_the_cli_equals_taylor_scores_in_memory(checkpoint, tm
     assert main(argv) == 0
 
     full_cfg, full = dj.convert.from_torch(path, arch=cfg)
-    mean, std = family_mean_std("timm")
-    batches = list(EvalBatches(ImageFolderSource(folder), batch_size=2, img_size=cfg.img_size, mean=mean, std=std))
+    view = published(cfg.name).eval_view(cfg.img_size)  # what the checkpoint's arch was trained with
+    batches = list(EvalBatches(ImageFolderSource(folder), batch_size=2, img_size=cfg.img_size, **view))
     scores = taylor_scores(full_cfg, full, [b["images"] for b in batches[:2]])  # the first 4 images
     mem_cfg, mem = dj.prune.prune_mlp(full_cfg, full, method="taylor", mlp_ratio=0.5, scores=scores)
     cli_cfg, cli = load_model(out)

@@ -8,10 +8,11 @@ import pytest
 from PIL import Image
 
 from dgmr_jax import data
+from dgmr_jax.preprocess import CLIP_MEAN, CLIP_STD
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-MEAN, STD = data.CLIP_MEAN, data.CLIP_STD
+MEAN, STD = CLIP_MEAN, CLIP_STD
 BATCH, SIZE = 4, 16
 
 
@@ -136,13 +137,6 @@ def test_crop_follows_torchvision_rules():
     img = Image.fromarray(_noise(0, 28, 40))
     want = img.resize((22, 16), Image.BICUBIC).crop((3, 0, 19, 16))
     np.testing.assert_array_equal(np.asarray(data.resize_center_crop(img, 16)), np.asarray(want))
-
-
-def test_family_mean_std():
-    assert data.family_mean_std("dinov2") == (data.IMAGENET_MEAN, data.IMAGENET_STD)
-    assert data.family_mean_std("eva_clip") == (data.CLIP_MEAN, data.CLIP_STD)
-    with pytest.raises(ValueError, match="unknown model family"):
-        data.family_mean_std("resnet")
 
 
 def test_same_seed_same_batches_other_seed_other_order(folder):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,14 @@ import numpy as np
 from dgmr_jax.convert.checkpoint_io import CheckpointError, open_state_dict
 from dgmr_jax.convert.hooks import HOOKS
 from dgmr_jax.convert.keymaps import DERIVED, FAMILIES, Rule, rules, torch_prefix
+from dgmr_jax.layer_source import LayerSource
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import preset
-from dgmr_jax.models.tree import flatten, is_scanned, stack_blocks, unflatten, unstack_blocks
+from dgmr_jax.models.tree import Params, flatten, is_scanned, stack_blocks, unflatten, unstack_blocks
 from dgmr_jax.models.vit import init_params, param_shapes, set_image_size
 
-Params = dict[str, Any]
 _LISTED = 12  # names shown per kind of mismatch in an error
+_BLOCK = re.compile(r"^blocks_(\d+)/")
 
 
 def resolve_config(arch: str | ModelConfig, family: str) -> ModelConfig:
@@ -138,6 +140,54 @@ def checkpoint_image_size(sd: Mapping[str, np.ndarray], cfg: ModelConfig, family
     return cfg.replace(img_size=side * cfg.patch_size)
 
 
+class CheckpointSource(LayerSource):
+    """A PyTorch checkpoint of `family` as a layer source: key names are checked against the rules when it is
+    opened (nothing read yet), tensors are converted one block at a time (.safetensors read lazily)."""
+
+    def __init__(self, src: str | os.PathLike | Mapping[str, Any], family: str, arch: str | ModelConfig):
+        cfg = resolve_config(arch, family)
+        self._raw = open_state_dict(src)
+        self._sd = VisionEntries(self._raw, family)
+        self.cfg = checkpoint_image_size(self._sd, cfg, family)
+        self.meta = {"family": family, "source": "state dict" if isinstance(src, Mapping) else os.fspath(src)}
+        self.family, self.arch = family, arch
+        self.shapes = flatten(param_shapes(self.cfg.replace(scan_layers=False)))
+        self._rules: dict[int | None, list[Rule]] = {}
+        for rule in rules(self.cfg, family):
+            m = _BLOCK.match(rule.flax[0])
+            self._rules.setdefault(int(m.group(1)) if m else None, []).append(rule)
+
+    @property
+    def table(self) -> list[Rule]:
+        return [r for group in self._rules.values() for r in group]
+
+    def key_problems(self) -> list[str]:
+        """Missing and unexpected torch names against the rules (no tensor is read)."""
+        return check_keys(self._sd, self.table)
+
+    def error(self, problems: list[str]) -> CheckpointError:
+        return mismatch_error(problems, self.family, self.arch, self.cfg, self._raw)
+
+    def convert(self, key: int | None | str = "all") -> tuple[dict[str, np.ndarray], list[str]]:
+        """({flax path: array}, mis-shaped notes) of block `key`, the non-block params (None) or "all"."""
+        return convert_rules(self._sd, self.table if key == "all" else self._rules[key], self.shapes)
+
+    def _strict(self, key: int | None) -> Params:
+        problems = self.key_problems()
+        flat, misshaped = self.convert(key)
+        if misshaped:
+            problems.append(listing("mis-shaped keys", misshaped))
+        if problems:
+            raise self.error(problems)
+        return unflatten(flat)
+
+    def top(self) -> Params:
+        return self._strict(None)
+
+    def block(self, i: int) -> Params:
+        return self._strict(i)[f"blocks_{i}"]
+
+
 def from_torch(
     src: str | os.PathLike | Mapping[str, Any],
     family: str = "timm",
@@ -154,19 +204,14 @@ def from_torch(
     with strict=False only keys that fit are loaded and the rest keep their random init.
     Arrays keep the checkpoint's dtype, so to_torch(from_torch(sd)) reproduces sd bit for bit.
     """
-    cfg = resolve_config(arch, family)
-    raw = open_state_dict(src)
-    sd = VisionEntries(raw, family)
-    cfg = checkpoint_image_size(sd, cfg, family)
-    table = rules(cfg, family)
-    problems = check_keys(sd, table)
-    shapes = flatten(param_shapes(cfg.replace(scan_layers=False)))
-    flat, misshaped = convert_rules(sd, table, shapes)
+    source = CheckpointSource(src, family, arch)
+    cfg, problems = source.cfg, source.key_problems()
+    flat, misshaped = source.convert()
     if misshaped:
         problems.append(listing("mis-shaped keys", misshaped))
     if problems and strict:
-        raise mismatch_error(problems, family, arch, cfg, raw)
-    if not strict and len(flat) < len(shapes):
+        raise source.error(problems)
+    if not strict and len(flat) < len(source.shapes):
         flat = {**flatten(init_params(cfg.replace(scan_layers=False))), **flat}
     params = unflatten(flat)
     if img_size is not None:

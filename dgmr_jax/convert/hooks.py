@@ -62,6 +62,22 @@ def _token_to_vector(xs: Arrays) -> Arrays:
     return [xs[0].reshape(-1)]
 
 
+def _columns_to_fused(xs: Arrays) -> Arrays:  # q, k, v as (in, out) MatMul weights or biases -> (in, 3 out)
+    return [np.ascontiguousarray(np.concatenate(xs, axis=-1))]
+
+
+def _fused_to_columns(xs: Arrays) -> Arrays:
+    return [np.ascontiguousarray(w) for w in np.split(xs[0], 3, axis=-1)]
+
+
+def _join_tokens(xs: Arrays) -> Arrays:  # class-token (1, 1, D) and grid (1, N, D) position rows -> (1, 1 + N, D)
+    return [np.ascontiguousarray(np.concatenate([x.reshape(1, -1, x.shape[-1]) for x in xs], axis=1))]
+
+
+def _split_tokens(xs: Arrays) -> Arrays:
+    return [np.ascontiguousarray(xs[0][:, :1]), np.ascontiguousarray(xs[0][:, 1:])]
+
+
 HOOKS: dict[str, tuple[Callable[[Arrays], Arrays], Callable[[Arrays], Arrays]]] = {
     "copy": (_copy, _copy),
     "linear": (_transpose, _transpose),
@@ -70,4 +86,6 @@ HOOKS: dict[str, tuple[Callable[[Arrays], Arrays], Callable[[Arrays], Arrays]]] 
     "packed": (_packed_to_flax, _packed_to_torch),
     "rows": (_batch, _unbatch),
     "vector": (_vector_to_token, _token_to_vector),
+    "qkv_columns": (_columns_to_fused, _fused_to_columns),  # ONNX graphs: per-role MatMul weights
+    "prefix_grid": (_join_tokens, _split_tokens),  # ONNX graphs: class-token and grid position rows
 }

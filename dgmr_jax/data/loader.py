@@ -97,11 +97,13 @@ def make_loader(
     worker_count: int = 0,
     train: bool = True,
     resize_size: int | None = None,
+    interpolation: str = "bicubic",
 ) -> grain.DataLoader:
     """Batches of normalized images from `source` for this host (layout in the module docstring).
 
     train=True: shuffled with `seed`, RandomResizedCrop(img_size, scale, ratio) + optional flip.
     train=False: source order, resize shorter side to `resize_size` (default img_size) + center crop.
+    Resizing uses PIL's `interpolation` filter ("bicubic" or "bilinear", as the model was trained).
     Partial batches are dropped (fixed shapes for jit), as are the records beyond
     `shard_count * (len(source) // shard_count)`. An example's crop/flip depends only on
     (seed, its global position in the sampled stream); which examples share a batch also depends
@@ -137,9 +139,11 @@ def make_loader(
         seed=seed,
     )
     if train:
-        transform = TrainTransform(img_size, scale=scale, ratio=ratio, flip=flip, mean=mean, std=std)
+        transform = TrainTransform(
+            img_size, scale=scale, ratio=ratio, flip=flip, mean=mean, std=std, interpolation=interpolation
+        )
     else:
-        transform = EvalTransform(img_size, resize_size=resize_size, mean=mean, std=std)
+        transform = EvalTransform(img_size, resize_size=resize_size, mean=mean, std=std, interpolation=interpolation)
     return grain.DataLoader(
         data_source=_RecordKeys(source),
         sampler=sampler,

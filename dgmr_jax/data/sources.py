@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 import grain
+import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from dgmr_jax.paths import as_path, is_uri
@@ -161,12 +162,21 @@ class TfdsSource:
         except NotImplementedError as err:  # prepared as tfrecord: no random access
             raise ValueError(f"TFDS dataset {name!r} is not stored as array_record; {how}") from err
         self.name, self.split, self.image_key = name, split, image_key
+        self._features = builder.info.features
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, i: int) -> bytes:
         return self._source[i][self.image_key]
+
+    def labels(self, label_key: str = "label") -> tuple[np.ndarray, list[str]]:
+        """(int label of every record, class names) from a ClassLabel feature (reads every record once)."""
+        feature = self._features.get(label_key)
+        names = getattr(feature, "names", None)
+        if names is None:
+            raise ValueError(f"TFDS dataset {self.name!r} has no ClassLabel feature {label_key!r}: it is unlabeled")
+        return np.array([int(self._source[i][label_key]) for i in range(len(self))], np.int64), list(names)
 
     def __repr__(self) -> str:
         return f"TfdsSource(name={self.name!r}, split={self.split!r}, num_records={len(self)})"

@@ -11,46 +11,15 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 _log = logging.getLogger(__name__)
-
-_FAMILY_STATS = {
-    "timm": (IMAGENET_MEAN, IMAGENET_STD),
-    "dinov2": (IMAGENET_MEAN, IMAGENET_STD),
-    "open_clip": (CLIP_MEAN, CLIP_STD),
-    "eva_clip": (CLIP_MEAN, CLIP_STD),
-}
-
-
-def family_mean_std(family: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) that a model family was trained with: ImageNet's for timm/dinov2, CLIP's otherwise."""
-    if family not in _FAMILY_STATS:
-        raise ValueError(f"unknown model family {family!r}; expected one of {sorted(_FAMILY_STATS)}")
-    return _FAMILY_STATS[family]
-
-
-def model_mean_std(meta: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) for a model directory's meta: its stored `preprocess`, else its family's statistics."""
-    stored = meta.get("preprocess")
-    if stored:
-        return tuple(stored["mean"]), tuple(stored["std"])
-    return family_mean_std(meta.get("family", "timm"))
-
-
-def preprocess_meta(mean: Sequence[float], std: Sequence[float], img_size: int) -> dict[str, Any]:
-    """What a model directory records of its input pipeline, so later stages feed it the same images."""
-    return {"mean": list(mean), "std": list(std), "img_size": img_size, "interpolation": "bicubic"}
+_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
 def decode_rgb(data: bytes) -> Image.Image:
@@ -90,21 +59,28 @@ def random_resized_crop_box(
 
 
 def random_resized_crop(
-    img: Image.Image, size: int, scale: Sequence[float], ratio: Sequence[float], rng: np.random.Generator
+    img: Image.Image,
+    size: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    rng: np.random.Generator,
+    interpolation: str = "bicubic",
 ) -> Image.Image:
-    """Random crop (torchvision semantics) resized to size x size with PIL bicubic."""
+    """Random crop (torchvision semantics) resized to size x size with PIL's `interpolation` filter."""
     top, left, h, w = random_resized_crop_box(img.width, img.height, scale, ratio, rng)
-    return img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+    return img.crop((left, top, left + w, top + h)).resize((size, size), _FILTERS[interpolation])
 
 
-def resize_center_crop(img: Image.Image, size: int, resize_size: int | None = None) -> Image.Image:
-    """Eval view: bicubic-resize the shorter side to `resize_size` (default `size`), center-crop size x size."""
+def resize_center_crop(
+    img: Image.Image, size: int, resize_size: int | None = None, interpolation: str = "bicubic"
+) -> Image.Image:
+    """Eval view: resize the shorter side to `resize_size` (default `size`), center-crop size x size."""
     resize_size = size if resize_size is None else resize_size
     if img.width <= img.height:
         new_w, new_h = resize_size, int(resize_size * img.height / img.width)
     else:
         new_w, new_h = int(resize_size * img.width / img.height), resize_size
-    img = img.resize((new_w, new_h), Image.BICUBIC)
+    img = img.resize((new_w, new_h), _FILTERS[interpolation])
     top, left = round((new_h - size) / 2), round((new_w - size) / 2)
     return img.crop((left, top, left + size, top + size))
 
@@ -152,7 +128,7 @@ def _with_images(element: dict[str, Any], images: np.ndarray) -> dict[str, Any]:
 
 
 class TrainTransform(grain.transforms.RandomMap):
-    """Random resized crop (bicubic), optional horizontal flip, normalize; image -> "images" float32 (H, W, 3)."""
+    """Random resized crop, optional horizontal flip, normalize; image -> "images" float32 (H, W, 3)."""
 
     def __init__(
         self,
@@ -163,11 +139,13 @@ class TrainTransform(grain.transforms.RandomMap):
         flip: bool,
         mean: Sequence[float],
         std: Sequence[float],
+        interpolation: str = "bicubic",
     ) -> None:
         self.size, self.scale, self.ratio, self.flip, self.mean, self.std = size, scale, ratio, flip, mean, std
+        self.interpolation = interpolation
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        img = random_resized_crop(element["image"], self.size, self.scale, self.ratio, rng)
+        img = random_resized_crop(element["image"], self.size, self.scale, self.ratio, rng, self.interpolation)
         if self.flip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return _with_images(element, normalize(img, self.mean, self.std))
@@ -177,10 +155,17 @@ class EvalTransform(grain.transforms.Map):
     """Resize shorter side, center crop, normalize; image -> "images" float32 (H, W, 3)."""
 
     def __init__(
-        self, size: int, *, resize_size: int | None = None, mean: Sequence[float], std: Sequence[float]
+        self,
+        size: int,
+        *,
+        resize_size: int | None = None,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str = "bicubic",
     ) -> None:
         self.size, self.resize_size, self.mean, self.std = size, resize_size, mean, std
+        self.interpolation = interpolation
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
-        img = resize_center_crop(element["image"], self.size, self.resize_size)
+        img = resize_center_crop(element["image"], self.size, self.resize_size, self.interpolation)
         return _with_images(element, normalize(img, self.mean, self.std))

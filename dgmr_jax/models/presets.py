@@ -27,6 +27,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "vit_small_patch16_224": dict(_TIMM_VIT, width=384, depth=12, num_heads=6, hidden=1536),
     "vit_base_patch16_224": dict(_TIMM_VIT, width=768, depth=12, num_heads=12, hidden=3072),
     "vit_large_patch16_224": dict(_TIMM_VIT, width=1024, depth=24, num_heads=16, hidden=4096),
+    "vit_base_patch16_clip_224": dict(
+        _TIMM_VIT, width=768, depth=12, num_heads=12, hidden=3072, pre_norm=True, patch_bias=False, norm_eps=1e-5
+    ),
     "deit_tiny_patch16_224": dict(_TIMM_VIT, width=192, depth=12, num_heads=3, hidden=768),
     "deit_small_patch16_224": dict(_TIMM_VIT, width=384, depth=12, num_heads=6, hidden=1536),
     "deit_base_patch16_224": dict(_TIMM_VIT, width=768, depth=12, num_heads=12, hidden=3072),

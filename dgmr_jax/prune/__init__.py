@@ -1,7 +1,17 @@
 """DGMR pruning: neuron selection, functional MLP slicing, cost accounting, streamed pruning."""
 
 from dgmr_jax.prune.cost import count_flops, count_params, layer_macs
-from dgmr_jax.prune.mlp import LayerReport, prune_mlp, target_widths
+from dgmr_jax.prune.mlp import LayerReport, prune_mlp, prune_source, prune_to_dir, target_widths
 from dgmr_jax.prune.select import select_neurons
 
-__all__ = ["LayerReport", "count_flops", "count_params", "layer_macs", "prune_mlp", "select_neurons", "target_widths"]
+__all__ = [
+    "LayerReport",
+    "count_flops",
+    "count_params",
+    "layer_macs",
+    "prune_mlp",
+    "prune_source",
+    "prune_to_dir",
+    "select_neurons",
+    "target_widths",
+]

