@@ -122,13 +122,13 @@ def open_model(
     """Open `spec` ({SPECS}) as a layer source.
 
     family/arch: the layout and architecture of a PyTorch checkpoint; seed and overrides (ModelConfig fields,
-    e.g. depth=2) of a preset:NAME; img_size: the ONNX teacher's resolution. preprocess overrides the
+    e.g. depth=2) of a preset:NAME; img_size: the resolution of a preset or of the ONNX teacher. preprocess overrides the
     published settings recorded in meta (model directories keep what they record).
     """
     spec = os.fspath(spec)
     if spec.startswith("preset:"):
         name = spec[len("preset:") :]
-        cfg = preset(name, **overrides)
+        cfg = preset(name, **overrides, **({"img_size": img_size} if img_size else {}))
         meta = with_preprocess(
             {"family": family or "timm", "source": f"random init of {name}"}, name, preprocess, cfg.img_size
         )

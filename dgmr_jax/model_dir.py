@@ -20,13 +20,12 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.models.tree import flatten, unflatten
+from dgmr_jax.models.tree import Params, flatten, unflatten
 from dgmr_jax.parallel import sync_processes
 from dgmr_jax.paths import PathLike, as_path
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
-Params = dict[str, Any]
 _REST = "rest"
 
 

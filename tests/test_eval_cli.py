@@ -68,7 +68,7 @@ def test_eval_errors(model_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(model_dir), "--train", str(flat), "--test", str(flat)]) == 2
     assert "images must sit in class subfolders" in capsys.readouterr().err
     assert main(["eval", "--model", str(model_dir), "--train", str(tmp_path / "nope")]) == 2
-    assert "neither 'mnist5k' nor a folder" in capsys.readouterr().err
+    assert "is not a folder, nor one of mnist5k, skimage, lfw" in capsys.readouterr().err
 
 
 def test_eval_skips_unreadable_images_like_removing_them(model_dir, tmp_path, capsys):

@@ -18,9 +18,8 @@ from dgmr_jax.convert.checkpoint_io import CheckpointError, open_state_dict
 from dgmr_jax.convert.core import RenamedEntries, check_keys, convert_rules, export_rules, listing
 from dgmr_jax.convert.keymaps import Rule, linear_rules, norm_rules
 from dgmr_jax.models.text import TextConfig, resolve_text_config, text_param_shapes
-from dgmr_jax.models.tree import flatten, unflatten
+from dgmr_jax.models.tree import Params, flatten, unflatten
 
-Params = dict[str, Any]
 VISION_PREFIX = "visual."
 TEXT_PREFIX = "text."  # CustomTextCLIP / EVA-CLIP
 DERIVED = ("attn_mask",)

@@ -2,7 +2,7 @@
 
 from dgmr_jax.data.builtin import SKIMAGE_PHOTOS, LfwSubsetSource, Mnist5kSource, SkimagePhotosSource
 from dgmr_jax.data.loader import SkipCounter, loader_state, make_loader, restore_loader, skipped_total
-from dgmr_jax.data.open import Images, open_images
+from dgmr_jax.data.open import KINDS, Images, open_images
 from dgmr_jax.data.sources import (
     IMAGE_EXTENSIONS,
     ArrayRecordSource,
@@ -23,6 +23,7 @@ from dgmr_jax.data.transforms import (
 )
 
 __all__ = [
+    "KINDS",
     "SKIMAGE_PHOTOS",
     "LfwSubsetSource",
     "Mnist5kSource",

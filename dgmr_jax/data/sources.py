@@ -172,8 +172,7 @@ class TfdsSource:
 
     def labels(self, label_key: str = "label") -> tuple[np.ndarray, list[str]]:
         """(int label of every record, class names) from a ClassLabel feature (reads every record once)."""
-        feature = self._features.get(label_key)
-        names = getattr(feature, "names", None)
+        names = getattr(self._features[label_key], "names", None) if label_key in self._features else None
         if names is None:
             raise ValueError(f"TFDS dataset {self.name!r} has no ClassLabel feature {label_key!r}: it is unlabeled")
         return np.array([int(self._source[i][label_key]) for i in range(len(self))], np.int64), list(names)

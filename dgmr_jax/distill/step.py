@@ -15,10 +15,9 @@ from jax.sharding import Mesh
 
 from dgmr_jax.distill.loss import distill_loss, features
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.tree import Params
 from dgmr_jax.models.vit import logical_axes, param_shapes
 from dgmr_jax.parallel import batch_sharding, replicated, tree_shardings
-
-Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)

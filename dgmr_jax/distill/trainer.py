@@ -86,6 +86,8 @@ def build_student(
 
 def make_source(dc: ml_collections.ConfigDict) -> Any:
     """The unlabeled images of `config.data` (data.kind says how to read data.path; see data.open_images)."""
+    if dc.kind not in data_lib.KINDS:
+        raise ValueError(f"unknown data.kind {dc.kind!r}; choose one of {', '.join(data_lib.KINDS)}")
     if not dc.path and dc.kind != "mnist5k":
         what = {"folder": "an image folder", "array_record": "ArrayRecord files or a glob", "tfds": "a TFDS name"}
         raise ValueError(

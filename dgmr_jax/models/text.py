@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dgmr_jax.models.layers import activation, axes_tree, dense, init_tree, layer_norm, partitioned, shape_tree
+from dgmr_jax.models.tree import Params
 
-Params = dict[str, Any]
 ACTIVATIONS = ("gelu", "quick_gelu")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,8 +21,7 @@ from dgmr_jax.models.layers import (
     shape_tree,
 )
 from dgmr_jax.models.posemb import apply_rope, resample_grid, resample_pos_embed, rope_tables
-
-Params = dict[str, Any]
+from dgmr_jax.models.tree import Params
 
 
 class PatchEmbed(nn.Module):

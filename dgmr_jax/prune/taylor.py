@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.models.tree import is_scanned, unstack_blocks
+from dgmr_jax.models.tree import Params, is_scanned, unstack_blocks
 from dgmr_jax.models.vit import VisionTransformer
 
-Params = dict[str, Any]
 Loss = Callable[[dict[str, jax.Array]], jax.Array]
 
 
