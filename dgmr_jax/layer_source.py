@@ -122,8 +122,8 @@ def open_model(
     """Open `spec` ({SPECS}) as a layer source.
 
     family/arch: the layout and architecture of a PyTorch checkpoint; seed and overrides (ModelConfig fields,
-    e.g. depth=2) of a preset:NAME; img_size: the resolution of a preset or of the ONNX teacher. preprocess overrides the
-    published settings recorded in meta (model directories keep what they record).
+    e.g. depth=2) of a preset:NAME; img_size: the resolution of a preset or of the ONNX teacher. `preprocess`
+    overrides the published settings recorded in meta (model directories keep what they record).
     """
     spec = os.fspath(spec)
     if spec.startswith("preset:"):
