@@ -46,18 +46,18 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
+    from dgmr_jax import open_model
     from dgmr_jax.convert import to_torch
     from dgmr_jax.convert.checkpoint_io import save_safetensors
-    from dgmr_jax.model_dir import load_config, load_params
 
     out = Path(args.out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another --out or remove it first")
     if out.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
         raise ValueError(f"--out must end in .safetensors, .pth, .pt or .bin, got {out.name}")
-    cfg, meta = load_config(args.model)
-    family = args.family or meta.get("family", "timm")
-    sd = to_torch(cfg, load_params(args.model), family=family, prefix=args.prefix)
+    model = open_model(args.model)
+    cfg, family = model.cfg, args.family or model.meta.get("family", "timm")
+    sd = to_torch(cfg, model.load(), family=family, prefix=args.prefix)
     if out.suffix == ".safetensors":
         save_safetensors(out, sd)
     else:

@@ -22,7 +22,7 @@ from dgmr_jax.distill.trainer import train
 from dgmr_jax.eval import EvalBatches, extract_features, knn_accuracy
 from dgmr_jax.eval.agreement import cosine_similarity
 from dgmr_jax.layer_source import open_model
-from dgmr_jax.model_dir import check_new_dir, load_params, save_model
+from dgmr_jax.model_dir import check_new_dir, save_model
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.tree import Params
 from dgmr_jax.preprocess import Preprocess
@@ -72,7 +72,7 @@ def _distill(out: Path, method: str, steps: int, batch: int, base_lr: float, img
     config.optim.update(base_lr=base_lr, min_lr=base_lr / 100, warmup_steps=max(steps // 10, 1), total_steps=steps)
     config.update(global_batch=batch, checkpoint_every=steps, async_checkpoint=False, log_every=max(steps // 20, 1))
     config.mesh.update(data=-1, fsdp=1, tensor=1)
-    return load_params(train(config, out / "runs" / method)["model_dir"])
+    return open_model(train(config, out / "runs" / method)["model_dir"]).load()
 
 
 def _plot(out: Path, methods: Sequence[str], rows: list[dict]) -> None:
