@@ -141,6 +141,7 @@ def test_crop_follows_torchvision_rules():
 def test_family_mean_std():
     assert data.family_mean_std("dinov2") == (data.IMAGENET_MEAN, data.IMAGENET_STD)
     assert data.family_mean_std("eva_clip") == (data.CLIP_MEAN, data.CLIP_STD)
+    assert data.family_mean_std("internvit") == (data.IMAGENET_MEAN, data.IMAGENET_STD)
     with pytest.raises(ValueError, match="unknown model family"):
         data.family_mean_std("resnet")
 

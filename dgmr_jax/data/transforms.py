@@ -30,11 +30,12 @@ _FAMILY_STATS = {
     "dinov2": (IMAGENET_MEAN, IMAGENET_STD),
     "open_clip": (CLIP_MEAN, CLIP_STD),
     "eva_clip": (CLIP_MEAN, CLIP_STD),
+    "internvit": (IMAGENET_MEAN, IMAGENET_STD),  # InternVL's image processor normalizes with ImageNet's
 }
 
 
 def family_mean_std(family: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) that a model family was trained with: ImageNet's for timm/dinov2, CLIP's otherwise."""
+    """(mean, std) that a model family was trained with: ImageNet's for timm/dinov2/internvit, CLIP's otherwise."""
     if family not in _FAMILY_STATS:
         raise ValueError(f"unknown model family {family!r}; expected one of {sorted(_FAMILY_STATS)}")
     return _FAMILY_STATS[family]
