@@ -102,6 +102,12 @@ PUBLISHED: dict[str, Preprocess] = {
     "ViT-L-14": _CLIP,
     "ViT-g-14": _CLIP,
     "ViT-bigG-14": _CLIP,
+    "EVA-CLIP-8B": _CLIP,
+    "EVA-CLIP-8B-448": _CLIP,
+    "EVA-CLIP-18B": _CLIP,
+    # InternVL resizes straight to the square input; on square images that is crop_pct 1
+    "InternViT-6B-448px-V2_5": _IMAGENET,
+    "InternViT-300M-448px-V2_5": _IMAGENET,
 }
 
 

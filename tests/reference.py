@@ -9,6 +9,9 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
 import dgmr_jax as dj  # noqa: E402
+from dgmr_jax.convert.hooks import HOOKS  # noqa: E402
+from dgmr_jax.convert.keymaps import rules  # noqa: E402
+from dgmr_jax.models.tree import flatten  # noqa: E402
 
 # timm name -> (image size, extra timm kwargs that shrink the giants)
 TIMM_SMALL = {
@@ -92,3 +95,23 @@ def small_clip(activation: str = "gelu", custom_text: bool = False, seed: int = 
     )
     text_cfg = dj.models.TextConfig(name="tiny", width=64, heads=2, layers=2, embed_dim=32, activation=activation)
     return model, vision_cfg, text_cfg
+
+
+def meta_state_dict(build) -> tuple[dict[str, tuple[int, ...]], int]:
+    """({name: shape}, parameter count) of the module build() makes on torch's meta device (no memory)."""
+    with torch.device("meta"):
+        module = build()
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}, sum(p.numel() for p in module.parameters())
+
+
+def assert_same_tree(cfg, family: str, ref_shapes: dict) -> None:
+    """The family's rules for cfg cover exactly ref_shapes' names and the Flax tree, shapes matching through
+    every hook (converted on stand-ins of a zero-byte dtype, so even an 18B tower allocates nothing)."""
+    shapes = flatten(dj.models.param_shapes(cfg))
+    table = rules(cfg, family)
+    assert {k for r in table for k in r.torch} == set(ref_shapes)
+    assert {p for r in table for p in r.flax} == set(shapes)
+    for rule in table:
+        fakes = [np.empty(ref_shapes[k], np.dtype([])) for k in rule.torch]
+        for path, value in zip(rule.flax, HOOKS[rule.hook][0](fakes), strict=True):
+            assert value.shape == tuple(shapes[path].shape), (rule, value.shape, shapes[path].shape)

@@ -11,7 +11,7 @@ from dgmr_jax.model_dir import load_config
 from dgmr_jax.models.presets import PRESETS
 from dgmr_jax.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PUBLISHED, Preprocess, published
 
-TIMM_PRESETS = sorted(name for name in PUBLISHED if not name.startswith("ViT-"))
+TIMM_PRESETS = sorted(name for name in PUBLISHED if timm.is_model(name))
 
 
 @pytest.mark.parametrize("name", TIMM_PRESETS)
@@ -32,7 +32,12 @@ def test_open_clip_presets_carry_open_clips_settings(name):
 
 
 def test_every_preset_has_published_settings():
-    assert set(PRESETS) <= set(PUBLISHED)
+    assert set(PRESETS) == set(PUBLISHED)
+    assert len(TIMM_PRESETS) == 19  # every timm-named preset is checked against timm's pretrained_cfg
+    for name in ("EVA-CLIP-8B", "EVA-CLIP-18B"):  # EVA-CLIP's processor: OpenAI CLIP statistics, bicubic
+        assert (PUBLISHED[name].mean, PUBLISHED[name].std) == (CLIP_MEAN, CLIP_STD)
+    for name in ("InternViT-6B-448px-V2_5", "InternViT-300M-448px-V2_5"):  # InternVL's: ImageNet statistics
+        assert (PUBLISHED[name].mean, PUBLISHED[name].std) == (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _checkpoint(tmp_path, name: str, config_name: str | None = None) -> tuple[str, str]:

@@ -11,7 +11,7 @@ import re
 
 from dgmr_jax.models.config import ModelConfig
 
-FAMILIES = ("timm", "open_clip", "eva_clip", "dinov2")
+FAMILIES = ("timm", "open_clip", "eva_clip", "dinov2", "internvit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,8 @@ _TIMM = dict(
     q_bias="attn.q_bias",
     v_bias="attn.v_bias",
     attn_norm="attn.norm",
+    q_norm="attn.q_norm",
+    k_norm="attn.k_norm",
     proj="attn.proj",
     ls1="ls1.gamma",
     ls2="ls2.gamma",
@@ -90,6 +92,17 @@ _NAMES = {
         gated_fc2="mlp.w3",
     ),
     "dinov2": dict(_TIMM, reg="register_tokens", packed_fc1="mlp.w12", gated_fc2="mlp.w3"),
+    # OpenGVLab's remote-code InternVisionModel; inside an InternVL chat checkpoint it sits under "vision_model."
+    "internvit": dict(
+        _TIMM,
+        prefix="vision_model.",
+        block="encoder.layers.{i}.",
+        patch="embeddings.patch_embedding",
+        cls="embeddings.class_embedding",
+        pos="embeddings.position_embedding",
+        ls1="ls1",
+        ls2="ls2",
+    ),
 }
 
 # Buffers that some checkpoints carry but that are recomputed from the config (never learned).
@@ -115,9 +128,15 @@ def linear_rules(flax: str, torch: str, bias: bool = True) -> list[Rule]:
     return out + [Rule((f"{flax}/bias",), (f"{torch}.bias",))] if bias else out
 
 
-def norm_rules(flax: str, torch: str) -> list[Rule]:
-    """A LayerNorm: torch weight / bias -> flax scale / bias."""
-    return [Rule((f"{flax}/scale",), (f"{torch}.weight",)), Rule((f"{flax}/bias",), (f"{torch}.bias",))]
+def norm_rules(flax: str, torch: str, bias: bool = True) -> list[Rule]:
+    """A LayerNorm: torch weight / bias -> flax scale / bias; an RMSNorm (bias=False): the weight alone."""
+    out = [Rule((f"{flax}/scale",), (f"{torch}.weight",))]
+    return out + [Rule((f"{flax}/bias",), (f"{torch}.bias",))] if bias else out
+
+
+def _norm(cfg: ModelConfig, flax: str, torch: str) -> list[Rule]:
+    """A norm of kind cfg.norm."""
+    return norm_rules(flax, torch, bias=cfg.norm == "layernorm")
 
 
 def _attention(cfg: ModelConfig, n: dict[str, str], f: str, t: str, family: str) -> list[Rule]:
@@ -134,8 +153,11 @@ def _attention(cfg: ModelConfig, n: dict[str, str], f: str, t: str, family: str)
         else:
             q_bias, v_bias = n["q_bias"], n["v_bias"]
         rules += [Rule((f"{f}/q_bias",), (t + q_bias,)), Rule((f"{f}/v_bias",), (t + v_bias,))]
+    if cfg.qk_norm:
+        rules += norm_rules(f"{f}/q_norm", t + n["q_norm"], bias=False)
+        rules += norm_rules(f"{f}/k_norm", t + n["k_norm"], bias=False)
     if cfg.attn_norm:
-        rules += norm_rules(f"{f}/norm", t + n["attn_norm"])
+        rules += _norm(cfg, f"{f}/norm", t + n["attn_norm"])
     return rules + linear_rules(f"{f}/proj", t + n["proj"])
 
 
@@ -152,14 +174,14 @@ def _mlp(cfg: ModelConfig, n: dict[str, str], f: str, t: str) -> list[Rule]:
     else:
         rules = linear_rules(f"{f}/fc1_g", t + n["fc1_g"]) + linear_rules(f"{f}/fc1_x", t + n["fc1_x"])
     if cfg.mlp_norm:
-        rules += norm_rules(f"{f}/norm", t + n["mlp_norm"])
+        rules += _norm(cfg, f"{f}/norm", t + n["mlp_norm"])
     return rules + linear_rules(f"{f}/fc2", t + fc2)
 
 
 def _block(cfg: ModelConfig, n: dict[str, str], i: int, family: str) -> list[Rule]:
     f, t = f"blocks_{i}", n["block"].format(i=i)
-    rules = norm_rules(f"{f}/norm1", t + n["norm1"]) + _attention(cfg, n, f"{f}/attn", t, family)
-    rules += norm_rules(f"{f}/norm2", t + n["norm2"]) + _mlp(cfg, n, f"{f}/mlp", t)
+    rules = _norm(cfg, f"{f}/norm1", t + n["norm1"]) + _attention(cfg, n, f"{f}/attn", t, family)
+    rules += _norm(cfg, f"{f}/norm2", t + n["norm2"]) + _mlp(cfg, n, f"{f}/mlp", t)
     if cfg.layer_scale:
         rules += [Rule((f"{f}/ls1/scale",), (t + n["ls1"],)), Rule((f"{f}/ls2/scale",), (t + n["ls2"],))]
     return rules
@@ -182,17 +204,17 @@ def rules(cfg: ModelConfig, family: str) -> list[Rule]:
         out.append(Rule(("mask_token",), (n["mask"],)))
     out.append(Rule(("pos_embed",), (n["pos"],), "rows" if clip else "copy"))
     if cfg.pre_norm:
-        out += norm_rules("norm_pre", n["norm_pre"])
+        out += _norm(cfg, "norm_pre", n["norm_pre"])
     for i in range(cfg.depth):
         out += _block(cfg, n, i, family)
     if cfg.final_norm:
-        out += norm_rules("norm", n["norm"])
+        out += _norm(cfg, "norm", n["norm"])
     if cfg.fc_norm:
-        out += norm_rules("fc_norm", n["fc_norm"])
+        out += _norm(cfg, "fc_norm", n["fc_norm"])
     if cfg.num_classes:
-        out += linear_rules("head", n["head"])
+        out += linear_rules("head", n["head"], bias=cfg.head_bias)
         if cfg.dist_token:
-            out += linear_rules("head_dist", n["head_dist"])
+            out += linear_rules("head_dist", n["head_dist"], bias=cfg.head_bias)
     if cfg.proj_dim:
         out.append(Rule(("proj/kernel",), ("proj",)))
     return out

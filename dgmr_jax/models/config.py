@@ -9,6 +9,9 @@ from typing import Any
 MLP_TYPES = ("gelu", "quick_gelu", "swiglu")
 QKV_BIAS = ("full", "qv", "none")
 POOLS = ("token", "avg")
+NORMS = ("layernorm", "rmsnorm")
+# "": none; "full": RMSNorm of q and of k over the whole attention width before the split into heads (InternViT-6B)
+QK_NORMS = ("", "full")
 # einsum: batched matmuls in (B, heads, N, d), softmax in float32 (the reference path);
 # dot_product_attention: jax.nn.dot_product_attention with JAX's default implementation (XLA today);
 # cudnn: jax.nn.dot_product_attention(implementation="cudnn"), cuDNN flash attention (NVIDIA GPU, bf16/fp16)
@@ -36,7 +39,9 @@ class ModelConfig:
     qkv_bias: str = "full"  # full | qv (EVA: no k bias) | none
     attn_norm: bool = False  # LayerNorm on the attention output before proj (EVA-CLIP "subln")
     layer_scale: bool = False  # per-channel scales on both residual branches (DINOv2, EVA)
-    post_norm: bool = False  # x + norm(f(x)) blocks (EVA02-CLIP-E-plus)
+    post_norm: bool = False  # x + norm(f(x)) blocks (EVA02-CLIP-E-plus, EVA-CLIP-18B)
+    norm: str = "layernorm"  # every norm of the tower: layernorm | rmsnorm (scale only: EVA-CLIP-8B/18B, InternViT-6B)
+    qk_norm: str = ""  # see QK_NORMS; always RMSNorm, whatever `norm` is
     norm_eps: float = 1e-6
     patch_bias: bool = True
     class_token: bool = True
@@ -47,7 +52,8 @@ class ModelConfig:
     final_norm: bool = True  # LayerNorm on all tokens after the last block
     fc_norm: bool = False  # LayerNorm on the pooled vector (timm avg pooling)
     global_pool: str = "token"  # token | avg (mean of patch tokens)
-    num_classes: int = 0  # classification / embedding head with bias -> "logits"
+    num_classes: int = 0  # classification / embedding head -> "logits"
+    head_bias: bool = True  # the head has a bias (EVA-CLIP-8B/18B's has none)
     proj_dim: int = 0  # bias-free projection of the pooled vector (OpenCLIP proj) -> "pooled"
     rope: bool = False  # 2-D rotary embedding on patch tokens of q and k (EVA02)
     rope_ref_grid: int = 0  # grid the rotary frequencies were trained at (0: the model's grid)
@@ -76,6 +82,8 @@ class ModelConfig:
             (self.mlp_type in MLP_TYPES, f"mlp_type must be one of {MLP_TYPES}, got {self.mlp_type!r}"),
             (self.qkv_bias in QKV_BIAS, f"qkv_bias must be one of {QKV_BIAS}, got {self.qkv_bias!r}"),
             (self.global_pool in POOLS, f"global_pool must be one of {POOLS}, got {self.global_pool!r}"),
+            (self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}"),
+            (self.qk_norm in QK_NORMS, f"qk_norm must be one of {QK_NORMS}, got {self.qk_norm!r}"),
             (self.attention in ATTENTION, f"attention must be one of {ATTENTION}, got {self.attention!r}"),
             (
                 len(self.mlp_hidden) == self.depth,

@@ -1,4 +1,5 @@
-"""Layer helpers shared by the vision and text towers: Dense and LayerNorm with logical axis names, activations.
+"""Layer helpers shared by the vision and text towers: Dense, LayerNorm and RMSNorm with logical axis names,
+activations.
 
 `cfg` is any config with dtype and param_dtype (and norm_eps for norms): ModelConfig or TextConfig.
 """
@@ -46,6 +47,17 @@ def layer_norm(cfg: Any, name: str, axis: str = "embed") -> nn.LayerNorm:
         param_dtype=cfg.param_dtype,
         scale_init=partitioned(nn.initializers.ones, (axis,)),
         bias_init=partitioned(nn.initializers.zeros, (axis,)),
+        name=name,
+    )
+
+
+def rms_norm(cfg: Any, name: str, axis: str = "embed") -> nn.RMSNorm:
+    """RMSNorm as T5 / EVA-CLIP-18B / InternViT write it: x * rsqrt(mean(x^2) + eps) * scale, no mean, no bias."""
+    return nn.RMSNorm(
+        epsilon=cfg.norm_eps,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        scale_init=partitioned(nn.initializers.ones, (axis,)),
         name=name,
     )
 

@@ -1,4 +1,4 @@
-"""Named architectures (timm / open_clip names) as ModelConfig settings."""
+"""Named architectures (timm / open_clip / EVA-CLIP / InternViT names) as ModelConfig settings."""
 
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ _EVA02 = dict(
     num_classes=0,
 )
 _OPEN_CLIP = dict(norm_eps=1e-5, patch_bias=False, pre_norm=True)
+# baaivision/EVA EVA-CLIP-18B model_configs: RMSNorm everywhere, fused qkv without bias, GELU MLP, class-token
+# pooling after the final norm, head without bias (its bias follows qkv_bias); 18B adds post-norm blocks
+_EVA_CLIP_BIG = dict(patch_size=14, qkv_bias="none", norm="rmsnorm", head_bias=False)
+# OpenGVLab InternVisionModel: layer scale, no final norm (pooled = token 0), position grid resized without
+# antialiasing; the 6B uses RMSNorm and RMSNorm on q/k over the full width, the 300M LayerNorm and a qkv bias
+_INTERNVIT = dict(img_size=448, patch_size=14, layer_scale=True, final_norm=False, pos_resample_antialias=False)
 
 # Each entry: ModelConfig fields, with `hidden` (one MLP width for every layer) in place of mlp_hidden.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -61,6 +67,25 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ViT-L-14": dict(_OPEN_CLIP, patch_size=14, width=1024, depth=24, num_heads=16, hidden=4096, proj_dim=768),
     "ViT-g-14": dict(_OPEN_CLIP, patch_size=14, width=1408, depth=40, num_heads=16, hidden=6144, proj_dim=1024),
     "ViT-bigG-14": dict(_OPEN_CLIP, patch_size=14, width=1664, depth=48, num_heads=16, hidden=8192, proj_dim=1280),
+    "EVA-CLIP-8B": dict(_EVA_CLIP_BIG, width=4096, depth=32, num_heads=32, hidden=20480, num_classes=1280),
+    "EVA-CLIP-8B-448": dict(
+        _EVA_CLIP_BIG, img_size=448, width=4096, depth=32, num_heads=32, hidden=20480, num_classes=1280
+    ),
+    "EVA-CLIP-18B": dict(
+        _EVA_CLIP_BIG, width=5120, depth=48, num_heads=40, hidden=25600, num_classes=1536, post_norm=True
+    ),
+    # V1-5 onwards keep 45 of the 48 trained blocks; the 224 px V1-0 towers are depth=48, img_size=224 overrides
+    "InternViT-6B-448px-V2_5": dict(
+        _INTERNVIT,
+        width=3200,
+        depth=45,
+        num_heads=25,
+        hidden=12800,
+        norm="rmsnorm",
+        qk_norm="full",
+        qkv_bias="none",
+    ),
+    "InternViT-300M-448px-V2_5": dict(_INTERNVIT, width=1024, depth=24, num_heads=16, hidden=4096),
 }
 
 

@@ -1,4 +1,5 @@
-"""One configurable linen ViT encoder covering timm ViT/DeiT, DINOv2, EVA/EVA02 and OpenCLIP towers."""
+"""One configurable linen ViT encoder covering timm ViT/DeiT, DINOv2, EVA/EVA02, EVA-CLIP-8B/18B, OpenCLIP and
+InternViT towers."""
 
 from __future__ import annotations
 
@@ -18,10 +19,16 @@ from dgmr_jax.models.layers import (
     kernel_init,
     layer_norm,
     partitioned,
+    rms_norm,
     shape_tree,
 )
 from dgmr_jax.models.posemb import apply_rope, resample_grid, resample_pos_embed, rope_tables
 from dgmr_jax.models.tree import Params
+
+
+def norm(cfg: ModelConfig, name: str, axis: str = "embed") -> nn.Module:
+    """The tower's norm layer of kind cfg.norm (LayerNorm or RMSNorm), its params named by `axis`."""
+    return (rms_norm if cfg.norm == "rmsnorm" else layer_norm)(cfg, name, axis)
 
 
 class PatchEmbed(nn.Module):
@@ -46,8 +53,8 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with fused qkv, optional q/v-only bias, RoPE and output norm; the softmax
-    attention itself by cfg.attention (einsum, or jax.nn.dot_product_attention)."""
+    """Multi-head self-attention with fused qkv, optional q/v-only bias, q/k norm, RoPE and output norm; the
+    softmax attention itself by cfg.attention (einsum, or jax.nn.dot_product_attention)."""
 
     cfg: ModelConfig
 
@@ -62,11 +69,15 @@ class Attention(nn.Module):
             q_bias = self.param("q_bias", partitioned(zeros, ("heads",)), (cfg.attn_dim,), cfg.param_dtype)
             v_bias = self.param("v_bias", partitioned(zeros, ("heads",)), (cfg.attn_dim,), cfg.param_dtype)
             qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
+        if cfg.qk_norm == "full":  # InternViT: q and k normalized over all heads at once, before the split
+            q, k, v = jnp.split(qkv, 3, axis=-1)
+            q, k = rms_norm(cfg, "q_norm", axis="heads")(q), rms_norm(cfg, "k_norm", axis="heads")(k)
+            qkv = jnp.concatenate([q, k, v], axis=-1)
         qkv = qkv.reshape(b, n, 3, heads, hd)
         out = _einsum_attention(qkv, rope) if cfg.attention == "einsum" else _fused_attention(qkv, rope, cfg.attention)
         out = out.reshape(b, n, cfg.attn_dim)
         if cfg.attn_norm:
-            out = layer_norm(cfg, "norm", axis="heads")(out)
+            out = norm(cfg, "norm", axis="heads")(out)
         return dense(cfg.width, ("heads", "embed"), cfg, "proj")(out)
 
 
@@ -120,7 +131,7 @@ class Mlp(nn.Module):
         else:
             h = activation(cfg.mlp_type)(dense(self.hidden, ("embed", "mlp"), cfg, "fc1")(x))
         if cfg.mlp_norm:
-            h = layer_norm(cfg, "norm", axis="mlp")(h)
+            h = norm(cfg, "norm", axis="mlp")(h)
         # the fc2 input, exposed for Taylor importance (both are no-ops unless the collections are asked for)
         self.sow("intermediates", "hidden", h)
         h = self.perturb("hidden", h)
@@ -145,7 +156,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None) -> jnp.ndarray:
         cfg = self.cfg
-        norm1, norm2 = layer_norm(cfg, "norm1"), layer_norm(cfg, "norm2")
+        norm1, norm2 = norm(cfg, "norm1"), norm(cfg, "norm2")
         attn, mlp = Attention(cfg, name="attn"), Mlp(cfg, self.hidden, name="mlp")
         ls1 = LayerScale(cfg, name="ls1") if cfg.layer_scale else (lambda y: y)
         ls2 = LayerScale(cfg, name="ls2") if cfg.layer_scale else (lambda y: y)
@@ -220,7 +231,7 @@ class VisionTransformer(nn.Module):
         prefix = prefix.at[:, : cfg.pos_embed_prefix].add(pos_prefix.astype(x.dtype))
         x = jnp.concatenate([jnp.broadcast_to(prefix, (b, *prefix.shape[1:])), x], axis=1)
         if cfg.pre_norm:
-            x = layer_norm(cfg, "norm_pre")(x)
+            x = norm(cfg, "norm_pre")(x)
 
         rope = None
         if cfg.rope:
@@ -244,7 +255,7 @@ class VisionTransformer(nn.Module):
                 x = block(cfg, hidden, name=f"blocks_{i}")(x, rope)
 
         if cfg.final_norm:
-            x = layer_norm(cfg, "norm")(x)
+            x = norm(cfg, "norm")(x)
         out = {"tokens": x}
         npt = cfg.num_prefix_tokens
         if cfg.dist_token:
@@ -254,11 +265,12 @@ class VisionTransformer(nn.Module):
         else:
             pooled = x[:, npt:].mean(axis=1)
         if cfg.fc_norm:
-            pooled = layer_norm(cfg, "fc_norm")(pooled)
+            pooled = norm(cfg, "fc_norm")(pooled)
         if cfg.num_classes:
-            logits = dense(cfg.num_classes, ("embed", "classes"), cfg, "head")(pooled)
+            logits = dense(cfg.num_classes, ("embed", "classes"), cfg, "head", bias=cfg.head_bias)(pooled)
             if cfg.dist_token:
-                logits_dist = dense(cfg.num_classes, ("embed", "classes"), cfg, "head_dist")(pooled_dist)
+                head_dist = dense(cfg.num_classes, ("embed", "classes"), cfg, "head_dist", bias=cfg.head_bias)
+                logits_dist = head_dist(pooled_dist)
                 logits = (logits + logits_dist) / 2
             out["logits"] = logits
         if cfg.dist_token:
