@@ -1,0 +1,145 @@
+"""SearchConfig: every setting of a UVC search, and the checks that run before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from dgmr_jax.distill.loss import TAPS
+from dgmr_jax.distill.step import OptimConfig
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.uvc.masks import MASK_MODES
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """A UVC search: budget, phases, the optimizers of weights, counts and gates, the duals' steps.
+
+    Steps are optimizer steps. The first `warmup_steps` train the weights only, every block gated by the constant
+    `warmup_gate` (the official code mixes 0.5 * Block(x) + 0.5 * x): counts, gate logits and duals stay put. Then
+    the search updates all of them. Count learning rates are in fractions of a group's size per step (a head count
+    moves by up to count_lr * H heads, a neuron count by count_lr * M neurons), so one rate fits every kind.
+    """
+
+    budget: float  # target FLOPs ratio R of the extracted model, in (0, 1)
+    warmup_steps: int = 0
+    weights: OptimConfig = OptimConfig()  # AdamW of the weights (accum_steps 1, no EMA)
+    # counts (heads, value dims, neurons removed)
+    count_optimizer: str = "adam"  # adam (b1 0, as the official Adam option) | sgd
+    count_lr: float = 0.01
+    heads_init: float = 0.0  # initial fraction removed, per kind
+    dims_init: float = 0.0
+    neurons_init: float = 0.0
+    search_heads: bool | None = None  # None: on when layers have more than one head
+    search_dims: bool = True
+    search_neurons: bool = True
+    mask_mode: str = "ste"  # see masks.MASK_MODES
+    # block skip gates: logits (skip, keep), Gumbel-softmax keep probability during the search
+    search_blocks: bool = True
+    gate_init: tuple[float, float] = (-1.0, 1.0)  # the official init
+    tau: float = 0.5
+    warmup_gate: float = 0.5
+    gate_optimizer: str = "sgd"  # sgd (momentum gate_momentum) | adam
+    gate_lr: float = 0.1
+    gate_momentum: float = 0.9
+    gate_every: int = 1  # apply the mean gate gradient every this many steps (the official gating_interval)
+    # scales z * dR/dgates in the gates' gradient only (official gating_weight: 5 by default, 5e-4 in its script);
+    # 0.1 kept a 2-layer toy search from skipping every block within 30 steps; not tuned on real data
+    gate_flops_weight: float = 0.1
+    # duals: y (heads, neurons) and p (dims) weight the sums of the k smallest group norms, z the FLOPs constraint
+    y_init: float = 0.0
+    p_init: float = 0.0
+    z_init: float = 1e-3
+    y_lr: float = 1e-4
+    p_lr: float = 1e-4
+    # z's step size: ((first search step, lr), ...) sorted by step, the first at step 0; search steps count from
+    # the end of the warm-up
+    z_lr: tuple[tuple[int, float], ...] = ((0, 1.0),)
+    # distillation loss (dgmr_jax.distill.loss)
+    tap: str = "output"
+    cls_coef: float = 1.0
+    feat_coef: float = 1.0
+
+    def resolve(self, cfg: ModelConfig) -> SearchConfig:
+        """This config checked against the model (ValueError naming the setting), search_heads decided."""
+        check_search(cfg, self)
+        if self.search_heads is None:
+            return dataclasses.replace(self, search_heads=cfg.num_heads > 1)
+        return self
+
+
+def check_search(cfg: ModelConfig, scfg: SearchConfig) -> None:
+    """Raise ValueError for the first setting that cannot work, before anything is built."""
+    check_model(cfg)
+    b = scfg.budget
+    if not (isinstance(b, (int, float)) and math.isfinite(b) and 0 < b < 1):
+        raise ValueError(f"budget must be a FLOPs ratio strictly between 0 and 1, got {b!r}")
+    if scfg.search_heads and cfg.num_heads == 1:
+        raise ValueError(
+            f"search_heads=True but every layer of {cfg.name!r} has a single head, which UVC always keeps; "
+            "set search_heads=False (or None): value dims, neurons and block skips are still searched"
+        )
+    sizes = {"heads_init": cfg.num_heads, "dims_init": cfg.attn_head_dim, "neurons_init": cfg.mlp_hidden[0]}
+    for name, n in sizes.items():
+        f = getattr(scfg, name)
+        if not (math.isfinite(f) and 0 <= f <= (n - 1) / n):
+            raise ValueError(f"{name} is a fraction removed in [0, {(n - 1) / n:.4g}] (>= 1 of {n} kept), got {f}")
+    if scfg.heads_init > 0 and not (scfg.search_heads or (scfg.search_heads is None and cfg.num_heads > 1)):
+        raise ValueError("heads_init > 0 needs the heads search (search_heads) on")
+    if scfg.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {scfg.warmup_steps}")
+    if scfg.count_optimizer not in OPTIMIZERS or scfg.gate_optimizer not in OPTIMIZERS:
+        raise ValueError(f"count_optimizer and gate_optimizer must be one of {OPTIMIZERS}")
+    if scfg.mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {scfg.mask_mode!r}")
+    if scfg.tap not in TAPS:
+        raise ValueError(f"tap must be one of {TAPS}, got {scfg.tap!r}")
+    positive = {"tau": scfg.tau, "gate_every": scfg.gate_every}
+    for name, v in positive.items():
+        if not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+    nonneg = dict(
+        count_lr=scfg.count_lr,
+        gate_lr=scfg.gate_lr,
+        gate_momentum=scfg.gate_momentum,
+        gate_flops_weight=scfg.gate_flops_weight,
+        y_init=scfg.y_init,
+        p_init=scfg.p_init,
+        z_init=scfg.z_init,
+        y_lr=scfg.y_lr,
+        p_lr=scfg.p_lr,
+    )
+    for name, v in nonneg.items():
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+    if not 0 <= scfg.warmup_gate <= 1:
+        raise ValueError(f"warmup_gate is a block gate in [0, 1], got {scfg.warmup_gate}")
+    if len(scfg.gate_init) != 2 or not all(math.isfinite(v) for v in scfg.gate_init):
+        raise ValueError(f"gate_init must be two finite logits (skip, keep), got {scfg.gate_init}")
+    _check_z_lr(scfg.z_lr)
+    if scfg.weights.accum_steps != 1 or scfg.weights.ema_decay:
+        raise ValueError("the search's weight optimizer takes accum_steps=1 and ema_decay=0 (one update per step)")
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """The search runs on an unpruned, uniform tower: same heads, value width and MLP width in every layer."""
+    for field in ("layer_heads", "value_dims"):
+        if getattr(cfg, field, ()):
+            raise ValueError(f"the UVC search needs a uniform model; {cfg.name!r} has {field} set (already slimmed)")
+    if len(set(cfg.mlp_hidden)) != 1:
+        raise ValueError(
+            f"the UVC search needs one MLP width in every layer; {cfg.name!r} has widths {sorted(set(cfg.mlp_hidden))}"
+        )
+
+
+def _check_z_lr(z_lr: tuple[tuple[int, float], ...]) -> None:
+    ok = bool(z_lr) and all(len(p) == 2 for p in z_lr)
+    if ok:
+        steps = [int(s) for s, _ in z_lr]
+        ok = steps[0] == 0 and steps == sorted(set(steps)) and all(math.isfinite(v) and v >= 0 for _, v in z_lr)
+    if not ok:
+        raise ValueError(
+            f"z_lr must be ((0, lr0), (step1, lr1), ...): strictly increasing search steps from 0, lrs >= 0; got {z_lr}"
+        )

@@ -1,0 +1,274 @@
+"""From a finished search to a Plan: deterministic gates and counts, the units to keep, a greedy budget repair.
+
+Deterministic: a block is kept when its keep logit is at least its skip logit (no_skip: every block is kept);
+each count is rounded as in the search, k = min(ceil(s), n - 1), and the k weakest units by the searched weights'
+norms go (masks.py), so the plan is the search's hard-masked model.
+
+The search lands near the budget, not on it (the official code misses it by several points), so a greedy repair
+moves single value dims and neurons until the exact FLOPs ratio lies in [budget - tolerance, budget]: above the
+budget it removes the unit of least squared norm per FLOP, below the window it restores the removed unit of most
+norm per FLOP that still fits. Block gates and head choices are left as searched. A budget the kept blocks and
+heads cannot reach (every kept head at one dim and every kept MLP at one neuron is still above it, or everything
+restored is still below the window) is an error.
+
+Neurons: `select` names how the kept neurons are chosen once their number is fixed: "uvc" (the searched weights'
+fc2 row norms, what the search masked), or a DGMR method of dgmr_jax.prune.select on the TEACHER's fc1
+(selection_matrix, so gated MLPs use [gate; value] columns): "diversity", "l2", "random" (seeded per layer),
+"taylor" (per-layer scores given).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.slim import Plan, UnitPlan
+from dgmr_jax.models.tree import Params
+from dgmr_jax.prune.cost import count_flops
+from dgmr_jax.prune.mlp import selection_matrix
+from dgmr_jax.prune.select import select_neurons
+from dgmr_jax.uvc.config import check_model
+from dgmr_jax.uvc.flops import fixed_flops, layer_flops
+from dgmr_jax.uvc.masks import group_norms
+from dgmr_jax.uvc.state import SearchVars
+
+SELECT = ("uvc", "diversity", "l2", "random", "taylor")
+
+
+@dataclasses.dataclass(frozen=True)
+class Extraction:
+    """A Plan and how it was reached: ratios before and after the repair, and the repair's unit moves."""
+
+    plan: Plan
+    budget: float
+    ratio_searched: float  # exact FLOPs ratio of the rounded search result (argmax gates), before the repair
+    ratio: float  # exact FLOPs ratio of `plan`
+    removed: int  # units the repair removed
+    restored: int  # units the repair restored
+
+    def summary(self) -> str:
+        kept = sum(u.keep_block for u in self.plan)
+        return (
+            f"UVC plan: {kept}/{len(self.plan)} blocks kept; FLOPs ratio {self.ratio_searched:.4f} searched -> "
+            f"{self.ratio:.4f} after repair (budget {self.budget}; {self.removed} units removed, "
+            f"{self.restored} restored)"
+        )
+
+
+@dataclasses.dataclass
+class _Widths:
+    """Mutable integer widths during the repair: dims removed (L, H) and neurons removed (L,)."""
+
+    keep_block: np.ndarray
+    head_keep: np.ndarray
+    dims: np.ndarray
+    neurons: np.ndarray
+
+
+def _rank(norms: np.ndarray) -> np.ndarray:
+    """Ranks along the last axis, 0 = weakest, ties to the lower index (as masks.ranks)."""
+    order = np.argsort(norms, axis=-1, kind="stable")
+    return np.argsort(order, axis=-1, kind="stable")
+
+
+def _rounded(counts: Any, n: int) -> np.ndarray:
+    return np.minimum(np.ceil(np.asarray(counts)), n - 1).astype(np.int64)
+
+
+def _flops(cfg: ModelConfig, w: _Widths) -> int:
+    d, m = cfg.attn_head_dim, cfg.mlp_hidden[0]
+    total = fixed_flops(cfg)
+    for layer in np.flatnonzero(w.keep_block):
+        hk = w.head_keep[layer]
+        value = int(np.sum(hk * (d - w.dims[layer])))
+        total += layer_flops(cfg, int(hk.sum()), value, int(m - w.neurons[layer]))
+    return int(total)
+
+
+def repair_bounds(cfg: ModelConfig, keep_block: np.ndarray, head_keep: np.ndarray) -> tuple[float, float]:
+    """(lowest, highest) FLOPs ratio the repair can reach with these blocks and heads kept."""
+    n, h = head_keep.shape
+    low = _Widths(keep_block, head_keep, np.full((n, h), cfg.attn_head_dim - 1), np.full(n, cfg.mlp_hidden[0] - 1))
+    high = _Widths(keep_block, head_keep, np.zeros((n, h), np.int64), np.zeros(n, np.int64))
+    total = count_flops(cfg)
+    return _flops(cfg, low) / total, _flops(cfg, high) / total
+
+
+def _repair(
+    cfg: ModelConfig, w: _Widths, dim_norms: np.ndarray, neuron_norms: np.ndarray, budget: float, tolerance: float
+) -> tuple[int, int]:
+    """Move single dims / neurons until the ratio is in [budget - tolerance, budget]; (removed, restored)."""
+    total = count_flops(cfg)
+    low, high = repair_bounds(cfg, w.keep_block, w.head_keep)
+    if low > budget:
+        raise ValueError(
+            f"budget {budget} is out of reach for the searched blocks and heads: with one value dim per kept head "
+            f"and one neuron per kept MLP the FLOPs ratio is still {low:.4f}; raise the budget or search longer "
+            "(more heads or blocks removed)"
+        )
+    if high < budget - tolerance:
+        raise ValueError(
+            f"budget window [{budget - tolerance:.4f}, {budget}] is out of reach for the searched blocks and heads: "
+            f"with every dim and neuron restored the FLOPs ratio is {high:.4f}; lower the budget, pass no_skip=True "
+            "or search with a milder budget"
+        )
+    d, m = cfg.attn_head_dim, cfg.mlp_hidden[0]
+    dim_cost, neuron_cost = int(layer_flops(cfg, 0, 1, 0)), int(layer_flops(cfg, 0, 0, 1))
+    dsort, nsort = np.sort(dim_norms, axis=-1), np.sort(neuron_norms, axis=-1)
+    flops = _flops(cfg, w)
+    layers = np.flatnonzero(w.keep_block)
+    heads = [(int(layer), int(h)) for layer in layers for h in np.flatnonzero(w.head_keep[layer])]
+
+    # down: pop the least norm per FLOP among the next units to go
+    def down(key):
+        if key[0] == "n":
+            k = w.neurons[key[1]]
+            return (nsort[key[1], k] / neuron_cost, key) if k < m - 1 else None
+        k = w.dims[key[1], key[2]]
+        return (dsort[key[1], key[2], k] / dim_cost, key) if k < d - 1 else None
+
+    removed = restored = 0
+    if flops > budget * total:
+        heap = [c for c in (down(("n", int(layer))) for layer in layers) if c]
+        heap += [c for c in (down(("d", layer, h)) for layer, h in heads) if c]
+        heapq.heapify(heap)
+        while flops > budget * total:
+            _, key = heapq.heappop(heap)
+            if key[0] == "n":
+                w.neurons[key[1]] += 1
+                flops -= neuron_cost
+            else:
+                w.dims[key[1], key[2]] += 1
+                flops -= dim_cost
+            removed += 1
+            nxt = down(key)
+            if nxt:
+                heapq.heappush(heap, nxt)
+
+    # up: restore the most norm per FLOP among the last units gone, while they fit under the budget
+    def up(key):
+        if key[0] == "n":
+            k = w.neurons[key[1]]
+            return (-nsort[key[1], k - 1] / neuron_cost, key) if k > 0 else None
+        k = w.dims[key[1], key[2]]
+        return (-dsort[key[1], key[2], k - 1] / dim_cost, key) if k > 0 else None
+
+    if flops < (budget - tolerance) * total:
+        heap = [c for c in (up(("n", int(layer))) for layer in layers) if c]
+        heap += [c for c in (up(("d", layer, h)) for layer, h in heads) if c]
+        heapq.heapify(heap)
+        while flops < (budget - tolerance) * total:
+            if not heap:
+                raise ValueError(
+                    f"the repair cannot land in [{budget - tolerance:.4f}, {budget}]: single units cost more than "
+                    f"the window ({dim_cost / total:.4f} per dim, {neuron_cost / total:.4f} per neuron); "
+                    "widen the tolerance"
+                )
+            _, key = heapq.heappop(heap)
+            cost = neuron_cost if key[0] == "n" else dim_cost
+            if flops + cost > budget * total:
+                continue  # this kind no longer fits; units of the other kind may
+            if key[0] == "n":
+                w.neurons[key[1]] -= 1
+            else:
+                w.dims[key[1], key[2]] -= 1
+            flops += cost
+            restored += 1
+            nxt = up(key)
+            if nxt:
+                heapq.heappush(heap, nxt)
+    return removed, restored
+
+
+def _layer_mlp(params: Params, layer: int) -> Params:
+    if "blocks" in params:
+        return jax.tree_util.tree_map(lambda a: a[layer], params["blocks"]["block"]["mlp"])
+    return params[f"blocks_{layer}"]["mlp"]
+
+
+def _check(
+    cfg: ModelConfig, svars: SearchVars, budget: float, select: str, teacher_params: Any, scores: Any, tolerance: float
+):
+    check_model(cfg)
+    n, h = cfg.depth, cfg.num_heads
+    want = {"counts.heads": (n,), "counts.dims": (n, h), "counts.neurons": (n,), "gate_logits": (n, 2)}
+    got = {
+        "counts.heads": np.shape(svars.counts.heads),
+        "counts.dims": np.shape(svars.counts.dims),
+        "counts.neurons": np.shape(svars.counts.neurons),
+        "gate_logits": np.shape(svars.gate_logits),
+    }
+    for name, shape in want.items():
+        if tuple(got[name]) != shape:
+            raise ValueError(f"search vars do not fit {cfg.name!r}: {name} has shape {got[name]}, expected {shape}")
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and 0 < budget < 1):
+        raise ValueError(f"budget must be a FLOPs ratio strictly between 0 and 1, got {budget!r}")
+    if not (math.isfinite(tolerance) and 0 < tolerance < budget):
+        raise ValueError(f"tolerance must be in (0, budget), got {tolerance}")
+    if select not in SELECT:
+        raise ValueError(f"select must be one of {SELECT}, got {select!r}")
+    if select in ("diversity", "l2") and teacher_params is None:
+        raise ValueError(f"select={select!r} runs on the teacher's fc1 kernels: pass teacher_params")
+    if select == "taylor" and (scores is None or len(scores) != cfg.depth):
+        raise ValueError(f"select='taylor' needs scores: one (M,) importance array per layer ({cfg.depth})")
+
+
+def extract(
+    cfg: ModelConfig,
+    params: Params,
+    svars: SearchVars,
+    budget: float,
+    *,
+    select: str = "uvc",
+    teacher_params: Params | None = None,
+    scores: Sequence[Any] | None = None,
+    seed: int = 0,
+    no_skip: bool = False,
+    repair: bool = True,
+    tolerance: float = 0.02,
+) -> Extraction:
+    """The Plan (one UnitPlan per original layer) of a searched model; see the module docstring.
+
+    params: the searched weights (full shapes); svars: the search's counts and gate logits. With repair=False the
+    plan is the rounded search result as is (ratio == ratio_searched).
+    """
+    _check(cfg, svars, budget, select, teacher_params, scores, tolerance)
+    n, h, d, m = cfg.depth, cfg.num_heads, cfg.attn_head_dim, cfg.mlp_hidden[0]
+    norms = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), group_norms(cfg, params))
+    logits = np.asarray(svars.gate_logits)
+    keep_block = np.ones(n, bool) if no_skip else logits[:, 1] >= logits[:, 0]
+    head_keep = _rank(norms.heads) >= _rounded(svars.counts.heads, h)[:, None]
+    widths = _Widths(
+        keep_block, head_keep.astype(np.int64), _rounded(svars.counts.dims, d), _rounded(svars.counts.neurons, m)
+    )
+    total = count_flops(cfg)
+    ratio_searched = _flops(cfg, widths) / total
+    removed = restored = 0
+    if repair:
+        removed, restored = _repair(cfg, widths, norms.dims, norms.neurons, budget, tolerance)
+
+    dim_rank, neuron_rank = _rank(norms.dims), _rank(norms.neurons)
+    plan = []
+    for layer in range(n):
+        if not keep_block[layer]:
+            plan.append(UnitPlan(keep_block=False, heads=(), dims=(), neurons=()))
+            continue
+        heads = tuple(int(i) for i in np.flatnonzero(head_keep[layer]))
+        dims = tuple(tuple(int(j) for j in np.flatnonzero(dim_rank[layer, i] >= widths.dims[layer, i])) for i in heads)
+        k = int(m - widths.neurons[layer])
+        if select == "uvc":
+            kept = np.flatnonzero(neuron_rank[layer] >= widths.neurons[layer])
+        else:
+            matrix = selection_matrix(cfg, _layer_mlp(teacher_params if teacher_params is not None else params, layer))
+            layer_scores = None if scores is None else scores[layer]
+            kept = select_neurons(matrix, k, select, seed=seed + layer, scores=layer_scores)
+        plan.append(UnitPlan(keep_block=True, heads=heads, dims=dims, neurons=tuple(int(i) for i in np.sort(kept))))
+    plan = tuple(plan)
+    return Extraction(plan, float(budget), ratio_searched, _flops(cfg, widths) / total, removed, restored)

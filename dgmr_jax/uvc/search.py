@@ -1,0 +1,244 @@
+"""One UVC search step as a pure function of pytrees: masked, gated student forward, the Lagrangian's gradients,
+AdamW + proximal shrink for the weights, Adam/SGD for counts and gate logits, projected ascent for the duals.
+
+Sharding-agnostic: the step neither knows nor sets shardings, so a trainer can jit it with in/out shardings over a
+mesh (the state is one pytree, see state.py) and donate the state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dgmr_jax.distill.loss import distill_loss, tap_config
+from dgmr_jax.distill.step import lr_schedule, make_optimizer
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.tree import Params
+from dgmr_jax.models.vit import forward, param_shapes
+from dgmr_jax.uvc.config import SearchConfig
+from dgmr_jax.uvc.flops import masks_ratio
+from dgmr_jax.uvc.masks import Masks, apply_masks, group_norms, masks_from_counts
+from dgmr_jax.uvc.objective import (
+    ascend_duals,
+    constraint_term,
+    gumbel_gates,
+    hard_gates,
+    keep_probability,
+    prox_shrink,
+    sparsity_penalty,
+    sparsity_terms,
+    z_lr_at,
+)
+from dgmr_jax.uvc.state import Counts, SearchState, SearchVars, group_sizes, init_duals, init_vars
+
+# Adam's epsilon for the counts: a count's gradient is a FLOPs share per unit times z (~1e-5 * z for a ViT-B
+# neuron), so the usual 1e-8 would swallow it while z is small
+COUNT_ADAM_EPS = 1e-12
+
+
+class Optimizers(NamedTuple):
+    """The three optax transformations of a search: weights (AdamW), counts, gate logits."""
+
+    weights: optax.GradientTransformation
+    counts: optax.GradientTransformation
+    gates: optax.GradientTransformation
+
+
+def _per_leaf(fn: Callable[[jax.Array, Any], jax.Array], extra: Any = None) -> optax.GradientTransformation:
+    """A stateless transformation applying fn(update, extra_leaf) to each leaf."""
+
+    def update(updates, state, params=None):
+        del params
+        if extra is None:
+            return jax.tree_util.tree_map(lambda u: fn(u, None), updates), state
+        return jax.tree_util.tree_map(fn, updates, extra), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizers(cfg: ModelConfig, scfg: SearchConfig) -> Optimizers:
+    """AdamW of scfg.weights; counts: max-abs clip to 1 per array (official), Adam(b1=0)/SGD at count_lr, scaled
+    to each group's size; gates: SGD with momentum or Adam, averaged over gate_every steps."""
+    sizes = jax.tree_util.tree_map(float, group_sizes(cfg))
+    clip = _per_leaf(lambda g, _: g / jnp.maximum(1.0, jnp.max(jnp.abs(g))))
+    if scfg.count_optimizer == "adam":
+        base = optax.adam(scfg.count_lr, b1=0.0, b2=0.999, eps=COUNT_ADAM_EPS)
+    else:
+        base = optax.sgd(scfg.count_lr)
+    counts = optax.chain(clip, base, _per_leaf(lambda u, n: u * n, sizes))
+    if scfg.gate_optimizer == "sgd":
+        gates = optax.sgd(scfg.gate_lr, momentum=scfg.gate_momentum or None)
+    else:
+        gates = optax.adam(scfg.gate_lr)
+    if scfg.gate_every > 1:
+        gates = optax.MultiSteps(gates, every_k_schedule=scfg.gate_every)
+    return Optimizers(make_optimizer(scfg.weights), counts, gates)
+
+
+def init_search_state(cfg: ModelConfig, params: Params, scfg: SearchConfig, optimizers: Optimizers) -> SearchState:
+    """Fresh state owning its buffers (donation-safe): counts and duals at their inits, optimizer states."""
+    scfg = scfg.resolve(cfg)
+    params = jax.tree_util.tree_map(lambda p: jnp.array(p, copy=True), params)
+    svars = init_vars(cfg, scfg)
+    return SearchState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        vars=svars,
+        duals=init_duals(cfg, scfg),
+        opt_weights=optimizers.weights.init(params),
+        opt_counts=optimizers.counts.init(svars.counts),
+        opt_gates=optimizers.gates.init(svars.gate_logits),
+    )
+
+
+def project_counts(cfg: ModelConfig, counts: Counts) -> Counts:
+    """Counts clipped into [0, n - 1] for groups of n units (>= 1 unit kept)."""
+    return jax.tree_util.tree_map(lambda c, n: jnp.clip(c, 0.0, n - 1), counts, group_sizes(cfg))
+
+
+def current_masks(cfg: ModelConfig, params: Params, svars: SearchVars, mode: str = "hard") -> Masks:
+    """Masks of the rounded counts on the current weights' norms."""
+    c = svars.counts
+    return masks_from_counts(c.heads, c.dims, c.neurons, group_norms(cfg, params), mode)
+
+
+def deterministic_ratio(cfg: ModelConfig, params: Params, svars: SearchVars, search_blocks: bool = True) -> jax.Array:
+    """The FLOPs ratio of what extraction (before repair) would keep: rounded counts, argmax gates."""
+    m = current_masks(cfg, params, svars, "hard")
+    gates = hard_gates(svars.gate_logits) if search_blocks else jnp.ones((cfg.depth,), jnp.float32)
+    return masks_ratio(cfg, m.heads, m.dims, m.neurons, gates)
+
+
+def _features(cfg: ModelConfig, params: Params, images: jax.Array, gates: jax.Array | None):
+    out = forward(cfg, params, images, gates=gates)
+    return out["pooled"], out["tokens"][:, cfg.num_prefix_tokens :]
+
+
+def _check_teacher(student: ModelConfig, teacher: ModelConfig) -> None:
+    """The distilled tensors of student and teacher (tap configs) must have the same shapes (abstract trace)."""
+    images = jax.ShapeDtypeStruct((1, student.img_size, student.img_size, 3), jnp.float32)
+    shapes = [
+        jax.eval_shape(lambda p, x, c=c: _features(c, p, x, None), param_shapes(c), images) for c in (student, teacher)
+    ]
+    if [x.shape for x in shapes[0]] != [x.shape for x in shapes[1]]:
+        raise ValueError(
+            f"student {student.name!r} and teacher {teacher.name!r} distil tensors of different shapes (pooled, "
+            f"patch tokens): {[x.shape for x in shapes[0]]} vs {[x.shape for x in shapes[1]]}"
+        )
+
+
+def make_search_step(
+    cfg: ModelConfig,
+    scfg: SearchConfig,
+    optimizers: Optimizers,
+    teacher_cfg: ModelConfig | None = None,
+) -> Callable[[SearchState, Params, jax.Array, jax.Array], tuple[SearchState, dict[str, jax.Array]]]:
+    """The pure search step: step(state, teacher_params, images, rng) -> (state, metrics).
+
+    cfg is the tower being compressed (the student, full shapes); teacher_cfg defaults to cfg. Settings are
+    checked here, before anything is traced. rng draws this step's Gumbel noise (one sample per block per step).
+    Metrics: loss (the Lagrangian), distill (+ loss_cls, loss_feat), penalty, ratio (R at the sampled gates and
+    rounded counts, what z sees; gates at warmup_gate during the warm-up), ratio_hard (deterministic: argmax
+    gates, rounded counts), z (this step's, before its ascent), z_lr, lr, mean counts removed (heads, dims,
+    neurons), mean duals, mean P(keep), warmup (1.0 during the warm-up).
+    """
+    scfg = scfg.resolve(cfg)
+    teacher_cfg = teacher_cfg or cfg
+    student_tap, teacher_tap = tap_config(cfg, scfg.tap), tap_config(teacher_cfg, scfg.tap)
+    if teacher_cfg != cfg:
+        _check_teacher(student_tap, teacher_tap)
+    weight_lr = lr_schedule(scfg.weights)
+    flags = Counts(
+        heads=float(bool(scfg.search_heads)), dims=float(scfg.search_dims), neurons=float(scfg.search_neurons)
+    )
+    depth = cfg.depth
+
+    def step(state: SearchState, teacher_params: Params, images: jax.Array, rng: jax.Array):
+        t = state.step
+        warm = t < scfg.warmup_steps
+        search_t = jnp.maximum(t - scfg.warmup_steps, 0)
+        target = _features(teacher_tap, teacher_params, images.astype(teacher_cfg.dtype), None)
+        target = jax.lax.stop_gradient(target)
+        norms = group_norms(cfg, state.params)
+        gumbel = jax.random.gumbel(rng, (depth, 2), jnp.float32)
+        duals = state.duals
+
+        def objective(params: Params, counts: Counts, logits: jax.Array):
+            masks = masks_from_counts(counts.heads, counts.dims, counts.neurons, norms, scfg.mask_mode)
+            if scfg.search_blocks:
+                pi = jnp.where(warm, scfg.warmup_gate, gumbel_gates(logits, gumbel, scfg.tau))
+                gates = pi
+            else:
+                pi, gates = jnp.ones((depth,), jnp.float32), None
+            student = _features(student_tap, apply_masks(cfg, params, masks), images, gates)
+            distill, terms = distill_loss(student, target, scfg.cls_coef, scfg.feat_coef)
+            # the gates' share of dR is scaled by gate_flops_weight; R's value is unchanged
+            pi_flops = jax.lax.stop_gradient(pi) + scfg.gate_flops_weight * (pi - jax.lax.stop_gradient(pi))
+            ratio = masks_ratio(cfg, masks.heads, masks.dims, masks.neurons, pi_flops)
+            least = sparsity_terms(counts, norms)
+            penalty = sparsity_penalty(least, duals)
+            total = distill + penalty + constraint_term(ratio, scfg.budget, duals.z)
+            return total, dict(distill=distill, **terms, penalty=penalty, ratio=ratio, least=least)
+
+        grad_fn = jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True)
+        (loss, aux), (g_params, g_counts, g_logits) = grad_fn(state.params, state.vars.counts, state.vars.gate_logits)
+        g_counts = jax.tree_util.tree_map(lambda g, f: g * f, g_counts, flags)
+        if not scfg.search_blocks:
+            g_logits = jnp.zeros_like(g_logits)
+
+        # weights: AdamW, then the proximal shrink of the groups the current counts remove
+        updates, opt_weights = optimizers.weights.update(g_params, state.opt_weights, state.params)
+        params = optax.apply_updates(state.params, updates)
+        lr = weight_lr(t)
+        params = prox_shrink(cfg, params, state.vars.counts, duals, lr)
+
+        # counts and gates: descent, counts projected into [0, n - 1]
+        c_updates, opt_counts = optimizers.counts.update(g_counts, state.opt_counts, state.vars.counts)
+        counts = project_counts(cfg, optax.apply_updates(state.vars.counts, c_updates))
+        l_updates, opt_gates = optimizers.gates.update(g_logits, state.opt_gates, state.vars.gate_logits)
+        logits = optax.apply_updates(state.vars.gate_logits, l_updates)
+
+        # duals: projected ascent
+        z_lr = z_lr_at(scfg.z_lr, search_t)
+        new_duals = ascend_duals(duals, aux["least"], aux["ratio"], scfg.budget, scfg.y_lr, scfg.p_lr, z_lr)
+
+        # the warm-up trains the weights only
+        keep = lambda old, new: jax.tree_util.tree_map(lambda o, n: jnp.where(warm, o, n), old, new)  # noqa: E731
+        svars = keep(state.vars, SearchVars(counts, logits))
+        new_state = SearchState(
+            step=t + 1,
+            params=params,
+            vars=svars,
+            duals=keep(duals, new_duals),
+            opt_weights=opt_weights,
+            opt_counts=keep(state.opt_counts, opt_counts),
+            opt_gates=keep(state.opt_gates, opt_gates),
+        )
+        c = state.vars.counts
+        metrics = {
+            "loss": loss,
+            "distill": aux["distill"],
+            "loss_cls": aux["loss_cls"],
+            "loss_feat": aux["loss_feat"],
+            "penalty": aux["penalty"],
+            "ratio": aux["ratio"],
+            "ratio_hard": deterministic_ratio(cfg, state.params, state.vars, scfg.search_blocks),
+            "z": duals.z,
+            "z_lr": z_lr,
+            "lr": lr,
+            "heads_removed": jnp.mean(c.heads),
+            "dims_removed": jnp.mean(c.dims),
+            "neurons_removed": jnp.mean(c.neurons),
+            "y_heads": jnp.mean(duals.y_heads),
+            "y_neurons": jnp.mean(duals.y_neurons),
+            "p_dims": jnp.mean(duals.p_dims),
+            "keep_prob": jnp.mean(keep_probability(state.vars.gate_logits)),
+            "warmup": warm.astype(jnp.float32),
+        }
+        return new_state, metrics
+
+    return step
