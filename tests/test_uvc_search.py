@@ -20,7 +20,7 @@ from dgmr_jax.models.slim import masked_params
 from dgmr_jax.uvc.config import SearchConfig, check_search
 from dgmr_jax.uvc.extract import Extraction, extract, repair_bounds
 from dgmr_jax.uvc.flops import fixed_flops, flops_ratio, layer_flops, masks_ratio, model_flops, num_tokens, plan_ratio
-from dgmr_jax.uvc.masks import group_norms, masks_from_counts, ranks, unit_mask
+from dgmr_jax.uvc.masks import group_norms, masks_from_counts, ranks, rounded, ste_ceil, unit_mask
 from dgmr_jax.uvc.objective import (
     ascend_duals,
     constraint_term,
@@ -149,6 +149,13 @@ def test_unit_masks_ste_soft_hard():
     # at least one unit kept, whatever the count
     np.testing.assert_array_equal(unit_mask(jnp.float32(9.0), norms, "hard"), [0, 0, 1, 0])
     np.testing.assert_array_equal(jax.jacobian(lambda c: unit_mask(c, norms, "ste"))(jnp.float32(3.0)), [0, 0, 0, 0])
+
+
+def test_ste_ceil_and_rounded_counts():
+    x = jnp.array([0.0, 0.2, 2.0, 2.5, 9.0])
+    np.testing.assert_array_equal(ste_ceil(x), [0, 1, 2, 3, 9])
+    np.testing.assert_array_equal(rounded(x, 4), [0, 1, 2, 3, 3])  # capped at n - 1: one unit kept
+    np.testing.assert_array_equal(jax.grad(lambda v: rounded(v, 4).sum())(x), np.ones(5))
 
 
 def test_least_k_sum_value_and_forward_difference_gradient():
