@@ -1,4 +1,4 @@
-"""`dgmr-jax` command line: convert, export, prune, distill, eval, demo."""
+"""`dgmr-jax` command line: convert, export, prune, distill, uvc, plan, eval, demo."""
 
 from __future__ import annotations
 
@@ -165,6 +165,23 @@ def _distill(args: argparse.Namespace) -> None:
         f"distill {summary['reason']} at step {summary['step']}"
         + (f" (loss {loss:.4g})" if loss is not None else "")
         + f": model directory {summary['model_dir']}, metrics {summary['metrics_file']}"
+    )
+
+
+def _uvc(args: argparse.Namespace) -> None:
+    from dgmr_jax import config_file
+    from dgmr_jax.distill.defaults import base_config
+    from dgmr_jax.uvc.stage import run_uvc, uvc_config
+
+    base = config_file.load(args.config) if args.config else base_config()
+    base = config_file.apply_overrides(base, [o.lstrip("-") for o in args.overrides])
+    config = uvc_config(base, args.model, args.flops_budget, args.train, args.steps, args.select, args.no_skip)
+    result = run_uvc(config, args.workdir, args.out)
+    if result is None:
+        return  # preempted: the trainer said so
+    print(
+        f"wrote {args.out}: {result['slim_cfg'].name} at FLOPs ratio {result['ext'].ratio:.4f}; report "
+        f"{args.out}/uvc_report.md; post-train it with `dgmr-jax distill --config.student.model_dir={args.out}`"
     )
 
 
@@ -359,6 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="with --from-checkpoint: the new model directory (default WORKDIR/models/step_STEP)")
     p.set_defaults(run=_distill)
 
+    p = sub.add_parser("uvc", help="UVC: search heads / value dims / neurons / block skips under a FLOPs budget")
+    p.add_argument("--model", required=True, help="model directory to compress (also the distillation teacher)")
+    p.add_argument("--flops-budget", type=float, required=True, help="FLOPs of the result / original, in (0, 1)")
+    p.add_argument("--train", required=True, help="unlabeled images: mnist5k, a folder, tfds:NAME, array_record:GLOB")
+    p.add_argument("--steps", type=int, required=True, help="search steps (warm-up included)")
+    p.add_argument("--workdir", required=True, help="checkpoints and metrics of the search (resumes)")
+    p.add_argument("--out", required=True, help="new model directory: the extracted slim model")
+    p.add_argument("--select", default="uvc", help="kept neurons: uvc (searched norms) | diversity | l2 | random")
+    p.add_argument("--no-skip", action="store_true", help="search widths only (no block skipping)")
+    p.add_argument("--config", help="recipe file (default: the distill defaults); --config.x=y overrides follow")
+    p.set_defaults(run=_uvc)
+
     p = sub.add_parser("plan", help="compile a recipe's train step for a target; per-chip memory, FLOPs, fit")
     p.add_argument("--config", required=True, help="recipe file, as for distill; --config.x=y overrides follow")
     p.add_argument("--topology", help="TPU topology, e.g. v5p:4x4x4 or v5e:8x8 (needs libtpu: .[tpu-plan])")
@@ -392,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="prune + distill a real pretrained ViT (shipped in pip packages), print a table")
     p.add_argument("--out", help="new output directory (default: dgmr_demo_<time>)")
-    p.add_argument("--methods", default="diversity,l2,random", help="comma-separated: diversity,l2,random")
+    p.add_argument(
+        "--methods", default="diversity,l2,random", help="comma-separated: diversity,l2,random,uvc,uvc+diversity"
+    )
     p.add_argument("--mlp-ratio", type=float, default=1.0, help="kept MLP width / model width")
     p.add_argument("--steps", type=int, default=150, help="distillation steps per student")
     p.add_argument("--batch", type=int, default=32)
@@ -403,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands whose XLA:CPU steps allocate large activations many times (see dgmr_jax.hostmem)
-_COMPUTE_COMMANDS = ("distill", "eval", "demo")
+_COMPUTE_COMMANDS = ("distill", "eval", "demo", "uvc")
 
 
 def _plan_environment(devices: int | None) -> None:
@@ -426,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_freed_host_memory()
     if argv is None and args.command == "plan":  # before JAX starts a backend: never a real accelerator here
         _plan_environment(args.devices)
-    if args.command in ("distill", "plan"):
+    if args.command in ("distill", "plan", "uvc"):
         args.overrides = extra
     elif extra:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")

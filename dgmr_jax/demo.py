@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from ml_collections import ConfigDict
 
 from dgmr_jax.data import open_images
 from dgmr_jax.distill.defaults import base_config
@@ -27,10 +28,13 @@ from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.tree import Params
 from dgmr_jax.preprocess import Preprocess
 from dgmr_jax.prune.cost import count_flops, count_params
-from dgmr_jax.prune.mlp import LayerReport, prune_mlp
+from dgmr_jax.prune.mlp import LayerReport, prune_mlp, target_widths
 from dgmr_jax.prune.report import write_report
+from dgmr_jax.uvc.stage import run_uvc, uvc_config
 
 KS = (10, 20)
+METHODS = ("diversity", "l2", "random")
+UVC_METHODS = ("uvc", "uvc+diversity")  # UVC, and UVC's widths with DGMR's neuron choice
 
 
 class EvalSet:
@@ -59,20 +63,43 @@ class EvalSet:
         }
 
 
+def target_config(cfg: ModelConfig, mlp_ratio: float) -> ModelConfig:
+    """The config DGMR pruning at mlp_ratio gives (no weights)."""
+    return cfg.replace(mlp_hidden=target_widths(cfg, mlp_ratio))
+
+
 def _cost(cfg: ModelConfig, img_size: int) -> dict[str, float]:
     return {"params_M": count_params(cfg) / 1e6, "gflops": count_flops(cfg, img_size) / 1e9}
 
 
-def _distill(out: Path, method: str, steps: int, batch: int, base_lr: float, img_size: int) -> Params:
-    """Distill the pruned student; the trainer writes it as the model directory runs/<method>/model."""
+def _config(out: Path, student: str, steps: int, batch: int, base_lr: float, img_size: int) -> ConfigDict:
+    """The demo's run settings: the teacher directory, MNIST-5k train images, a short cosine schedule."""
     config = base_config()
     config.teacher.update(model_dir=str(out / "teacher"), family="dinov2", dtype="float32")
-    config.student.update(model_dir=str(out / f"student_{method}"), dtype="float32")
+    config.student.update(model_dir=str(out / student), dtype="float32")
     config.data.update(kind="mnist5k", split="train", img_size=img_size, scale=(0.8, 1.0))
     config.optim.update(base_lr=base_lr, min_lr=base_lr / 100, warmup_steps=max(steps // 10, 1), total_steps=steps)
     config.update(global_batch=batch, checkpoint_every=steps, async_checkpoint=False, log_every=max(steps // 20, 1))
     config.mesh.update(data=-1, fsdp=1, tensor=1)
+    return config
+
+
+def _distill(out: Path, method: str, steps: int, batch: int, base_lr: float, img_size: int) -> Params:
+    """Distill the student out/student_<method>; the trainer writes it as the model directory runs/<method>/model."""
+    config = _config(out, f"student_{method}", steps, batch, base_lr, img_size)
     return open_model(train(config, out / "runs" / method)["model_dir"]).load()
+
+
+def _uvc_student(out: Path, method: str, budget: float, steps: int, batch: int, base_lr: float, img_size: int):
+    """UVC-search the teacher at `budget` ("uvc": neurons by searched norms, "uvc+diversity": by DGMR's selection)
+    and write the extracted slim model as out/student_<method>; returns its (config, params)."""
+    select = method.split("+")[1] if "+" in method else "uvc"
+    config = _config(out, "teacher", steps, batch, base_lr, img_size)
+    config.uvc.update(warmup_steps=max(steps // 10, 1))
+    config = uvc_config(config, str(out / "teacher"), budget, "mnist5k", steps, select)
+    run_uvc(config, out / "runs" / f"{method}_search", out / f"student_{method}")
+    source = open_model(out / f"student_{method}")
+    return source.cfg, source.load()
 
 
 def _plot(out: Path, methods: Sequence[str], rows: list[dict]) -> None:
@@ -90,9 +117,9 @@ def _plot(out: Path, methods: Sequence[str], rows: list[dict]) -> None:
     key = f"knn@{KS[-1]}"
     teacher = rows[0][key]
     x = np.arange(len(methods))
-    before = [next(r[key] for r in rows if r["model"] == f"{m} (pruned)") for m in methods]
-    after = [next(r[key] for r in rows if r["model"] == f"{m} (distilled)") for m in methods]
-    ax_acc.bar(x - 0.2, before, 0.4, label="pruned")
+    before = [rows[1 + 2 * i][key] for i in range(len(methods))]  # pruned (DGMR) or extracted (UVC)
+    after = [rows[2 + 2 * i][key] for i in range(len(methods))]
+    ax_acc.bar(x - 0.2, before, 0.4, label="pruned / extracted")
     ax_acc.bar(x + 0.2, after, 0.4, label="distilled")
     ax_acc.axhline(teacher, color="k", ls="--", label="teacher")
     ax_acc.set(xticks=x, xticklabels=methods, ylabel=f"kNN top-1 ({key})", title="Held-out MNIST", ylim=(0, 1))
@@ -115,7 +142,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def run_demo(
     out: str | Path,
-    methods: Sequence[str] = ("diversity", "l2", "random"),
+    methods: Sequence[str] = METHODS,
     mlp_ratio: float = 1.0,
     steps: int = 150,
     batch: int = 32,
@@ -123,6 +150,9 @@ def run_demo(
     base_lr: float = 2e-3,
 ) -> list[dict]:
     """Run the demo into the new directory `out`; returns the table rows (also written there)."""
+    unknown = [m for m in methods if m not in METHODS + UVC_METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown --methods {unknown}; choose from {', '.join(METHODS + UVC_METHODS)}")
     out = check_new_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -135,15 +165,19 @@ def run_demo(
     teacher_feats = data.features(cfg, teacher)
     rows = [{"model": "teacher", **_cost(cfg, img_size), **data.score(cfg, teacher_feats, teacher_feats)}]
     print(markdown_table(rows))
+    budget = count_flops(target_config(cfg, mlp_ratio)) / count_flops(cfg)  # UVC at the DGMR students' FLOPs
     for method in methods:
-        reports: list[LayerReport] = []
-        student_cfg, student = prune_mlp(cfg, teacher, method=method, mlp_ratio=mlp_ratio, report=reports)
-        save_model(out / f"student_{method}", student_cfg, student, **meta, pruned=method)
-        write_report(out / f"student_{method}", cfg, student_cfg, reports, method)
+        if method in UVC_METHODS:
+            student_cfg, student = _uvc_student(out, method, budget, steps, batch, base_lr, img_size)
+        else:
+            reports: list[LayerReport] = []
+            student_cfg, student = prune_mlp(cfg, teacher, method=method, mlp_ratio=mlp_ratio, report=reports)
+            save_model(out / f"student_{method}", student_cfg, student, **meta, pruned=method)
+            write_report(out / f"student_{method}", cfg, student_cfg, reports, method)
         cost = _cost(student_cfg, img_size)
         rows.append(
             {
-                "model": f"{method} (pruned)",
+                "model": f"{method} ({'extracted' if method in UVC_METHODS else 'pruned'})",
                 **cost,
                 **data.score(student_cfg, data.features(student_cfg, student), teacher_feats),
             }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1K train, the paper's unlabeled set
@@ -9,6 +11,15 @@ IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1K train, the paper's unlabeled
 
 def steps(epochs: float, global_batch: int, dataset_size: int = IMAGENET_TRAIN) -> int:
     return int(epochs * dataset_size // global_batch)
+
+
+def uvc_defaults() -> dict:
+    """The UVC search settings of a recipe: SearchConfig's defaults, budget 0 (no search: plain distillation)."""
+    from dgmr_jax.uvc.config import SearchConfig
+
+    skip = ("budget", "weights", "tap", "cls_coef", "feat_coef")  # the run's own optim and distill settings
+    fields = {f.name: f.default for f in dataclasses.fields(SearchConfig) if f.name not in skip}
+    return {"budget": 0.0, **fields}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -47,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # uvc.budget > 0 turns the run into a UVC search of the student (dgmr_jax.uvc.SearchConfig fields)
+    c.uvc = ml_collections.ConfigDict(uvc_defaults())
     c.global_batch = 256
     c.checkpoint_every = 1000
     c.keep = 3

@@ -114,8 +114,10 @@ def make_step(
     return step
 
 
-def state_shardings(student_cfg: ModelConfig, state_shapes: TrainState, mesh: Mesh) -> TrainState:
-    """Shardings of a TrainState: params/EMA by logical axes, optimizer moments like their params."""
+def state_shardings(student_cfg: ModelConfig, state_shapes: Any, mesh: Mesh) -> Any:
+    """Shardings of a train state (TrainState, or a UVC SearchState): every leaf whose dict path ends like a
+    student param's path and has its shape (the params, EMA, optimizer moments) is sharded like that param by
+    its logical axes; everything else (step, scalars, search counts and duals) is replicated."""
     shapes = param_shapes(student_cfg)
     param_sh = tree_shardings(logical_axes(student_cfg), shapes, mesh, "student params")
     by_path = {
@@ -125,7 +127,7 @@ def state_shardings(student_cfg: ModelConfig, state_shapes: TrainState, mesh: Me
         )
     }
 
-    def opt_leaf(path, leaf):  # a moment mirrors the param whose path ends its own; scalars replicate
+    def leaf_sharding(path, leaf):
         keys = _dict_keys(path)
         for i in range(len(keys)):
             match = by_path.get(keys[i:])
@@ -133,8 +135,7 @@ def state_shardings(student_cfg: ModelConfig, state_shapes: TrainState, mesh: Me
                 return match[0]
         return replicated(mesh)
 
-    opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, state_shapes.opt_state)
-    return TrainState(replicated(mesh), param_sh, opt_sh, param_sh if state_shapes.ema is not None else None)
+    return jax.tree_util.tree_map_with_path(leaf_sharding, state_shapes)
 
 
 def _dict_keys(path) -> tuple:

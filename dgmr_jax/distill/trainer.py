@@ -10,6 +10,7 @@ resumes from its last complete checkpoint. The student is written as a model dir
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import signal
 import time
@@ -54,6 +55,8 @@ from dgmr_jax.paths import PathLike, as_path
 from dgmr_jax.preprocess import Preprocess
 from dgmr_jax.prune.cost import count_flops
 from dgmr_jax.prune.mlp import prune_mlp, target_widths
+from dgmr_jax.uvc.config import SearchConfig
+from dgmr_jax.uvc.search import init_search_state, make_optimizers, make_search_step
 
 
 def open_teacher(tc: ml_collections.ConfigDict) -> LayerSource:
@@ -121,6 +124,8 @@ class Step:
     state_sh: TrainState
     teacher_sh: Params
     fn: Any  # jitted (state, teacher, images) -> (state, metrics)
+    init: Any  # student params -> fresh state (TrainState, or SearchState for a UVC search)
+    search: SearchConfig | None = None  # set for a UVC search
 
     def abstract_inputs(self, mesh: jax.sharding.Mesh, global_batch: int, img_size: int) -> tuple[Any, Any, Any]:
         """(state, teacher, images) as ShapeDtypeStructs carrying their shardings: what `fn.lower` takes."""
@@ -141,23 +146,48 @@ def build_step(
         dtype=config.student.dtype, param_dtype=config.student.param_dtype, remat=config.student.remat
     )
     teacher_cfg = teacher_cfg.replace(dtype=config.teacher.dtype)
-    tx = make_optimizer(opt)
     cast = lambda tree, dtype: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), tree)  # noqa: E731
     student_shapes = cast(param_shapes(student_cfg), config.student.param_dtype)
-    state_shapes = jax.eval_shape(lambda p: init_state(p, tx, ema=opt.ema_decay > 0), student_shapes)
-    state_sh = state_shardings(student_cfg, state_shapes, mesh)
     teacher_shapes = cast(param_shapes(teacher_cfg), config.teacher.dtype)
     teacher_sh = tree_shardings(logical_axes(teacher_cfg), teacher_shapes, mesh, "teacher params")
-    step = make_step(
-        tap_config(student_cfg, config.distill.tap),
-        tap_config(teacher_cfg, config.distill.tap),
-        tx,
-        opt,
-        config.distill.cls_coef,
-        config.distill.feat_coef,
-    )
+    scfg = search_config(config)
+    if scfg is None:
+        tx = make_optimizer(opt)
+        init = functools.partial(init_state, optimizer=tx, ema=opt.ema_decay > 0)
+        step = make_step(
+            tap_config(student_cfg, config.distill.tap),
+            tap_config(teacher_cfg, config.distill.tap),
+            tx,
+            opt,
+            config.distill.cls_coef,
+            config.distill.feat_coef,
+        )
+    else:
+        tx = make_optimizers(student_cfg, scfg)
+        init = functools.partial(init_search_state, student_cfg, scfg=scfg, optimizers=tx)
+        search = make_search_step(student_cfg, scfg, tx, teacher_cfg)
+        key = jax.random.PRNGKey(config.data.seed)
+
+        def step(state, teacher, images):  # this step's Gumbel noise from the step number: resumes draw the same
+            return search(state, teacher, images, jax.random.fold_in(key, state.step))
+
+    state_shapes = jax.eval_shape(init, student_shapes)
+    state_sh = state_shardings(student_cfg, state_shapes, mesh)
     fn = jit_step(step, mesh, state_sh, teacher_sh)
-    return Step(teacher_cfg, student_cfg, tx, state_shapes, teacher_shapes, state_sh, teacher_sh, fn)
+    return Step(teacher_cfg, student_cfg, tx, state_shapes, teacher_shapes, state_sh, teacher_sh, fn, init, scfg)
+
+
+def search_config(config: ml_collections.ConfigDict) -> SearchConfig | None:
+    """The UVC search of a recipe (config.uvc with budget > 0), or None for plain distillation."""
+    u = config.uvc
+    if not u.budget:
+        return None
+    fields = {k: v for k, v in u.items() if k not in ("budget", "select")}
+    fields.update(gate_init=tuple(u.gate_init), z_lr=tuple(tuple(p) for p in u.z_lr))
+    d = config.distill
+    return SearchConfig(
+        budget=u.budget, weights=optim_config(config), tap=d.tap, cls_coef=d.cls_coef, feat_coef=d.feat_coef, **fields
+    )
 
 
 @dataclasses.dataclass
@@ -212,7 +242,7 @@ def build_run(config: ml_collections.ConfigDict, workdir: PathLike) -> Run:
         shard_count=jax.process_count(),
         worker_count=config.data.workers,
     )
-    state = init_state(student, step.optimizer, ema=opt.ema_decay > 0)
+    state = step.init(student)
     return Run(
         config=config,
         workdir=workdir,
@@ -286,6 +316,10 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
         raise ValueError("--config.export_ema=true needs an EMA: set --config.optim.ema_decay (e.g. 0.999)")
     if config.export_every < 0:
         raise ValueError(f"--export-every must be >= 0 (0: only at the end), got {config.export_every}")
+    if config.uvc.budget and (config.export_every or config.export_ema):
+        raise ValueError(
+            "a UVC search exports its slim model by extraction (`dgmr-jax uvc`): drop --export-every/--ema"
+        )
     run = build_run(config, workdir)
     opt, workdir = run.opt, run.workdir
     main_process = jax.process_index() == 0
@@ -307,7 +341,8 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
     seen_log = JsonlLog(workdir / "seen.jsonl") if main_process and config.log_indices else None
     tensorboard = TensorBoard(workdir / "tensorboard") if main_process else None
     stop = _Stop()
-    bar = tqdm(total=opt.total_steps, initial=start, desc="distill", unit="step", disable=not main_process)
+    desc = "uvc search" if run.step.search else "distill"
+    bar = tqdm(total=opt.total_steps, initial=start, desc=desc, unit="step", disable=not main_process)
     last, tick, reason = {}, time.perf_counter(), "done"
     try:
         for step in range(start, opt.total_steps):
@@ -341,7 +376,8 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
                 if main_process:
                     metrics_log.write(last)
                     tensorboard.write(last, done)
-                bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "lr", "images_per_s", "mfu") if k in last})
+                shown = ("loss", "ratio_hard", "z", "lr", "images_per_s", "mfu")
+                bar.set_postfix({k: f"{last[k]:.4g}" for k in shown if k in last})
             bar.update(1)
             ckpt.save(done, state, feed, force=save_now)
             if config.export_every and done % config.export_every == 0 and done != opt.total_steps:
@@ -356,7 +392,8 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
         if tensorboard:
             tensorboard.close()
     final_step = int(state.step)
-    model = _export_final(run, state, final_step) if reason == "done" else None
+    # a search's product is its extraction (dgmr_jax.uvc.extract), not the full-size weights
+    model = _export_final(run, state, final_step) if reason == "done" and not run.step.search else None
     if main_process and reason != "done":
         print(reason)
     return {

@@ -30,7 +30,7 @@ def signature(config: ml_collections.ConfigDict, source: Any) -> dict[str, Any]:
     tc, sc, dc = config.teacher, config.student, config.data
     teacher = tc.model_dir or tc.checkpoint or f"{tc.arch} {dict(tc.arch_overrides)} seed {tc.seed}"
     student = sc.model_dir or f"{sc.method} mlp_ratio {sc.mlp_ratio} of the teacher"
-    return {
+    sig = {
         "teacher": teacher,
         "student": student,
         "data": repr(source),
@@ -38,6 +38,14 @@ def signature(config: ml_collections.ConfigDict, source: Any) -> dict[str, Any]:
         "data.seed": dc.seed,
         "global_batch": config.global_batch,
     }
+    if config.uvc.budget:  # a search's state holds counts and duals of this setting: another budget cannot resume
+        sig["uvc"] = {k: _jsonable(v) for k, v in config.uvc.items()}
+    return sig
+
+
+def _jsonable(v: Any) -> Any:
+    """JSON's view of a config value (tuples become lists), so a signature compares equal after a round trip."""
+    return [_jsonable(x) for x in v] if isinstance(v, (tuple, list)) else v
 
 
 def read_record(workdir: PathLike) -> dict[str, Any] | None:

@@ -1,0 +1,170 @@
+"""`dgmr-jax uvc`: a UVC search of a model directory in the sharded trainer, then extraction to a slim model.
+
+The search runs as a distillation run whose state also holds the counts, gate logits and duals (resumable from
+its workdir like any run); at the end the deterministic plan is extracted, repaired onto the budget, sliced out
+of the searched weights and written as a model directory with a report (per-layer table, R and z curves).
+Post-training is `dgmr-jax distill` with that directory as the student.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from dgmr_jax.data.open import spec_kind
+from dgmr_jax.distill.trainer import search_config, train
+from dgmr_jax.layer_source import open_model
+from dgmr_jax.model_dir import check_new_dir, save_model
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.slim import slice_units
+from dgmr_jax.paths import PathLike, as_path
+from dgmr_jax.prune.report import summary
+from dgmr_jax.uvc.extract import SELECT, Extraction, extract
+
+
+def uvc_config(
+    config: ml_collections.ConfigDict,
+    model: str,
+    budget: float,
+    train_spec: str,
+    steps: int,
+    select: str = "uvc",
+    no_skip: bool = False,
+) -> ml_collections.ConfigDict:
+    """`config` set up to search `model` (teacher and starting student alike) on `train_spec` for `steps` steps."""
+    if select not in SELECT:
+        raise ValueError(f"--select must be one of {', '.join(SELECT)}, got {select!r}")
+    if select == "taylor":
+        raise ValueError("--select taylor needs per-layer scores; use dgmr_jax.uvc.extract(..., scores=) in Python")
+    if steps <= 0:
+        raise ValueError(f"--steps must be > 0, got {steps}")
+    config = ml_collections.ConfigDict(config.to_dict())
+    kind, path = spec_kind(train_spec)
+    config.teacher.model_dir = config.student.model_dir = str(model)
+    config.data.update(kind=kind, path=path)
+    config.optim.total_steps = steps
+    config.uvc.update(budget=budget, select=select)
+    if no_skip:
+        config.uvc.search_blocks = False
+    return config
+
+
+def run_uvc(config: ml_collections.ConfigDict, workdir: PathLike, out: PathLike) -> dict[str, Any] | None:
+    """Search (resuming from `workdir`), extract, repair, slice, write `out`; None when the run was preempted."""
+    check_new_dir(out)
+    source = open_model(config.student.model_dir)
+    search_config(config).resolve(source.cfg)  # bad budgets and settings fail before the models load
+    result = train(config, workdir)
+    if result["reason"] != "done":
+        return None
+    state = jax.device_get(result["state"])
+    cfg = source.cfg
+    teacher = source.load() if config.uvc.select != "uvc" else None  # DGMR selects on the original fc1
+    ext = extract(
+        cfg,
+        state.params,
+        state.vars,
+        config.uvc.budget,
+        select=config.uvc.select,
+        teacher_params=teacher,
+        seed=config.data.seed,
+        no_skip=not config.uvc.search_blocks,
+    )
+    slim_cfg, slim, kept = slice_units(cfg, state.params, ext.plan)
+    record = {
+        "budget": config.uvc.budget,
+        "ratio_searched": ext.ratio_searched,
+        "ratio": ext.ratio,
+        "blocks": [int(i) for i in kept],
+        "select": config.uvc.select,
+        "search": {"workdir": str(as_path(workdir)), "step": result["step"]},
+    }
+    meta = {k: v for k, v in source.meta.items() if k not in ("distilled", "source")}
+    save_model(out, slim_cfg, slim, **meta, source=source.meta.get("source"), uvc=record)
+    report = write_report(out, cfg, slim_cfg, ext, kept, as_path(workdir) / "metrics.jsonl")
+    print(ext.summary())
+    return {"ext": ext, "slim_cfg": slim_cfg, "report": report, "steps": result["step"]}
+
+
+def layer_rows(cfg: ModelConfig, slim_cfg: ModelConfig, kept: list[int]) -> list[dict[str, Any]]:
+    """Per original layer: kept or skipped, heads, value widths, MLP neurons."""
+    rows, where = [], {orig: i for i, orig in enumerate(kept)}
+    for layer in range(cfg.depth):
+        if layer not in where:
+            rows.append({"layer": layer, "skipped": True})
+            continue
+        i = where[layer]
+        rows.append(
+            {
+                "layer": layer,
+                "skipped": False,
+                "heads": slim_cfg.heads(i),
+                "value_dims": list(slim_cfg.vdims(i)),
+                "neurons": slim_cfg.mlp_hidden[i],
+            }
+        )
+    return rows
+
+
+def write_report(
+    out: PathLike, cfg: ModelConfig, slim_cfg: ModelConfig, ext: Extraction, kept: list[int], metrics: PathLike
+) -> dict[str, Any]:
+    """uvc_report.md / .json (costs, the repair, the per-layer table) and uvc_curves.png (R and z per step)."""
+    out = as_path(out)
+    info = {
+        **summary(cfg, slim_cfg),
+        "budget": ext.budget,
+        "ratio_searched": ext.ratio_searched,
+        "ratio": ext.ratio,
+        "repair": {"removed": ext.removed, "restored": ext.restored},
+        "layers": layer_rows(cfg, slim_cfg, kept),
+    }
+    lines = [
+        f"# UVC: {cfg.name} at a FLOPs budget of {ext.budget:.0%}",
+        "",
+        f"FLOPs ratio {ext.ratio_searched:.4f} as searched, {ext.ratio:.4f} after the repair "
+        f"({ext.removed} units removed, {ext.restored} restored); params {info['params_before'] / 1e6:.2f}M -> "
+        f"{info['params_after'] / 1e6:.2f}M, GFLOPs {info['gflops_before']} -> {info['gflops_after']}.",
+        "",
+        f"| layer | heads (of {cfg.num_heads}) | value dims per head (of {cfg.attn_head_dim}) | "
+        f"MLP neurons (of {cfg.mlp_hidden[0]}) |",
+        "|---|---|---|---|",
+    ]
+    for row in info["layers"]:
+        if row["skipped"]:
+            lines.append(f"| {row['layer']} | skipped | | |")
+        else:
+            dims = ", ".join(map(str, row["value_dims"]))
+            lines.append(f"| {row['layer']} | {row['heads']} | {dims} | {row['neurons']} |")
+    (out / "uvc_report.md").write_text("\n".join(lines) + "\n")
+    (out / "uvc_report.json").write_text(json.dumps(info, indent=2))
+    _plot_curves(as_path(metrics), out / "uvc_curves.png")
+    return info
+
+
+def _plot_curves(metrics: Any, path: Any) -> None:
+    """The deterministic FLOPs ratio and the dual z over the search's logged steps."""
+    if not metrics.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    steps = np.array([r["step"] for r in rows])
+    fig, (ax_r, ax_z) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax_r.plot(steps, [r["ratio_hard"] for r in rows], label="R (argmax gates, rounded counts)")
+    ax_r.plot(steps, [r["ratio"] for r in rows], alpha=0.5, label="R (sampled gates)")
+    ax_r.set(xlabel="step", ylabel="FLOPs ratio", title="Resource ratio")
+    ax_r.legend()
+    ax_z.plot(steps, [r["z"] for r in rows])
+    ax_z.set(xlabel="step", ylabel="z", title="Dual of the FLOPs constraint")
+    fig.tight_layout()
+    with path.open("wb") as f:
+        fig.savefig(f, dpi=110)
+    plt.close(fig)
