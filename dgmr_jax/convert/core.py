@@ -17,6 +17,7 @@ from dgmr_jax.convert.keymaps import DERIVED, FAMILIES, Rule, rules, torch_prefi
 from dgmr_jax.layer_source import LayerSource
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import preset
+from dgmr_jax.models.slim import needs_padding, pad_units, padded_config, slice_units
 from dgmr_jax.models.tree import Params, flatten, is_scanned, stack_blocks, unflatten, unstack_blocks
 from dgmr_jax.models.vit import init_params, param_shapes, set_image_size
 
@@ -203,7 +204,15 @@ def from_torch(
     strict: missing, unexpected and mis-shaped keys raise one CheckpointError that lists them all;
     with strict=False only keys that fit are loaded and the rest keep their random init.
     Arrays keep the checkpoint's dtype, so to_torch(from_torch(sd)) reproduces sd bit for bit.
+
+    A UVC slim `arch` (narrowed value widths or absent branches) reads the padded form that to_torch writes and
+    slices it back (dgmr_jax.models.slim.pad_units), checking that the padding is exactly zero.
     """
+    resolved = resolve_config(arch, family)
+    if not resolved.full_units:
+        _check_unit_family(resolved, family)
+        if needs_padding(resolved):
+            return _from_padded(src, family, resolved, strict, img_size)
     source = CheckpointSource(src, family, arch)
     cfg, problems = source.cfg, source.key_problems()
     flat, misshaped = source.convert()
@@ -242,8 +251,51 @@ def to_torch(cfg: ModelConfig, params: Params, family: str = "timm", prefix: str
 
     Works for pruned configs: widths come from the arrays, so the dict loads into the PyTorch model
     built with the same per-layer widths. `prefix` (e.g. "visual.") is put before every name.
+
+    UVC slim configs (family "timm" only): per-layer heads become per-layer num_heads; narrowed value widths are
+    padded to attn_head_dim with exact zeros (v rows of qkv, v_bias, proj input columns) and an absent branch is
+    written as an all-zero 1-head attention / width-1 MLP (norm and layer scale zero too), so the timm model
+    computes the slim model's function; its config is dgmr_jax.models.slim.padded_config(cfg)[0].
     """
     if family not in FAMILIES:
         raise CheckpointError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if not cfg.full_units:
+        _check_unit_family(cfg, family)
+        if needs_padding(cfg):
+            cfg, params, _ = pad_units(cfg, params)
     flat = flatten(unstack_blocks(params) if is_scanned(params) else params)
     return {prefix + name: value for name, value in export_rules(flat, rules(cfg, family), cfg.name).items()}
+
+
+def _check_unit_family(cfg: ModelConfig, family: str) -> None:
+    """UVC slim models (per-layer heads, value widths, absent branches) have a PyTorch model only in timm's layout."""
+    if family != "timm":
+        raise CheckpointError(
+            f"config {cfg.name!r} has per-layer attention units (layer_heads / value_dims / absent branches), which "
+            f"only family='timm' converts (a timm VisionTransformer with per-layer Attention and Mlp); got {family!r}"
+        )
+
+
+def _from_padded(
+    src: str | os.PathLike | Mapping[str, Any], family: str, cfg: ModelConfig, strict: bool, img_size: int | None
+) -> tuple[ModelConfig, Params]:
+    """Import the padded PyTorch form of a UVC slim config (what to_torch writes) and slice it back to cfg; the
+    padding (zero value columns, all-zero stand-in branches) must be exactly zero, else CheckpointError."""
+    padded, plan = padded_config(cfg)
+    padded_cfg, padded_params = from_torch(src, family, padded.replace(scan_layers=False), strict=strict)
+    slim_cfg, params, _ = slice_units(padded_cfg, padded_params, plan)
+    if strict:
+        again = flatten(pad_units(slim_cfg, params)[1])
+        loaded = flatten(padded_params)
+        nonzero = sorted(k for k, v in loaded.items() if not np.array_equal(again[k], v))
+        if nonzero:
+            raise CheckpointError(
+                f"checkpoint does not match the slim config {cfg.name!r}: the padding of narrowed heads or removed "
+                "branches is not zero (was the model trained after export?); import it with "
+                "arch=dgmr_jax.models.slim.padded_config(cfg)[0] to keep those weights:\n"
+                + listing("params with nonzero padding", nonzero)
+            )
+    if img_size is not None:
+        slim_cfg, params = set_image_size(slim_cfg, params, img_size)
+    slim_cfg = slim_cfg.replace(scan_layers=cfg.scan_layers)
+    return slim_cfg, stack_blocks(params) if slim_cfg.scan_layers else params

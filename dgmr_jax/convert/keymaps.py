@@ -179,11 +179,16 @@ def _mlp(cfg: ModelConfig, n: dict[str, str], f: str, t: str) -> list[Rule]:
 
 
 def _block(cfg: ModelConfig, n: dict[str, str], i: int, family: str) -> list[Rule]:
+    """Block i's rules; a branch a UVC slim layer does not have (0 heads, 0 MLP neurons) has none."""
     f, t = f"blocks_{i}", n["block"].format(i=i)
-    rules = _norm(cfg, f"{f}/norm1", t + n["norm1"]) + _attention(cfg, n, f"{f}/attn", t, family)
-    rules += _norm(cfg, f"{f}/norm2", t + n["norm2"]) + _mlp(cfg, n, f"{f}/mlp", t)
+    rules = []
+    if cfg.heads(i):
+        rules += _norm(cfg, f"{f}/norm1", t + n["norm1"]) + _attention(cfg, n, f"{f}/attn", t, family)
+    if cfg.mlp_hidden[i]:
+        rules += _norm(cfg, f"{f}/norm2", t + n["norm2"]) + _mlp(cfg, n, f"{f}/mlp", t)
     if cfg.layer_scale:
-        rules += [Rule((f"{f}/ls1/scale",), (t + n["ls1"],)), Rule((f"{f}/ls2/scale",), (t + n["ls2"],))]
+        rules += [Rule((f"{f}/ls1/scale",), (t + n["ls1"],))] if cfg.heads(i) else []
+        rules += [Rule((f"{f}/ls2/scale",), (t + n["ls2"],))] if cfg.mlp_hidden[i] else []
     return rules
 
 

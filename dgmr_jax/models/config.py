@@ -33,7 +33,12 @@ class ModelConfig:
     depth: int = 12
     num_heads: int = 12
     head_dim: int = 0  # 0: width // num_heads
-    mlp_hidden: tuple[int, ...] = ()  # per-layer hidden width (fc2 input); () means 4 * width
+    mlp_hidden: tuple[int, ...] = ()  # per-layer hidden width (fc2 input); () means 4 * width; 0: no MLP branch
+    # UVC slim models (see docs/method.md): per-layer head count, () meaning num_heads everywhere and 0 a layer
+    # without attention branch; per layer, each head's value width (1..attn_head_dim), () meaning attn_head_dim
+    # for every head. Queries and keys always keep attn_head_dim per head.
+    layer_heads: tuple[int, ...] = ()
+    value_dims: tuple[tuple[int, ...], ...] = ()
     mlp_type: str = "gelu"  # gelu | quick_gelu | swiglu (silu(gate) * value)
     mlp_norm: bool = False  # LayerNorm over the hidden width before fc2 (EVA02 "ffn_ln")
     qkv_bias: str = "full"  # full | qv (EVA: no k bias) | none
@@ -74,6 +79,9 @@ class ModelConfig:
         if not self.mlp_hidden:
             object.__setattr__(self, "mlp_hidden", (4 * self.width,) * self.depth)
         object.__setattr__(self, "mlp_hidden", tuple(int(h) for h in self.mlp_hidden))
+        # config.json stores tuples as lists: back to (nested) tuples so loaded configs compare equal
+        object.__setattr__(self, "layer_heads", tuple(int(h) for h in self.layer_heads))
+        object.__setattr__(self, "value_dims", tuple(tuple(int(w) for w in ws) for ws in self.value_dims))
         self.validate()
 
     def validate(self) -> None:
@@ -89,7 +97,7 @@ class ModelConfig:
                 len(self.mlp_hidden) == self.depth,
                 f"mlp_hidden has {len(self.mlp_hidden)} entries but depth is {self.depth}",
             ),
-            (all(h > 0 for h in self.mlp_hidden), f"mlp_hidden entries must be > 0, got {self.mlp_hidden}"),
+            (all(h >= 0 for h in self.mlp_hidden), f"mlp_hidden entries must be >= 0, got {self.mlp_hidden}"),
             (
                 self.head_dim > 0 or self.width % self.num_heads == 0,
                 f"width {self.width} is not divisible by num_heads {self.num_heads}; set head_dim",
@@ -111,6 +119,63 @@ class ModelConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"ModelConfig {self.name!r}: {message}")
+        self._validate_units()
+
+    def _validate_units(self) -> None:
+        """The per-layer units of a UVC slim model: layer_heads, value_dims, absent branches, scan_layers."""
+        d, problem = self.attn_head_dim, None
+        if self.layer_heads and len(self.layer_heads) != self.depth:
+            problem = f"layer_heads has {len(self.layer_heads)} entries but depth is {self.depth}"
+        elif not all(0 <= h <= self.num_heads for h in self.layer_heads):
+            problem = f"layer_heads entries must be in 0..num_heads={self.num_heads}, got {self.layer_heads}"
+        elif self.value_dims and len(self.value_dims) != self.depth:
+            problem = f"value_dims has {len(self.value_dims)} entries but depth is {self.depth}"
+        else:
+            for layer in range(self.depth if self.value_dims else 0):
+                widths = self.value_dims[layer]
+                if len(widths) != self.heads(layer):
+                    problem = (
+                        f"value_dims[{layer}] has {len(widths)} widths but layer {layer} has {self.heads(layer)} "
+                        "heads (layer_heads, else num_heads)"
+                    )
+                elif not all(1 <= w <= d for w in widths):
+                    problem = f"value_dims[{layer}] entries must be in 1..attn_head_dim={d}, got {widths}"
+                if problem:
+                    break
+        if problem is None:
+            empty = [i for i in range(self.depth) if self.heads(i) == 0 and self.mlp_hidden[i] == 0]
+            if empty:
+                problem = (
+                    f"layers {empty} have neither attention heads (layer_heads) nor MLP neurons (mlp_hidden): "
+                    "drop such blocks from depth instead"
+                )
+            elif self.scan_layers and not self.uniform:
+                problem = (
+                    "scan_layers needs the same heads, value widths and MLP width in every layer; "
+                    "per-layer units (layer_heads, value_dims, mlp_hidden) need scan_layers=False"
+                )
+        if problem:
+            raise ValueError(f"ModelConfig {self.name!r}: {problem}")
+
+    def heads(self, layer: int) -> int:
+        """Attention heads of `layer` (0: the layer has no attention branch)."""
+        return self.layer_heads[layer] if self.layer_heads else self.num_heads
+
+    def vdims(self, layer: int) -> tuple[int, ...]:
+        """Value width of each head of `layer` (queries and keys keep attn_head_dim)."""
+        return self.value_dims[layer] if self.value_dims else (self.attn_head_dim,) * self.heads(layer)
+
+    @property
+    def uniform(self) -> bool:
+        """Every layer has the same heads, value widths and MLP width (scan_layers allowed)."""
+        units = {(self.heads(i), self.vdims(i), self.mlp_hidden[i]) for i in range(self.depth)}
+        return len(units) <= 1
+
+    @property
+    def full_units(self) -> bool:
+        """No per-layer head or value-width pruning and no absent branch: the layout of an unpruned ViT (MLP
+        widths may differ per layer)."""
+        return not self.layer_heads and not self.value_dims and all(h > 0 for h in self.mlp_hidden)
 
     @property
     def attn_head_dim(self) -> int:

@@ -54,46 +54,124 @@ class PatchEmbed(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head self-attention with fused qkv, optional q/v-only bias, q/k norm, RoPE and output norm; the
-    softmax attention itself by cfg.attention (einsum, or jax.nn.dot_product_attention)."""
+    softmax attention itself by cfg.attention (einsum, or jax.nn.dot_product_attention).
+
+    `heads` heads whose queries and keys have attn_head_dim each and whose values have `vdims` widths (a UVC slim
+    layer); the qkv columns are q of every head, k of every head, then each head's values at its own width.
+    """
 
     cfg: ModelConfig
+    heads: int
+    vdims: tuple[int, ...]
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None) -> jnp.ndarray:
-        cfg = self.cfg
+        cfg, heads, hd = self.cfg, self.heads, self.cfg.attn_head_dim
         b, n, _ = x.shape
-        heads, hd = cfg.num_heads, cfg.attn_head_dim
-        qkv = dense(3 * cfg.attn_dim, ("embed", "heads"), cfg, "qkv", bias=cfg.qkv_bias == "full")(x)
+        qk, values = heads * hd, sum(self.vdims)
+        qkv = dense(2 * qk + values, ("embed", "heads"), cfg, "qkv", bias=cfg.qkv_bias == "full")(x)
         if cfg.qkv_bias == "qv":
             zeros = nn.initializers.zeros
-            q_bias = self.param("q_bias", partitioned(zeros, ("heads",)), (cfg.attn_dim,), cfg.param_dtype)
-            v_bias = self.param("v_bias", partitioned(zeros, ("heads",)), (cfg.attn_dim,), cfg.param_dtype)
+            q_bias = self.param("q_bias", partitioned(zeros, ("heads",)), (qk,), cfg.param_dtype)
+            v_bias = self.param("v_bias", partitioned(zeros, ("heads",)), (values,), cfg.param_dtype)
             qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
         if cfg.qk_norm == "full":  # InternViT: q and k normalized over all heads at once, before the split
-            q, k, v = jnp.split(qkv, 3, axis=-1)
+            q, k, v = qkv[..., :qk], qkv[..., qk : 2 * qk], qkv[..., 2 * qk :]
             q, k = rms_norm(cfg, "q_norm", axis="heads")(q), rms_norm(cfg, "k_norm", axis="heads")(k)
             qkv = jnp.concatenate([q, k, v], axis=-1)
-        qkv = qkv.reshape(b, n, 3, heads, hd)
-        out = _einsum_attention(qkv, rope) if cfg.attention == "einsum" else _fused_attention(qkv, rope, cfg.attention)
-        out = out.reshape(b, n, cfg.attn_dim)
+        if set(self.vdims) == {hd}:  # every value at full width: one (B, N, 3, heads, hd) tensor
+            qkv = qkv.reshape(b, n, 3, heads, hd)
+            if cfg.attention == "einsum":
+                out = _einsum_attention(qkv, rope)
+            else:
+                out = _fused_attention(qkv, rope, cfg.attention)
+            out = out.reshape(b, n, values)
+        elif cfg.attention == "einsum":
+            out = _narrow_einsum_attention(qkv, rope, heads, hd, self.vdims)
+        else:
+            out = _padded_fused_attention(qkv, rope, heads, hd, self.vdims, cfg.attention)
         if cfg.attn_norm:
             out = norm(cfg, "norm", axis="heads")(out)
         return dense(cfg.width, ("heads", "embed"), cfg, "proj")(out)
 
 
+def _value_columns(hd: int, vdims: tuple[int, ...]) -> np.ndarray:
+    """Positions of the valid value columns inside values padded to hd per head: head h, dim j -> h * hd + j."""
+    return np.concatenate([h * hd + np.arange(w) for h, w in enumerate(vdims)]).astype(np.int32)
+
+
+def _narrow_einsum_attention(
+    qkv: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None, heads: int, hd: int, vdims: tuple[int, ...]
+) -> jnp.ndarray:
+    """Einsum attention of a layer whose values are narrower than hd: the attention weights of all heads in one
+    batched matmul, then one batched matmul per distinct value width over the heads of that width, so the
+    weights-times-values matmuls cost exactly n * n * sum(vdims) multiply-accumulates. Returns (B, N, sum(vdims))."""
+    b, n, _ = qkv.shape
+    qk = heads * hd
+    q = qkv[..., :qk].reshape(b, n, heads, hd).transpose(0, 2, 1, 3)
+    k = qkv[..., qk : 2 * qk].reshape(b, n, heads, hd).transpose(0, 2, 1, 3)
+    v = qkv[..., 2 * qk :]
+    weights = _attention_weights(q, k, rope, hd).astype(v.dtype)
+    starts = np.cumsum((0,) + vdims)
+    parts, order = [], []
+    for width in sorted(set(vdims)):
+        group = [h for h, w in enumerate(vdims) if w == width]
+        cols = np.concatenate([starts[h] + np.arange(width) for h in group])
+        contiguous = group == list(range(group[0], group[-1] + 1))
+        vg = v[..., starts[group[0]] : starts[group[-1] + 1]] if contiguous else v[..., cols]
+        vg = vg.reshape(b, n, len(group), width).transpose(0, 2, 1, 3)
+        wg = weights[:, group[0] : group[-1] + 1] if contiguous else weights[:, np.asarray(group)]
+        parts.append((wg @ vg).transpose(0, 2, 1, 3).reshape(b, n, len(group) * width))
+        order.append(cols)
+    out = jnp.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
+    order = np.concatenate(order)
+    return out if np.array_equal(order, np.arange(len(order))) else out[..., np.argsort(order)]
+
+
+def _padded_fused_attention(
+    qkv: jnp.ndarray,
+    rope: tuple[jnp.ndarray, jnp.ndarray] | None,
+    heads: int,
+    hd: int,
+    vdims: tuple[int, ...],
+    kind: str,
+) -> jnp.ndarray:
+    """Fused attention of a layer whose values are narrower than hd: jax.nn.dot_product_attention needs values
+    as wide as keys, so each head's values are padded to hd with exact zeros and the valid columns taken after
+    (the padded columns cost n * n multiply-accumulates each that count_flops does not count)."""
+    b, n, _ = qkv.shape
+    qk = heads * hd
+    v = qkv[..., 2 * qk :]
+    # gather from [v, 0]: index sum(vdims) is the zero column
+    source = np.full(heads * hd, sum(vdims), np.int32)
+    source[_value_columns(hd, vdims)] = np.arange(sum(vdims))
+    padded = jnp.concatenate([v, jnp.zeros_like(v[..., :1])], axis=-1)[..., source]
+    full = jnp.concatenate([qkv[..., : 2 * qk], padded], axis=-1).reshape(b, n, 3, heads, hd)
+    out = _fused_attention(full, rope, kind).reshape(b, n, heads * hd)
+    return out[..., _value_columns(hd, vdims)]
+
+
 def _einsum_attention(qkv: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None) -> jnp.ndarray:
     """Softmax attention of qkv (B, N, 3, heads, hd) -> (B, N, heads, hd) as batched matmuls in (B, heads, N, hd),
     the softmax in float32."""
-    n, hd = qkv.shape[1], qkv.shape[-1]
     # (3, B, heads, N, hd): batched matmuls in this layout are ~3x faster on XLA:CPU than einsums over (B, N, h, d)
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+    weights = _attention_weights(q, k, rope, qkv.shape[-1]).astype(v.dtype)
+    return (weights @ v).transpose(0, 2, 1, 3)
+
+
+def _attention_weights(
+    q: jnp.ndarray, k: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None, hd: int
+) -> jnp.ndarray:
+    """Softmax attention weights (B, heads, N, N) of q, k (B, heads, N, hd) in float32 (float64 for float64 models),
+    RoPE on the patch tokens."""
+    n = q.shape[2]
     if rope is not None:
         npt = n - rope[0].shape[0]
         q = jnp.concatenate([q[:, :, :npt], apply_rope(q[:, :, npt:], *rope)], axis=2)
         k = jnp.concatenate([k[:, :, :npt], apply_rope(k[:, :, npt:], *rope)], axis=2)
     logits = (q * (hd**-0.5)) @ k.swapaxes(-1, -2)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return (weights @ v).transpose(0, 2, 1, 3)
+    return jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
 
 
 def _fused_attention(qkv: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None, kind: str) -> jnp.ndarray:
@@ -148,23 +226,31 @@ class LayerScale(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm (x + f(norm x)) or post-norm (x + norm(f x)) transformer block."""
+    """Pre-norm (x + f(norm x)) or post-norm (x + norm(f x)) transformer block; a branch with no heads (attention)
+    or no hidden neurons (MLP) is absent: no params, it adds nothing."""
 
     cfg: ModelConfig
     hidden: int
+    heads: int
+    vdims: tuple[int, ...]
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None) -> jnp.ndarray:
         cfg = self.cfg
-        norm1, norm2 = norm(cfg, "norm1"), norm(cfg, "norm2")
-        attn, mlp = Attention(cfg, name="attn"), Mlp(cfg, self.hidden, name="mlp")
-        ls1 = LayerScale(cfg, name="ls1") if cfg.layer_scale else (lambda y: y)
-        ls2 = LayerScale(cfg, name="ls2") if cfg.layer_scale else (lambda y: y)
-        if cfg.post_norm:
-            x = x + ls1(norm1(attn(x, rope)))
-            return x + ls2(norm2(mlp(x)))
-        x = x + ls1(attn(norm1(x), rope))
-        return x + ls2(mlp(norm2(x)))
+        if self.heads:
+            norm1, attn = norm(cfg, "norm1"), Attention(cfg, self.heads, self.vdims, name="attn")
+            ls1 = LayerScale(cfg, name="ls1") if cfg.layer_scale else (lambda y: y)
+            x = x + (ls1(norm1(attn(x, rope))) if cfg.post_norm else ls1(attn(norm1(x), rope)))
+        if self.hidden:
+            norm2, mlp = norm(cfg, "norm2"), Mlp(cfg, self.hidden, name="mlp")
+            ls2 = LayerScale(cfg, name="ls2") if cfg.layer_scale else (lambda y: y)
+            x = x + (ls2(norm2(mlp(x))) if cfg.post_norm else ls2(mlp(norm2(x))))
+        return x
+
+
+def _gated(x: jnp.ndarray, out: jnp.ndarray, gate: jnp.ndarray | None) -> jnp.ndarray:
+    """UVC's block gate: x + gate * (Block(x) - x); no op without a gate."""
+    return out if gate is None else x + gate.astype(x.dtype) * (out - x)
 
 
 def _block_type(cfg: ModelConfig, scanned: bool) -> type[nn.Module]:
@@ -182,14 +268,15 @@ def _block_type(cfg: ModelConfig, scanned: bool) -> type[nn.Module]:
 
 
 class _ScanStep(nn.Module):
-    """Block in the (carry, output) form nn.scan expects."""
+    """Block in the (carry, output) form nn.scan expects; with a gate, the gated block."""
 
     cfg: ModelConfig
-    hidden: int
 
     @nn.compact
-    def __call__(self, x, rope):
-        return _block_type(self.cfg, scanned=True)(self.cfg, self.hidden, name="block")(x, rope), None
+    def __call__(self, x, rope, gate=None):
+        cfg = self.cfg
+        out = _block_type(cfg, scanned=True)(cfg, cfg.mlp_hidden[0], cfg.heads(0), cfg.vdims(0), name="block")(x, rope)
+        return _gated(x, out, gate), None
 
 
 class VisionTransformer(nn.Module):
@@ -198,7 +285,7 @@ class VisionTransformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, images: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    def __call__(self, images: jnp.ndarray, gates: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
         cfg = self.cfg
         b, h, w, _ = images.shape
         p = cfg.patch_size
@@ -239,20 +326,25 @@ class VisionTransformer(nn.Module):
             sin, cos = rope_tables(cfg.attn_head_dim, (gh, gw), (ref, ref), cfg.rope_temperature)
             rope = (jnp.asarray(sin), jnp.asarray(cos))
 
+        if gates is not None:
+            gates = jnp.asarray(gates)
+            if gates.shape != (cfg.depth,):
+                raise ValueError(f"gates must have shape (depth,) = ({cfg.depth},), got {gates.shape}")
         if cfg.scan_layers:
             stack = nn.scan(
                 _ScanStep,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
-                in_axes=nn.broadcast,
+                in_axes=nn.broadcast if gates is None else (nn.broadcast, 0),
                 length=cfg.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(cfg, cfg.mlp_hidden[0], name="blocks")(x, rope)
+            x, _ = stack(cfg, name="blocks")(x, rope, *(() if gates is None else (gates,)))
         else:
             block = _block_type(cfg, scanned=False)
             for i, hidden in enumerate(cfg.mlp_hidden):
-                x = block(cfg, hidden, name=f"blocks_{i}")(x, rope)
+                out = block(cfg, hidden, cfg.heads(i), cfg.vdims(i), name=f"blocks_{i}")(x, rope)
+                x = _gated(x, out, None if gates is None else gates[i])
 
         if cfg.final_norm:
             x = norm(cfg, "norm")(x)
@@ -281,12 +373,18 @@ class VisionTransformer(nn.Module):
         return out
 
 
-def forward(cfg: ModelConfig, params: Params, images: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    """Run the vision tower: images (B, H, W, 3), normalized -> {"tokens", "pooled"[, "logits"]}."""
+def forward(
+    cfg: ModelConfig, params: Params, images: jnp.ndarray, gates: jnp.ndarray | None = None
+) -> dict[str, jnp.ndarray]:
+    """Run the vision tower: images (B, H, W, 3), normalized -> {"tokens", "pooled"[, "logits"]}.
+
+    gates: optional (depth,) block gates pi (UVC's skip gate): block i computes x + pi_i * (Block_i(x) - x), so
+    pi_i = 0 skips it and pi_i = 1 runs it; None runs every block as is, with no extra op.
+    """
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (batch, height, width, 3) channels-last, got shape {images.shape}")
-    return VisionTransformer(cfg).apply({"params": params}, images)
+    return VisionTransformer(cfg).apply({"params": params}, images, gates)
 
 
 def _init(cfg: ModelConfig, rng: jax.Array) -> Params:

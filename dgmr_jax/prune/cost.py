@@ -12,14 +12,19 @@ def count_params(cfg: ModelConfig) -> int:
 
 
 def layer_macs(cfg: ModelConfig, layer: int, img_size: int | None = None) -> dict[str, int]:
-    """Multiply-accumulates of one block's matmul slots for one image (norms and softmax excluded)."""
+    """Multiply-accumulates of one block's matmul slots for one image (norms and softmax excluded).
+
+    Per-layer units (UVC): queries and keys have heads(layer) * attn_head_dim columns, values sum(vdims(layer));
+    an absent branch (0 heads, 0 MLP neurons) costs nothing.
+    """
     grid = (img_size or cfg.img_size) // cfg.patch_size
-    n, d, a, h = cfg.num_prefix_tokens + grid * grid, cfg.width, cfg.attn_dim, cfg.mlp_hidden[layer]
+    n, d, h = cfg.num_prefix_tokens + grid * grid, cfg.width, cfg.mlp_hidden[layer]
+    qk, v = cfg.heads(layer) * cfg.attn_head_dim, sum(cfg.vdims(layer))
     return {
-        "qkv": n * d * 3 * a,
-        "qk": n * n * a,
-        "av": n * n * a,
-        "proj": n * a * d,
+        "qkv": n * d * (2 * qk + v),
+        "qk": n * n * qk,
+        "av": n * n * v,
+        "proj": n * v * d,
         "fc1": n * d * h * (2 if cfg.gated else 1),
         "fc2": n * h * d,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -94,4 +95,65 @@ def write_report(
         lines.append(f"| {row['layer']} | {row['hidden_before']} | {row['hidden_after']} | {ratio} |")
     (directory / "prune_report.md").write_text("\n".join(lines) + "\n")
     plot_curves(reports, directory / "prune_curves.png")
+    return info
+
+
+def unit_rows(before: ModelConfig, after: ModelConfig, kept_blocks: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per ORIGINAL layer of a UVC slim model (after) against its original (before): whether the block is
+    kept, heads, value width (sum over heads; per-head widths in "value_dims") and MLP width before and after."""
+    if len(kept_blocks) != after.depth:
+        raise ValueError(f"kept_blocks lists {len(kept_blocks)} blocks but the slim model has depth {after.depth}")
+    slim_layer = {old: new for new, old in enumerate(kept_blocks)}
+    rows = []
+    for i in range(before.depth):
+        j = slim_layer.get(i)
+        rows.append(
+            {
+                "layer": i,
+                "kept": j is not None,
+                "heads_before": before.heads(i),
+                "heads_after": 0 if j is None else after.heads(j),
+                "value_width_before": sum(before.vdims(i)),
+                "value_width_after": 0 if j is None else sum(after.vdims(j)),
+                "value_dims": [] if j is None else list(after.vdims(j)),
+                "hidden_before": before.mlp_hidden[i],
+                "hidden_after": 0 if j is None else after.mlp_hidden[j],
+            }
+        )
+    return rows
+
+
+def write_unit_report(
+    directory: PathLike,
+    before: ModelConfig,
+    after: ModelConfig,
+    kept_blocks: Sequence[int],
+    method: str = "uvc",
+) -> dict[str, Any]:
+    """prune_report.json and prune_report.md of a UVC slim model: the cost summary, then per original layer its
+    heads, value widths and MLP width before -> after, removed blocks marked; return the summary."""
+    directory = as_path(directory)
+    rows = unit_rows(before, after, kept_blocks)
+    info = {"method": method, **summary(before, after), "removed_blocks": [r["layer"] for r in rows if not r["kept"]]}
+    (directory / "prune_report.json").write_text(json.dumps({**info, "layers": rows}, indent=2))
+    lines = [
+        f"# Prune report ({method})",
+        "",
+        f"params {info['params_before'] / 1e6:.2f}M -> {info['params_after'] / 1e6:.2f}M "
+        f"(-{info['params_saved_pct']}%), GFLOPs {info['gflops_before']} -> {info['gflops_after']} "
+        f"(-{info['flops_saved_pct']}%); removed blocks: {info['removed_blocks'] or 'none'}",
+        "",
+        "| layer | heads | value width (per head) | MLP hidden |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        if not r["kept"]:
+            lines.append(f"| {r['layer']} | removed | removed | removed |")
+            continue
+        widths = ", ".join(map(str, r["value_dims"]))
+        lines.append(
+            f"| {r['layer']} | {r['heads_before']} -> {r['heads_after']} | {r['value_width_before']} -> "
+            f"{r['value_width_after']} ({widths}) | {r['hidden_before']} -> {r['hidden_after']} |"
+        )
+    (directory / "prune_report.md").write_text("\n".join(lines) + "\n")
     return info
