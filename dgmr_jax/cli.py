@@ -324,6 +324,7 @@ def _demo(args: argparse.Namespace) -> None:
         batch=args.batch,
         img_size=args.img_size,
         base_lr=args.lr,
+        seed=args.seed,
     )
 
 
@@ -429,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--img-size", type=int, default=42, help="input resolution (multiple of 14)")
     p.add_argument("--lr", type=float, default=2e-3, help="base_lr (scaled by batch / 256)")
+    p.add_argument("--seed", type=int, default=0, help="data order, random selection and UVC's Gumbel noise")
     p.set_defaults(run=_demo)
     return parser
 

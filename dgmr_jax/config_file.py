@@ -36,6 +36,8 @@ def _parse(text: str, like):
         return text.lower() in ("true", "1")
     if isinstance(like, str):
         return text
+    if like is None and text.lower() in ("true", "false", "none"):  # an optional switch (None: automatic)
+        return {"true": True, "false": False, "none": None}[text.lower()]
     value = ast.literal_eval(text)
     if isinstance(like, float) and isinstance(value, int):
         value = float(value)

@@ -9,6 +9,7 @@ after distillation. Everything lands in `out`: the table (Markdown, JSON), prune
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Sequence
@@ -72,31 +73,43 @@ def _cost(cfg: ModelConfig, img_size: int) -> dict[str, float]:
     return {"params_M": count_params(cfg) / 1e6, "gflops": count_flops(cfg, img_size) / 1e9}
 
 
-def _config(out: Path, student: str, steps: int, batch: int, base_lr: float, img_size: int) -> ConfigDict:
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How every demo run trains: steps, batch, base_lr, image size, and the seed (data order, Gumbel noise)."""
+
+    steps: int
+    batch: int
+    base_lr: float
+    img_size: int
+    seed: int = 0
+
+
+def _config(out: Path, student: str, run: Schedule) -> ConfigDict:
     """The demo's run settings: the teacher directory, MNIST-5k train images, a short cosine schedule."""
     config = base_config()
     config.teacher.update(model_dir=str(out / "teacher"), family="dinov2", dtype="float32")
     config.student.update(model_dir=str(out / student), dtype="float32")
-    config.data.update(kind="mnist5k", split="train", img_size=img_size, scale=(0.8, 1.0))
-    config.optim.update(base_lr=base_lr, min_lr=base_lr / 100, warmup_steps=max(steps // 10, 1), total_steps=steps)
-    config.update(global_batch=batch, checkpoint_every=steps, async_checkpoint=False, log_every=max(steps // 20, 1))
+    config.data.update(kind="mnist5k", split="train", img_size=run.img_size, scale=(0.8, 1.0), seed=run.seed)
+    lr, steps = run.base_lr, run.steps
+    config.optim.update(base_lr=lr, min_lr=lr / 100, warmup_steps=max(steps // 10, 1), total_steps=steps)
+    config.update(global_batch=run.batch, checkpoint_every=steps, async_checkpoint=False, log_every=max(steps // 20, 1))
     config.mesh.update(data=-1, fsdp=1, tensor=1)
     return config
 
 
-def _distill(out: Path, method: str, steps: int, batch: int, base_lr: float, img_size: int) -> Params:
+def _distill(out: Path, method: str, run: Schedule) -> Params:
     """Distill the student out/student_<method>; the trainer writes it as the model directory runs/<method>/model."""
-    config = _config(out, f"student_{method}", steps, batch, base_lr, img_size)
+    config = _config(out, f"student_{method}", run)
     return open_model(train(config, out / "runs" / method)["model_dir"]).load()
 
 
-def _uvc_student(out: Path, method: str, budget: float, steps: int, batch: int, base_lr: float, img_size: int):
+def _uvc_student(out: Path, method: str, budget: float, run: Schedule) -> tuple[ModelConfig, Params]:
     """UVC-search the teacher at `budget` ("uvc": neurons by searched norms, "uvc+diversity": by DGMR's selection)
     and write the extracted slim model as out/student_<method>; returns its (config, params)."""
     select = method.split("+")[1] if "+" in method else "uvc"
-    config = _config(out, "teacher", steps, batch, base_lr, img_size)
-    config.uvc.update(warmup_steps=max(steps // 10, 1))
-    config = uvc_config(config, str(out / "teacher"), budget, "mnist5k", steps, select)
+    config = _config(out, "teacher", run)
+    config.uvc.update(warmup_steps=max(run.steps // 10, 1))
+    config = uvc_config(config, str(out / "teacher"), budget, "mnist5k", run.steps, select)
     run_uvc(config, out / "runs" / f"{method}_search", out / f"student_{method}")
     source = open_model(out / f"student_{method}")
     return source.cfg, source.load()
@@ -148,6 +161,7 @@ def run_demo(
     batch: int = 32,
     img_size: int = 42,
     base_lr: float = 2e-3,
+    seed: int = 0,
 ) -> list[dict]:
     """Run the demo into the new directory `out`; returns the table rows (also written there)."""
     unknown = [m for m in methods if m not in METHODS + UVC_METHODS]
@@ -166,12 +180,15 @@ def run_demo(
     rows = [{"model": "teacher", **_cost(cfg, img_size), **data.score(cfg, teacher_feats, teacher_feats)}]
     print(markdown_table(rows))
     budget = count_flops(target_config(cfg, mlp_ratio)) / count_flops(cfg)  # UVC at the DGMR students' FLOPs
+    run = Schedule(steps, batch, base_lr, img_size, seed)
     for method in methods:
         if method in UVC_METHODS:
-            student_cfg, student = _uvc_student(out, method, budget, steps, batch, base_lr, img_size)
+            student_cfg, student = _uvc_student(out, method, budget, run)
         else:
             reports: list[LayerReport] = []
-            student_cfg, student = prune_mlp(cfg, teacher, method=method, mlp_ratio=mlp_ratio, report=reports)
+            student_cfg, student = prune_mlp(
+                cfg, teacher, method=method, mlp_ratio=mlp_ratio, seed=seed, report=reports
+            )
             save_model(out / f"student_{method}", student_cfg, student, **meta, pruned=method)
             write_report(out / f"student_{method}", cfg, student_cfg, reports, method)
         cost = _cost(student_cfg, img_size)
@@ -182,7 +199,7 @@ def run_demo(
                 **data.score(student_cfg, data.features(student_cfg, student), teacher_feats),
             }
         )
-        distilled = _distill(out, method, steps, batch, base_lr, img_size)
+        distilled = _distill(out, method, run)
         rows.append(
             {
                 "model": f"{method} (distilled)",
@@ -199,6 +216,7 @@ def run_demo(
         batch=batch,
         img_size=img_size,
         base_lr=base_lr,
+        seed=seed,
         minutes=round(minutes, 1),
     )
     table = markdown_table(rows)

@@ -73,9 +73,7 @@ class SearchConfig:
 def check_search(cfg: ModelConfig, scfg: SearchConfig) -> None:
     """Raise ValueError for the first setting that cannot work, before anything is built."""
     check_model(cfg)
-    b = scfg.budget
-    if not (isinstance(b, (int, float)) and math.isfinite(b) and 0 < b < 1):
-        raise ValueError(f"budget must be a FLOPs ratio strictly between 0 and 1, got {b!r}")
+    check_budget(scfg.budget)
     if scfg.search_heads and cfg.num_heads == 1:
         raise ValueError(
             f"search_heads=True but every layer of {cfg.name!r} has a single head, which UVC always keeps; "
@@ -121,6 +119,12 @@ def check_search(cfg: ModelConfig, scfg: SearchConfig) -> None:
     _check_z_lr(scfg.z_lr)
     if scfg.weights.accum_steps != 1 or scfg.weights.ema_decay:
         raise ValueError("the search's weight optimizer takes accum_steps=1 and ema_decay=0 (one update per step)")
+
+
+def check_budget(b: float) -> None:
+    """A FLOPs budget is a ratio strictly between 0 and 1."""
+    if not (isinstance(b, (int, float)) and math.isfinite(b) and 0 < b < 1):
+        raise ValueError(f"budget must be a FLOPs ratio strictly between 0 and 1, got {b!r}")
 
 
 def check_model(cfg: ModelConfig) -> None:

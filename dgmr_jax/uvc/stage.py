@@ -22,7 +22,9 @@ from dgmr_jax.model_dir import check_new_dir, save_model
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.slim import slice_units
 from dgmr_jax.paths import PathLike, as_path
+from dgmr_jax.preprocess import Preprocess
 from dgmr_jax.prune.report import summary
+from dgmr_jax.uvc.config import check_budget
 from dgmr_jax.uvc.extract import SELECT, Extraction, extract
 
 
@@ -36,6 +38,7 @@ def uvc_config(
     no_skip: bool = False,
 ) -> ml_collections.ConfigDict:
     """`config` set up to search `model` (teacher and starting student alike) on `train_spec` for `steps` steps."""
+    check_budget(budget)
     if select not in SELECT:
         raise ValueError(f"--select must be one of {', '.join(SELECT)}, got {select!r}")
     if select == "taylor":
@@ -83,8 +86,9 @@ def run_uvc(config: ml_collections.ConfigDict, workdir: PathLike, out: PathLike)
         "select": config.uvc.select,
         "search": {"workdir": str(as_path(workdir)), "step": result["step"]},
     }
-    meta = {k: v for k, v in source.meta.items() if k not in ("distilled", "source")}
-    save_model(out, slim_cfg, slim, **meta, source=source.meta.get("source"), uvc=record)
+    meta = {k: v for k, v in source.meta.items() if k != "distilled"}
+    meta["preprocess"] = Preprocess.from_meta(source.meta, cfg.name).to_meta(cfg.img_size)
+    save_model(out, slim_cfg, slim, **meta, uvc=record)
     report = write_report(out, cfg, slim_cfg, ext, kept, as_path(workdir) / "metrics.jsonl")
     print(ext.summary())
     return {"ext": ext, "slim_cfg": slim_cfg, "report": report, "steps": result["step"]}
