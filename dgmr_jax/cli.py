@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, required=True, help="search steps (warm-up included)")
     p.add_argument("--workdir", required=True, help="checkpoints and metrics of the search (resumes)")
     p.add_argument("--out", required=True, help="new model directory: the extracted slim model")
-    p.add_argument("--select", default="uvc", help="kept neurons: uvc (searched norms) | diversity | l2 | random")
+    p.add_argument("--select", help="kept neurons: uvc (searched norms) | diversity | l2 | random (default: recipe's)")
     p.add_argument("--no-skip", action="store_true", help="search widths only (no block skipping)")
     p.add_argument("--config", help="recipe file (default: the distill defaults); --config.x=y overrides follow")
     p.set_defaults(run=_uvc)

@@ -403,28 +403,32 @@ def _random_vars(cfg, rng):
 
 
 def test_extract_repair_lands_in_window_or_fails_clearly():
+    """Searched blocks and heads that leave the window out of the widths' reach are moved first (restored when
+    the search skipped too much, removed when it kept too much); only a budget below the smallest model the
+    structure allows (one block, one head, one dim, one neuron) is an error."""
     cfg = dj.models.preset("vit_small_patch16_224", depth=4, img_size=64)
     params = dj.models.init_params(cfg, 1)
     norms = group_norms(cfg, params)
     rng = np.random.default_rng(0)
-    feasible = infeasible = 0
+    landed = moved = 0
     for _ in range(40):
         svars = _random_vars(cfg, rng)
         budget = float(rng.uniform(0.05, 0.95))
         keep = np.asarray(svars.gate_logits[:, 1] >= svars.gate_logits[:, 0])
         head_keep = np.asarray(ranks(norms.heads)) >= np.minimum(np.ceil(np.asarray(svars.counts.heads)), 5)[:, None]
         low, high = repair_bounds(cfg, keep, head_keep.astype(int))
-        if low <= budget and high >= budget - 0.02:
-            ex = extract(cfg, params, svars, budget)
-            assert budget - 0.02 <= ex.ratio <= budget, ex.summary()
-            assert plan_ratio(cfg, ex.plan) == ex.ratio
-            feasible += 1
-        else:
-            with pytest.raises(ValueError, match="out of reach"):
-                extract(cfg, params, svars, budget)
-            infeasible += 1
-    print(f"\nrepair: {feasible} feasible budgets landed in the window, {infeasible} infeasible raised")
-    assert feasible >= 10 and infeasible >= 3
+        ex = extract(cfg, params, svars, budget)
+        assert budget - 0.02 <= ex.ratio <= budget, ex.summary()
+        assert plan_ratio(cfg, ex.plan) == ex.ratio
+        within = low <= budget and high >= budget - 0.02
+        assert (ex.blocks_moved + ex.heads_moved == 0) == within  # structure moves only when the widths cannot
+        landed += 1
+        moved += not within
+    print(f"\nrepair: {landed} budgets landed in the window, {moved} of them after moving blocks or heads")
+    assert moved >= 10
+    smallest = repair_bounds(cfg, np.eye(4, dtype=bool)[0], np.eye(4, 6, dtype=int))[0]
+    with pytest.raises(ValueError, match="out of reach"):
+        extract(cfg, params, _random_vars(cfg, rng), smallest / 2)
 
 
 def test_extract_plan_is_the_hard_masked_search_result(tiny):

@@ -19,7 +19,8 @@ def uvc_defaults() -> dict:
 
     skip = ("budget", "weights", "tap", "cls_coef", "feat_coef")  # the run's own optim and distill settings
     fields = {f.name: f.default for f in dataclasses.fields(SearchConfig) if f.name not in skip}
-    return {"budget": 0.0, **fields}
+    # select: how extraction keeps neurons at the searched widths (uvc | diversity | l2 | random)
+    return {"budget": 0.0, "select": "uvc", **fields}
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -50,15 +50,17 @@ class Extraction:
     budget: float
     ratio_searched: float  # exact FLOPs ratio of the rounded search result (argmax gates), before the repair
     ratio: float  # exact FLOPs ratio of `plan`
-    removed: int  # units the repair removed
-    restored: int  # units the repair restored
+    removed: int  # value dims and neurons the repair removed
+    restored: int  # value dims and neurons the repair restored
+    blocks_moved: int = 0  # skipped blocks restored (or kept blocks skipped) so the widths could reach the window
+    heads_moved: int = 0  # removed heads restored (or kept heads removed), likewise
 
     def summary(self) -> str:
         kept = sum(u.keep_block for u in self.plan)
         return (
             f"UVC plan: {kept}/{len(self.plan)} blocks kept; FLOPs ratio {self.ratio_searched:.4f} searched -> "
             f"{self.ratio:.4f} after repair (budget {self.budget}; {self.removed} units removed, "
-            f"{self.restored} restored)"
+            f"{self.restored} restored; {self.blocks_moved} blocks and {self.heads_moved} heads moved)"
         )
 
 
@@ -99,6 +101,41 @@ def repair_bounds(cfg: ModelConfig, keep_block: np.ndarray, head_keep: np.ndarra
     high = _Widths(keep_block, head_keep, np.zeros((n, h), np.int64), np.zeros(n, np.int64))
     total = count_flops(cfg)
     return _flops(cfg, low) / total, _flops(cfg, high) / total
+
+
+def _fit_structure(
+    cfg: ModelConfig, w: _Widths, margins: np.ndarray, head_norms: np.ndarray, budget: float, tolerance: float
+) -> tuple[int, int]:
+    """Restore (or remove) whole blocks, then heads, until the width repair can reach the window: a search that
+    skipped too much gets back the skipped blocks it was least sure of (highest keep - skip logit margin), then the
+    strongest removed heads; one that kept too much loses the least sure blocks, then the weakest heads (>= 1 head
+    per kept block). Returns (blocks, heads) moved."""
+    blocks = heads = 0
+    while repair_bounds(cfg, w.keep_block, w.head_keep)[1] < budget - tolerance:
+        skipped = np.flatnonzero(~w.keep_block)
+        if len(skipped):
+            w.keep_block[skipped[np.argmax(margins[skipped])]] = True
+            blocks += 1
+            continue
+        removed = np.argwhere(w.head_keep == 0)
+        if not len(removed):
+            break
+        layer, h = removed[np.argmax([head_norms[i, j] for i, j in removed])]
+        w.head_keep[layer, h] = 1
+        heads += 1
+    while repair_bounds(cfg, w.keep_block, w.head_keep)[0] > budget:
+        kept = np.flatnonzero(w.keep_block)
+        spare = [(i, j) for i in kept for j in np.flatnonzero(w.head_keep[i]) if w.head_keep[i].sum() > 1]
+        if spare:
+            layer, h = spare[int(np.argmin([head_norms[i, j] for i, j in spare]))]
+            w.head_keep[layer, h] = 0
+            heads += 1
+        elif len(kept) > 1:
+            w.keep_block[kept[np.argmin(margins[kept])]] = False
+            blocks += 1
+        else:
+            break
+    return blocks, heads
 
 
 def _repair(
@@ -251,8 +288,11 @@ def extract(
     total = count_flops(cfg)
     ratio_searched = _flops(cfg, widths) / total
     removed = restored = 0
+    structure = (0, 0)
     if repair:
+        structure = _fit_structure(cfg, widths, logits[:, 1] - logits[:, 0], norms.heads, budget, tolerance)
         removed, restored = _repair(cfg, widths, norms.dims, norms.neurons, budget, tolerance)
+    keep_block, head_keep = widths.keep_block, widths.head_keep.astype(bool)
 
     dim_rank, neuron_rank = _rank(norms.dims), _rank(norms.neurons)
     plan = []
@@ -271,4 +311,4 @@ def extract(
             kept = select_neurons(matrix, k, select, seed=seed + layer, scores=layer_scores)
         plan.append(UnitPlan(keep_block=True, heads=heads, dims=dims, neurons=tuple(int(i) for i in np.sort(kept))))
     plan = tuple(plan)
-    return Extraction(plan, float(budget), ratio_searched, _flops(cfg, widths) / total, removed, restored)
+    return Extraction(plan, float(budget), ratio_searched, _flops(cfg, widths) / total, removed, restored, *structure)

@@ -7,6 +7,7 @@ mesh (the state is one pytree, see state.py) and donate the state.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -17,6 +18,7 @@ import optax
 from dgmr_jax.distill.loss import distill_loss, tap_config
 from dgmr_jax.distill.step import lr_schedule, make_optimizer
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.slim import masked_norm_statistics
 from dgmr_jax.models.tree import Params
 from dgmr_jax.models.vit import forward, param_shapes
 from dgmr_jax.uvc.config import SearchConfig
@@ -118,6 +120,14 @@ def _features(cfg: ModelConfig, params: Params, images: jax.Array, gates: jax.Ar
     return out["pooled"], out["tokens"][:, cfg.num_prefix_tokens :]
 
 
+def _norm_statistics(cfg: ModelConfig, masks: Masks) -> contextlib.AbstractContextManager:
+    """Norms inside a pruned width (q/k norm over all heads, attention-output and hidden norms) take their
+    statistics over the kept units, as they will in the extracted model; a no-op for models without them."""
+    if not (cfg.qk_norm or cfg.attn_norm or cfg.mlp_norm):
+        return contextlib.nullcontext()
+    return masked_norm_statistics(cfg, masks.heads, masks.dims, masks.neurons)
+
+
 def _check_teacher(student: ModelConfig, teacher: ModelConfig) -> None:
     """The distilled tensors of student and teacher (tap configs) must have the same shapes (abstract trace)."""
     images = jax.ShapeDtypeStruct((1, student.img_size, student.img_size, 3), jnp.float32)
@@ -174,7 +184,8 @@ def make_search_step(
                 gates = pi
             else:
                 pi, gates = jnp.ones((depth,), jnp.float32), None
-            student = _features(student_tap, apply_masks(cfg, params, masks), images, gates)
+            with _norm_statistics(cfg, masks):
+                student = _features(student_tap, apply_masks(cfg, params, masks), images, gates)
             distill, terms = distill_loss(student, target, scfg.cls_coef, scfg.feat_coef)
             # the gates' share of dR is scaled by gate_flops_weight; R's value is unchanged
             pi_flops = jax.lax.stop_gradient(pi) + scfg.gate_flops_weight * (pi - jax.lax.stop_gradient(pi))

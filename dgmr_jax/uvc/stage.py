@@ -34,11 +34,13 @@ def uvc_config(
     budget: float,
     train_spec: str,
     steps: int,
-    select: str = "uvc",
+    select: str | None = None,
     no_skip: bool = False,
 ) -> ml_collections.ConfigDict:
-    """`config` set up to search `model` (teacher and starting student alike) on `train_spec` for `steps` steps."""
+    """`config` set up to search `model` (teacher and starting student alike) on `train_spec` for `steps` steps;
+    `select` (default: the recipe's uvc.select) and `no_skip` (widths only) override the recipe."""
     check_budget(budget)
+    select = select or config.uvc.select
     if select not in SELECT:
         raise ValueError(f"--select must be one of {', '.join(SELECT)}, got {select!r}")
     if select == "taylor":

@@ -1,0 +1,20 @@
+"""UVC widths + DGMR's neuron choice on OpenCLIP ViT-g-14 at the FLOPs of DGMR prune1 (48.7%).
+
+dgmr-jax uvc --config configs/uvc_vit_g14_diversity.py --model /ckpt/g14 --flops-budget 0.487 --no-skip \
+    --train array_record:/data/imagenet/train-*.array_record --steps 6255 --workdir /runs/g14_uvc --out /ckpt/g14_uvc
+dgmr-jax distill --config configs/openclip_vit_g14_prune1.py --workdir /runs/g14_uvc_post \
+    --config.student.model_dir=/ckpt/g14_uvc
+"""
+
+from common import base_config, steps
+
+
+def get_config():
+    c = base_config()
+    c.teacher.update(family="open_clip", dtype="bfloat16")
+    c.student.update(dtype="bfloat16", remat=True)
+    c.global_batch = 1024
+    c.optim.update(base_lr=1e-4, min_lr=1e-6, warmup_steps=steps(0.5, 1024), total_steps=steps(5, 1024))
+    c.uvc.update(warmup_steps=steps(0.5, 1024), select="diversity", search_blocks=False)
+    c.mesh.update(data=-1, fsdp=4, tensor=1)
+    return c
