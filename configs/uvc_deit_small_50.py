@@ -2,7 +2,8 @@
 
 dgmr-jax convert --arch deit_small_patch16_224 --checkpoint deit_small_patch16_224.safetensors --out /ckpt/deit_s
 dgmr-jax uvc --config configs/uvc_deit_small_50.py --model /ckpt/deit_s --flops-budget 0.5 \
-    --train array_record:/data/imagenet/train-*.array_record --steps 50045 --workdir /runs/deit_s_uvc --out /ckpt/deit_s_uvc
+    --train array_record:/data/imagenet/train-*.array_record --steps 50045 --workdir /runs/deit_s_uvc \
+    --out /ckpt/deit_s_uvc
 dgmr-jax distill --config configs/uvc_deit_small_50.py --workdir /runs/deit_s_uvc_post \
     --config.teacher.model_dir=/ckpt/deit_s --config.student.model_dir=/ckpt/deit_s_uvc
 

@@ -181,7 +181,7 @@ def _uvc(args: argparse.Namespace) -> None:
         return  # preempted: the trainer said so
     print(
         f"wrote {args.out}: {result['slim_cfg'].name} at FLOPs ratio {result['ext'].ratio:.4f}; report "
-        f"{args.out}/uvc_report.md; post-train it with `dgmr-jax distill --config.student.model_dir={args.out}`"
+        f"{args.out}/prune_report.md; post-train it with `dgmr-jax distill --config.student.model_dir={args.out}`"
     )
 
 

@@ -52,8 +52,10 @@ def test_search_extracts_onto_the_budget_and_post_trains(setup, tmp_path, capsys
     assert 0.48 <= ratio <= 0.5 and meta["uvc"]["ratio"] == pytest.approx(ratio, abs=1e-12)
     assert meta["uvc"]["budget"] == 0.5 and meta["uvc"]["search"]["step"] == 12
     assert meta["preprocess"]["mean"] == [0.5] * 3  # the published settings travel on
-    report = json.loads((tmp_path / "slim" / "uvc_report.json").read_text())
-    assert len(report["layers"]) == 2 and (tmp_path / "slim" / "uvc_curves.png").stat().st_size > 0
+    report = json.loads((tmp_path / "slim" / "prune_report.json").read_text())
+    search = json.loads((tmp_path / "slim" / "uvc_report.json").read_text())
+    assert len(report["layers"]) == 2 and search["ratio"] == meta["uvc"]["ratio"]
+    assert (tmp_path / "slim" / "uvc_curves.png").stat().st_size > 0
     metrics = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert {"ratio", "ratio_hard", "z"} <= set(metrics[-1]) and metrics[-1]["z"] > metrics[0]["z"]
     out = capsys.readouterr().out

@@ -23,7 +23,7 @@ from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.slim import slice_units
 from dgmr_jax.paths import PathLike, as_path
 from dgmr_jax.preprocess import Preprocess
-from dgmr_jax.prune.report import summary
+from dgmr_jax.prune.report import write_unit_report
 from dgmr_jax.uvc.config import check_budget
 from dgmr_jax.uvc.extract import SELECT, Extraction, extract
 
@@ -96,60 +96,29 @@ def run_uvc(config: ml_collections.ConfigDict, workdir: PathLike, out: PathLike)
     return {"ext": ext, "slim_cfg": slim_cfg, "report": report, "steps": result["step"]}
 
 
-def layer_rows(cfg: ModelConfig, slim_cfg: ModelConfig, kept: list[int]) -> list[dict[str, Any]]:
-    """Per original layer: kept or skipped, heads, value widths, MLP neurons."""
-    rows, where = [], {orig: i for i, orig in enumerate(kept)}
-    for layer in range(cfg.depth):
-        if layer not in where:
-            rows.append({"layer": layer, "skipped": True})
-            continue
-        i = where[layer]
-        rows.append(
-            {
-                "layer": layer,
-                "skipped": False,
-                "heads": slim_cfg.heads(i),
-                "value_dims": list(slim_cfg.vdims(i)),
-                "neurons": slim_cfg.mlp_hidden[i],
-            }
-        )
-    return rows
-
-
 def write_report(
     out: PathLike, cfg: ModelConfig, slim_cfg: ModelConfig, ext: Extraction, kept: list[int], metrics: PathLike
 ) -> dict[str, Any]:
-    """uvc_report.md / .json (costs, the repair, the per-layer table) and uvc_curves.png (R and z per step)."""
+    """prune_report.md / .json (costs; per layer heads, value widths, MLP widths, skipped blocks), uvc_report.json
+    (budget, ratios before and after the repair, what it moved) and uvc_curves.png (R and z per logged step)."""
     out = as_path(out)
-    info = {
-        **summary(cfg, slim_cfg),
+    info = write_unit_report(out, cfg, slim_cfg, kept, method="uvc")
+    search = {
         "budget": ext.budget,
         "ratio_searched": ext.ratio_searched,
         "ratio": ext.ratio,
-        "repair": {"removed": ext.removed, "restored": ext.restored},
-        "layers": layer_rows(cfg, slim_cfg, kept),
+        "repair": {
+            "units_removed": ext.removed,
+            "units_restored": ext.restored,
+            "blocks_moved": ext.blocks_moved,
+            "heads_moved": ext.heads_moved,
+        },
     }
-    lines = [
-        f"# UVC: {cfg.name} at a FLOPs budget of {ext.budget:.0%}",
-        "",
-        f"FLOPs ratio {ext.ratio_searched:.4f} as searched, {ext.ratio:.4f} after the repair "
-        f"({ext.removed} units removed, {ext.restored} restored); params {info['params_before'] / 1e6:.2f}M -> "
-        f"{info['params_after'] / 1e6:.2f}M, GFLOPs {info['gflops_before']} -> {info['gflops_after']}.",
-        "",
-        f"| layer | heads (of {cfg.num_heads}) | value dims per head (of {cfg.attn_head_dim}) | "
-        f"MLP neurons (of {cfg.mlp_hidden[0]}) |",
-        "|---|---|---|---|",
-    ]
-    for row in info["layers"]:
-        if row["skipped"]:
-            lines.append(f"| {row['layer']} | skipped | | |")
-        else:
-            dims = ", ".join(map(str, row["value_dims"]))
-            lines.append(f"| {row['layer']} | {row['heads']} | {dims} | {row['neurons']} |")
-    (out / "uvc_report.md").write_text("\n".join(lines) + "\n")
-    (out / "uvc_report.json").write_text(json.dumps(info, indent=2))
+    (out / "uvc_report.json").write_text(json.dumps(search, indent=2))
+    with (out / "prune_report.md").open("a") as f:
+        f.write(f"\n{ext.summary()}\n")
     _plot_curves(as_path(metrics), out / "uvc_curves.png")
-    return info
+    return {**info, **search}
 
 
 def _plot_curves(metrics: Any, path: Any) -> None:
