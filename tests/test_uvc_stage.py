@@ -113,3 +113,17 @@ def test_resume_with_another_budget_is_refused_and_keeps_the_workdir(setup, tmp_
     assert _uvc(root, tmp_path / "w", tmp_path / "b", budget="0.6", steps="8") == 2
     assert "holds a run with other inputs (uvc:" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "w").rglob("*")) == before and not (tmp_path / "b").exists()
+
+
+def test_logit_distillation_option(setup, tmp_path, capsys):
+    """kd_coef adds the paper's logit distillation for towers with a head (ViT-Ti: 1000 classes); a headless
+    tower is refused before any work."""
+    root, _ = setup
+    assert _uvc(root, tmp_path / "w", tmp_path / "slim", "--config.uvc.kd_coef=1.0", steps="4") == 0
+    metrics = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["loss_kd"] > 0 for m in metrics) and all(m["distill"] > m["loss_kd"] for m in metrics)
+    cfg = dj.models.preset("vit_tiny_patch16_224", depth=2, img_size=32, num_classes=0)
+    save_model(tmp_path / "model", cfg, jax.device_get(dj.models.init_params(cfg, 0)), family="timm")
+    (tmp_path / "imgs").symlink_to(root / "imgs")
+    assert _uvc(tmp_path, tmp_path / "w2", tmp_path / "slim2", "--config.uvc.kd_coef=1.0") == 2
+    assert "kd_coef > 0 (logit distillation) needs a classification head" in capsys.readouterr().err

@@ -61,6 +61,9 @@ class SearchConfig:
     tap: str = "output"
     cls_coef: float = 1.0
     feat_coef: float = 1.0
+    # the paper's logit distillation (KL at temperature kd_temperature), added with weight kd_coef; needs a head
+    kd_coef: float = 0.0
+    kd_temperature: float = 1.0
 
     def resolve(self, cfg: ModelConfig) -> SearchConfig:
         """This config checked against the model (ValueError naming the setting), search_heads decided."""
@@ -94,6 +97,13 @@ def check_search(cfg: ModelConfig, scfg: SearchConfig) -> None:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {scfg.mask_mode!r}")
     if scfg.tap not in TAPS:
         raise ValueError(f"tap must be one of {TAPS}, got {scfg.tap!r}")
+    if scfg.kd_coef and not (cfg.num_classes and scfg.tap == "output"):
+        raise ValueError(
+            f"kd_coef > 0 (logit distillation) needs a classification head and tap 'output'; {cfg.name!r} has "
+            f"num_classes={cfg.num_classes}, tap={scfg.tap!r}: set kd_coef=0 to distil features only"
+        )
+    if not (math.isfinite(scfg.kd_temperature) and scfg.kd_temperature > 0):
+        raise ValueError(f"kd_temperature must be > 0, got {scfg.kd_temperature}")
     positive = {"tau": scfg.tau, "gate_every": scfg.gate_every}
     for name, v in positive.items():
         if not v > 0:
@@ -103,6 +113,7 @@ def check_search(cfg: ModelConfig, scfg: SearchConfig) -> None:
         gate_lr=scfg.gate_lr,
         gate_momentum=scfg.gate_momentum,
         gate_flops_weight=scfg.gate_flops_weight,
+        kd_coef=scfg.kd_coef,
         y_init=scfg.y_init,
         p_init=scfg.p_init,
         z_init=scfg.z_init,

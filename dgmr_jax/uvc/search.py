@@ -115,9 +115,18 @@ def deterministic_ratio(cfg: ModelConfig, params: Params, svars: SearchVars, sea
     return masks_ratio(cfg, m.heads, m.dims, m.neurons, gates)
 
 
-def _features(cfg: ModelConfig, params: Params, images: jax.Array, gates: jax.Array | None):
+def _features(cfg: ModelConfig, params: Params, images: jax.Array, gates: jax.Array | None, kd: bool = False):
+    """(pooled, patch tokens), and the head's logits for logit distillation."""
     out = forward(cfg, params, images, gates=gates)
-    return out["pooled"], out["tokens"][:, cfg.num_prefix_tokens :]
+    feats = (out["pooled"], out["tokens"][:, cfg.num_prefix_tokens :])
+    return (*feats, out["logits"]) if kd else feats
+
+
+def logit_kd(student: jax.Array, teacher: jax.Array, temperature: float) -> jax.Array:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), batch mean: the paper's logit distillation."""
+    t = jax.nn.log_softmax(teacher.astype(jnp.float32) / temperature, axis=-1)
+    s = jax.nn.log_softmax(student.astype(jnp.float32) / temperature, axis=-1)
+    return temperature**2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
 
 
 def _norm_statistics(cfg: ModelConfig, masks: Masks) -> contextlib.AbstractContextManager:
@@ -166,12 +175,13 @@ def make_search_step(
         heads=float(bool(scfg.search_heads)), dims=float(scfg.search_dims), neurons=float(scfg.search_neurons)
     )
     depth = cfg.depth
+    kd = scfg.kd_coef > 0
 
     def step(state: SearchState, teacher_params: Params, images: jax.Array, rng: jax.Array):
         t = state.step
         warm = t < scfg.warmup_steps
         search_t = jnp.maximum(t - scfg.warmup_steps, 0)
-        target = _features(teacher_tap, teacher_params, images.astype(teacher_cfg.dtype), None)
+        target = _features(teacher_tap, teacher_params, images.astype(teacher_cfg.dtype), None, kd)
         target = jax.lax.stop_gradient(target)
         norms = group_norms(cfg, state.params)
         gumbel = jax.random.gumbel(rng, (depth, 2), jnp.float32)
@@ -185,8 +195,11 @@ def make_search_step(
             else:
                 pi, gates = jnp.ones((depth,), jnp.float32), None
             with _norm_statistics(cfg, masks):
-                student = _features(student_tap, apply_masks(cfg, params, masks), images, gates)
-            distill, terms = distill_loss(student, target, scfg.cls_coef, scfg.feat_coef)
+                student = _features(student_tap, apply_masks(cfg, params, masks), images, gates, kd)
+            distill, terms = distill_loss(student[:2], target[:2], scfg.cls_coef, scfg.feat_coef)
+            if kd:
+                terms["loss_kd"] = logit_kd(student[2], target[2], scfg.kd_temperature)
+                distill = distill + scfg.kd_coef * terms["loss_kd"]
             # the gates' share of dR is scaled by gate_flops_weight; R's value is unchanged
             pi_flops = jax.lax.stop_gradient(pi) + scfg.gate_flops_weight * (pi - jax.lax.stop_gradient(pi))
             ratio = masks_ratio(cfg, masks.heads, masks.dims, masks.neurons, pi_flops)
@@ -235,6 +248,7 @@ def make_search_step(
             "distill": aux["distill"],
             "loss_cls": aux["loss_cls"],
             "loss_feat": aux["loss_feat"],
+            **({"loss_kd": aux["loss_kd"]} if kd else {}),
             "penalty": aux["penalty"],
             "ratio": aux["ratio"],
             "ratio_hard": deterministic_ratio(cfg, state.params, state.vars, scfg.search_blocks),
