@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dgmr_jax.data.open import spec_kind
 from dgmr_jax.distill.trainer import search_config, train
@@ -66,7 +67,7 @@ def run_uvc(config: ml_collections.ConfigDict, workdir: PathLike, out: PathLike)
     result = train(config, workdir)
     if result["reason"] != "done":
         return None
-    state = jax.device_get(result["state"])
+    state = multihost_utils.process_allgather(result["state"], tiled=True)  # whole arrays on every host
     cfg = source.cfg
     teacher = source.load() if config.uvc.select != "uvc" else None  # DGMR selects on the original fc1
     ext = extract(
@@ -91,6 +92,8 @@ def run_uvc(config: ml_collections.ConfigDict, workdir: PathLike, out: PathLike)
     meta = {k: v for k, v in source.meta.items() if k != "distilled"}
     meta["preprocess"] = Preprocess.from_meta(source.meta, cfg.name).to_meta(cfg.img_size)
     save_model(out, slim_cfg, slim, **meta, uvc=record)
+    if jax.process_index() != 0:
+        return {"ext": ext, "slim_cfg": slim_cfg, "report": None, "steps": result["step"]}
     report = write_report(out, cfg, slim_cfg, ext, kept, as_path(workdir) / "metrics.jsonl")
     print(ext.summary())
     return {"ext": ext, "slim_cfg": slim_cfg, "report": report, "steps": result["step"]}
