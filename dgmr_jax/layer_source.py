@@ -8,6 +8,7 @@ memory is never held whole; the others call load().
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -68,6 +69,11 @@ class ModelDirSource(LayerSource):
         self._dir = directory
         self._whole: InMemorySource | None = None
 
+    @functools.cached_property
+    def _shapes(self) -> Params:
+        """The param tree's shapes, built once (an abstract trace of the whole model)."""
+        return param_shapes(self.cfg)
+
     def _scanned(self) -> InMemorySource:
         if self._whole is None:
             self._whole = InMemorySource(self.cfg, load_params(self._dir))
@@ -76,14 +82,13 @@ class ModelDirSource(LayerSource):
     def top(self) -> Params:
         if self.cfg.scan_layers:
             return self._scanned().top()
-        shapes = param_shapes(self.cfg)
-        return load_params(self._dir, {k: v for k, v in shapes.items() if not k.startswith("blocks_")})
+        return load_params(self._dir, {k: v for k, v in self._shapes.items() if not k.startswith("blocks_")})
 
     def block(self, i: int) -> Params:
         if self.cfg.scan_layers:
             return self._scanned().block(i)
         name = f"blocks_{i}"
-        return load_params(self._dir, {name: param_shapes(self.cfg)[name]})[name]
+        return load_params(self._dir, {name: self._shapes[name]})[name]
 
     def load(self) -> Params:
         return load_params(self._dir)

@@ -153,6 +153,7 @@ class CheckpointSource(LayerSource):
         self.meta = {"family": family, "source": "state dict" if isinstance(src, Mapping) else os.fspath(src)}
         self.family, self.arch = family, arch
         self.shapes = flatten(param_shapes(self.cfg.replace(scan_layers=False)))
+        self._key_problems: list[str] | None = None
         self._rules: dict[int | None, list[Rule]] = {}
         for rule in rules(self.cfg, family):
             m = _BLOCK.match(rule.flax[0])
@@ -163,8 +164,10 @@ class CheckpointSource(LayerSource):
         return [r for group in self._rules.values() for r in group]
 
     def key_problems(self) -> list[str]:
-        """Missing and unexpected torch names against the rules (no tensor is read)."""
-        return check_keys(self._sd, self.table)
+        """Missing and unexpected torch names against the rules (no tensor is read; checked once)."""
+        if self._key_problems is None:
+            self._key_problems = check_keys(self._sd, self.table)
+        return list(self._key_problems)
 
     def error(self, problems: list[str]) -> CheckpointError:
         return mismatch_error(problems, self.family, self.arch, self.cfg, self._raw)

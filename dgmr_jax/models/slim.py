@@ -137,7 +137,7 @@ def _slice_attn(cfg: ModelConfig, attn: Params, q: np.ndarray, v: np.ndarray, qk
     return out
 
 
-def _slice_mlp(mlp: Params, idx: np.ndarray) -> Params:
+def slice_mlp(mlp: Params, idx: np.ndarray) -> Params:
     """Keep hidden neurons idx: fc1* columns and biases, hidden-norm entries, fc2 rows."""
     out: Params = {}
     for name, layer in mlp.items():
@@ -156,7 +156,7 @@ def _slice_block(cfg: ModelConfig, layer: int, block: Params, unit: UnitPlan) ->
         out["attn"] = _slice_attn(cfg, block["attn"], q, v, cfg.heads(layer) * cfg.attn_head_dim)
     if unit.neurons:
         out.update({k: block[k] for k in ("norm2", "ls2") if k in block})
-        out["mlp"] = _slice_mlp(block["mlp"], np.asarray(unit.neurons, np.int64))
+        out["mlp"] = slice_mlp(block["mlp"], np.asarray(unit.neurons, np.int64))
     return out
 
 
@@ -408,16 +408,7 @@ def padded_config(cfg: ModelConfig) -> tuple[ModelConfig, Plan]:
         value_dims=(),
         mlp_hidden=tuple(max(h, 1) for h in cfg.mlp_hidden),
     )
-    plan = tuple(
-        UnitPlan(
-            keep_block=True,
-            heads=tuple(range(cfg.heads(i))),
-            dims=tuple(tuple(range(w)) for w in cfg.vdims(i)),
-            neurons=tuple(range(cfg.mlp_hidden[i])),
-        )
-        for i in range(cfg.depth)
-    )
-    return padded, plan
+    return padded, full_plan(cfg)
 
 
 def pad_units(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params, Plan]:

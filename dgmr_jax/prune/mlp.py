@@ -19,6 +19,7 @@ from tqdm import tqdm
 from dgmr_jax.layer_source import InMemorySource, LayerSource
 from dgmr_jax.model_dir import check_new_dir, save_model
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.slim import slice_mlp
 from dgmr_jax.models.tree import Params, stack_blocks
 from dgmr_jax.paths import PathLike
 from dgmr_jax.prune.select import METHODS, diversity_select, select_neurons
@@ -83,17 +84,6 @@ def selection_matrix(cfg: ModelConfig, mlp: Params) -> np.ndarray:
     if cfg.gated:
         return np.concatenate([np.asarray(mlp["fc1_g"]["kernel"]), np.asarray(mlp["fc1_x"]["kernel"])], axis=0)
     return np.asarray(mlp["fc1"]["kernel"])
-
-
-def slice_mlp(mlp: Params, idx: np.ndarray) -> Params:
-    """Keep hidden neurons idx: fc1* columns and biases, hidden-norm entries, fc2 rows."""
-    out = {}
-    for name, layer in mlp.items():
-        if name == "fc2":
-            out[name] = {"kernel": np.asarray(layer["kernel"])[idx], "bias": layer["bias"]}
-        else:  # fc1, fc1_g, fc1_x (column per neuron) and the hidden LayerNorm (entry per neuron)
-            out[name] = {k: np.asarray(v)[..., idx] if k == "kernel" else np.asarray(v)[idx] for k, v in layer.items()}
-    return out
 
 
 def prune_layer(

@@ -62,6 +62,15 @@ def plot_curves(reports: list[LayerReport], path: PathLike) -> epath.Path | None
     return path
 
 
+def _cost_line(info: dict[str, Any]) -> str:
+    """The report's cost sentence: params and GFLOPs before -> after, with the savings."""
+    return (
+        f"params {info['params_before'] / 1e6:.2f}M -> {info['params_after'] / 1e6:.2f}M "
+        f"(-{info['params_saved_pct']}%), GFLOPs {info['gflops_before']} -> {info['gflops_after']} "
+        f"(-{info['flops_saved_pct']}%)"
+    )
+
+
 def write_report(
     directory: PathLike, before: ModelConfig, after: ModelConfig, reports: list[LayerReport], method: str
 ) -> dict[str, Any]:
@@ -83,9 +92,7 @@ def write_report(
     lines = [
         f"# Prune report ({method})",
         "",
-        f"params {info['params_before'] / 1e6:.2f}M -> {info['params_after'] / 1e6:.2f}M "
-        f"(-{info['params_saved_pct']}%), GFLOPs {info['gflops_before']} -> {info['gflops_after']} "
-        f"(-{info['flops_saved_pct']}%)",
+        _cost_line(info),
         "",
         "| layer | hidden before | hidden after | last residual / first |",
         "|---|---|---|---|",
@@ -139,9 +146,7 @@ def write_unit_report(
     lines = [
         f"# Prune report ({method})",
         "",
-        f"params {info['params_before'] / 1e6:.2f}M -> {info['params_after'] / 1e6:.2f}M "
-        f"(-{info['params_saved_pct']}%), GFLOPs {info['gflops_before']} -> {info['gflops_after']} "
-        f"(-{info['flops_saved_pct']}%); removed blocks: {info['removed_blocks'] or 'none'}",
+        f"{_cost_line(info)}; removed blocks: {info['removed_blocks'] or 'none'}",
         "",
         "| layer | heads | value width (per head) | MLP hidden |",
         "|---|---|---|---|",
