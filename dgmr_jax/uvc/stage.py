@@ -118,8 +118,8 @@ def write_report(
         },
     }
     (out / "uvc_report.json").write_text(json.dumps(search, indent=2))
-    with (out / "prune_report.md").open("a") as f:
-        f.write(f"\n{ext.summary()}\n")
+    md = out / "prune_report.md"
+    md.write_text(f"{md.read_text()}\n{ext.summary()}\n")  # rewritten, not appended: gs:// cannot append
     _plot_curves(as_path(metrics), out / "uvc_curves.png")
     return {**info, **search}
 
