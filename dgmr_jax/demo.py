@@ -84,11 +84,12 @@ class Schedule:
     seed: int = 0
 
 
-def _config(out: Path, student: str, run: Schedule) -> ConfigDict:
-    """The demo's run settings: the teacher directory, MNIST-5k train images, a short cosine schedule."""
+def run_config(teacher: Path, student: Path, run: Schedule) -> ConfigDict:
+    """The demo's run settings: the teacher and student directories, MNIST-5k train images, a short cosine
+    schedule."""
     config = base_config()
-    config.teacher.update(model_dir=str(out / "teacher"), family="dinov2", dtype="float32")
-    config.student.update(model_dir=str(out / student), dtype="float32")
+    config.teacher.update(model_dir=str(teacher), family="dinov2", dtype="float32")
+    config.student.update(model_dir=str(student), dtype="float32")
     config.data.update(kind="mnist5k", split="train", img_size=run.img_size, scale=(0.8, 1.0), seed=run.seed)
     lr, steps = run.base_lr, run.steps
     config.optim.update(base_lr=lr, min_lr=lr / 100, warmup_steps=max(steps // 10, 1), total_steps=steps)
@@ -97,21 +98,23 @@ def _config(out: Path, student: str, run: Schedule) -> ConfigDict:
     return config
 
 
-def _distill(out: Path, method: str, run: Schedule) -> Params:
-    """Distill the student out/student_<method>; the trainer writes it as the model directory runs/<method>/model."""
-    config = _config(out, f"student_{method}", run)
-    return open_model(train(config, out / "runs" / method)["model_dir"]).load()
+def distill(teacher: Path, student: Path, workdir: Path, run: Schedule) -> Params:
+    """Distill the student directory from the teacher directory; the trainer writes it as workdir/model."""
+    return open_model(train(run_config(teacher, student, run), workdir)["model_dir"]).load()
 
 
-def _uvc_student(out: Path, method: str, budget: float, run: Schedule) -> tuple[ModelConfig, Params]:
-    """UVC-search the teacher at `budget` ("uvc": neurons by searched norms, "uvc+diversity": by DGMR's selection)
-    and write the extracted slim model as out/student_<method>; returns its (config, params)."""
+def uvc_student(
+    teacher: Path, method: str, budget: float, run: Schedule, workdir: Path, student: Path
+) -> tuple[ModelConfig, Params]:
+    """UVC-search the teacher directory at `budget` ("uvc": neurons by searched norms, "uvc+diversity": by DGMR's
+    selection) in workdir and write the extracted slim model as the directory `student`; returns its (config,
+    params)."""
     select = method.split("+")[1] if "+" in method else "uvc"
-    config = _config(out, "teacher", run)
+    config = run_config(teacher, teacher, run)
     config.uvc.update(warmup_steps=max(run.steps // 10, 1))
-    config = uvc_config(config, str(out / "teacher"), budget, "mnist5k", run.steps, select)
-    run_uvc(config, out / "runs" / f"{method}_search", out / f"student_{method}")
-    source = open_model(out / f"student_{method}")
+    config = uvc_config(config, str(teacher), budget, "mnist5k", run.steps, select)
+    run_uvc(config, workdir, student)
+    source = open_model(student)
     return source.cfg, source.load()
 
 
@@ -183,7 +186,8 @@ def run_demo(
     run = Schedule(steps, batch, base_lr, img_size, seed)
     for method in methods:
         if method in UVC_METHODS:
-            student_cfg, student = _uvc_student(out, method, budget, run)
+            workdir, student_dir = out / "runs" / f"{method}_search", out / f"student_{method}"
+            student_cfg, student = uvc_student(out / "teacher", method, budget, run, workdir, student_dir)
         else:
             reports: list[LayerReport] = []
             student_cfg, student = prune_mlp(
@@ -199,7 +203,7 @@ def run_demo(
                 **data.score(student_cfg, data.features(student_cfg, student), teacher_feats),
             }
         )
-        distilled = _distill(out, method, run)
+        distilled = distill(out / "teacher", out / f"student_{method}", out / "runs" / method, run)
         rows.append(
             {
                 "model": f"{method} (distilled)",
