@@ -117,17 +117,19 @@ class DevicePrefetch:
     out so far, not the one prefetched, so a resume continues exactly; restore the wrapped iterator itself.
     """
 
-    def __init__(self, iterator: Any, mesh: Mesh):
-        self._iterator, self._mesh = iterator, mesh
-        self._ahead: tuple[Any, dict, Any] | None = None  # (state before it, host batch, device images)
+    def __init__(self, iterator: Any, mesh: Mesh, key: str | tuple[str, ...] = "images"):
+        self._iterator, self._mesh, self._key = iterator, mesh, key
+        self._ahead: tuple[Any, dict, Any] | None = None  # (state before it, host batch, device arrays)
 
     def _pull(self) -> tuple[Any, dict, Any]:
         state = self._iterator.get_state()
         batch = next(self._iterator)
-        return state, batch, host_batch_to_global(batch["images"], self._mesh)
+        key = self._key
+        local = batch[key] if isinstance(key, str) else {k: batch[k] for k in key}
+        return state, batch, host_batch_to_global(local, self._mesh)
 
     def __next__(self) -> tuple[dict, Any]:
-        """(host batch, its images as a global sharded array)."""
+        """(host batch, batch[key] as a global sharded array; a dict of them for a tuple of keys)."""
         _, batch, images = self._ahead or self._pull()
         self._ahead = None
         return batch, images

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import signal
 import time
 from typing import Any
 
@@ -22,13 +20,11 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
-from tqdm import tqdm
 
 from dgmr_jax import data as data_lib
-from dgmr_jax.checkpoint import TrainCheckpointer, abstract_with_shardings
+from dgmr_jax.checkpoint import abstract_with_shardings
 from dgmr_jax.distill import workdir as workdir_lib
-from dgmr_jax.distill.errors import NonFiniteLoss
-from dgmr_jax.distill.logs import JsonlLog, TensorBoard
+from dgmr_jax.distill.loop import Loop, run_loop
 from dgmr_jax.distill.loss import tap_config
 from dgmr_jax.distill.step import (
     OptimConfig,
@@ -45,7 +41,6 @@ from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.tree import Params
 from dgmr_jax.models.vit import logical_axes, param_shapes
 from dgmr_jax.parallel import (
-    DevicePrefetch,
     batch_sharding,
     check_batch,
     make_mesh,
@@ -260,20 +255,6 @@ def build_run(config: ml_collections.ConfigDict, workdir: PathLike) -> Run:
     )
 
 
-class _Stop:
-    """SIGTERM (preemption notice) sets a flag; the loop saves and exits after the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 def _compile(run: Run) -> Any:
     """AOT-compile the step for the run's shapes, saying so: the first compile of a big model takes minutes."""
     main_process = jax.process_index() == 0
@@ -323,88 +304,49 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
             "a UVC search exports its slim model by extraction (`dgmr-jax uvc`): drop --export-every/--ema"
         )
     run = build_run(config, workdir)
-    opt, workdir = run.opt, run.workdir
-    main_process = jax.process_index() == 0
-    iterator = iter(run.loader)
-    ckpt = TrainCheckpointer(workdir, config.checkpoint_every, config.keep, config.async_checkpoint)
-    start, state = ckpt.latest_step(), run.state
-    if start is not None:  # resume: arrays go straight to their shardings, data continues where it stopped
-        state = ckpt.restore(start, abstract_with_shardings(run.step.state_shapes, run.step.state_sh), iterator)
-    else:
-        start = 0
-    step_fn = _compile(run)
-    feed = DevicePrefetch(iterator, run.mesh)
-
+    compiled, teacher = _compile(run), run.teacher
     flops_per_image = 3 * count_flops(run.step.student_cfg, run.img_size) + count_flops(
         run.step.teacher_cfg, run.img_size
     )
-    skipped = data_lib.SkipCounter()
-    metrics_log = JsonlLog(workdir / "metrics.jsonl") if main_process else None
-    seen_log = JsonlLog(workdir / "seen.jsonl") if main_process and config.log_indices else None
-    tensorboard = TensorBoard(workdir / "tensorboard") if main_process else None
-    stop = _Stop()
-    desc = "uvc search" if run.step.search else "distill"
-    bar = tqdm(total=opt.total_steps, initial=start, desc=desc, unit="step", disable=not main_process)
-    last, tick, reason = {}, time.perf_counter(), "done"
-    try:
-        for step in range(start, opt.total_steps):
-            batch, images = next(feed)
-            skipped.update(batch)
-            state, metrics = step_fn(state, run.teacher, images)
-            feed.prefetch()  # the next batch's host work overlaps this step
-            done = step + 1
-            log_now = done % config.log_every == 0 or done == opt.total_steps
-            save_now = stop.requested or done == opt.total_steps or ckpt.manager.should_save(done)
-            if log_now or save_now:  # the only host syncs: dispatch runs ahead in between
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"loss is {loss} at step {done}; stopped without saving. The last good checkpoint "
-                        f"(step {ckpt.latest_step()}) is kept: lower optim.base_lr or enable optim.clip_norm and rerun"
-                    )
-            if seen_log:
-                seen_log.write({"step": done, "index": batch["index"].tolist()})
-            if log_now:
-                now = time.perf_counter()
-                ips = config.log_every * config.global_batch / max(now - tick, 1e-9)
-                tick = now
-                last = {k: float(v) for k, v in metrics.items()} | {
-                    "step": done,
-                    "images_per_s": ips,
-                    "skipped_files": skipped.total,
-                }
-                if config.peak_flops:
-                    last["mfu"] = flops_per_image * ips / config.peak_flops
-                if main_process:
-                    metrics_log.write(last)
-                    tensorboard.write(last, done)
-                shown = ("loss", "ratio_hard", "z", "lr", "images_per_s", "mfu")
-                bar.set_postfix({k: f"{last[k]:.4g}" for k in shown if k in last})
-            bar.update(1)
-            ckpt.save(done, state, feed, force=save_now)
-            if config.export_every and done % config.export_every == 0 and done != opt.total_steps:
-                _export(run, state, done, workdir / workdir_lib.STEP_MODELS / f"step_{done}")
-            if stop.requested:
-                reason = "preempted (SIGTERM): saved and stopped; run again with the same workdir to resume"
-                break
-    finally:
-        ckpt.close()
-        stop.restore()
-        bar.close()
-        if tensorboard:
-            tensorboard.close()
+    every, steps_dir = config.export_every, run.workdir / workdir_lib.STEP_MODELS
+
+    def export_on_schedule(state: TrainState, done: int) -> None:
+        if every and done % every == 0 and done != run.opt.total_steps:
+            _export(run, state, done, steps_dir / f"step_{done}")
+
+    result = run_loop(
+        Loop(
+            workdir=run.workdir,
+            mesh=run.mesh,
+            step_fn=lambda state, images: compiled(state, teacher, images),
+            state=run.state,
+            abstract_state=abstract_with_shardings(run.step.state_shapes, run.step.state_sh),
+            loader=run.loader,
+            total_steps=run.opt.total_steps,
+            global_batch=config.global_batch,
+            checkpoint_every=config.checkpoint_every,
+            keep=config.keep,
+            async_checkpoint=config.async_checkpoint,
+            log_every=config.log_every,
+            desc="uvc search" if run.step.search else "distill",
+            shown=("loss", "ratio_hard", "z", "lr", "images_per_s", "mfu"),
+            flops_per_example=flops_per_image,
+            peak_flops=config.peak_flops,
+            log_indices=config.log_indices,
+            after_step=export_on_schedule,
+        )
+    )
+    reason, state = result.reason, result.state
     final_step = int(state.step)
     # a search's product is its extraction (dgmr_jax.uvc.extract), not the full-size weights
     model = _export_final(run, state, final_step) if reason == "done" and not run.step.search else None
-    if main_process and reason != "done":
-        print(reason)
     return {
         "reason": reason,
         "step": final_step,
-        "metrics": last,
+        "metrics": result.metrics,
         "state": state,
         "student_cfg": run.step.student_cfg,
-        "skipped_files": skipped.total,
+        "skipped_files": result.skipped_files,
         "model_dir": model,
-        "metrics_file": workdir / "metrics.jsonl",
+        "metrics_file": run.workdir / "metrics.jsonl",
     }
