@@ -4,6 +4,7 @@ torch on a tiny CLIP model, sharded text encoding, and `dgmr-jax eval --zeroshot
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -198,3 +199,33 @@ def test_eval_cli_clip_errors_come_before_any_work(clip_files, tmp_path, capsys)
     assert main(["export", "--model", str(root / "model"), "--out", str(vision_only), "--prefix", "visual."]) == 0
     capsys.readouterr()
     assert "holds no CLIP text tower" in error("--clip-text", str(vision_only), *text[2:], "--zeroshot")
+
+
+def test_in_loop_zeroshot_and_retrieval_equal_offline_eval(clip_files, tmp_path):
+    """A student of the tiny CLIP vision tower distilled with zero-shot and retrieval evals in the loop (8 fake
+    devices): the final in-loop numbers equal `dgmr-jax eval` of the exported student."""
+    from dgmr_jax import config_file
+    from dgmr_jax.distill.trainer import train
+
+    root, _ = clip_files
+    clip = {"clip_text": str(root / "clip.pt"), "text_arch": str(root / "text.json")}
+    config = config_file.load(str(Path(__file__).parents[1] / "configs" / "cpu_tiny.py"))
+    config.teacher.update(model_dir=str(root / "model"))
+    config.data.update(kind="folder", path=str(root / "test"))
+    config.evals = [
+        {"kind": "zeroshot", "test": str(root / "test"), "templates": str(root / "templates.txt"), **clip},
+        {"kind": "retrieval", "retrieval": str(root / "retrieval.jsonl"), **clip},
+    ]
+    summary = train(config, tmp_path / "run")
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    out = tmp_path / "offline.json"
+    args = ["eval", "--model", str(summary["model_dir"]), "--train", "none", "--test", str(root / "test")]
+    clip_args = ["--clip-text", clip["clip_text"], "--text-arch", clip["text_arch"], "--zeroshot"]
+    extra = ["--templates", str(root / "templates.txt"), "--retrieval", str(root / "retrieval.jsonl")]
+    assert main([*args, *clip_args, *extra, "--out", str(out)]) == 0
+    offline = json.loads(out.read_text())
+    assert last["step"] == 12 and last["eval/zeroshot/top1"] == offline["zeroshot"]["top1"]
+    for direction in ("image_to_text", "text_to_image"):
+        for k, v in offline["retrieval"][direction].items():
+            assert last[f"eval/retrieval/{direction}_R@{k}"] == v
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["metric"] == "eval/zeroshot/top1"

@@ -35,6 +35,7 @@ from dgmr_jax.distill.step import (
     make_step,
     state_shardings,
 )
+from dgmr_jax.eval.in_loop import EvalSpec, InLoopEval, parse_evals, primary_metric
 from dgmr_jax.layer_source import LayerSource, open_model
 from dgmr_jax.model_dir import load_config
 from dgmr_jax.models.config import ModelConfig
@@ -293,6 +294,24 @@ def _export_final(run: Run, state: TrainState, step: int) -> epath.Path:
     return _export(run, state, step, final)
 
 
+def _best_metric(config: ml_collections.ConfigDict, evals: list[EvalSpec]) -> str:
+    """The eval metric best.json follows, checked before anything loads."""
+    if config.eval_every < 0:
+        raise ValueError(f"--config.eval_every must be >= 0 (0: evaluate at the end only), got {config.eval_every}")
+    if not evals:
+        if config.eval_best or config.eval_every:
+            raise ValueError(
+                "--config.eval_every / eval_best need evaluations: set --config.evals (e.g. ['knn:mnist5k'])"
+            )
+        return ""
+    if config.uvc.budget:
+        raise ValueError("a UVC search has no student to evaluate in the loop: evaluate the extracted model instead")
+    names = [f"eval/{e.name}/" for e in evals]
+    if config.eval_best and not config.eval_best.startswith(tuple(names)):
+        raise ValueError(f"--config.eval_best={config.eval_best!r} names no eval; metrics start with {names}")
+    return config.eval_best or primary_metric(evals[0])
+
+
 def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any]:
     """Distill config.student from config.teacher for config.optim.total_steps steps; returns a summary."""
     if config.export_ema and not config.optim.ema_decay > 0:
@@ -303,7 +322,14 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
         raise ValueError(
             "a UVC search exports its slim model by extraction (`dgmr-jax uvc`): drop --export-every/--ema"
         )
+    evals = parse_evals(config.evals)
+    best_metric = _best_metric(config, evals)
     run = build_run(config, workdir)
+    evaluate = None
+    if evals:
+        evaluator = InLoopEval(evals, run.model_cfg, run.student_meta, run.mesh, run.img_size)
+        ema = bool(config.export_ema)
+        evaluate = lambda state, step: evaluator(state.ema if ema else state.params)  # noqa: E731  as exported
     compiled, teacher = _compile(run), run.teacher
     flops_per_image = 3 * count_flops(run.step.student_cfg, run.img_size) + count_flops(
         run.step.teacher_cfg, run.img_size
@@ -334,6 +360,9 @@ def train(config: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any
             peak_flops=config.peak_flops,
             log_indices=config.log_indices,
             after_step=export_on_schedule,
+            evaluate=evaluate,
+            eval_every=config.eval_every,
+            best_metric=best_metric,
         )
     )
     reason, state = result.reason, result.state

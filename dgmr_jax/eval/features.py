@@ -76,7 +76,7 @@ def extract_features(
                 raise ValueError(f"batch of {n} images after a first batch of {batch_size}: batches must not grow")
             images = np.pad(images, ((0, batch_size - n),) + ((0, 0),) * (images.ndim - 1))
             images = jax.device_put(images, batch_sharding(mesh))
-            feats.append([np.asarray(f)[:n] for f in _features(params, images, cfg=cfg, keys=keys)])
+            feats.append([_on_host(f)[:n] for f in _features(params, images, cfg=cfg, keys=keys)])
             if return_index:
                 index.append(np.asarray(batch["index"]))
             bar.update()
@@ -86,6 +86,15 @@ def extract_features(
     by_key = {k: np.concatenate([f[i] for f in feats]) for i, k in enumerate(keys)}
     result = by_key[key] if isinstance(key, str) else by_key
     return (result, np.concatenate(index)) if return_index else result
+
+
+def _on_host(x: jax.Array) -> np.ndarray:
+    """The whole of a batch-sharded result on this host (gathered from every process in a multi-host run)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class EvalBatches:

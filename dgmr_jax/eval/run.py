@@ -93,7 +93,7 @@ def read_retrieval(path: str) -> tuple[list[str], list[str], np.ndarray]:
     return images, captions, np.asarray(owners)
 
 
-class _Files:
+class RetrievalFiles:
     """Image files by path, as the encoded-bytes source that EvalBatches reads."""
 
     def __init__(self, paths: list[str], listed_in: str) -> None:
@@ -119,7 +119,7 @@ def _lines(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip()]
 
 
-def _prompts(clip: ClipEval, test: str, classes: list[str]) -> tuple[list[str], list[str]]:
+def zeroshot_prompts(clip: ClipEval, test: str, classes: list[str]) -> tuple[list[str], list[str]]:
     """(class names, templates) for zero-shot: digit words for mnist5k, folder names ("_" as spaces)
     otherwise, unless files give them."""
     names = list(DIGITS) if test == "mnist5k" else [c.replace("_", " ") for c in classes]
@@ -135,7 +135,7 @@ def _prompts(clip: ClipEval, test: str, classes: list[str]) -> tuple[list[str], 
     return names, templates
 
 
-def _text_tower(clip: ClipEval, cfg: ModelConfig) -> tuple[TextConfig, Any, Tokenizer]:
+def text_tower(clip: ClipEval, cfg: ModelConfig) -> tuple[TextConfig, Any, Tokenizer]:
     """The text tower's config (checked against the image embedding width), params and tokenizer."""
     arch = clip.text_arch or (cfg.name if cfg.name in TEXT_PRESETS else None)
     if arch is None:
@@ -181,9 +181,9 @@ def evaluate(
         if train_classes != classes:
             raise ValueError(f"train classes {train_classes[:10]} and test classes {classes[:10]} differ")
     if clip:
-        prompts = _prompts(clip, test, classes) if clip.zeroshot else None
+        prompts = zeroshot_prompts(clip, test, classes) if clip.zeroshot else None
         retrieval = read_retrieval(clip.retrieval) if clip.retrieval else None
-        text_cfg, text_params, tokenizer = _text_tower(clip, cfg)
+        text_cfg, text_params, tokenizer = text_tower(clip, cfg)
     size = img_size or cfg.img_size
     view = Preprocess.from_meta(model.meta, cfg.name).eval_view(size)
     params = model.load()
@@ -243,7 +243,7 @@ def evaluate(
         result["zeroshot"] = {**{f"top{k}": v for k, v in top.items()}, "templates": len(prompts[1])}
     if clip and clip.retrieval:
         images, captions, owners = retrieval
-        image_emb, kept = features("retrieval", _Files(images, clip.retrieval), key)
+        image_emb, kept = features("retrieval", RetrievalFiles(images, clip.retrieval), key)
         # a skipped image takes its captions with it: each caption has exactly one true image
         has_image = np.isin(owners, kept)
         captions = [c for c, keep in zip(captions, has_image, strict=True) if keep]
