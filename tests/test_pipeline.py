@@ -43,6 +43,12 @@ def test_readme_sequence_runs_verbatim_and_exports_the_distilled_student(tmp_pat
         assert main(argv) == 0, (argv, capsys.readouterr().err[-2000:])
     out = capsys.readouterr().out
     assert "model directory" in out and "kNN top-1" in out
+    # the in-loop kNN of the last step is what `eval` printed for the exported student
+    rows = [json.loads(line) for line in Path("runs/vit_tiny_prune1/metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in rows if "eval/knn/knn@20" in r]
+    assert [r["step"] for r in evaluated] == [6, 12]
+    printed = ", ".join(f"k={k}: {evaluated[-1][f'eval/knn/knn@{k}']:.4f}" for k in (10, 20, 100, 200))
+    assert f"kNN top-1 ({printed})" in out
 
     cfg, distilled = load_model("runs/vit_tiny_prune1/model")
     _, pruned = load_model("vit_tiny_prune1")
