@@ -220,3 +220,33 @@ def test_two_processes_equal_one(reference, images, tmp_path):
     pairs = list(zip(jax.tree_util.tree_leaves(final["params"]), jax.tree_util.tree_leaves(ref["params"]), strict=True))
     scale = max(float(np.abs(y).max()) for _, y in pairs)
     assert max(float(np.abs(x - y).max()) for x, y in pairs) / scale <= 1e-5
+
+
+def test_two_processes_evaluate_in_the_loop_like_offline_eval(images, tmp_path):
+    """In-loop kNN on 2 processes x 4 devices (features gathered from both hosts) equals `dgmr-jax eval` of the
+    exported student in one process."""
+    from dgmr_jax.cli import main
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    extra = ("--config.optim.total_steps=8", "--config.evals=['knn:mnist5k']")
+    procs = [
+        subprocess.Popen(
+            _command(tmp_path / "run", images, *extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(4, DGMR_COORDINATOR=f"localhost:{port}", DGMR_NUM_PROCESSES="2", DGMR_PROCESS_ID=str(i)),
+        )
+        for i in range(2)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    out = tmp_path / "offline.json"
+    args = ["eval", "--model", str(tmp_path / "run" / "model"), "--train", "mnist5k", "--test", "mnist5k"]
+    assert main([*args, "--img-size", "32", "--out", str(out)]) == 0
+    offline = json.loads(out.read_text())["knn"]
+    assert last["step"] == 8 and {k: last[f"eval/knn/knn@{k}"] for k in offline} == offline
