@@ -115,11 +115,17 @@ def make_step(
 
 
 def state_shardings(student_cfg: ModelConfig, state_shapes: Any, mesh: Mesh) -> Any:
-    """Shardings of a train state (TrainState, or a UVC SearchState): every leaf whose dict path ends like a
-    student param's path and has its shape (the params, EMA, optimizer moments) is sharded like that param by
-    its logical axes; everything else (step, scalars, search counts and duals) is replicated."""
-    shapes = param_shapes(student_cfg)
-    param_sh = tree_shardings(logical_axes(student_cfg), shapes, mesh, "student params")
+    """Shardings of a train state (TrainState, or a UVC SearchState) of a student: see `shardings_like_params`."""
+    return shardings_like_params(
+        logical_axes(student_cfg), param_shapes(student_cfg), state_shapes, mesh, "student params"
+    )
+
+
+def shardings_like_params(logical: Any, shapes: Any, state_shapes: Any, mesh: Mesh, what: str = "params") -> Any:
+    """Shardings of a train state over params with these logical axes and shapes (any model: a ViT, a text
+    tower): every leaf whose dict path ends like a param's path and has its shape (the params, EMA, optimizer
+    moments) is sharded like that param; everything else (step, scalars, search counts and duals) is replicated."""
+    param_sh = tree_shardings(logical, shapes, mesh, what)
     by_path = {
         _dict_keys(path): (sh, tuple(leaf.shape))
         for (path, sh), leaf in zip(
