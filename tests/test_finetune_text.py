@@ -425,3 +425,31 @@ def test_tfds_captions_dataset(files, tmp_path):
     )
     summary = _run(files, tmp_path / "run", config, devices=jax.devices()[:1], pairs="tfds:dgmr_test_captions")
     assert (summary["step"], summary["pairs"]["images"], summary["pairs"]["bad"]) == (2, 16, 2)
+
+
+def test_custom_text_clip_layout_is_kept(files, tmp_path):
+    """A CustomTextCLIP / EVA-CLIP checkpoint (text tower under "text.", logit_scale at the top level) is
+    exported in that layout, and the merged state dict loads strictly into open_clip's CustomTextCLIP."""
+    torch.manual_seed(1)
+    vision = dict(image_size=32, patch_size=16, width=64, layers=2, head_width=32)
+    custom = open_clip.model.CustomTextCLIP(32, vision, dict(width=64, heads=2, layers=2)).eval()
+    torch.save(custom.state_dict(), tmp_path / "custom.pt")
+    config = _config(**{"mesh.data": 1, "optim.total_steps": 1, "checkpoint_every": 1})
+    finetune_text(
+        config,
+        tmp_path / "run",
+        model=str(files / "model"),
+        clip_text=str(tmp_path / "custom.pt"),
+        pairs=str(files / "digits"),
+        text_arch=str(files / "text.json"),
+        devices=jax.devices()[:1],
+    )
+    from dgmr_jax.convert.checkpoint_io import open_state_dict
+
+    out = tmp_path / "run" / "text"
+    text_sd = open_state_dict(out / "text.safetensors")
+    assert {k for k in text_sd if not k.startswith("text.")} == {"logit_scale"}
+    assert json.loads((out / "export.json").read_text())["prefix"] == "text."
+    merged = {k: torch.from_numpy(np.array(v)) for k, v in open_state_dict(out / "clip.safetensors").items()}
+    fresh = open_clip.model.CustomTextCLIP(32, vision, dict(width=64, heads=2, layers=2))
+    fresh.load_state_dict(merged, strict=True)
