@@ -286,8 +286,15 @@ def test_bad_pairs_are_counted_named_and_skipped_then_the_export_loads_into_open
         "nocap.png: no caption file nocap.txt",
         "orphan.txt: caption file without an image",
     ]
+    held_out = tmp_path / "held_out.jsonl"  # evaluation on other pairs: 10 digits, one caption each
+    rows = [
+        {"image": str(p), "captions": [p.with_suffix(".txt").read_text().splitlines()[0]]}
+        for p in sorted((files / "digits").glob("*_008.png"))
+    ]
+    held_out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     workdir = tmp_path / "run"
     argv = _cli(files, workdir, pairs, "--config.optim.total_steps=3", "--config.checkpoint_every=3")
+    argv += ["--eval-pairs", str(held_out)]
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert "20 images, 60 captions, 4 bad pairs skipped" in out
@@ -296,6 +303,8 @@ def test_bad_pairs_are_counted_named_and_skipped_then_the_export_loads_into_open
         assert name in warning
     summary = json.loads((workdir / "summary.json").read_text())
     assert (summary["pairs"]["images"], summary["pairs"]["bad"], summary["step"]) == (20, 4, 3)
+    assert summary["eval_pairs"] == str(held_out) and summary["eval_end"]["step"] == 3
+    assert 0 <= summary["eval_end"]["eval/text_to_image_R@10"] <= 1
     assert json.loads((workdir / "pairs.json").read_text())["unreadable"] == [str(pairs / "corrupt.png")]
 
     # the export: text keys in open_clip's CLIP layout, loaded strictly into a fresh tiny CLIP

@@ -17,6 +17,7 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +219,13 @@ def _unreadable(pairs: Pairs, kept: np.ndarray) -> dict[int, str]:
 
 
 def frozen_embeddings(
-    workdir: epath.Path, pairs: Pairs, model_spec: str, source: Any, params: Any, img_size: int, batch: int
+    workdir: epath.Path,
+    pairs: Pairs,
+    model_spec: str,
+    source: Any,
+    params: Callable[[], Any],
+    img_size: int,
+    batch: int,
 ) -> tuple[Pairs, np.ndarray]:
     """(the pairs whose image decodes, their image embeddings): computed once and kept in the workdir; a
     resumed run reads them back after checking they belong to the same pairs, model and size."""
@@ -239,7 +246,7 @@ def frozen_embeddings(
             raise ValueError(f"{emb_path} has {emb.shape[0]} rows for {len(kept)} images: use a new --workdir")
         print(f"finetune-text: reusing the {len(kept)} image embeddings in {emb_path}", file=sys.stderr)
     else:
-        emb, kept = _embed(source.cfg, params, source.meta, pairs, img_size, batch, "training")
+        emb, kept = _embed(source.cfg, params(), source.meta, pairs, img_size, batch, "training")
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
             with emb_path.open("wb") as f:
@@ -355,26 +362,34 @@ def finetune_text(
     del raw
     dtypes = jax.tree_util.tree_map(lambda p: np.asarray(p).dtype, text_params)
     img_size = d.img_size or cfg.img_size
-    params = source.load()
-    train_pairs, emb = frozen_embeddings(workdir, train_pairs, model, source, params, img_size, d.embed_batch)
+    loaded = {}
+
+    def vision_params() -> Any:  # read only when images are embedded (a resume reuses the stored embeddings)
+        if "params" not in loaded:
+            loaded["params"] = source.load()
+        return loaded["params"]
+
+    train_pairs, emb = frozen_embeddings(workdir, train_pairs, model, source, vision_params, img_size, d.embed_batch)
     warn_bad(train_pairs)
     require_good(train_pairs)
     captions, owners = _flat_captions(train_pairs)
     tokens = tokenizer(captions, context_length=text_cfg.context_length)
     if held_out is not None:
-        held_emb, kept = _embed(cfg, params, source.meta, held_out, img_size, d.embed_batch, "eval")
+        held_emb, kept = _embed(cfg, vision_params(), source.meta, held_out, img_size, d.embed_batch, "eval")
         held_out = held_out.drop(_unreadable(held_out, kept))
         warn_bad(held_out, "eval pairs")
         retrieval = Retrieval.first(held_out, held_emb, tokenizer, text_cfg.context_length, config.eval_images)
     else:
         retrieval = Retrieval.first(train_pairs, emb, tokenizer, text_cfg.context_length, config.eval_images)
+    loaded.clear()  # the vision weights are read again for the export: not held during training
     family = source.meta.get("family", "")
-    vision = (cfg, params, family) if family in ("open_clip", "eva_clip") else None
+    merged = family in ("open_clip", "eva_clip")  # vision layouts of a whole CLIP state dict
     workdir_lib.record_run(workdir, sig, text_cfg, {"clip_text": str(clip_text), "layout_prefix": prefix})
 
     step = build_text_step(config, mesh, text_cfg)
     text_cfg = step.text_cfg
     fresh = step.init(jax.tree_util.tree_map(lambda p: np.asarray(p, np.float32), text_params))
+    del text_params
     state = jax.device_put(fresh, step.state_sh)
     records = CaptionRecords(emb, tokens, owners, train_pairs.fingerprint())
     loader = make_caption_loader(
@@ -455,6 +470,7 @@ def finetune_text(
         if main_process:
             info = {"step": final_step, "clip_text": str(clip_text), "model": str(model), "text_arch": text_cfg.name}
             params_host = jax.device_get(result.state.params)
+            vision = (cfg, source.load(), family) if merged else None
             summary["text_dir"] = str(_export(workdir, text_cfg, params_host, dtypes, prefix, vision, info))
             (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         sync_processes(f"dgmr_jax.text_export:{workdir}")
