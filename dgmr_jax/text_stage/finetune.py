@@ -211,7 +211,18 @@ def _embed(cfg, params, meta, pairs: Pairs, img_size: int, batch: int, what: str
     view = Preprocess.from_meta(meta, cfg.name).eval_view(img_size)
     batches = EvalBatches(pairs.source, batch_size=batch, img_size=img_size, **view)
     desc = f"{what} image embeddings ({len(pairs)} images, {img_size} px)"
-    return extract_features(cfg, params, batches, key, return_index=True, desc=desc)
+    # every process embeds every image on its own devices: the embeddings are host arrays each process holds
+    mesh = make_mesh(devices=jax.local_devices())
+    return extract_features(cfg, params, batches, key, return_index=True, desc=desc, mesh=mesh)
+
+
+def tokenize(tokenizer: Tokenizer, captions: list[str], length: int, chunk: int = 4096) -> np.ndarray:
+    """(len(captions), length) token ids, with a progress bar for long lists (the BPE runs in Python)."""
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(captions), chunk)
+    bar = tqdm(starts, desc=f"tokenizing {len(captions)} captions", unit="chunk", disable=len(captions) <= 4 * chunk)
+    return np.concatenate([tokenizer(captions[i : i + chunk], context_length=length) for i in bar])
 
 
 def _unreadable(pairs: Pairs, kept: np.ndarray) -> dict[int, str]:
@@ -278,9 +289,13 @@ class Retrieval:
         captions, owners = _flat_captions(
             dataclasses.replace(pairs, captions=pairs.captions[:n], names=pairs.names[:n])
         )
-        return cls(emb[:n], tokenizer(captions, context_length=length), owners, pairs.spec)
+        return cls(emb[:n], tokenize(tokenizer, captions, length), owners, pairs.spec)
 
-    def recall(self, text_cfg: TextConfig, params: Any, mesh: Any, batch: int) -> dict[str, float]:
+    def recall(self, text_cfg: TextConfig, params: Any, batch: int) -> dict[str, float]:
+        """Recall of the text tower `params` (on the train mesh): every process encodes the captions on its own
+        devices (params gathered to each host when the mesh spans several) and gets the same numbers."""
+        params = _to_host(params) if jax.process_count() > 1 else params
+        mesh = make_mesh(devices=jax.local_devices())
         text = encode_texts(text_cfg, params, self.tokens, batch=batch, mesh=mesh)
         ks = tuple(k for k in RETRIEVAL_KS if k <= min(len(self.image_emb), len(text)))
         recall = retrieval_recall(self.image_emb, text, self.owners, ks)
@@ -373,7 +388,7 @@ def finetune_text(
     warn_bad(train_pairs)
     require_good(train_pairs)
     captions, owners = _flat_captions(train_pairs)
-    tokens = tokenizer(captions, context_length=text_cfg.context_length)
+    tokens = tokenize(tokenizer, captions, text_cfg.context_length)
     if held_out is not None:
         held_emb, kept = _embed(cfg, vision_params(), source.meta, held_out, img_size, d.embed_batch, "eval")
         held_out = held_out.drop(_unreadable(held_out, kept))
@@ -414,7 +429,7 @@ def finetune_text(
         print(f"finetune-text: compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     def evaluate(state: TrainState, done: int) -> dict[str, float]:
-        return retrieval.recall(text_cfg, state.params, mesh, config.eval_batch)
+        return retrieval.recall(text_cfg, state.params, config.eval_batch)
 
     eval_start = None
     if not workdir_lib.saved_steps(workdir):  # recall of the original tower, logged as step 0
@@ -467,15 +482,24 @@ def finetune_text(
         "text_dir": None,
     }
     if result.reason == "done":
+        params_host = _to_host(result.state.params)  # every process takes part in the gather
         if main_process:
             info = {"step": final_step, "clip_text": str(clip_text), "model": str(model), "text_arch": text_cfg.name}
-            params_host = jax.device_get(result.state.params)
             vision = (cfg, source.load(), family) if merged else None
             summary["text_dir"] = str(_export(workdir, text_cfg, params_host, dtypes, prefix, vision, info))
             (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         sync_processes(f"dgmr_jax.text_export:{workdir}")
     summary["state"] = result.state
     return summary
+
+
+def _to_host(tree: Any) -> Any:
+    """Whole host (numpy) copies of arrays sharded over the mesh, on every process (a collective)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree)
+    return jax.device_get(tree)
 
 
 def _last_eval(workdir: epath.Path) -> dict | None:
