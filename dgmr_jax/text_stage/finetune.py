@@ -34,6 +34,7 @@ from dgmr_jax.clip import clip_embedding, text_config_for
 from dgmr_jax.convert.checkpoint_io import open_state_dict, save_safetensors
 from dgmr_jax.convert.text import TEXT_PREFIX, text_from_torch, text_to_torch
 from dgmr_jax.distill import workdir as workdir_lib
+from dgmr_jax.distill.logs import JsonlLog
 from dgmr_jax.distill.loop import Loop, run_loop
 from dgmr_jax.distill.step import (
     OptimConfig,
@@ -435,8 +436,7 @@ def finetune_text(
     if not workdir_lib.saved_steps(workdir):  # recall of the original tower, logged as step 0
         eval_start = {"step": 0, **evaluate(state, 0)}
         if main_process:
-            with (workdir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(eval_start) + "\n")
+            JsonlLog(workdir / "metrics.jsonl").write(eval_start)  # appends (rewrites whole on gs://)
             (workdir / "eval_start.json").write_text(json.dumps(eval_start, indent=2))
     elif (workdir / "eval_start.json").exists():
         eval_start = json.loads((workdir / "eval_start.json").read_text())
