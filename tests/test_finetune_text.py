@@ -306,6 +306,8 @@ def test_bad_pairs_are_counted_named_and_skipped_then_the_export_loads_into_open
     assert summary["eval_pairs"] == str(held_out) and summary["eval_end"]["step"] == 3
     assert 0 <= summary["eval_end"]["eval/text_to_image_R@10"] <= 1
     assert json.loads((workdir / "pairs.json").read_text())["unreadable"] == [str(pairs / "corrupt.png")]
+    assert main([*argv, "--config.data.seed=1"]) == 2  # a resume with other settings is refused
+    assert "holds a run with other inputs (data.seed: 0 -> 1)" in capsys.readouterr().err
 
     # the export: text keys in open_clip's CLIP layout, loaded strictly into a fresh tiny CLIP
     from dgmr_jax.convert.checkpoint_io import open_state_dict
@@ -394,6 +396,8 @@ def test_cli_errors_are_one_clear_line(files, tmp_path, capsys):
     (empty / "a.png").write_bytes((files / "digits" / "0_001.png").read_bytes())
     assert "has no good image-caption pair (1 bad: " in error(*base[:at], str(empty), *base[at + 1 :])
     assert "unknown config field 'config.optim.nope'" in error(*base, "--config.optim.nope=1")
+    ckpt = base.index("--clip-text") + 1
+    assert "--clip-text nope.pt does not exist" in error(*base[:ckpt], "nope.pt", *base[ckpt + 1 :])
     assert "global batch 12 does not divide" in error(*base, "--config.global_batch=12", "--config.mesh.data=8")
     with pytest.raises(SystemExit):
         main(["finetune-text", "--model", "m"])

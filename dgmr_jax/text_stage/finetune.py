@@ -356,6 +356,8 @@ def finetune_text(
     maybe_initialize_distributed()
     if config.eval_every < 0 or config.eval_images < 0:
         raise ValueError("--config.eval_every and --config.eval_images must be >= 0")
+    if not as_path(clip_text).exists():
+        raise FileNotFoundError(f"--clip-text {clip_text} does not exist: give the open_clip / EVA-CLIP checkpoint")
     mesh = make_mesh(**dict(config.mesh), devices=devices)
     check_batch(config.global_batch, mesh)
     source = open_model(model)
