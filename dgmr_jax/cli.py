@@ -1,4 +1,4 @@
-"""`dgmr-jax` command line: convert, export, prune, distill, uvc, plan, eval, demo."""
+"""`dgmr-jax` command line: convert, export, prune, distill, uvc, finetune-text, plan, eval, demo."""
 
 from __future__ import annotations
 
@@ -183,6 +183,38 @@ def _uvc(args: argparse.Namespace) -> None:
         f"wrote {args.out}: {result['slim_cfg'].name} at FLOPs ratio {result['ext'].ratio:.4f}; report "
         f"{args.out}/prune_report.md; post-train it with `dgmr-jax distill --config.student.model_dir={args.out}`"
     )
+
+
+def _finetune_text(args: argparse.Namespace) -> None:
+    from dgmr_jax import config_file
+    from dgmr_jax.text_stage.defaults import text_config
+    from dgmr_jax.text_stage.finetune import finetune_text
+
+    config = config_file.load(args.config) if args.config else text_config()
+    config = config_file.apply_overrides(config, [o.lstrip("-") for o in args.overrides])
+    summary = finetune_text(
+        config,
+        args.workdir,
+        model=args.model,
+        clip_text=args.clip_text,
+        pairs=args.pairs,
+        text_arch=args.text_arch,
+        eval_pairs=args.eval_pairs,
+        bpe_vocab=args.bpe_vocab,
+    )
+    if summary["reason"] != "done":
+        return  # preempted: the loop said so
+    p = summary["pairs"]
+    print(
+        f"finetune-text done at step {summary['step']}: {p['images']} images, {p['captions']} captions, "
+        f"{p['bad']} bad pairs skipped"
+    )
+    for label, row in (("before", summary["eval_start"]), ("after", summary["eval_end"])):
+        if row:
+            shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in row.items() if k.endswith("R@1"))
+            print(f"retrieval {label} (step {row['step']}): {shown}, mean recall {row['eval/mean_recall']:.4f}")
+    if summary["text_dir"]:
+        print(f"wrote {summary['text_dir']}: the fine-tuned text tower (text.safetensors) and summary.json")
 
 
 def _gib(n: float) -> str:
@@ -389,6 +421,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="recipe file (default: the distill defaults); --config.x=y overrides follow")
     p.set_defaults(run=_uvc)
 
+    p = sub.add_parser(
+        "finetune-text", help="fine-tune the CLIP text tower against the frozen pruned image tower (resumes)"
+    )
+    p.add_argument("--model", required=True, help="vision model directory (e.g. a distill WORKDIR/model)")
+    p.add_argument("--clip-text", required=True, help="open_clip / EVA-CLIP checkpoint holding the text tower")
+    p.add_argument("--text-arch", help="text preset (default: the model's arch) or a TextConfig .json")
+    p.add_argument(
+        "--pairs", required=True, help="image-caption pairs: a folder (same-stem .txt captions), a .jsonl, tfds:NAME"
+    )
+    p.add_argument("--eval-pairs", help="pairs for the in-loop retrieval recall (default: the training pairs)")
+    p.add_argument("--workdir", required=True, help="embeddings, checkpoints, metrics, text/ (local or gs://)")
+    p.add_argument("--config", help="recipe file (default: dgmr_jax.text_stage.defaults); --config.x=y overrides")
+    p.add_argument("--bpe-vocab", help="bpe_simple_vocab_16e6.txt.gz (default: the one open_clip_torch ships)")
+    p.set_defaults(run=_finetune_text)
+
     p = sub.add_parser("plan", help="compile a recipe's train step for a target; per-chip memory, FLOPs, fit")
     p.add_argument("--config", required=True, help="recipe file, as for distill; --config.x=y overrides follow")
     p.add_argument("--topology", help="TPU topology, e.g. v5p:4x4x4 or v5e:8x8 (needs libtpu: .[tpu-plan])")
@@ -436,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # commands whose XLA:CPU steps allocate large activations many times (see dgmr_jax.hostmem)
-_COMPUTE_COMMANDS = ("distill", "eval", "demo", "uvc")
+_COMPUTE_COMMANDS = ("distill", "eval", "demo", "uvc", "finetune-text")
 
 
 def _plan_environment(devices: int | None) -> None:
@@ -459,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep_freed_host_memory()
     if argv is None and args.command == "plan":  # before JAX starts a backend: never a real accelerator here
         _plan_environment(args.devices)
-    if args.command in ("distill", "plan", "uvc"):
+    if args.command in ("distill", "plan", "uvc", "finetune-text"):
         args.overrides = extra
     elif extra:
         build_parser().error(f"unrecognized arguments: {' '.join(extra)}")

@@ -170,6 +170,15 @@ class TfdsSource:
     def __getitem__(self, i: int) -> bytes:
         return self._source[i][self.image_key]
 
+    def record(self, i: int) -> dict:
+        """Every feature of record i (the image still encoded), e.g. its captions."""
+        return self._source[i]
+
+    @property
+    def features(self) -> list[str]:
+        """Names of the dataset's top-level features."""
+        return list(self._features)
+
     def labels(self, label_key: str = "label") -> tuple[np.ndarray, list[str]]:
         """(int label of every record, class names) from a ClassLabel feature (reads every record once)."""
         names = getattr(self._features[label_key], "names", None) if label_key in self._features else None

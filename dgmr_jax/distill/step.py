@@ -60,11 +60,22 @@ def wd_schedule(opt: OptimConfig) -> optax.Schedule:
     return schedule
 
 
-def make_optimizer(opt: OptimConfig) -> optax.GradientTransformation:
-    """AdamW (decoupled decay on all params) with scheduled lr and wd, optional clip and accumulation."""
-    adamw = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=lr_schedule(opt), weight_decay=wd_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps
-    )
+def make_optimizer(opt: OptimConfig, decay_mask: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
+    """AdamW (decoupled decay on all params, or on those `decay_mask(params)` marks True) with scheduled lr and
+    wd, optional clip and accumulation."""
+    if decay_mask is None:
+        adamw = optax.inject_hyperparams(optax.adamw)(
+            learning_rate=lr_schedule(opt), weight_decay=wd_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps
+        )
+    else:
+        adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+            learning_rate=lr_schedule(opt),
+            weight_decay=wd_schedule(opt),
+            b1=opt.b1,
+            b2=opt.b2,
+            eps=opt.eps,
+            mask=decay_mask,
+        )
     tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw) if opt.clip_norm > 0 else adamw
     return optax.MultiSteps(tx, every_k_schedule=opt.accum_steps) if opt.accum_steps > 1 else tx
 
@@ -115,11 +126,17 @@ def make_step(
 
 
 def state_shardings(student_cfg: ModelConfig, state_shapes: Any, mesh: Mesh) -> Any:
-    """Shardings of a train state (TrainState, or a UVC SearchState): every leaf whose dict path ends like a
-    student param's path and has its shape (the params, EMA, optimizer moments) is sharded like that param by
-    its logical axes; everything else (step, scalars, search counts and duals) is replicated."""
-    shapes = param_shapes(student_cfg)
-    param_sh = tree_shardings(logical_axes(student_cfg), shapes, mesh, "student params")
+    """Shardings of a train state (TrainState, or a UVC SearchState) of a student: see `shardings_like_params`."""
+    return shardings_like_params(
+        logical_axes(student_cfg), param_shapes(student_cfg), state_shapes, mesh, "student params"
+    )
+
+
+def shardings_like_params(logical: Any, shapes: Any, state_shapes: Any, mesh: Mesh, what: str = "params") -> Any:
+    """Shardings of a train state over params with these logical axes and shapes (any model: a ViT, a text
+    tower): every leaf whose dict path ends like a param's path and has its shape (the params, EMA, optimizer
+    moments) is sharded like that param; everything else (step, scalars, search counts and duals) is replicated."""
+    param_sh = tree_shardings(logical, shapes, mesh, what)
     by_path = {
         _dict_keys(path): (sh, tuple(leaf.shape))
         for (path, sh), leaf in zip(

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dgmr_jax.convert.text import text_from_torch
+from dgmr_jax.clip import clip_embedding, open_text_tower
 from dgmr_jax.data import open_images, record_name
 from dgmr_jax.eval.features import EvalBatches, extract_features
 from dgmr_jax.eval.knn import DINOV2_KS, knn_accuracy
@@ -20,7 +20,7 @@ from dgmr_jax.eval.linear_probe import linear_probe
 from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall, zeroshot_accuracy, zeroshot_classifier
 from dgmr_jax.layer_source import open_model
 from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.models.text import TEXT_PRESETS, TextConfig, resolve_text_config
+from dgmr_jax.models.text import TextConfig
 from dgmr_jax.models.tokenizer import Tokenizer
 from dgmr_jax.preprocess import Preprocess
 
@@ -53,16 +53,6 @@ class ClipEval:
     def __post_init__(self) -> None:
         if not (self.zeroshot or self.retrieval):
             raise ValueError("a CLIP text tower is only used with --zeroshot and/or --retrieval FILE")
-
-
-def clip_embedding(cfg: ModelConfig) -> tuple[str, int]:
-    """(forward output, width) holding a vision tower's CLIP image embedding: open_clip's projected "pooled",
-    the embedding head ("logits") of timm / EVA-CLIP towers, else the plain pooled features."""
-    if cfg.proj_dim:
-        return "pooled", cfg.proj_dim
-    if cfg.num_classes:
-        return "logits", cfg.num_classes
-    return "pooled", cfg.width
 
 
 def read_retrieval(path: str) -> tuple[list[str], list[str], np.ndarray]:
@@ -137,22 +127,7 @@ def zeroshot_prompts(clip: ClipEval, test: str, classes: list[str]) -> tuple[lis
 
 def text_tower(clip: ClipEval, cfg: ModelConfig) -> tuple[TextConfig, Any, Tokenizer]:
     """The text tower's config (checked against the image embedding width), params and tokenizer."""
-    arch = clip.text_arch or (cfg.name if cfg.name in TEXT_PRESETS else None)
-    if arch is None:
-        raise ValueError(
-            f"model {cfg.name!r} has no text preset of that name: pass --text-arch "
-            f"(one of {', '.join(sorted(TEXT_PRESETS))}, or a TextConfig .json)"
-        )
-    text_cfg = resolve_text_config(arch)
-    key, width = clip_embedding(cfg)
-    if width != text_cfg.embed_dim:
-        raise ValueError(
-            f"model {cfg.name!r} embeds images in {width} dims ({key}) but text tower {text_cfg.name!r} in "
-            f"{text_cfg.embed_dim}: pass the --text-arch and --clip-text of the CLIP model the vision tower came from"
-        )
-    tokenizer = Tokenizer(clip.bpe_vocab)
-    text_cfg, text_params = text_from_torch(clip.checkpoint, text_cfg)
-    return text_cfg, text_params, tokenizer
+    return open_text_tower(clip.checkpoint, cfg, clip.text_arch, clip.bpe_vocab)
 
 
 def evaluate(

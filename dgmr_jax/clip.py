@@ -1,0 +1,58 @@
+"""What pairs a (pruned) CLIP vision tower with its original text tower: the image embedding of a vision
+config, and the text tower (config checked against that embedding, params, tokenizer) of an open_clip /
+EVA-CLIP checkpoint. Shared by `dgmr-jax eval` (zero-shot, retrieval) and `dgmr-jax finetune-text`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.text import TEXT_PRESETS, TextConfig, resolve_text_config
+from dgmr_jax.models.tokenizer import Tokenizer
+
+
+def clip_embedding(cfg: ModelConfig) -> tuple[str, int]:
+    """(forward output, width) holding a vision tower's CLIP image embedding: open_clip's projected "pooled",
+    the embedding head ("logits") of timm / EVA-CLIP towers, else the plain pooled features."""
+    if cfg.proj_dim:
+        return "pooled", cfg.proj_dim
+    if cfg.num_classes:
+        return "logits", cfg.num_classes
+    return "pooled", cfg.width
+
+
+def text_config_for(cfg: ModelConfig, text_arch: str | TextConfig | None = None) -> TextConfig:
+    """The text tower's config: `text_arch` (a preset, a TextConfig .json, a TextConfig), by default the preset
+    named like the vision model; its embed_dim must equal the vision tower's image embedding width."""
+    arch = text_arch or (cfg.name if cfg.name in TEXT_PRESETS else None)
+    if arch is None:
+        raise ValueError(
+            f"model {cfg.name!r} has no text preset of that name: pass --text-arch "
+            f"(one of {', '.join(sorted(TEXT_PRESETS))}, or a TextConfig .json)"
+        )
+    text_cfg = resolve_text_config(arch)
+    key, width = clip_embedding(cfg)
+    if width != text_cfg.embed_dim:
+        raise ValueError(
+            f"model {cfg.name!r} embeds images in {width} dims ({key}) but text tower {text_cfg.name!r} in "
+            f"{text_cfg.embed_dim}: pass the --text-arch and --clip-text of the CLIP model the vision tower came from"
+        )
+    return text_cfg
+
+
+def open_text_tower(
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    cfg: ModelConfig,
+    text_arch: str | TextConfig | None = None,
+    bpe_vocab: str | None = None,
+) -> tuple[TextConfig, Any, Tokenizer]:
+    """(TextConfig checked against `cfg`'s image embedding, text params, tokenizer) of a CLIP checkpoint.
+    The config and tokenizer are checked before the checkpoint is read."""
+    from dgmr_jax.convert.text import text_from_torch
+
+    text_cfg = text_config_for(cfg, text_arch)
+    tokenizer = Tokenizer(bpe_vocab)
+    text_cfg, text_params = text_from_torch(checkpoint, text_cfg)
+    return text_cfg, text_params, tokenizer

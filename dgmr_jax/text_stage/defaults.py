@@ -1,0 +1,55 @@
+"""Defaults of the text-tower fine-tune (`text_config()`); each recipe file edits a copy."""
+
+from __future__ import annotations
+
+import ml_collections
+
+FLICKR30K_TRAIN_IMAGES = 29_000
+FLICKR30K_TRAIN_CAPTIONS = 5 * FLICKR30K_TRAIN_IMAGES  # one training record per (image, caption) pair
+
+
+def steps(epochs: float, global_batch: int, dataset_size: int = FLICKR30K_TRAIN_CAPTIONS) -> int:
+    """Optimizer steps of `epochs` passes over `dataset_size` caption records at `global_batch`."""
+    return int(epochs * dataset_size // global_batch)
+
+
+def text_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # AdamW as open_clip trains CLIP (b2 0.98, eps 1e-6), no decay on gains, biases and logit_scale;
+    # lr: warmup to base_lr * global_batch / 256, cosine to min_lr; weight decay cosine wd_start -> wd_end
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            base_lr=1e-6,
+            min_lr=1e-7,
+            warmup_steps=0,
+            total_steps=1000,
+            wd_start=0.04,
+            wd_end=0.2,
+            b1=0.9,
+            b2=0.98,
+            eps=1e-6,
+            clip_norm=0.0,
+        )
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            split="train",  # tfds:NAME only
+            data_dir="",  # tfds:NAME only
+            image_key="image",  # tfds:NAME: the image feature
+            caption_key="captions/text",  # tfds:NAME: the caption feature ("/" walks nested features)
+            img_size=0,  # 0: the vision model's own
+            embed_batch=64,  # images per batch when the frozen image tower embeds them (once)
+            seed=0,  # shuffle of the (image, caption) records
+        )
+    )
+    c.text = ml_collections.ConfigDict(dict(dtype="float32"))  # compute dtype (params train in float32)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.global_batch = 320
+    c.checkpoint_every = 500
+    c.keep = 3
+    c.async_checkpoint = True
+    c.log_every = 10
+    c.eval_every = 0  # retrieval recall every N steps (0: before training and at the end only)
+    c.eval_images = 1000  # evaluate on the first N images of the pairs and their captions (0: all)
+    c.eval_batch = 256  # captions per text-encoding batch in evaluation
+    return c

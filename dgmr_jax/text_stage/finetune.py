@@ -1,0 +1,512 @@
+"""`dgmr-jax finetune-text`: fine-tune a CLIP text tower contrastively against a frozen (pruned, distilled)
+image tower, the last DGMR stage.
+
+The image tower never changes, so every image is embedded once, before training, and the embeddings are kept
+in the workdir (image_embeddings.npy, pairs.json) for resumed runs. Training records are (image embedding,
+one caption's tokens) pairs; the trained set is the whole text tower and the logit scale. The run goes through
+the shared train loop (distill/loop.py): Orbax resume with the grain iterator state, SIGTERM save-and-stop,
+metrics.jsonl / TensorBoard, retrieval recall as the in-loop evaluation, best.json. At the end WORKDIR/text
+holds the tower in the checkpoint's own layout (and, for CLIP-family vision towers, a merged CLIP state dict).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+
+from dgmr_jax.checkpoint import abstract_with_shardings
+from dgmr_jax.clip import clip_embedding, text_config_for
+from dgmr_jax.convert.checkpoint_io import open_state_dict, save_safetensors
+from dgmr_jax.convert.text import TEXT_PREFIX, text_from_torch, text_to_torch
+from dgmr_jax.distill import workdir as workdir_lib
+from dgmr_jax.distill.logs import JsonlLog
+from dgmr_jax.distill.loop import Loop, run_loop
+from dgmr_jax.distill.step import (
+    OptimConfig,
+    TrainState,
+    init_state,
+    lr_schedule,
+    make_optimizer,
+    shardings_like_params,
+)
+from dgmr_jax.eval.features import EvalBatches, extract_features
+from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall
+from dgmr_jax.layer_source import open_model
+from dgmr_jax.models.text import TextConfig, encode_text, text_logical_axes, text_param_shapes
+from dgmr_jax.models.tokenizer import Tokenizer
+from dgmr_jax.parallel import (
+    batch_sharding,
+    check_batch,
+    make_mesh,
+    maybe_initialize_distributed,
+    replicated,
+    sync_processes,
+)
+from dgmr_jax.paths import PathLike, as_path, is_uri
+from dgmr_jax.preprocess import Preprocess
+from dgmr_jax.text_stage.pairs import Pairs, read_pairs, require_good, warn_bad
+
+EMBEDDINGS, PAIRS_FILE, TEXT_DIR = "image_embeddings.npy", "pairs.json", "text"
+MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learned temperature to at most 100
+RETRIEVAL_KS = (1, 5, 10)
+BEST_METRIC = "eval/mean_recall"
+
+
+def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> jax.Array:
+    """Symmetric CLIP loss of a batch of matching (image, text) rows: L2-normalize both, logits =
+    exp(min(logit_scale, log 100)) * img @ txt.T, mean of the cross-entropies over rows (image -> text) and
+    columns (text -> image), the diagonal being the positives.
+
+    Inside a jitted step over a globally sharded batch the (b, b) matmul spans every device's examples, so
+    each example's negatives are the whole global batch, as open_clip's gather_with_grad (all-gather of the
+    features, gradients flowing through) gives them; XLA inserts the collectives.
+    """
+    image_emb = image_emb / jnp.linalg.norm(image_emb, axis=-1, keepdims=True)
+    text_emb = text_emb / jnp.linalg.norm(text_emb, axis=-1, keepdims=True)
+    scale = jnp.exp(jnp.minimum(logit_scale.astype(jnp.float32), MAX_LOGIT_SCALE))
+    logits = scale * image_emb @ text_emb.T
+    labels = jnp.arange(len(logits))
+    rows = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    cols = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
+    return (rows.mean() + cols.mean()) / 2
+
+
+def decay_mask(params: Any) -> Any:
+    """open_clip's weight-decay rule: matrices decay; gains, biases and logit_scale (ndim < 2) do not."""
+    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+
+def make_text_step(text_cfg: TextConfig, optimizer: optax.GradientTransformation, opt: OptimConfig):
+    """Pure step (state, {"image_emb", "tokens"}) -> (state, metrics): text forward, CLIP loss against the
+    frozen image embeddings, AdamW update, logit_scale clamped to [0, log 100] as open_clip does after each step."""
+    schedule = lr_schedule(opt)
+
+    def step(state: TrainState, batch: dict[str, jax.Array]):
+        def loss_fn(params):
+            text = encode_text(text_cfg, params, batch["tokens"]).astype(jnp.float32)
+            return clip_loss(batch["image_emb"].astype(jnp.float32), text, params["logit_scale"])
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)}
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+            "logit_scale": jnp.exp(params["logit_scale"]),
+        }
+        return TrainState(state.step + 1, params, opt_state, None), metrics
+
+    return step
+
+
+class CaptionRecords:
+    """Grain source of training records: record j is caption j with the embedding of its image."""
+
+    def __init__(self, image_emb: np.ndarray, tokens: np.ndarray, owners: np.ndarray, fingerprint: str) -> None:
+        self.image_emb, self.tokens, self.owners, self.fingerprint = image_emb, tokens, owners, fingerprint
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, j: int) -> dict[str, np.ndarray]:
+        return {
+            "image_emb": self.image_emb[self.owners[j]],
+            "tokens": self.tokens[j],
+            "index": np.int64(j),
+            "skipped": np.int32(0),
+        }
+
+    def __repr__(self) -> str:  # in the iterator state: a resume on other pairs fails
+        return f"CaptionRecords(pairs={self.fingerprint[:16]}, captions={len(self)})"
+
+
+def make_caption_loader(
+    records: CaptionRecords, global_batch: int, seed: int, shard_index: int = 0, shard_count: int = 1
+) -> grain.DataLoader:
+    """Per-host batches {"image_emb" (b, E) float32, "tokens" (b, L) int32, "index" (b,) int64, "skipped" (b,)
+    int32 zeros}, b = global_batch // shard_count, shuffled by `seed`, repeating forever. As data.make_loader:
+    one global stream, host h taking positions h, h + P, ..., so global batch k is the same on 1 or P hosts."""
+    per_host = global_batch // shard_count
+    if len(records) // shard_count < per_host:
+        raise ValueError(
+            f"{len(records)} captions are fewer than one global batch of {global_batch}: lower "
+            "--config.global_batch or add pairs"
+        )
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(records), shard_options=grain.sharding.NoSharding(), shuffle=True, num_epochs=None, seed=seed
+    )
+    return grain.DataLoader(
+        data_source=records,
+        sampler=sampler,
+        operations=[grain.transforms.Batch(per_host, drop_remainder=True)],
+        worker_count=0,
+        shard_options=grain.sharding.ShardOptions(
+            shard_index=shard_index, shard_count=shard_count, drop_remainder=True
+        ),
+    )
+
+
+def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
+    return OptimConfig(global_batch=config.global_batch, **dict(config.optim))
+
+
+@dataclasses.dataclass
+class TextStep:
+    text_cfg: TextConfig  # with the compute dtype of config.text.dtype
+    state_shapes: TrainState
+    state_sh: TrainState
+    fn: Any  # jitted (state, {"image_emb", "tokens"}) -> (state, metrics)
+    init: Any  # float32 text params -> fresh TrainState
+
+
+def build_text_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, text_cfg: TextConfig) -> TextStep:
+    """The sharded, jitted text-tower step: params by their logical axes (optimizer moments like their param),
+    batches over the mesh's data axes."""
+    opt = optim_config(config)
+    text_cfg = text_cfg.replace(dtype=config.text.dtype)
+    tx = make_optimizer(opt, decay_mask=decay_mask)
+    shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), text_param_shapes(text_cfg))
+    init = lambda params: init_state(params, tx, ema=False)  # noqa: E731
+    state_shapes = jax.eval_shape(init, shapes)
+    state_sh = shardings_like_params(text_logical_axes(text_cfg), shapes, state_shapes, mesh, "text params")
+    bs = batch_sharding(mesh)
+    fn = jax.jit(
+        make_text_step(text_cfg, tx, opt),
+        in_shardings=(state_sh, {"image_emb": bs, "tokens": bs}),
+        out_shardings=(state_sh, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    return TextStep(text_cfg, state_shapes, state_sh, fn, init)
+
+
+def signature(config: ml_collections.ConfigDict, model: str, clip_text: str, text_arch: str, pairs: str) -> dict:
+    """What a text run's checkpoints and data-iterator state depend on (not the schedule: runs may be extended)."""
+    d = config.data
+    sig = {"model": str(model), "clip_text": str(clip_text), "text_arch": text_arch, "pairs": pairs}
+    if pairs.startswith("tfds:"):
+        sig.update({f"data.{k}": d[k] for k in ("split", "data_dir", "image_key", "caption_key")})
+    sig.update({"data.img_size": d.img_size, "data.seed": d.seed, "global_batch": config.global_batch})
+    return sig
+
+
+def _embed(cfg, params, meta, pairs: Pairs, img_size: int, batch: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """CLIP image embeddings of the pairs' readable images and the index of each row."""
+    key = clip_embedding(cfg)[0]
+    view = Preprocess.from_meta(meta, cfg.name).eval_view(img_size)
+    batches = EvalBatches(pairs.source, batch_size=batch, img_size=img_size, **view)
+    desc = f"{what} image embeddings ({len(pairs)} images, {img_size} px)"
+    # every process embeds every image on its own devices: the embeddings are host arrays each process holds
+    mesh = make_mesh(devices=jax.local_devices())
+    return extract_features(cfg, params, batches, key, return_index=True, desc=desc, mesh=mesh)
+
+
+def tokenize(tokenizer: Tokenizer, captions: list[str], length: int, chunk: int = 4096) -> np.ndarray:
+    """(len(captions), length) token ids, with a progress bar for long lists (the BPE runs in Python)."""
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(captions), chunk)
+    bar = tqdm(starts, desc=f"tokenizing {len(captions)} captions", unit="chunk", disable=len(captions) <= 4 * chunk)
+    return np.concatenate([tokenizer(captions[i : i + chunk], context_length=length) for i in bar])
+
+
+def _unreadable(pairs: Pairs, kept: np.ndarray) -> dict[int, str]:
+    return {int(i): "unreadable image" for i in np.setdiff1d(np.arange(len(pairs)), kept)}
+
+
+def frozen_embeddings(
+    workdir: epath.Path,
+    pairs: Pairs,
+    model_spec: str,
+    source: Any,
+    params: Callable[[], Any],
+    img_size: int,
+    batch: int,
+) -> tuple[Pairs, np.ndarray]:
+    """(the pairs whose image decodes, their image embeddings): computed once and kept in the workdir; a
+    resumed run reads them back after checking they belong to the same pairs, model and size."""
+    record = {"fingerprint": pairs.fingerprint(), "model": str(model_spec), "img_size": img_size}
+    meta_path, emb_path = workdir / PAIRS_FILE, workdir / EMBEDDINGS
+    if meta_path.exists() and emb_path.exists():
+        saved = json.loads(meta_path.read_text())
+        diffs = [k for k in record if saved.get(k) != record[k]]
+        if diffs:
+            raise ValueError(
+                f"{meta_path} holds image embeddings of other inputs ({', '.join(diffs)} differ): the pairs changed "
+                "since the run started; use a new --workdir"
+            )
+        with emb_path.open("rb") as f:
+            emb = np.load(f)
+        kept = np.asarray(saved["kept"], np.int64)
+        if emb.shape[0] != len(kept):
+            raise ValueError(f"{emb_path} has {emb.shape[0]} rows for {len(kept)} images: use a new --workdir")
+        print(f"finetune-text: reusing the {len(kept)} image embeddings in {emb_path}", file=sys.stderr)
+    else:
+        emb, kept = _embed(source.cfg, params(), source.meta, pairs, img_size, batch, "training")
+        if jax.process_index() == 0:
+            workdir.mkdir(parents=True, exist_ok=True)
+            with emb_path.open("wb") as f:
+                np.save(f, emb.astype(np.float32))
+            unreadable = [pairs.names[i] for i in _unreadable(pairs, kept)]
+            meta_path.write_text(json.dumps({**record, "kept": kept.tolist(), "unreadable": unreadable}, indent=1))
+        sync_processes(f"dgmr_jax.text_embeddings:{workdir}")
+    return pairs.drop(_unreadable(pairs, kept)), emb.astype(np.float32)
+
+
+def _flat_captions(pairs: Pairs) -> tuple[list[str], np.ndarray]:
+    captions = [c for caps in pairs.captions for c in caps]
+    owners = np.repeat(np.arange(len(pairs)), [len(c) for c in pairs.captions])
+    return captions, owners
+
+
+@dataclasses.dataclass
+class Retrieval:
+    """What in-loop evaluation re-embeds (captions) and compares with (fixed image embeddings)."""
+
+    image_emb: np.ndarray
+    tokens: np.ndarray
+    owners: np.ndarray
+    spec: str
+
+    @classmethod
+    def first(cls, pairs: Pairs, emb: np.ndarray, tokenizer: Tokenizer, length: int, images: int) -> Retrieval:
+        n = min(images, len(pairs)) if images > 0 else len(pairs)
+        captions, owners = _flat_captions(
+            dataclasses.replace(pairs, captions=pairs.captions[:n], names=pairs.names[:n])
+        )
+        return cls(emb[:n], tokenize(tokenizer, captions, length), owners, pairs.spec)
+
+    def recall(self, text_cfg: TextConfig, params: Any, batch: int) -> dict[str, float]:
+        """Recall of the text tower `params` (on the train mesh): every process encodes the captions on its own
+        devices (params gathered to each host when the mesh spans several) and gets the same numbers."""
+        params = _to_host(params) if jax.process_count() > 1 else params
+        mesh = make_mesh(devices=jax.local_devices())
+        text = encode_texts(text_cfg, params, self.tokens, batch=batch, mesh=mesh)
+        ks = tuple(k for k in RETRIEVAL_KS if k <= min(len(self.image_emb), len(text)))
+        recall = retrieval_recall(self.image_emb, text, self.owners, ks)
+        row = {f"eval/{way}_R@{k}": v for way, by_k in recall.items() for k, v in by_k.items()}
+        row[BEST_METRIC] = float(np.mean(list(row.values())))
+        return row
+
+
+def _export(
+    workdir: epath.Path,
+    text_cfg: TextConfig,
+    params: Any,
+    dtypes: Any,
+    prefix: str,
+    vision: tuple[Any, Any, str] | None,
+    info: dict,
+) -> epath.Path:
+    """WORKDIR/text: text.safetensors (the tower in the checkpoint's own layout and dtypes), text_config.json,
+    clip.safetensors (vision tower under "visual." + the text tower) when `vision` is given, export.json."""
+    out = workdir / TEXT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    params = jax.tree_util.tree_map(lambda p, d: np.asarray(p).astype(d), params, dtypes)
+    text_sd = text_to_torch(text_cfg, params, prefix)
+    files = {"text.safetensors": text_sd}
+    if vision is not None:
+        from dgmr_jax.convert import to_torch
+
+        cfg, vparams, family = vision
+        files["clip.safetensors"] = {**to_torch(cfg, vparams, family=family, prefix="visual."), **text_sd}
+    for name, sd in files.items():
+        if is_uri(out):  # the writer needs a local file: write one, copy it up
+            with tempfile.TemporaryDirectory() as tmp:
+                save_safetensors(Path(tmp) / name, sd)
+                (out / name).write_bytes((Path(tmp) / name).read_bytes())
+        else:
+            save_safetensors(Path(out) / name, sd)
+    (out / "text_config.json").write_text(text_cfg.replace(dtype="float32").to_json())
+    (out / "export.json").write_text(json.dumps({**info, "files": sorted(files), "prefix": prefix}, indent=2))
+    return out
+
+
+def finetune_text(
+    config: ml_collections.ConfigDict,
+    workdir: PathLike,
+    model: str,
+    clip_text: str,
+    pairs: str,
+    text_arch: str | None = None,
+    eval_pairs: str | None = None,
+    bpe_vocab: str | None = None,
+    devices: list | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the text tower of `clip_text` against the frozen image tower `model` on `pairs` for
+    config.optim.total_steps steps (resuming from `workdir`); returns a summary (also WORKDIR/summary.json).
+    `devices`: the mesh's devices (default all)."""
+    workdir = as_path(workdir)
+    maybe_initialize_distributed()
+    if config.eval_every < 0 or config.eval_images < 0:
+        raise ValueError("--config.eval_every and --config.eval_images must be >= 0")
+    if not as_path(clip_text).exists():
+        raise FileNotFoundError(f"--clip-text {clip_text} does not exist: give the open_clip / EVA-CLIP checkpoint")
+    mesh = make_mesh(**dict(config.mesh), devices=devices)
+    check_batch(config.global_batch, mesh)
+    source = open_model(model)
+    cfg = source.cfg
+    text_cfg = text_config_for(cfg, text_arch)  # the embedding widths agree, before anything is read
+    tokenizer = Tokenizer(bpe_vocab)
+    d = config.data
+    read = dict(split=d.split, data_dir=d.data_dir or None, image_key=d.image_key, caption_key=d.caption_key)
+    train_pairs = read_pairs(pairs, **read)
+    require_good(train_pairs)
+    held_out = read_pairs(eval_pairs, **read) if eval_pairs else None
+    if held_out is not None:
+        require_good(held_out)
+    sig = signature(config, model, clip_text, text_cfg.name, pairs)
+    workdir_lib.check_resume(workdir, sig)
+
+    raw = open_state_dict(clip_text)
+    prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in raw) else ""
+    text_cfg, text_params = text_from_torch(raw, text_cfg)
+    del raw
+    dtypes = jax.tree_util.tree_map(lambda p: np.asarray(p).dtype, text_params)
+    img_size = d.img_size or cfg.img_size
+    loaded = {}
+
+    def vision_params() -> Any:  # read only when images are embedded (a resume reuses the stored embeddings)
+        if "params" not in loaded:
+            loaded["params"] = source.load()
+        return loaded["params"]
+
+    train_pairs, emb = frozen_embeddings(workdir, train_pairs, model, source, vision_params, img_size, d.embed_batch)
+    warn_bad(train_pairs)
+    require_good(train_pairs)
+    captions, owners = _flat_captions(train_pairs)
+    tokens = tokenize(tokenizer, captions, text_cfg.context_length)
+    if held_out is not None:
+        held_emb, kept = _embed(cfg, vision_params(), source.meta, held_out, img_size, d.embed_batch, "eval")
+        held_out = held_out.drop(_unreadable(held_out, kept))
+        warn_bad(held_out, "eval pairs")
+        retrieval = Retrieval.first(held_out, held_emb, tokenizer, text_cfg.context_length, config.eval_images)
+    else:
+        retrieval = Retrieval.first(train_pairs, emb, tokenizer, text_cfg.context_length, config.eval_images)
+    loaded.clear()  # the vision weights are read again for the export: not held during training
+    family = source.meta.get("family", "")
+    merged = family in ("open_clip", "eva_clip")  # vision layouts of a whole CLIP state dict
+    workdir_lib.record_run(workdir, sig, text_cfg, {"clip_text": str(clip_text), "layout_prefix": prefix})
+
+    step = build_text_step(config, mesh, text_cfg)
+    text_cfg = step.text_cfg
+    fresh = step.init(jax.tree_util.tree_map(lambda p: np.asarray(p, np.float32), text_params))
+    del text_params
+    state = jax.device_put(fresh, step.state_sh)
+    records = CaptionRecords(emb, tokens, owners, train_pairs.fingerprint())
+    loader = make_caption_loader(
+        records, config.global_batch, d.seed, shard_index=jax.process_index(), shard_count=jax.process_count()
+    )
+    main_process = jax.process_index() == 0
+    if main_process:
+        print(
+            f"finetune-text: {len(train_pairs)} images, {len(captions)} captions ({len(train_pairs.bad)} bad pairs "
+            f"skipped); compiling the train step ({config.global_batch} captions) ...",
+            file=sys.stderr,
+        )
+    start = time.perf_counter()
+    bs = batch_sharding(mesh)
+    batch_shapes = {
+        "image_emb": jax.ShapeDtypeStruct((config.global_batch, emb.shape[1]), np.float32, sharding=bs),
+        "tokens": jax.ShapeDtypeStruct((config.global_batch, tokens.shape[1]), np.int32, sharding=bs),
+    }
+    abstract_state = abstract_with_shardings(step.state_shapes, step.state_sh)
+    compiled = step.fn.lower(abstract_state, batch_shapes).compile()
+    if main_process:
+        print(f"finetune-text: compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+    def evaluate(state: TrainState, done: int) -> dict[str, float]:
+        return retrieval.recall(text_cfg, state.params, config.eval_batch)
+
+    eval_start = None
+    if not workdir_lib.saved_steps(workdir):  # recall of the original tower, logged as step 0
+        eval_start = {"step": 0, **evaluate(state, 0)}
+        if main_process:
+            JsonlLog(workdir / "metrics.jsonl").write(eval_start)  # appends (rewrites whole on gs://)
+            (workdir / "eval_start.json").write_text(json.dumps(eval_start, indent=2))
+    elif (workdir / "eval_start.json").exists():
+        eval_start = json.loads((workdir / "eval_start.json").read_text())
+
+    result = run_loop(
+        Loop(
+            workdir=workdir,
+            mesh=mesh,
+            step_fn=compiled,
+            state=state,
+            abstract_state=abstract_state,
+            loader=loader,
+            total_steps=config.optim.total_steps,
+            global_batch=config.global_batch,
+            checkpoint_every=config.checkpoint_every,
+            keep=config.keep,
+            async_checkpoint=config.async_checkpoint,
+            log_every=config.log_every,
+            batch_key=("image_emb", "tokens"),
+            desc="finetune-text",
+            shown=("loss", "logit_scale", "lr", "images_per_s"),
+            evaluate=evaluate,
+            eval_every=config.eval_every,
+            best_metric=BEST_METRIC,
+        )
+    )
+    final_step = int(result.state.step)
+    eval_end = _last_eval(workdir) if main_process else None
+    summary = {
+        "reason": result.reason,
+        "step": final_step,
+        "metrics": result.metrics,
+        "eval_start": eval_start,
+        "eval_end": eval_end,
+        "pairs": {
+            "spec": pairs,
+            "images": len(train_pairs),
+            "captions": len(captions),
+            "bad": len(train_pairs.bad),
+            "bad_examples": [f"{n}: {w}" for n, w in train_pairs.bad[:10]],
+        },
+        "eval_pairs": retrieval.spec,
+        "text_dir": None,
+    }
+    if result.reason == "done":
+        params_host = _to_host(result.state.params)  # every process takes part in the gather
+        if main_process:
+            info = {"step": final_step, "clip_text": str(clip_text), "model": str(model), "text_arch": text_cfg.name}
+            vision = (cfg, source.load(), family) if merged else None
+            summary["text_dir"] = str(_export(workdir, text_cfg, params_host, dtypes, prefix, vision, info))
+            (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        sync_processes(f"dgmr_jax.text_export:{workdir}")
+    summary["state"] = result.state
+    return summary
+
+
+def _to_host(tree: Any) -> Any:
+    """Whole host (numpy) copies of arrays sharded over the mesh, on every process (a collective)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree)
+    return jax.device_get(tree)
+
+
+def _last_eval(workdir: epath.Path) -> dict | None:
+    """The last evaluation row of metrics.jsonl."""
+    path = workdir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    evals = [r for r in rows if BEST_METRIC in r]
+    return evals[-1] if evals else None
