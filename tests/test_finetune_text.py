@@ -160,15 +160,17 @@ def test_retrieval_recall_rises_on_digit_pairs(files, tmp_path):
     tower's. (Text->image recall@1 stays near its ceiling of 1/8: a caption cannot tell its own image from the
     other 7 images of its digit.)"""
     config = _config(**{"mesh.data": 1, "optim.total_steps": 40, "eval_every": 20, "checkpoint_every": 40})
+    config.zeroshot = "mnist5k"  # and zero-shot digit classification of the 1,000 held-out digits
     summary = _run(files, tmp_path, config, devices=jax.devices()[:1])
     before, after = summary["eval_start"], summary["eval_end"]
     print(f"\nrecall before: {before}\nrecall after: {after}")
     assert (before["step"], after["step"]) == (0, 40)
-    assert after["eval/image_to_text_R@1"] >= before["eval/image_to_text_R@1"] + 0.2
-    assert after["eval/text_to_image_R@10"] >= before["eval/text_to_image_R@10"] + 0.1
-    assert after["eval/mean_recall"] >= before["eval/mean_recall"] + 0.1
+    assert after["eval/zeroshot/top1"] >= before["eval/zeroshot/top1"] + 0.1
+    assert after["eval/retrieval/image_to_text_R@1"] >= before["eval/retrieval/image_to_text_R@1"] + 0.2
+    assert after["eval/retrieval/text_to_image_R@10"] >= before["eval/retrieval/text_to_image_R@10"] + 0.1
+    assert after["eval/retrieval/mean_recall"] >= before["eval/retrieval/mean_recall"] + 0.1
     best = json.loads((tmp_path / "best.json").read_text())
-    assert best["metric"] == "eval/mean_recall" and best["value"] >= after["eval/mean_recall"]
+    assert best["metric"] == "eval/retrieval/mean_recall" and best["value"] >= after["eval/retrieval/mean_recall"]
     losses = _losses(tmp_path)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
@@ -222,7 +224,7 @@ def _rows(workdir: Path) -> dict[tuple[int, str], dict]:
     out = {}
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        kind = "eval" if "eval/mean_recall" in row else "train"
+        kind = "eval" if "eval/retrieval/mean_recall" in row else "train"
         out[row["step"], kind] = {k: v for k, v in row.items() if k != "images_per_s"}
     return out
 
@@ -304,7 +306,7 @@ def test_bad_pairs_are_counted_named_and_skipped_then_the_export_loads_into_open
     summary = json.loads((workdir / "summary.json").read_text())
     assert (summary["pairs"]["images"], summary["pairs"]["bad"], summary["step"]) == (20, 4, 3)
     assert summary["eval_pairs"] == str(held_out) and summary["eval_end"]["step"] == 3
-    assert 0 <= summary["eval_end"]["eval/text_to_image_R@10"] <= 1
+    assert 0 <= summary["eval_end"]["eval/retrieval/text_to_image_R@10"] <= 1
     assert json.loads((workdir / "pairs.json").read_text())["unreadable"] == [str(pairs / "corrupt.png")]
     assert main([*argv, "--config.data.seed=1"]) == 2  # a resume with other settings is refused
     assert "holds a run with other inputs (data.seed: 0 -> 1)" in capsys.readouterr().err

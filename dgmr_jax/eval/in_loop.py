@@ -26,20 +26,12 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
+from dgmr_jax.clip import clip_embedding, open_text_tower
 from dgmr_jax.data import open_images
 from dgmr_jax.eval.features import EvalBatches, extract_features
 from dgmr_jax.eval.knn import DINOV2_KS, knn_accuracy
 from dgmr_jax.eval.linear_probe import linear_probe
-from dgmr_jax.eval.run import (
-    RETRIEVAL_KS,
-    ZEROSHOT_KS,
-    ClipEval,
-    RetrievalFiles,
-    clip_embedding,
-    text_tower,
-    zeroshot_prompts,
-)
-from dgmr_jax.eval.run import read_retrieval as read_pairs
+from dgmr_jax.eval.run import RETRIEVAL_KS, ZEROSHOT_KS, ClipEval, RetrievalFiles, read_retrieval, zeroshot_prompts
 from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall, zeroshot_accuracy, zeroshot_classifier
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.preprocess import Preprocess
@@ -152,13 +144,12 @@ class InLoopEval:
                     classnames=spec.classnames or None,
                     templates=spec.templates or None,
                 )
-                text_cfg, text_params, tokenizer = text_tower(clip, cfg)
+                text_cfg, text_params, tokenizer = open_text_tower(spec.clip_text, cfg, spec.text_arch or None)
                 names, templates = zeroshot_prompts(clip, spec.test_spec, test.classes)
                 self._clip[spec.name] = zeroshot_classifier(text_cfg, text_params, names, templates, tokenizer)
             if spec.kind == "retrieval":
-                clip = ClipEval(spec.clip_text, spec.text_arch or None, retrieval=spec.retrieval)
-                text_cfg, text_params, tokenizer = text_tower(clip, cfg)
-                files, captions, owners = read_pairs(spec.retrieval)
+                text_cfg, text_params, tokenizer = open_text_tower(spec.clip_text, cfg, spec.text_arch or None)
+                files, captions, owners = read_retrieval(spec.retrieval)
                 text_emb = encode_texts(text_cfg, text_params, tokenizer(captions), mesh=mesh)
                 batches = EvalBatches(
                     RetrievalFiles(files, spec.retrieval), batch_size=spec.batch, img_size=img_size, **view

@@ -19,9 +19,6 @@ from dgmr_jax.eval.knn import DINOV2_KS, knn_accuracy
 from dgmr_jax.eval.linear_probe import linear_probe
 from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall, zeroshot_accuracy, zeroshot_classifier
 from dgmr_jax.layer_source import open_model
-from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.models.text import TextConfig
-from dgmr_jax.models.tokenizer import Tokenizer
 from dgmr_jax.preprocess import Preprocess
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -125,11 +122,6 @@ def zeroshot_prompts(clip: ClipEval, test: str, classes: list[str]) -> tuple[lis
     return names, templates
 
 
-def text_tower(clip: ClipEval, cfg: ModelConfig) -> tuple[TextConfig, Any, Tokenizer]:
-    """The text tower's config (checked against the image embedding width), params and tokenizer."""
-    return open_text_tower(clip.checkpoint, cfg, clip.text_arch, clip.bpe_vocab)
-
-
 def evaluate(
     model_dir: str,
     train: str,
@@ -158,7 +150,7 @@ def evaluate(
     if clip:
         prompts = zeroshot_prompts(clip, test, classes) if clip.zeroshot else None
         retrieval = read_retrieval(clip.retrieval) if clip.retrieval else None
-        text_cfg, text_params, tokenizer = text_tower(clip, cfg)
+        text_cfg, text_params, tokenizer = open_text_tower(clip.checkpoint, cfg, clip.text_arch, clip.bpe_vocab)
     size = img_size or cfg.img_size
     view = Preprocess.from_meta(model.meta, cfg.name).eval_view(size)
     params = model.load()

@@ -52,4 +52,6 @@ def text_config() -> ml_collections.ConfigDict:
     c.eval_every = 0  # retrieval recall every N steps (0: before training and at the end only)
     c.eval_images = 1000  # evaluate on the first N images of the pairs and their captions (0: all)
     c.eval_batch = 256  # captions per text-encoding batch in evaluation
+    c.zeroshot = ""  # labeled images (mnist5k, a class folder, tfds:NAME): zero-shot top-1/5 at each evaluation
+    c.zeroshot_templates = ""  # file of prompt templates, "{}" for the class name (default: as dgmr-jax eval)
     return c

@@ -5,8 +5,9 @@ The image tower never changes, so every image is embedded once, before training,
 in the workdir (image_embeddings.npy, pairs.json) for resumed runs. Training records are (image embedding,
 one caption's tokens) pairs; the trained set is the whole text tower and the logit scale. The run goes through
 the shared train loop (distill/loop.py): Orbax resume with the grain iterator state, SIGTERM save-and-stop,
-metrics.jsonl / TensorBoard, retrieval recall as the in-loop evaluation, best.json. At the end WORKDIR/text
-holds the tower in the checkpoint's own layout (and, for CLIP-family vision towers, a merged CLIP state dict).
+metrics.jsonl / TensorBoard, retrieval recall (and zero-shot accuracy) as the in-loop evaluation, best.json. At
+the end WORKDIR/text holds the tower in the checkpoint's own layout (and, for CLIP-family vision towers, a
+merged CLIP state dict).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dgmr_jax.checkpoint import abstract_with_shardings
 from dgmr_jax.clip import clip_embedding, text_config_for
 from dgmr_jax.convert.checkpoint_io import open_state_dict, save_safetensors
 from dgmr_jax.convert.text import TEXT_PREFIX, text_from_torch, text_to_torch
+from dgmr_jax.data import open_images
 from dgmr_jax.distill import workdir as workdir_lib
 from dgmr_jax.distill.logs import JsonlLog
 from dgmr_jax.distill.loop import Loop, run_loop
@@ -44,8 +46,10 @@ from dgmr_jax.distill.step import (
     make_optimizer,
     shardings_like_params,
 )
+from dgmr_jax.distill.trainer import optim_config
 from dgmr_jax.eval.features import EvalBatches, extract_features
-from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall
+from dgmr_jax.eval.run import ClipEval, zeroshot_prompts
+from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall, zeroshot_accuracy, zeroshot_classifier
 from dgmr_jax.layer_source import open_model
 from dgmr_jax.models.text import TextConfig, encode_text, text_logical_axes, text_param_shapes
 from dgmr_jax.models.tokenizer import Tokenizer
@@ -64,7 +68,7 @@ from dgmr_jax.text_stage.pairs import Pairs, read_pairs, require_good, warn_bad
 EMBEDDINGS, PAIRS_FILE, TEXT_DIR = "image_embeddings.npy", "pairs.json", "text"
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learned temperature to at most 100
 RETRIEVAL_KS = (1, 5, 10)
-BEST_METRIC = "eval/mean_recall"
+BEST_METRIC = "eval/retrieval/mean_recall"
 
 
 def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> jax.Array:
@@ -163,10 +167,6 @@ def make_caption_loader(
     )
 
 
-def optim_config(config: ml_collections.ConfigDict) -> OptimConfig:
-    return OptimConfig(global_batch=config.global_batch, **dict(config.optim))
-
-
 @dataclasses.dataclass
 class TextStep:
     text_cfg: TextConfig  # with the compute dtype of config.text.dtype
@@ -206,12 +206,12 @@ def signature(config: ml_collections.ConfigDict, model: str, clip_text: str, tex
     return sig
 
 
-def _embed(cfg, params, meta, pairs: Pairs, img_size: int, batch: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """CLIP image embeddings of the pairs' readable images and the index of each row."""
+def _embed(cfg, params, meta, source: Any, img_size: int, batch: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """CLIP image embeddings of the readable images of an image source and the index of each row."""
     key = clip_embedding(cfg)[0]
     view = Preprocess.from_meta(meta, cfg.name).eval_view(img_size)
-    batches = EvalBatches(pairs.source, batch_size=batch, img_size=img_size, **view)
-    desc = f"{what} image embeddings ({len(pairs)} images, {img_size} px)"
+    batches = EvalBatches(source, batch_size=batch, img_size=img_size, **view)
+    desc = f"{what} image embeddings ({len(source)} images, {img_size} px)"
     # every process embeds every image on its own devices: the embeddings are host arrays each process holds
     mesh = make_mesh(devices=jax.local_devices())
     return extract_features(cfg, params, batches, key, return_index=True, desc=desc, mesh=mesh)
@@ -258,7 +258,7 @@ def frozen_embeddings(
             raise ValueError(f"{emb_path} has {emb.shape[0]} rows for {len(kept)} images: use a new --workdir")
         print(f"finetune-text: reusing the {len(kept)} image embeddings in {emb_path}", file=sys.stderr)
     else:
-        emb, kept = _embed(source.cfg, params(), source.meta, pairs, img_size, batch, "training")
+        emb, kept = _embed(source.cfg, params(), source.meta, pairs.source, img_size, batch, "training")
         if jax.process_index() == 0:
             workdir.mkdir(parents=True, exist_ok=True)
             with emb_path.open("wb") as f:
@@ -300,9 +300,42 @@ class Retrieval:
         text = encode_texts(text_cfg, params, self.tokens, batch=batch, mesh=mesh)
         ks = tuple(k for k in RETRIEVAL_KS if k <= min(len(self.image_emb), len(text)))
         recall = retrieval_recall(self.image_emb, text, self.owners, ks)
-        row = {f"eval/{way}_R@{k}": v for way, by_k in recall.items() for k, v in by_k.items()}
+        row = {f"eval/retrieval/{way}_R@{k}": v for way, by_k in recall.items() for k, v in by_k.items()}
         row[BEST_METRIC] = float(np.mean(list(row.values())))
         return row
+
+
+@dataclasses.dataclass
+class ZeroShot:
+    """Zero-shot classification of a labeled set's fixed image embeddings by class prompts through the text tower
+    being trained (the classifier is rebuilt from the prompts at each evaluation)."""
+
+    image_emb: np.ndarray
+    labels: np.ndarray
+    names: list[str]
+    templates: list[str]
+
+    @classmethod
+    def open(cls, spec: str, templates: str, clip_text: str, model: Any, params: Any, img_size: int, batch: int):
+        """Embed the test split of the labeled set `spec` (mnist5k, a class folder, tfds:NAME) once; prompts
+        from its class names and `templates` (a file, one per line; default as `dgmr-jax eval --zeroshot`)."""
+        images = open_images(spec, split="test", labeled=True)
+        names, prompts = zeroshot_prompts(
+            ClipEval(clip_text, zeroshot=True, templates=templates or None), spec, images.classes
+        )
+        emb, index = _embed(model.cfg, params, model.meta, images.source, img_size, batch, "zero-shot")
+        return cls(emb, images.labels[index], names, prompts)
+
+    def accuracy(self, text_cfg: TextConfig, params: Any, tokenizer: Tokenizer, batch: int) -> dict[str, float]:
+        """Top-1/top-5 of the text tower `params` (on the train mesh); every process gets the same numbers."""
+        params = _to_host(params) if jax.process_count() > 1 else params
+        mesh = make_mesh(devices=jax.local_devices())
+        classifier = zeroshot_classifier(
+            text_cfg, params, self.names, self.templates, tokenizer, batch=batch, mesh=mesh
+        )
+        ks = tuple(k for k in (1, 5) if k <= len(self.names))
+        top = zeroshot_accuracy(self.image_emb, self.labels, classifier, ks)
+        return {f"eval/zeroshot/top{k}": v for k, v in top.items()}
 
 
 def _export(
@@ -393,12 +426,17 @@ def finetune_text(
     captions, owners = _flat_captions(train_pairs)
     tokens = tokenize(tokenizer, captions, text_cfg.context_length)
     if held_out is not None:
-        held_emb, kept = _embed(cfg, vision_params(), source.meta, held_out, img_size, d.embed_batch, "eval")
+        held_emb, kept = _embed(cfg, vision_params(), source.meta, held_out.source, img_size, d.embed_batch, "eval")
         held_out = held_out.drop(_unreadable(held_out, kept))
         warn_bad(held_out, "eval pairs")
         retrieval = Retrieval.first(held_out, held_emb, tokenizer, text_cfg.context_length, config.eval_images)
     else:
         retrieval = Retrieval.first(train_pairs, emb, tokenizer, text_cfg.context_length, config.eval_images)
+    zeroshot = None
+    if config.zeroshot:
+        zeroshot = ZeroShot.open(
+            config.zeroshot, config.zeroshot_templates, clip_text, source, vision_params(), img_size, d.embed_batch
+        )
     loaded.clear()  # the vision weights are read again for the export: not held during training
     family = source.meta.get("family", "")
     merged = family in ("open_clip", "eva_clip")  # vision layouts of a whole CLIP state dict
@@ -432,7 +470,10 @@ def finetune_text(
         print(f"finetune-text: compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     def evaluate(state: TrainState, done: int) -> dict[str, float]:
-        return retrieval.recall(text_cfg, state.params, config.eval_batch)
+        row = retrieval.recall(text_cfg, state.params, config.eval_batch)
+        if zeroshot:
+            row.update(zeroshot.accuracy(text_cfg, state.params, tokenizer, config.eval_batch))
+        return row
 
     eval_start = None
     if not workdir_lib.saved_steps(workdir):  # recall of the original tower, logged as step 0
