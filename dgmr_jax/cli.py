@@ -211,8 +211,12 @@ def _finetune_text(args: argparse.Namespace) -> None:
     )
     for label, row in (("before", summary["eval_start"]), ("after", summary["eval_end"])):
         if row:
-            shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in row.items() if k.endswith("R@1"))
-            print(f"retrieval {label} (step {row['step']}): {shown}, mean recall {row['eval/mean_recall']:.4f}")
+            shown = ", ".join(
+                f"{k.removeprefix('eval/')} {v:.4f}"
+                for k, v in row.items()
+                if k.endswith(("R@1", "mean_recall", "top1"))
+            )
+            print(f"{label} (step {row['step']}): {shown}")
     if summary["text_dir"]:
         print(f"wrote {summary['text_dir']}: the fine-tuned text tower (text.safetensors) and summary.json")
 

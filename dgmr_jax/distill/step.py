@@ -63,19 +63,14 @@ def wd_schedule(opt: OptimConfig) -> optax.Schedule:
 def make_optimizer(opt: OptimConfig, decay_mask: Callable[[Any], Any] | None = None) -> optax.GradientTransformation:
     """AdamW (decoupled decay on all params, or on those `decay_mask(params)` marks True) with scheduled lr and
     wd, optional clip and accumulation."""
-    if decay_mask is None:
-        adamw = optax.inject_hyperparams(optax.adamw)(
-            learning_rate=lr_schedule(opt), weight_decay=wd_schedule(opt), b1=opt.b1, b2=opt.b2, eps=opt.eps
-        )
-    else:
-        adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-            learning_rate=lr_schedule(opt),
-            weight_decay=wd_schedule(opt),
-            b1=opt.b1,
-            b2=opt.b2,
-            eps=opt.eps,
-            mask=decay_mask,
-        )
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
+        learning_rate=lr_schedule(opt),
+        weight_decay=wd_schedule(opt),
+        b1=opt.b1,
+        b2=opt.b2,
+        eps=opt.eps,
+        mask=decay_mask,
+    )
     tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw) if opt.clip_norm > 0 else adamw
     return optax.MultiSteps(tx, every_k_schedule=opt.accum_steps) if opt.accum_steps > 1 else tx
 
