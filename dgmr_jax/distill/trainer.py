@@ -4,7 +4,8 @@
 compiled step); `train(config, workdir)` builds and loops. It runs unchanged on one CPU, 8 fake CPU
 devices, a GPU node or a TPU pod, on local or gs:// workdirs; a run started again with the same workdir
 resumes from its last complete checkpoint. The student is written as a model directory at the end
-(workdir/model) and every `export_every` steps (workdir/models/step_<N>). With `config.uvc.budget > 0` the
+(workdir/model) and every `export_every` steps (workdir/models/step_<N>), and scored by `config.evals` every
+`eval_every` steps (dgmr_jax.eval.in_loop) as that export would be. With `config.uvc.budget > 0` the
 same run is a UVC search (dgmr_jax.uvc): its state also holds the counts, gates and duals, and its product is
 the extraction `dgmr-jax uvc` makes from the final state.
 """
