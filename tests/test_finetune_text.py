@@ -468,3 +468,19 @@ def test_custom_text_clip_layout_is_kept(files, tmp_path):
     merged = {k: torch.from_numpy(np.array(v)) for k, v in open_state_dict(out / "clip.safetensors").items()}
     fresh = open_clip.model.CustomTextCLIP(32, vision, dict(width=64, heads=2, layers=2))
     fresh.load_state_dict(merged, strict=True)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("text_*.py")))
+def test_text_recipes_follow_the_official_schedule(recipe):
+    """20 epochs of Flickr30k's 145,000 captions with 2 warm-up epochs, lr 1e-6 -> 1e-7, wd 0.04 -> 0.2, and only
+    fields the defaults know."""
+    from dgmr_jax import config_file
+    from dgmr_jax.distill.trainer import optim_config
+
+    config = config_file.load(str(ROOT / "configs" / recipe))
+    defaults = text_config()
+    assert set(config.keys()) == set(defaults.keys()) and set(config.optim.keys()) == set(defaults.optim.keys())
+    opt = optim_config(config)
+    epoch = 145_000 / config.global_batch
+    assert opt.total_steps == int(20 * epoch) and opt.warmup_steps == int(2 * epoch)
+    assert (opt.base_lr, opt.min_lr, opt.wd_start, opt.wd_end) == (1e-6, 1e-7, 0.04, 0.2)

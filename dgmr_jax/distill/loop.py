@@ -135,7 +135,9 @@ def run_loop(loop: Loop) -> LoopResult:
             feed.prefetch()  # the next batch's host work overlaps this step
             done = step + 1
             log_now = done % loop.log_every == 0 or done == loop.total_steps
-            save_now = stop.requested or done == loop.total_steps or ckpt.manager.should_save(done)
+            # read once: a SIGTERM arriving later in this step is acted on (saved, then stopped) at the next one
+            stopping = stop.requested
+            save_now = stopping or done == loop.total_steps or ckpt.manager.should_save(done)
             if log_now or save_now:  # the only host syncs: dispatch runs ahead in between
                 _check_loss(float(metrics["loss"]), done, ckpt)
             if seen_log:
@@ -155,7 +157,7 @@ def run_loop(loop: Loop) -> LoopResult:
                 bar.set_postfix({k: f"{last[k]:.4g}" for k in loop.shown if k in last})
             eval_now = (
                 loop.evaluate
-                and not stop.requested
+                and not stopping
                 and (done == loop.total_steps or (loop.eval_every and done % loop.eval_every == 0))
             )
             if eval_now:
@@ -170,7 +172,7 @@ def run_loop(loop: Loop) -> LoopResult:
             ckpt.save(done, state, feed, force=save_now)
             if loop.after_step:
                 loop.after_step(state, done)
-            if stop.requested:
+            if stopping:
                 reason = "preempted (SIGTERM): saved and stopped; run again with the same workdir to resume"
                 break
     finally:
