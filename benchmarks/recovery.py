@@ -202,15 +202,16 @@ def _plot(out: Path, rows: list[dict]) -> None:
         teacher = groups.get((px, 0.0, "teacher", 0))
         if teacher:
             ax.axhline(teacher[0]["knn@20"], color="k", ls="--", lw=1, label="teacher")
+        stages = sorted({s for (p, r, m, s) in groups if (p, r) == (px, ratio) and m != "teacher"})
         for method in methods:
             points = sorted((s, g) for (p, r, m, s), g in groups.items() if (p, r, m) == (px, ratio, method))
             if not points:
                 continue
-            x = np.arange(len(points))
+            x = [stages.index(s) for s, _ in points]  # one shared axis: every method's schedules line up
             mean = [statistics.mean(r["knn@20"] for r in g) for _, g in points]
             std = [statistics.stdev(r["knn@20"] for r in g) if len(g) > 1 else 0.0 for _, g in points]
             ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=method)
-            ax.set_xticks(x, ["pruned" if s == 0 else str(s) for s, _ in points])
+        ax.set_xticks(range(len(stages)), ["pruned" if s == 0 else str(s) for s in stages])
         ax.set(title=f"{px} px, mlp_ratio {ratio:g}", xlabel="distillation steps", ylabel="kNN@20 (held-out MNIST)")
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
