@@ -10,26 +10,11 @@ dgmr-jax finetune-text --config configs/text_openclip_vit_g14_prune1.py --model 
     --eval-pairs /data/flickr30k_test.jsonl --workdir /runs/g14_prune1_text
 """
 
-from dgmr_jax.text_stage.defaults import FLICKR30K_TRAIN_CAPTIONS, steps, text_config
+from dgmr_jax.text_stage.defaults import flickr30k_recipe
 
 GPUS = 8
 PER_DEVICE_BATCH = 320
 
 
 def get_config():
-    c = text_config()
-    c.global_batch = PER_DEVICE_BATCH * GPUS
-    per_epoch = FLICKR30K_TRAIN_CAPTIONS // c.global_batch
-    c.optim.update(
-        base_lr=1e-6,
-        min_lr=1e-7,
-        warmup_steps=steps(2, c.global_batch),
-        total_steps=steps(20, c.global_batch),
-        wd_start=0.04,
-        wd_end=0.2,
-    )
-    c.text.dtype = "bfloat16"
-    c.eval_every = per_epoch  # retrieval recall once an epoch (on --eval-pairs, e.g. the 1k Flickr30k test images)
-    c.checkpoint_every = per_epoch
-    c.mesh.update(data=-1, fsdp=1, tensor=1)
-    return c
+    return flickr30k_recipe(GPUS, PER_DEVICE_BATCH)

@@ -199,13 +199,14 @@ def test_half_written_checkpoint_is_never_restored(reference, images, tmp_path):
     _assert_same(_final(tmp_path), _final(reference))
 
 
-def test_two_processes_equal_one(reference, images, tmp_path):
+def _run_two_processes(workdir: Path, images: Path, *extra: str) -> None:
+    """The distill command as two local processes of 4 fake devices each (jax.distributed), both to completion."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     procs = [
         subprocess.Popen(
-            _command(tmp_path, images),
+            _command(workdir, images, *extra),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -214,8 +215,12 @@ def test_two_processes_equal_one(reference, images, tmp_path):
         for i in range(2)
     ]
     for proc in procs:
-        out, err = proc.communicate(timeout=600)
+        _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
+
+
+def test_two_processes_equal_one(reference, images, tmp_path):
+    _run_two_processes(tmp_path, images)
     final, ref = _final(tmp_path), _final(reference)
     pairs = list(zip(jax.tree_util.tree_leaves(final["params"]), jax.tree_util.tree_leaves(ref["params"]), strict=True))
     scale = max(float(np.abs(y).max()) for _, y in pairs)
@@ -227,23 +232,7 @@ def test_two_processes_evaluate_in_the_loop_like_offline_eval(images, tmp_path):
     exported student in one process."""
     from dgmr_jax.cli import main
 
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    extra = ("--config.optim.total_steps=8", "--config.evals=['knn:mnist5k']")
-    procs = [
-        subprocess.Popen(
-            _command(tmp_path / "run", images, *extra),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=_env(4, DGMR_COORDINATOR=f"localhost:{port}", DGMR_NUM_PROCESSES="2", DGMR_PROCESS_ID=str(i)),
-        )
-        for i in range(2)
-    ]
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
+    _run_two_processes(tmp_path / "run", images, "--config.optim.total_steps=8", "--config.evals=['knn:mnist5k']")
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     out = tmp_path / "offline.json"
     args = ["eval", "--model", str(tmp_path / "run" / "model"), "--train", "mnist5k", "--test", "mnist5k"]
