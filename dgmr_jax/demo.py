@@ -100,7 +100,10 @@ def run_config(teacher: Path, student: Path, run: Schedule) -> ConfigDict:
 
 def distill(teacher: Path, student: Path, workdir: Path, run: Schedule) -> Params:
     """Distill the student directory from the teacher directory; the trainer writes it as workdir/model."""
-    return open_model(train(run_config(teacher, student, run), workdir)["model_dir"]).load()
+    result = train(run_config(teacher, student, run), workdir)
+    if result["model_dir"] is None:  # stopped early (SIGTERM); the trainer has saved and said so
+        raise SystemExit(f"distillation stopped at step {result['step']} of {run.steps}: {result['reason']}")
+    return open_model(result["model_dir"]).load()
 
 
 def uvc_student(

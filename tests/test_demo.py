@@ -33,3 +33,14 @@ def test_demo_writes_table_reports_and_plot(tmp_path, capsys):
         assert load_config(out / "runs" / method / "model")[1]["distilled"]["step"] == 3
     assert main(["demo", "--out", str(out)]) == 2  # an existing output is never overwritten
     assert "already exists and is not empty" in capsys.readouterr().err
+
+
+def test_demo_distill_stopped_early_exits_with_reason(tmp_path, monkeypatch):
+    """A distillation stopped by SIGTERM has no model to open: the demo helper says so instead of failing."""
+    import dgmr_jax.demo as demo
+
+    reason = "preempted (SIGTERM): saved and stopped; run again with the same workdir to resume"
+    monkeypatch.setattr(demo, "train", lambda config, workdir: {"model_dir": None, "step": 7, "reason": reason})
+    run = demo.Schedule(steps=20, batch=4, base_lr=1e-3, img_size=28)
+    with pytest.raises(SystemExit, match=r"stopped at step 7 of 20: preempted \(SIGTERM\)"):
+        demo.distill(tmp_path / "teacher", tmp_path / "student", tmp_path / "run", run)

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -64,17 +65,26 @@ class LoopResult:
 
 
 class _Stop:
-    """SIGTERM (preemption notice) sets a flag; the loop saves and exits after the current step."""
+    """A preemption notice (SIGTERM) ends the loop after a saved step. One process keeps a flag. Several processes
+    use JAX's preemption service instead: it hears SIGTERM on any host and names one step for all of them, so
+    every host takes part in the forced save (a collective) and stops at the same step."""
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._shared = jax.process_count() > 1
+        if not self._shared:  # a Python handler would take SIGTERM from the preemption service's own
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
+    def at(self, step: int) -> bool:
+        """Whether to save and stop after `step`; every process must ask at every step."""
+        return multihost_utils.reached_preemption_sync_point(step) if self._shared else self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self._shared:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 class _Best:
@@ -136,7 +146,7 @@ def run_loop(loop: Loop) -> LoopResult:
             done = step + 1
             log_now = done % loop.log_every == 0 or done == loop.total_steps
             # read once: a SIGTERM arriving later in this step is acted on (saved, then stopped) at the next one
-            stopping = stop.requested
+            stopping = stop.at(done)
             save_now = stopping or done == loop.total_steps or ckpt.manager.should_save(done)
             if log_now or save_now:  # the only host syncs: dispatch runs ahead in between
                 _check_loss(float(metrics["loss"]), done, ckpt)
