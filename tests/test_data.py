@@ -74,6 +74,24 @@ def test_folder_finds_images_at_any_depth(folder):
     assert folder[folder.relpaths.index("top.png")] == GOOD["top.png"]
 
 
+def test_folder_on_cloud_storage_lists_and_batches_like_the_local_one(folder):
+    """The same files in a gs:// bucket (a local emulator): same records in the same order, gs:// paths, and the
+    same batches."""
+    from gcs_emulator import gcs_emulator
+
+    from dgmr_jax.paths import as_path
+
+    with gcs_emulator("dgmr-images"):
+        for rel, payload in {**GOOD, **CORRUPT, **OTHER}.items():
+            as_path(f"gs://dgmr-images/root/{rel}").write_bytes(payload)
+        remote = data.ImageFolderSource("gs://dgmr-images/root")
+        assert remote.relpaths == folder.relpaths and remote.ignored_files == len(OTHER)
+        assert remote.path(0) == f"gs://dgmr-images/root/{folder.relpaths[0]}"
+        for a, b in zip(_loader(remote, seed=3), _loader(folder, seed=3), strict=True):
+            np.testing.assert_array_equal(a["images"], b["images"])
+            np.testing.assert_array_equal(a["index"], b["index"])
+
+
 def test_empty_folder_is_a_clear_error(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "notes.txt").write_text("x")

@@ -33,7 +33,7 @@ class ImageFolderSource:
         if not as_path(self.root).is_dir():
             raise ValueError(f"image folder {self.root!r} does not exist or is not a directory")
         relpaths, ignored = [], 0
-        for dirpath, filenames in _walk(self.root):
+        for dirpath, filenames in walk_files(self.root):
             for filename in filenames:
                 if filename.lower().endswith(IMAGE_EXTENSIONS):
                     relpaths.append(os.path.relpath(os.path.join(dirpath, filename), self.root))
@@ -61,13 +61,15 @@ class ImageFolderSource:
         return f"ImageFolderSource(root={self.root!r}, num_images={len(self)})"
 
 
-def _walk(root: str) -> Iterable[tuple[str, list[str]]]:
+def walk_files(root: str) -> Iterable[tuple[str, list[str]]]:
     """(folder, file names) under `root` at any depth, folders in sorted order. Local folders follow symlinks
     but visit each real folder once (a link loop or a second link would repeat records); gs:// and other
     URIs are listed through epath."""
     if is_uri(root):
+        scheme = root.split("://", 1)[0] + "://"
         for dirpath, _, filenames in as_path(root).walk():
-            yield str(dirpath), list(filenames)
+            folder = str(dirpath)  # gcsfs lists folders without the gs:// it was given
+            yield (folder if is_uri(folder) else scheme + folder.lstrip("/")), list(filenames)
         return
     seen = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
