@@ -142,6 +142,20 @@ class DevicePrefetch:
         return self._ahead[0] if self._ahead else self._iterator.get_state()
 
 
+def to_host(tree: Any) -> Any:
+    """Whole numpy copies of a tree of global arrays, on every process. A leaf sharded over several processes is
+    gathered (a collective: every process must call this with the same tree); the others are copied."""
+
+    def one(x: Any) -> np.ndarray:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
 def sync_processes(name: str) -> None:
     """Barrier across the processes of a multi-host run (no-op for one process)."""
     if jax.process_count() > 1:

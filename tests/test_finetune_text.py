@@ -8,6 +8,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -206,8 +207,9 @@ def _subprocess_cli(files: Path, workdir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "dgmr_jax.cli", *args, *extra]
 
 
-def _env() -> dict[str, str]:  # 2 devices: a sharded run, cheaper on CPU than 8
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+def _env(devices: int = 2, **extra: str) -> dict[str, str]:  # 2 devices: a sharded run, cheaper on CPU than 8
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    return env | extra
 
 
 def _final_params(workdir: Path) -> dict:
@@ -229,10 +231,16 @@ def _rows(workdir: Path) -> dict[tuple[int, str], dict]:
     return out
 
 
-def test_sigkill_mid_run_then_resume_is_bit_identical(files, tmp_path):
-    clean = tmp_path / "clean"
-    done = subprocess.run(_subprocess_cli(files, clean), env=_env(), capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def clean(files, tmp_path_factory):
+    """An uninterrupted run in one process of 2 devices."""
+    workdir = tmp_path_factory.mktemp("clean")
+    done = subprocess.run(_subprocess_cli(files, workdir), env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return workdir
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(files, clean, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         _subprocess_cli(files, killed, "--config.async_checkpoint=true"),
@@ -259,6 +267,45 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(files, tmp_path):
     assert _rows(killed) == _rows(clean)  # every step's loss, lr, logit scale and the final recall, exactly
     exported = [(w / "text" / "text.safetensors").read_bytes() for w in (killed, clean)]
     assert exported[0] == exported[1]
+
+
+def test_two_processes_train_like_one(files, clean, tmp_path):
+    """2 processes of 1 device (jax.distributed: each embeds the images, the batch spans both) against 1 process
+    of 2 devices: every logged loss and recall agrees, the params to 1e-5 of their largest magnitude, and process 0
+    exports the merged CLIP file (the vision tower's restore is a collective)."""
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    hosts = {"DGMR_COORDINATOR": f"localhost:{port}", "DGMR_NUM_PROCESSES": "2"}
+    procs = [
+        subprocess.Popen(
+            _subprocess_cli(files, tmp_path),
+            env=_env(1, **hosts, DGMR_PROCESS_ID=str(i)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    two, one = _rows(tmp_path), _rows(clean)
+    assert two.keys() == one.keys()
+    for key, row in one.items():
+        assert two[key].keys() == row.keys()
+        for name, value in row.items():
+            assert two[key][name] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, name)
+    a, b = _final_params(tmp_path), _final_params(clean)
+    scale = max(float(np.abs(y).max()) for y in jax.tree_util.tree_leaves(b))
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        assert float(np.abs(x - y).max()) <= 1e-5 * scale
+    from safetensors.numpy import load_file
+
+    exported = [load_file(w / "text" / "clip.safetensors") for w in (tmp_path, clean)]
+    assert exported[0].keys() == exported[1].keys()
+    for name, value in exported[1].items():
+        np.testing.assert_allclose(exported[0][name], value, rtol=1e-4, atol=1e-5 * scale)
 
 
 # --- bad pairs, export, CLI ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from dgmr_jax.data.transforms import DecodeOrSkip, normalize, resize_center_crop
 from dgmr_jax.models import ModelConfig, forward
 from dgmr_jax.models.vit import logical_axes, param_shapes
-from dgmr_jax.parallel import batch_sharding, data_parallel_size, make_mesh, tree_shardings
+from dgmr_jax.parallel import batch_sharding, data_parallel_size, make_mesh, to_host, tree_shardings
 
 FEATURE_KEYS = ("pooled", "tokens", "logits")
 
@@ -76,7 +76,7 @@ def extract_features(
                 raise ValueError(f"batch of {n} images after a first batch of {batch_size}: batches must not grow")
             images = np.pad(images, ((0, batch_size - n),) + ((0, 0),) * (images.ndim - 1))
             images = jax.device_put(images, batch_sharding(mesh))
-            feats.append([_on_host(f)[:n] for f in _features(params, images, cfg=cfg, keys=keys)])
+            feats.append([to_host(f)[:n] for f in _features(params, images, cfg=cfg, keys=keys)])
             if return_index:
                 index.append(np.asarray(batch["index"]))
             bar.update()
@@ -86,15 +86,6 @@ def extract_features(
     by_key = {k: np.concatenate([f[i] for f in feats]) for i, k in enumerate(keys)}
     result = by_key[key] if isinstance(key, str) else by_key
     return (result, np.concatenate(index)) if return_index else result
-
-
-def _on_host(x: jax.Array) -> np.ndarray:
-    """The whole of a batch-sharded result on this host (gathered from every process in a multi-host run)."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 class EvalBatches:

@@ -60,6 +60,7 @@ from dgmr_jax.parallel import (
     maybe_initialize_distributed,
     replicated,
     sync_processes,
+    to_host,
 )
 from dgmr_jax.paths import PathLike, as_path, is_uri
 from dgmr_jax.preprocess import Preprocess
@@ -295,7 +296,7 @@ class Retrieval:
     def recall(self, text_cfg: TextConfig, params: Any, batch: int) -> dict[str, float]:
         """Recall of the text tower `params` (on the train mesh): every process encodes the captions on its own
         devices (params gathered to each host when the mesh spans several) and gets the same numbers."""
-        params = _to_host(params) if jax.process_count() > 1 else params
+        params = to_host(params) if jax.process_count() > 1 else params
         mesh = make_mesh(devices=jax.local_devices())
         text = encode_texts(text_cfg, params, self.tokens, batch=batch, mesh=mesh)
         ks = tuple(k for k in RETRIEVAL_KS if k <= min(len(self.image_emb), len(text)))
@@ -328,7 +329,7 @@ class ZeroShot:
 
     def accuracy(self, text_cfg: TextConfig, params: Any, tokenizer: Tokenizer, batch: int) -> dict[str, float]:
         """Top-1/top-5 of the text tower `params` (on the train mesh); every process gets the same numbers."""
-        params = _to_host(params) if jax.process_count() > 1 else params
+        params = to_host(params) if jax.process_count() > 1 else params
         mesh = make_mesh(devices=jax.local_devices())
         classifier = zeroshot_classifier(
             text_cfg, params, self.names, self.templates, tokenizer, batch=batch, mesh=mesh
@@ -525,24 +526,15 @@ def finetune_text(
         "text_dir": None,
     }
     if result.reason == "done":
-        params_host = _to_host(result.state.params)  # every process takes part in the gather
+        params_host = to_host(result.state.params)  # every process takes part in the gather
+        vision = (cfg, source.load(), family) if merged else None  # a model directory's restore is collective too
         if main_process:
             info = {"step": final_step, "clip_text": str(clip_text), "model": str(model), "text_arch": text_cfg.name}
-            vision = (cfg, source.load(), family) if merged else None
             summary["text_dir"] = str(_export(workdir, text_cfg, params_host, dtypes, prefix, vision, info))
             (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
         sync_processes(f"dgmr_jax.text_export:{workdir}")
     summary["state"] = result.state
     return summary
-
-
-def _to_host(tree: Any) -> Any:
-    """Whole host (numpy) copies of arrays sharded over the mesh, on every process (a collective)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(tree)
-    return jax.device_get(tree)
 
 
 def _last_eval(workdir: epath.Path) -> dict | None:

@@ -14,7 +14,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from dgmr_jax.data.open import spec_kind
 from dgmr_jax.distill.trainer import search_config, train
@@ -22,6 +21,7 @@ from dgmr_jax.layer_source import open_model
 from dgmr_jax.model_dir import check_new_dir, save_model
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.slim import slice_units
+from dgmr_jax.parallel import to_host
 from dgmr_jax.paths import PathLike, as_path
 from dgmr_jax.preprocess import Preprocess
 from dgmr_jax.prune.report import write_unit_report
@@ -67,7 +67,7 @@ def run_uvc(config: ml_collections.ConfigDict, workdir: PathLike, out: PathLike)
     result = train(config, workdir)
     if result["reason"] != "done":
         return None
-    state = multihost_utils.process_allgather(result["state"], tiled=True)  # whole arrays on every host
+    state = to_host(result["state"])  # whole arrays on every host
     cfg = source.cfg
     teacher = source.load() if config.uvc.select != "uvc" else None  # DGMR selects on the original fc1
     ext = extract(
