@@ -199,6 +199,9 @@ def _plot(out: Path, rows: list[dict]) -> None:
     fig, axes = plt.subplots(len(sizes), len(ratios), figsize=(4.2 * len(ratios), 3.6 * len(sizes)), squeeze=False)
     for (i, px), (j, ratio) in itertools.product(enumerate(sizes), enumerate(ratios)):
         ax = axes[i][j]
+        if not any((p, r) == (px, ratio) for (p, r, m, _) in groups if m != "teacher"):
+            ax.set_visible(False)  # no cell of this size and ratio has run
+            continue
         teacher = groups.get((px, 0.0, "teacher", 0))
         if teacher:
             ax.axhline(teacher[0]["knn@20"], color="k", ls="--", lw=1, label="teacher")
