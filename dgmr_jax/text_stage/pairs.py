@@ -117,12 +117,12 @@ def read_folder(root: str) -> Pairs:
     folder = ImageFolderSource(root)
     paths = [folder.path(i) for i in range(len(folder))]
     texts = {os.path.join(d, f) for d, files in walk_files(folder.root) for f in files if f.endswith(".txt")}
-    stems = {os.path.splitext(p)[0] for p in paths}
-    captioned = [p for p in paths if os.path.splitext(p)[0] + ".txt" in texts]
-    read = dict(zip(captioned, _read_texts([os.path.splitext(p)[0] + ".txt" for p in captioned]), strict=True))
+    txt_of = {p: os.path.splitext(p)[0] + ".txt" for p in paths}
+    captioned = [p for p in paths if txt_of[p] in texts]
+    read = dict(zip(captioned, _read_texts([txt_of[p] for p in captioned]), strict=True))
     names, captions, bad = [], [], []
     for path in paths:
-        txt = os.path.basename(os.path.splitext(path)[0] + ".txt")
+        txt = os.path.basename(txt_of[path])
         caps = _clean(read[path].splitlines()) if path in read else None
         if caps is None:
             bad.append((path, f"no caption file {txt}"))
@@ -131,7 +131,7 @@ def read_folder(root: str) -> Pairs:
         else:
             names.append(path)
             captions.append(caps)
-    bad += [(txt, "caption file without an image") for txt in sorted(texts) if txt[: -len(".txt")] not in stems]
+    bad += [(txt, "caption file without an image") for txt in sorted(texts - set(txt_of.values()))]
     return Pairs(root, FileImages(names, root), names, captions, bad)
 
 
