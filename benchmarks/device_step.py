@@ -44,13 +44,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dgmr_jax.core.parallel import batch_sharding, check_batch, make_mesh
 from dgmr_jax.distill.defaults import base_config
-from dgmr_jax.distill.step import init_state
 from dgmr_jax.distill.trainer import build_step, model_configs
 from dgmr_jax.models.config import ATTENTION
+from dgmr_jax.models.cost import count_flops
 from dgmr_jax.models.vit import init_params
-from dgmr_jax.parallel import batch_sharding, check_batch, make_mesh
-from dgmr_jax.prune.cost import count_flops
+from dgmr_jax.train.state import init_state
 
 # dense bf16 TFLOP/s per device, by a substring of jax's device_kind (first match wins)
 PEAK_TFLOPS = (

@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import dgmr_jax as dj
-from dgmr_jax.distill.step import OptimConfig, init_state, jit_step, make_optimizer, make_step, state_shardings
-from dgmr_jax.hostmem import keep_freed_host_memory
+from dgmr_jax.core.hostmem import keep_freed_host_memory
+from dgmr_jax.core.parallel import host_batch_to_global, make_mesh, tree_shardings
+from dgmr_jax.distill.step import make_step
 from dgmr_jax.models.vit import logical_axes, param_shapes
-from dgmr_jax.parallel import host_batch_to_global, make_mesh, tree_shardings
+from dgmr_jax.train.state import OptimConfig, init_state, jit_step, make_optimizer, state_shardings
 
 
 def gemm_shapes(arch: str, batch: int) -> list[tuple[int, int, int, int]]:

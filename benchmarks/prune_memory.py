@@ -20,12 +20,12 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from dgmr_jax.convert.checkpoint_io import save_safetensors
-from dgmr_jax.convert.keymaps import rules
+from dgmr_jax.io.checkpoint_io import save_safetensors
+from dgmr_jax.io.keymaps import rules
+from dgmr_jax.models.cost import count_params
 from dgmr_jax.models.presets import preset
 from dgmr_jax.models.tree import flatten
 from dgmr_jax.models.vit import param_shapes
-from dgmr_jax.prune.cost import count_params
 
 FC1_F32_MB = 1792 * 15360 * 4 / 1e6
 

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dgmr_jax.demo import EvalSet, Schedule, distill, target_config, uvc_student
+from dgmr_jax.core.hostmem import keep_freed_host_memory
+from dgmr_jax.demo.run import EvalSet, Schedule, distill, target_config, uvc_student
 from dgmr_jax.eval.linear_probe import linear_probe
-from dgmr_jax.hostmem import keep_freed_host_memory
-from dgmr_jax.layer_source import open_model
+from dgmr_jax.io.open import open_model
 from dgmr_jax.model_dir import save_model
-from dgmr_jax.preprocess import Preprocess
-from dgmr_jax.prune.cost import count_flops, count_params
+from dgmr_jax.models.cost import count_flops, count_params
+from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.prune.mlp import prune_mlp
 from dgmr_jax.prune.taylor import taylor_scores
 

@@ -3,7 +3,7 @@
 dgmr-jax distill --config configs/cpu_tiny.py --workdir /tmp/run --config.data.path=/path/to/images
 """
 
-from common import base_config
+from dgmr_jax.distill.defaults import base_config
 
 
 def get_config():

@@ -6,7 +6,7 @@
     dgmr-jax distill --config configs/dinov2_g_prune1.py --workdir /runs/dinov2_g_prune1
 """
 
-from common import base_config, steps
+from dgmr_jax.distill.defaults import base_config, steps
 
 
 def get_config():

@@ -9,7 +9,7 @@
 Batch 40 per GPU in the paper (here 40 x 64 chips); pure bf16; raw last-block tokens on both sides.
 """
 
-from common import base_config, steps
+from dgmr_jax.distill.defaults import base_config, steps
 
 
 def get_config():

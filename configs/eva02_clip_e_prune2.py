@@ -4,7 +4,7 @@ dgmr-jax prune --model /ckpt/eva_e --mlp-ratio 2 --round-to 128 --out /ckpt/eva_
 dgmr-jax distill --config configs/eva02_clip_e_prune2.py --workdir gs://bucket/eva_e_prune2
 """
 
-from eva02_clip_e_prune1 import get_config as prune1
+from .eva02_clip_e_prune1 import get_config as prune1
 
 
 def get_config():

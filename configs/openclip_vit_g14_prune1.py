@@ -5,7 +5,7 @@ dgmr-jax prune --model /ckpt/g14 --mlp-ratio 1 --out /ckpt/g14_prune1
 dgmr-jax distill --config configs/openclip_vit_g14_prune1.py --workdir /runs/g14_prune1
 """
 
-from common import base_config, steps
+from dgmr_jax.distill.defaults import base_config, steps
 
 
 def get_config():

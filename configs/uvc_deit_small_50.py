@@ -11,11 +11,12 @@ dgmr-jax distill --config configs/uvc_deit_small_50.py --workdir /runs/deit_s_uv
 a reproduction of the paper's schedule: the paper trains far longer and distils from a DeiT-B teacher with logits.
 """
 
-from common import base_config, steps
+from dgmr_jax.distill.defaults import base_config, steps
+from dgmr_jax.uvc.config import with_search
 
 
 def get_config():
-    c = base_config()
+    c = with_search(base_config())
     c.teacher.update(family="timm", dtype="bfloat16")
     c.student.update(dtype="bfloat16")
     c.global_batch = 256

@@ -11,11 +11,12 @@ dgmr-jax distill --config configs/eva02_clip_e_prune1.py --workdir gs://bucket/r
 0.29 is the FLOPs ratio of DGMR prune1 on EVA-E (MLP 15360 -> 1792 per layer: 29.4%), so the two land at equal FLOPs.
 """
 
-from common import base_config, steps
+from dgmr_jax.distill.defaults import base_config, steps
+from dgmr_jax.uvc.config import with_search
 
 
 def get_config():
-    c = base_config()
+    c = with_search(base_config())
     c.teacher.update(family="eva_clip", dtype="bfloat16")
     c.student.update(dtype="bfloat16", remat=True)
     c.global_batch = 1024

@@ -6,11 +6,12 @@ dgmr-jax distill --config configs/openclip_vit_g14_prune1.py --workdir /runs/g14
     --config.student.model_dir=/ckpt/g14_uvc
 """
 
-from common import base_config, steps
+from dgmr_jax.distill.defaults import base_config, steps
+from dgmr_jax.uvc.config import with_search
 
 
 def get_config():
-    c = base_config()
+    c = with_search(base_config())
     c.teacher.update(family="open_clip", dtype="bfloat16")
     c.student.update(dtype="bfloat16", remat=True)
     c.global_batch = 1024

@@ -2,7 +2,7 @@
 
 from dgmr_jax import convert, models, prune
 from dgmr_jax.data.open import open_images
-from dgmr_jax.layer_source import open_model
+from dgmr_jax.io.open import open_model
 
 __version__ = "0.1.0"
 __all__ = ["convert", "models", "open_images", "open_model", "prune", "__version__"]

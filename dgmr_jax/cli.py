@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dgmr_jax.convert.checkpoint_io import CheckpointError
-from dgmr_jax.convert.keymaps import FAMILIES
-from dgmr_jax.distill.errors import NonFiniteLoss
+from dgmr_jax.core.errors import NonFiniteLoss
+from dgmr_jax.io.checkpoint_io import CheckpointError
+from dgmr_jax.io.keymaps import FAMILIES
 
 if TYPE_CHECKING:
     from dgmr_jax.eval.run import ClipEval
@@ -22,7 +22,7 @@ USER_ERRORS = (CheckpointError, ValueError, FileExistsError, FileNotFoundError)
 
 def _preprocess(args: argparse.Namespace, name: str):
     """The --mean/--std/--crop-pct/--interpolation overrides of `convert` on the published settings of `name`."""
-    from dgmr_jax.preprocess import for_model, parse_triple
+    from dgmr_jax.models.preprocess import for_model, parse_triple
 
     mean, std = parse_triple(args.mean, "--mean"), parse_triple(args.std, "--std")
     return for_model(name, mean, std, crop_pct=args.crop_pct, interpolation=args.interpolation)
@@ -30,8 +30,8 @@ def _preprocess(args: argparse.Namespace, name: str):
 
 def _convert(args: argparse.Namespace) -> None:
     from dgmr_jax import open_model
-    from dgmr_jax.model_dir import check_new_dir, save_model
-    from dgmr_jax.prune.cost import count_params
+    from dgmr_jax.io.model_dir import check_new_dir, save_model
+    from dgmr_jax.models.cost import count_params
 
     check_new_dir(args.out)
     source = open_model(args.checkpoint, family=args.family, arch=args.arch)
@@ -48,7 +48,7 @@ def _convert(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from dgmr_jax import open_model
     from dgmr_jax.convert import to_torch
-    from dgmr_jax.convert.checkpoint_io import save_safetensors
+    from dgmr_jax.io.checkpoint_io import save_safetensors
 
     out = Path(args.out)
     if out.exists():
@@ -89,7 +89,7 @@ def _taylor_scores(source: Any, spec: str, num_images: int, batch: int) -> list[
 
     from dgmr_jax.data import open_images
     from dgmr_jax.eval.features import EvalBatches
-    from dgmr_jax.preprocess import Preprocess
+    from dgmr_jax.models.preprocess import Preprocess
     from dgmr_jax.prune.taylor import taylor_scores
 
     data = open_images(spec, split="train").source
@@ -103,8 +103,8 @@ def _taylor_scores(source: Any, spec: str, num_images: int, batch: int) -> list[
 
 def _prune(args: argparse.Namespace) -> None:
     from dgmr_jax import open_model
-    from dgmr_jax.model_dir import check_new_dir
-    from dgmr_jax.paths import as_path
+    from dgmr_jax.core.paths import as_path
+    from dgmr_jax.io.model_dir import check_new_dir
     from dgmr_jax.prune import prune_to_dir
     from dgmr_jax.prune.report import write_report
 
@@ -138,9 +138,9 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _distill(args: argparse.Namespace) -> None:
-    from dgmr_jax import config_file
+    from dgmr_jax.core import config_file
     from dgmr_jax.distill.trainer import train
-    from dgmr_jax.distill.workdir import student_from_checkpoint
+    from dgmr_jax.train.workdir import student_from_checkpoint
 
     if args.from_checkpoint is not None:
         if args.config or args.overrides or args.export_every is not None:
@@ -169,11 +169,12 @@ def _distill(args: argparse.Namespace) -> None:
 
 
 def _uvc(args: argparse.Namespace) -> None:
-    from dgmr_jax import config_file
+    from dgmr_jax.core import config_file
     from dgmr_jax.distill.defaults import base_config
+    from dgmr_jax.uvc.config import with_search
     from dgmr_jax.uvc.stage import run_uvc, uvc_config
 
-    base = config_file.load(args.config) if args.config else base_config()
+    base = with_search(config_file.load(args.config) if args.config else base_config())
     base = config_file.apply_overrides(base, [o.lstrip("-") for o in args.overrides])
     config = uvc_config(base, args.model, args.flops_budget, args.train, args.steps, args.select, args.no_skip)
     result = run_uvc(config, args.workdir, args.out)
@@ -186,7 +187,7 @@ def _uvc(args: argparse.Namespace) -> None:
 
 
 def _finetune_text(args: argparse.Namespace) -> None:
-    from dgmr_jax import config_file
+    from dgmr_jax.core import config_file
     from dgmr_jax.text_stage.defaults import text_config
     from dgmr_jax.text_stage.finetune import finetune_text
 
@@ -248,8 +249,8 @@ def _plan(args: argparse.Namespace) -> None:
     import json
     import os
 
-    from dgmr_jax import config_file
     from dgmr_jax import plan as planner
+    from dgmr_jax.core import config_file
 
     if (args.topology is None) == (args.devices is None):
         raise ValueError("give exactly one target: --topology v5p:4x4x4 (TPU, needs libtpu) or --devices N (CPU)")
@@ -349,7 +350,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     import time
 
-    from dgmr_jax.demo import run_demo
+    from dgmr_jax.demo.run import run_demo
 
     out = args.out or f"dgmr_demo_{time.strftime('%Y%m%d-%H%M%S')}"
     run_demo(
@@ -486,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# commands whose XLA:CPU steps allocate large activations many times (see dgmr_jax.hostmem)
+# commands whose XLA:CPU steps allocate large activations many times (see dgmr_jax.core.hostmem)
 _COMPUTE_COMMANDS = ("distill", "eval", "demo", "uvc", "finetune-text")
 
 
@@ -505,7 +506,7 @@ def _plan_environment(devices: int | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     if argv is None and args.command in _COMPUTE_COMMANDS:  # a real process, not a test calling main([...])
-        from dgmr_jax.hostmem import keep_freed_host_memory
+        from dgmr_jax.core.hostmem import keep_freed_host_memory
 
         keep_freed_host_memory()
     if argv is None and args.command == "plan":  # before JAX starts a backend: never a real accelerator here

@@ -22,9 +22,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from dgmr_jax.core.parallel import check_batch, make_mesh
 from dgmr_jax.distill.trainer import build_step, model_configs
-from dgmr_jax.parallel import check_batch, make_mesh
-from dgmr_jax.prune.cost import count_flops
+from dgmr_jax.models.cost import count_flops
 
 GIB = 2**30
 

@@ -9,8 +9,8 @@ torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
 
 import dgmr_jax as dj  # noqa: E402
-from dgmr_jax.convert.hooks import HOOKS  # noqa: E402
-from dgmr_jax.convert.keymaps import rules  # noqa: E402
+from dgmr_jax.io.hooks import HOOKS  # noqa: E402
+from dgmr_jax.io.keymaps import rules  # noqa: E402
 from dgmr_jax.models.tree import flatten  # noqa: E402
 
 # timm name -> (image size, extra timm kwargs that shrink the giants)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dgmr_jax import data
-from dgmr_jax.preprocess import CLIP_MEAN, CLIP_STD
+from dgmr_jax.models.preprocess import CLIP_MEAN, CLIP_STD
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
@@ -79,7 +79,7 @@ def test_folder_on_cloud_storage_lists_and_batches_like_the_local_one(folder):
     same batches."""
     from gcs_emulator import gcs_emulator
 
-    from dgmr_jax.paths import as_path
+    from dgmr_jax.core.paths import as_path
 
     with gcs_emulator("dgmr-images"):
         for rel, payload in {**GOOD, **CORRUPT, **OTHER}.items():

@@ -37,7 +37,7 @@ def test_demo_writes_table_reports_and_plot(tmp_path, capsys):
 
 def test_demo_distill_stopped_early_exits_with_reason(tmp_path, monkeypatch):
     """A distillation stopped by SIGTERM has no model to open: the demo helper says so instead of failing."""
-    import dgmr_jax.demo as demo
+    import dgmr_jax.demo.run as demo
 
     reason = "preempted (SIGTERM): saved and stopped; run again with the same workdir to resume"
     monkeypatch.setattr(demo, "train", lambda config, workdir: {"model_dir": None, "step": 7, "reason": reason})

@@ -21,8 +21,8 @@ import pytest
 from gcs_emulator import gcs_emulator
 from PIL import Image
 
+from dgmr_jax.core.paths import as_path
 from dgmr_jax.model_dir import load_config, load_model
-from dgmr_jax.paths import as_path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40

@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 
 import dgmr_jax as dj
+from dgmr_jax.core.parallel import check_batch, host_batch_to_global, make_mesh, tree_shardings
 from dgmr_jax.distill.loss import distill_loss, features, tap_config
-from dgmr_jax.distill.step import (
+from dgmr_jax.distill.step import make_step
+from dgmr_jax.models.vit import logical_axes, param_shapes
+from dgmr_jax.train.state import (
     OptimConfig,
     init_state,
     jit_step,
     lr_schedule,
     make_optimizer,
-    make_step,
     state_shardings,
     wd_schedule,
 )
-from dgmr_jax.models.vit import logical_axes, param_shapes
-from dgmr_jax.parallel import check_batch, host_batch_to_global, make_mesh, tree_shardings
 
 
 def _models():

@@ -14,7 +14,7 @@ from dgmr_jax.data import builtin
 from dgmr_jax.data.loader import make_loader
 from dgmr_jax.data.transforms import decode_rgb
 from dgmr_jax.models import ModelConfig, forward, init_params
-from dgmr_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from dgmr_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 T = ev.DINOV2_TEMPERATURE
 

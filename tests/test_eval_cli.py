@@ -165,8 +165,8 @@ def test_eval_on_shipped_mnist(model_dir, capsys):
 def test_sharded_features_equal_one_device():
     import jax
 
+    from dgmr_jax.core.parallel import make_mesh
     from dgmr_jax.eval import extract_features
-    from dgmr_jax.parallel import make_mesh
 
     cfg = dj.models.preset("vit_tiny_patch16_224", depth=2, img_size=32)
     params = dj.models.init_params(cfg, 0)

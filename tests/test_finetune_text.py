@@ -359,7 +359,7 @@ def test_bad_pairs_are_counted_named_and_skipped_then_the_export_loads_into_open
     assert "holds a run with other inputs (data.seed: 0 -> 1)" in capsys.readouterr().err
 
     # the export: text keys in open_clip's CLIP layout, loaded strictly into a fresh tiny CLIP
-    from dgmr_jax.convert.checkpoint_io import open_state_dict
+    from dgmr_jax.io.checkpoint_io import open_state_dict
     from dgmr_jax.models.text import TextConfig, encode_text
     from dgmr_jax.models.tokenizer import Tokenizer
 
@@ -392,7 +392,7 @@ def test_pairs_and_workdir_on_cloud_storage_train_like_local_files(files, tmp_pa
     run on the local folder."""
     from gcs_emulator import gcs_emulator
 
-    from dgmr_jax.paths import as_path
+    from dgmr_jax.core.paths import as_path
 
     local = _bad_folder(files, tmp_path / "pairs")
     manifest = "".join(
@@ -534,7 +534,7 @@ def test_custom_text_clip_layout_is_kept(files, tmp_path):
         text_arch=str(files / "text.json"),
         devices=jax.devices()[:1],
     )
-    from dgmr_jax.convert.checkpoint_io import open_state_dict
+    from dgmr_jax.io.checkpoint_io import open_state_dict
 
     out = tmp_path / "run" / "text"
     text_sd = open_state_dict(out / "text.safetensors")
@@ -549,8 +549,8 @@ def test_custom_text_clip_layout_is_kept(files, tmp_path):
 def test_text_recipes_follow_the_official_schedule(recipe):
     """20 epochs of Flickr30k's 145,000 captions with 2 warm-up epochs, lr 1e-6 -> 1e-7, wd 0.04 -> 0.2, and only
     fields the defaults know."""
-    from dgmr_jax import config_file
-    from dgmr_jax.distill.trainer import optim_config
+    from dgmr_jax.core import config_file
+    from dgmr_jax.train.run import optim_config
 
     config = config_file.load(str(ROOT / "configs" / recipe))
     defaults = text_config()

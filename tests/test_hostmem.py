@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallo
 # malloc, touch and free 64 MB; then count the minor page faults of doing it again.
 _PROBE = """
 import ctypes, resource
-from dgmr_jax.hostmem import keep_freed_host_memory
+from dgmr_jax.core.hostmem import keep_freed_host_memory
 applied = keep_freed_host_memory()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from dgmr_jax import config_file
 from dgmr_jax.cli import main
+from dgmr_jax.core import config_file
 from dgmr_jax.distill.trainer import train
+from dgmr_jax.train.run import run_task
+from dgmr_jax.uvc.config import with_search
+from dgmr_jax.uvc.stage import SearchTask
 
 RECIPE = str(Path(__file__).parents[1] / "configs" / "cpu_tiny.py")
 
@@ -64,10 +67,10 @@ def test_bad_eval_settings_fail_before_anything_loads(tmp_path, changes, message
 
 
 def test_a_uvc_search_refuses_in_loop_evals(tmp_path):
-    config = _config(evals=["knn:mnist5k"])
+    config = with_search(_config(evals=["knn:mnist5k"]))
     config.uvc.budget = 0.5
     with pytest.raises(ValueError, match="no student to evaluate in the loop"):
-        train(config, tmp_path / "run")
+        run_task(SearchTask(), config, tmp_path / "run")
 
 
 def test_a_missing_eval_set_fails_before_the_first_step(tmp_path):

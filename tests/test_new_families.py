@@ -17,11 +17,11 @@ from reference_eva_clip_18b import OFFICIAL, EvaClipVision
 
 import dgmr_jax as dj
 from dgmr_jax.cli import main
-from dgmr_jax.convert.checkpoint_io import save_safetensors
-from dgmr_jax.convert.keymaps import torch_prefix
+from dgmr_jax.core.parallel import make_mesh, tree_shardings
+from dgmr_jax.io.checkpoint_io import save_safetensors
+from dgmr_jax.io.keymaps import torch_prefix
 from dgmr_jax.model_dir import load_model
 from dgmr_jax.models.tree import flatten
-from dgmr_jax.parallel import make_mesh, tree_shardings
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import dgmr_jax as dj
-from dgmr_jax.convert import onnx_import
-from dgmr_jax.convert.onnx_import import load_onnx_teacher
+from dgmr_jax.demo import onnx_teacher as onnx_import
+from dgmr_jax.demo.onnx_teacher import load_onnx_teacher
 
 TOL = 1e-4
 

@@ -11,11 +11,11 @@ from PIL import Image
 from reference import small_timm
 
 import dgmr_jax as dj
-from dgmr_jax.convert.checkpoint_io import save_safetensors
 from dgmr_jax.data import write_array_record
+from dgmr_jax.io.checkpoint_io import save_safetensors
 from dgmr_jax.model_dir import save_model
+from dgmr_jax.models.preprocess import published
 from dgmr_jax.models.tree import flatten, unstack_blocks
-from dgmr_jax.preprocess import published
 
 
 def _same(a, b) -> None:

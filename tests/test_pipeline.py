@@ -17,7 +17,7 @@ from reference import images, rel_err, timm, timm_outputs, to_nhwc, torch
 
 import dgmr_jax as dj
 from dgmr_jax.cli import main
-from dgmr_jax.convert.checkpoint_io import save_safetensors
+from dgmr_jax.io.checkpoint_io import save_safetensors
 from dgmr_jax.model_dir import load_config, load_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dgmr_jax import config_file
 from dgmr_jax.cli import main
+from dgmr_jax.core import config_file
+from dgmr_jax.models.cost import count_params
 from dgmr_jax.models.presets import preset
-from dgmr_jax.prune.cost import count_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "cpu_tiny.py")

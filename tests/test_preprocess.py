@@ -6,10 +6,18 @@ import pytest
 from reference import small_timm, timm
 
 from dgmr_jax.cli import main
-from dgmr_jax.convert.checkpoint_io import save_safetensors
+from dgmr_jax.io.checkpoint_io import save_safetensors
 from dgmr_jax.model_dir import load_config
+from dgmr_jax.models.preprocess import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PUBLISHED,
+    Preprocess,
+    published,
+)
 from dgmr_jax.models.presets import PRESETS
-from dgmr_jax.preprocess import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, PUBLISHED, Preprocess, published
 
 TIMM_PRESETS = sorted(name for name in PUBLISHED if timm.is_model(name))
 

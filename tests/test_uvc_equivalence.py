@@ -10,8 +10,8 @@ import pytest
 import dgmr_jax as dj
 from dgmr_jax.eval import EvalBatches
 from dgmr_jax.eval.knn import knn_predict
+from dgmr_jax.models.preprocess import published
 from dgmr_jax.models.slim import slice_units
-from dgmr_jax.preprocess import published
 from dgmr_jax.uvc.extract import extract
 from dgmr_jax.uvc.flops import masks_ratio
 from dgmr_jax.uvc.masks import apply_masks, group_norms, masks_from_counts

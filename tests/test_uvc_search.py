@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import dgmr_jax as dj
-from dgmr_jax.distill.step import OptimConfig
 from dgmr_jax.models.slim import masked_params
+from dgmr_jax.train.state import OptimConfig
 from dgmr_jax.uvc.config import SearchConfig, check_search
 from dgmr_jax.uvc.extract import Extraction, extract, repair_bounds
 from dgmr_jax.uvc.flops import fixed_flops, flops_ratio, layer_flops, masks_ratio, model_flops, num_tokens, plan_ratio

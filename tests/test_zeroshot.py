@@ -15,12 +15,12 @@ from reference import rel_err, small_clip, to_nhwc, torch
 import dgmr_jax as dj
 from dgmr_jax.cli import main
 from dgmr_jax.convert import text_from_torch
+from dgmr_jax.core.parallel import make_mesh
 from dgmr_jax.data import ImageFolderSource
 from dgmr_jax.eval import EvalBatches, encode_texts, retrieval_recall, zeroshot_accuracy, zeroshot_classifier
+from dgmr_jax.models.preprocess import CLIP_MEAN, CLIP_STD
 from dgmr_jax.models.text import init_text_params
 from dgmr_jax.models.tokenizer import Tokenizer
-from dgmr_jax.parallel import make_mesh
-from dgmr_jax.preprocess import CLIP_MEAN, CLIP_STD
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -204,7 +204,7 @@ def test_eval_cli_clip_errors_come_before_any_work(clip_files, tmp_path, capsys)
 def test_in_loop_zeroshot_and_retrieval_equal_offline_eval(clip_files, tmp_path):
     """A student of the tiny CLIP vision tower distilled with zero-shot and retrieval evals in the loop (8 fake
     devices): the final in-loop numbers equal `dgmr-jax eval` of the exported student."""
-    from dgmr_jax import config_file
+    from dgmr_jax.core import config_file
     from dgmr_jax.distill.trainer import train
 
     root, _ = clip_files

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from dgmr_jax.core.paths import as_path
 from dgmr_jax.data.builtin import LfwSubsetSource, Mnist5kSource, SkimagePhotosSource
 from dgmr_jax.data.sources import ArrayRecordSource, ImageFolderSource, TfdsSource
-from dgmr_jax.paths import as_path
 
 SPECS = "mnist5k, skimage, lfw, tfds:NAME, array_record:GLOB or an image folder"
 KINDS = ("mnist5k", "skimage", "lfw", "tfds", "array_record", "folder")

@@ -1,10 +1,11 @@
-"""Defaults shared by every distillation recipe (`base_config()`); each recipe file edits a copy."""
+"""Defaults shared by every distillation recipe (`base_config()`); each recipe file edits a copy. UVC recipes
+start from it too (dgmr_jax.uvc.config.with_search adds their search block)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import ml_collections
+
+from dgmr_jax.train.defaults import loop_defaults
 
 IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1K train, the paper's unlabeled set
 
@@ -13,18 +14,9 @@ def steps(epochs: float, global_batch: int, dataset_size: int = IMAGENET_TRAIN) 
     return int(epochs * dataset_size // global_batch)
 
 
-def uvc_defaults() -> dict:
-    """The UVC search settings of a recipe: SearchConfig's defaults, budget 0 (no search: plain distillation)."""
-    from dgmr_jax.uvc.config import SearchConfig
-
-    skip = ("budget", "weights", "tap", "cls_coef", "feat_coef")  # the run's own optim and distill settings
-    fields = {f.name: f.default for f in dataclasses.fields(SearchConfig) if f.name not in skip}
-    # select: how extraction keeps neurons at the searched widths (uvc | diversity | l2 | random)
-    return {"budget": 0.0, "select": "uvc", **fields}
-
-
 def base_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+    """A teacher-student run's settings: models, loss, optimizer, data, the loop's, exports and in-loop evals."""
+    c = loop_defaults()
     c.teacher = ml_collections.ConfigDict(
         dict(model_dir="", checkpoint="", family="timm", arch="vit_tiny_patch16_224", dtype="bfloat16", seed=0)
     )
@@ -58,20 +50,11 @@ def base_config() -> ml_collections.ConfigDict:
             seed=0,
         )
     )
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    # uvc.budget > 0 turns the run into a UVC search of the student (dgmr_jax.uvc.SearchConfig fields)
-    c.uvc = ml_collections.ConfigDict(uvc_defaults())
-    c.global_batch = 256
-    c.checkpoint_every = 1000
-    c.keep = 3
-    c.async_checkpoint = True
-    c.log_every = 10
     c.export_every = 0  # also write the student as workdir/models/step_<N> every N steps (0: only at the end)
     c.export_ema = False  # export the EMA weights (needs optim.ema_decay > 0) instead of the trained ones
     c.peak_flops = 0.0  # per-chip peak x chips; 0 hides the MFU estimate
     c.log_indices = False  # write each step's record indices to seen.jsonl (tests of data order)
     # in-loop evaluation of the student (dgmr_jax.eval.in_loop): dicts or "KIND:DATA", e.g. ["knn:mnist5k"]
     c.evals = []
-    c.eval_every = 0  # evaluate every N steps (0: at the end only)
     c.eval_best = ""  # the metric whose best step best.json records (default: the first eval's main metric)
     return c

@@ -19,10 +19,10 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from dgmr_jax.core.parallel import batch_sharding, data_parallel_size, make_mesh, to_host, tree_shardings
 from dgmr_jax.data.transforms import DecodeOrSkip, normalize, resize_center_crop
 from dgmr_jax.models import ModelConfig, forward
 from dgmr_jax.models.vit import logical_axes, param_shapes
-from dgmr_jax.parallel import batch_sharding, data_parallel_size, make_mesh, to_host, tree_shardings
 
 FEATURE_KEYS = ("pooled", "tokens", "logits")
 

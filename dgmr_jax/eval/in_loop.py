@@ -26,15 +26,15 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from dgmr_jax.clip import clip_embedding, open_text_tower
 from dgmr_jax.data import open_images
 from dgmr_jax.eval.features import EvalBatches, extract_features
 from dgmr_jax.eval.knn import DINOV2_KS, knn_accuracy
 from dgmr_jax.eval.linear_probe import linear_probe
 from dgmr_jax.eval.run import RETRIEVAL_KS, ZEROSHOT_KS, ClipEval, RetrievalFiles, read_retrieval, zeroshot_prompts
 from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall, zeroshot_accuracy, zeroshot_classifier
+from dgmr_jax.io.clip import clip_embedding, open_text_tower
 from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.preprocess import Preprocess
+from dgmr_jax.models.preprocess import Preprocess
 
 KINDS = ("knn", "linear_probe", "zeroshot", "retrieval")
 PRIMARY = {"knn": "knn@20", "linear_probe": "top1", "zeroshot": "top1", "retrieval": "image_to_text_R@1"}

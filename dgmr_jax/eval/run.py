@@ -12,14 +12,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from dgmr_jax.clip import clip_embedding, open_text_tower
 from dgmr_jax.data import open_images, record_name
 from dgmr_jax.eval.features import EvalBatches, extract_features
 from dgmr_jax.eval.knn import DINOV2_KS, knn_accuracy
 from dgmr_jax.eval.linear_probe import linear_probe
 from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall, zeroshot_accuracy, zeroshot_classifier
-from dgmr_jax.layer_source import open_model
-from dgmr_jax.preprocess import Preprocess
+from dgmr_jax.io.clip import clip_embedding, open_text_tower
+from dgmr_jax.io.open import open_model
+from dgmr_jax.models.preprocess import Preprocess
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 MNIST_TEMPLATES = ("a photo of the number {}.", "a photo of the digit {}.")

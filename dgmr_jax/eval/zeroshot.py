@@ -17,9 +17,9 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from dgmr_jax.core.parallel import batch_sharding, data_parallel_size, make_mesh, tree_shardings
 from dgmr_jax.eval.knn import l2_normalize
 from dgmr_jax.models.text import TextConfig, encode_text, text_logical_axes, text_param_shapes
-from dgmr_jax.parallel import batch_sharding, data_parallel_size, make_mesh, tree_shardings
 
 Template = str | Callable[[str], str]
 

@@ -17,7 +17,7 @@ kernel_init = nn.initializers.truncated_normal(0.02)
 
 
 def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
-    """Attach logical axis names (mapped to mesh axes by dgmr_jax.parallel rules) to an initializer."""
+    """Attach logical axis names (mapped to mesh axes by dgmr_jax.core.parallel rules) to an initializer."""
     return nn.with_logical_partitioning(init, names)
 
 
@@ -87,5 +87,5 @@ def shape_tree(init: Init) -> dict[str, Any]:
 
 
 def axes_tree(init: Init) -> dict[str, Any]:
-    """The param tree of logical axis-name PartitionSpecs, mapped to mesh axes by dgmr_jax.parallel rules."""
+    """The param tree of logical axis-name PartitionSpecs, mapped to mesh axes by dgmr_jax.core.parallel rules."""
     return nn.get_partition_spec(jax.eval_shape(init, jax.random.PRNGKey(0)))

@@ -195,5 +195,5 @@ def text_param_shapes(cfg: TextConfig) -> Params:
 
 
 def text_logical_axes(cfg: TextConfig) -> Params:
-    """Text-tower param tree of logical axis-name PartitionSpecs (see dgmr_jax.parallel.RULES)."""
+    """Text-tower param tree of logical axis-name PartitionSpecs (see dgmr_jax.core.parallel.RULES)."""
     return axes_tree(functools.partial(_init, cfg))

@@ -1,6 +1,7 @@
-"""DGMR pruning: neuron selection, functional MLP slicing, cost accounting, streamed pruning."""
+"""DGMR pruning: neuron selection, functional MLP slicing, streamed pruning (and the cost counters of
+dgmr_jax.models.cost, re-exported as the public API names them)."""
 
-from dgmr_jax.prune.cost import count_flops, count_params, layer_macs
+from dgmr_jax.models.cost import count_flops, count_params, layer_macs
 from dgmr_jax.prune.mlp import LayerReport, prune_mlp, prune_source, prune_to_dir, target_widths
 from dgmr_jax.prune.select import select_neurons
 

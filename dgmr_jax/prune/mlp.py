@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dgmr_jax.layer_source import InMemorySource, LayerSource
-from dgmr_jax.model_dir import check_new_dir, save_model
+from dgmr_jax.core.paths import PathLike
+from dgmr_jax.io.model_dir import check_new_dir, save_model
+from dgmr_jax.io.open import InMemorySource, LayerSource
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.slim import slice_mlp
 from dgmr_jax.models.tree import Params, stack_blocks
-from dgmr_jax.paths import PathLike
 from dgmr_jax.prune.select import METHODS, diversity_select, select_neurons
 
 

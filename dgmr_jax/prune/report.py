@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from dgmr_jax.core.paths import PathLike, as_path
 from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.paths import PathLike, as_path
-from dgmr_jax.prune.cost import count_flops, count_params
+from dgmr_jax.models.cost import count_flops, count_params
 from dgmr_jax.prune.mlp import LayerReport
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from dgmr_jax.train.defaults import loop_defaults
+
 FLICKR30K_TRAIN_IMAGES = 29_000
 FLICKR30K_TRAIN_CAPTIONS = 5 * FLICKR30K_TRAIN_IMAGES  # one training record per (image, caption) pair
 
@@ -14,7 +16,8 @@ def steps(epochs: float, global_batch: int, dataset_size: int = FLICKR30K_TRAIN_
 
 
 def text_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+    """The text-tower fine-tune's settings: optimizer, pairs, compute dtype, the loop's and evaluation's."""
+    c = loop_defaults(global_batch=320, checkpoint_every=500)
     # AdamW as open_clip trains CLIP (b2 0.98, eps 1e-6), no decay on gains, biases and logit_scale;
     # lr: warmup to base_lr * global_batch / 256, cosine to min_lr; weight decay cosine wd_start -> wd_end
     c.optim = ml_collections.ConfigDict(
@@ -43,13 +46,6 @@ def text_config() -> ml_collections.ConfigDict:
         )
     )
     c.text = ml_collections.ConfigDict(dict(dtype="float32"))  # compute dtype (params train in float32)
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.global_batch = 320
-    c.checkpoint_every = 500
-    c.keep = 3
-    c.async_checkpoint = True
-    c.log_every = 10
-    c.eval_every = 0  # retrieval recall every N steps (0: before training and at the end only)
     c.eval_images = 1000  # evaluate on the first N images of the pairs and their captions (0: all)
     c.eval_batch = 256  # captions per text-encoding batch in evaluation
     c.zeroshot = ""  # labeled images (mnist5k, a class folder, tfds:NAME): zero-shot top-1/5 at each evaluation

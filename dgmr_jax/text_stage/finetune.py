@@ -30,30 +30,7 @@ import numpy as np
 import optax
 from etils import epath
 
-from dgmr_jax.checkpoint import abstract_with_shardings
-from dgmr_jax.clip import clip_embedding, text_config_for
-from dgmr_jax.convert.checkpoint_io import open_state_dict, save_safetensors
-from dgmr_jax.convert.text import TEXT_PREFIX, text_from_torch, text_to_torch
-from dgmr_jax.data import open_images
-from dgmr_jax.distill import workdir as workdir_lib
-from dgmr_jax.distill.logs import JsonlLog
-from dgmr_jax.distill.loop import Loop, run_loop
-from dgmr_jax.distill.step import (
-    OptimConfig,
-    TrainState,
-    init_state,
-    lr_schedule,
-    make_optimizer,
-    shardings_like_params,
-)
-from dgmr_jax.distill.trainer import optim_config
-from dgmr_jax.eval.features import EvalBatches, extract_features
-from dgmr_jax.eval.run import ClipEval, zeroshot_prompts
-from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall, zeroshot_accuracy, zeroshot_classifier
-from dgmr_jax.layer_source import open_model
-from dgmr_jax.models.text import TextConfig, encode_text, text_logical_axes, text_param_shapes
-from dgmr_jax.models.tokenizer import Tokenizer
-from dgmr_jax.parallel import (
+from dgmr_jax.core.parallel import (
     batch_sharding,
     check_batch,
     make_mesh,
@@ -62,9 +39,32 @@ from dgmr_jax.parallel import (
     sync_processes,
     to_host,
 )
-from dgmr_jax.paths import PathLike, as_path, is_uri
-from dgmr_jax.preprocess import Preprocess
+from dgmr_jax.core.paths import PathLike, as_path, is_uri
+from dgmr_jax.data import open_images
+from dgmr_jax.eval.features import EvalBatches, extract_features
+from dgmr_jax.eval.run import ClipEval, zeroshot_prompts
+from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall, zeroshot_accuracy, zeroshot_classifier
+from dgmr_jax.io.checkpoint_io import open_state_dict, save_safetensors
+from dgmr_jax.io.clip import clip_embedding, text_config_for
+from dgmr_jax.io.open import open_model
+from dgmr_jax.io.text_convert import TEXT_PREFIX, text_from_torch, text_to_torch
+from dgmr_jax.models.preprocess import Preprocess
+from dgmr_jax.models.text import TextConfig, encode_text, text_logical_axes, text_param_shapes
+from dgmr_jax.models.tokenizer import Tokenizer
 from dgmr_jax.text_stage.pairs import Pairs, read_pairs, require_good, warn_bad
+from dgmr_jax.train import workdir as workdir_lib
+from dgmr_jax.train.checkpoint import abstract_with_shardings
+from dgmr_jax.train.logs import JsonlLog
+from dgmr_jax.train.loop import Loop, run_loop
+from dgmr_jax.train.run import optim_config
+from dgmr_jax.train.state import (
+    OptimConfig,
+    TrainState,
+    init_state,
+    lr_schedule,
+    make_optimizer,
+    shardings_like_params,
+)
 
 EMBEDDINGS, PAIRS_FILE, TEXT_DIR = "image_embeddings.npy", "pairs.json", "text"
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learned temperature to at most 100

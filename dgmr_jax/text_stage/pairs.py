@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from dgmr_jax.core.paths import as_path, is_uri
 from dgmr_jax.data.sources import IMAGE_EXTENSIONS, ImageFolderSource, walk_files
-from dgmr_jax.paths import as_path, is_uri
 
 SHOWN = 5  # bad pairs named in a warning
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import ml_collections
+
 from dgmr_jax.distill.loss import TAPS
-from dgmr_jax.distill.step import OptimConfig
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.train.state import OptimConfig
 from dgmr_jax.uvc.masks import MASK_MODES
 
 OPTIMIZERS = ("adam", "sgd")
@@ -158,3 +160,19 @@ def _check_z_lr(z_lr: tuple[tuple[int, float], ...]) -> None:
         raise ValueError(
             f"z_lr must be ((0, lr0), (step1, lr1), ...): strictly increasing search steps from 0, lrs >= 0; got {z_lr}"
         )
+
+
+def search_defaults() -> dict:
+    """The `config.uvc` block of a recipe: SearchConfig's defaults, no budget yet, and how extraction keeps
+    neurons at the searched widths (select: uvc | diversity | l2 | random)."""
+    skip = ("budget", "weights", "tap", "cls_coef", "feat_coef")  # the run's own optim and distill settings
+    fields = {f.name: f.default for f in dataclasses.fields(SearchConfig) if f.name not in skip}
+    return {"budget": 0.0, "select": "uvc", **fields}
+
+
+def with_search(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of a teacher-student recipe with a `config.uvc` block (the defaults where it has none)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if "uvc" not in config:
+        config.uvc = ml_collections.ConfigDict(search_defaults())
+    return config

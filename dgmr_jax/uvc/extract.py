@@ -29,9 +29,9 @@ import jax
 import numpy as np
 
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.cost import count_flops
 from dgmr_jax.models.slim import Plan, UnitPlan
 from dgmr_jax.models.tree import Params
-from dgmr_jax.prune.cost import count_flops
 from dgmr_jax.prune.mlp import selection_matrix
 from dgmr_jax.prune.select import select_neurons
 from dgmr_jax.uvc.config import check_model

@@ -18,8 +18,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.cost import count_flops
 from dgmr_jax.models.slim import Plan
-from dgmr_jax.prune.cost import count_flops
 
 
 def num_tokens(cfg: ModelConfig) -> int:

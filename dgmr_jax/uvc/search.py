@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import optax
 
 from dgmr_jax.distill.loss import distill_loss, tap_config
-from dgmr_jax.distill.step import lr_schedule, make_optimizer
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.slim import masked_norm_statistics
 from dgmr_jax.models.tree import Params
 from dgmr_jax.models.vit import forward, param_shapes
+from dgmr_jax.train.state import lr_schedule, make_optimizer
 from dgmr_jax.uvc.config import SearchConfig
 from dgmr_jax.uvc.flops import masks_ratio
 from dgmr_jax.uvc.masks import Masks, apply_masks, group_norms, masks_from_counts

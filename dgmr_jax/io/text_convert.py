@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from dgmr_jax.convert.checkpoint_io import CheckpointError, open_state_dict
-from dgmr_jax.convert.core import RenamedEntries, check_keys, convert_rules, export_rules, listing
-from dgmr_jax.convert.keymaps import Rule, linear_rules, norm_rules
+from dgmr_jax.io.checkpoint_io import CheckpointError, open_state_dict
+from dgmr_jax.io.convert import RenamedEntries, check_keys, convert_rules, export_rules, listing
+from dgmr_jax.io.keymaps import Rule, linear_rules, norm_rules
 from dgmr_jax.models.text import TextConfig, resolve_text_config, text_param_shapes
 from dgmr_jax.models.tree import Params, flatten, unflatten
 

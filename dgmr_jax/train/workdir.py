@@ -1,4 +1,4 @@
-"""What a distillation workdir records besides checkpoints: the run's identity and the student's model.
+"""What a run's workdir records besides checkpoints: the run's identity and the student's model.
 
 `run.json` holds the run signature (which teacher, student, data and batch the checkpoints belong to)
 and the student's ModelConfig and meta, so a resume with other inputs fails in one line before Orbax
@@ -14,9 +14,9 @@ import jax
 import ml_collections
 from etils import epath
 
-from dgmr_jax.model_dir import restore_numpy, save_model
+from dgmr_jax.core.paths import PathLike, as_path
+from dgmr_jax.io.model_dir import restore_numpy, save_model
 from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.paths import PathLike, as_path
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -38,14 +38,7 @@ def signature(config: ml_collections.ConfigDict, source: Any) -> dict[str, Any]:
         "data.seed": dc.seed,
         "global_batch": config.global_batch,
     }
-    if config.uvc.budget:  # a search's state holds counts and duals of this setting: another budget cannot resume
-        sig["uvc"] = {k: _jsonable(v) for k, v in config.uvc.items()}
     return sig
-
-
-def _jsonable(v: Any) -> Any:
-    """JSON's view of a config value (tuples become lists), so a signature compares equal after a round trip."""
-    return [_jsonable(x) for x in v] if isinstance(v, (tuple, list)) else v
 
 
 def read_record(workdir: PathLike) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from dgmr_jax.paths import is_uri
+from dgmr_jax.core.paths import is_uri
 
 # .tar covers the ImageNet-example convention "checkpoint.pth.tar" (a torch zip file, not a tar archive).
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")

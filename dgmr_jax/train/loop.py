@@ -20,10 +20,10 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from dgmr_jax import data as data_lib
-from dgmr_jax.checkpoint import TrainCheckpointer
-from dgmr_jax.distill.errors import NonFiniteLoss
-from dgmr_jax.distill.logs import JsonlLog, TensorBoard
-from dgmr_jax.parallel import DevicePrefetch
+from dgmr_jax.core.errors import NonFiniteLoss
+from dgmr_jax.core.parallel import DevicePrefetch
+from dgmr_jax.train.checkpoint import TrainCheckpointer
+from dgmr_jax.train.logs import JsonlLog, TensorBoard
 
 BEST_FILE = "best.json"
 

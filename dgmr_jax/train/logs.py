@@ -15,7 +15,7 @@ from typing import Any
 
 from etils import epath
 
-from dgmr_jax.paths import is_uri
+from dgmr_jax.core.paths import is_uri
 
 
 class JsonlLog:

@@ -23,12 +23,12 @@ from dgmr_jax.distill.defaults import base_config
 from dgmr_jax.distill.trainer import train
 from dgmr_jax.eval import EvalBatches, extract_features, knn_accuracy
 from dgmr_jax.eval.agreement import cosine_similarity
-from dgmr_jax.layer_source import open_model
-from dgmr_jax.model_dir import check_new_dir, save_model
+from dgmr_jax.io.model_dir import check_new_dir, save_model
+from dgmr_jax.io.open import open_model
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.cost import count_flops, count_params
+from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.tree import Params
-from dgmr_jax.preprocess import Preprocess
-from dgmr_jax.prune.cost import count_flops, count_params
 from dgmr_jax.prune.mlp import LayerReport, prune_mlp, target_widths
 from dgmr_jax.prune.report import write_report
 from dgmr_jax.uvc.stage import run_uvc, uvc_config

@@ -50,7 +50,7 @@ def open_text_tower(
 ) -> tuple[TextConfig, Any, Tokenizer]:
     """(TextConfig checked against `cfg`'s image embedding, text params, tokenizer) of a CLIP checkpoint.
     The config and tokenizer are checked before the checkpoint is read."""
-    from dgmr_jax.convert.text import text_from_torch
+    from dgmr_jax.io.text_convert import text_from_torch
 
     text_cfg = text_config_for(cfg, text_arch)
     tokenizer = Tokenizer(bpe_vocab)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 import sys
 from collections.abc import Sequence
@@ -11,19 +12,32 @@ from pathlib import Path
 import ml_collections
 
 
+def _folder_package(folder: Path) -> str:
+    """A package named for one recipe folder (made once), so recipes import their siblings relatively
+    (`from .common import x`) and two folders' `common.py` never resolve to one module; sys.path is untouched."""
+    name = "dgmr_recipes_" + hashlib.sha1(str(folder).encode()).hexdigest()[:12]
+    if name not in sys.modules:
+        package = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None, is_package=True))
+        package.__path__ = [str(folder)]
+        sys.modules[name] = package
+    return name
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
-    """Import a recipe file and call its get_config([arg]); its folder is importable (shared defaults)."""
+    """Import a recipe file (`path.py[:arg]`) and call its get_config([arg])."""
     path, _, arg = spec.partition(":")
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    sys.path.insert(0, str(file.parent.resolve()))
+    package = _folder_package(file.parent.resolve())
+    module_spec = importlib.util.spec_from_file_location(f"{package}.{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
     try:
-        module_spec = importlib.util.spec_from_file_location(f"dgmr_config_{file.stem}", file)
-        module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
-    finally:
-        sys.path.pop(0)
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"{path}: {err}; a recipe imports files beside it relatively (`from .{err.name} import ...`)"
+        ) from err
     if not hasattr(module, "get_config"):
         raise ValueError(f"{path} has no get_config() function")
     return module.get_config(arg) if arg else module.get_config()

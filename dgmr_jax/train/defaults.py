@@ -1,0 +1,24 @@
+"""The training loop's settings, defined once: each task's recipe defaults start from `loop_defaults`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+
+def loop_defaults(**overrides: Any) -> ml_collections.ConfigDict:
+    """Batch, mesh, checkpointing, logging and evaluation cadence of a run (`overrides` replace defaults)."""
+    c = ml_collections.ConfigDict()
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.global_batch = 256
+    c.checkpoint_every = 1000
+    c.keep = 3  # checkpoints kept
+    c.async_checkpoint = True
+    c.log_every = 10
+    c.eval_every = 0  # evaluate every N steps (0: at the end only)
+    unknown = set(overrides) - set(c.keys())
+    if unknown:
+        raise KeyError(f"not loop settings: {sorted(unknown)}")
+    c.update(overrides)
+    return c
