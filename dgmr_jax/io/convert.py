@@ -14,7 +14,7 @@ import numpy as np
 from dgmr_jax.io.checkpoint_io import CheckpointError, open_state_dict
 from dgmr_jax.io.hooks import HOOKS
 from dgmr_jax.io.keymaps import DERIVED, FAMILIES, Rule, rules, torch_prefix
-from dgmr_jax.io.open import LayerSource
+from dgmr_jax.io.source import LayerSource
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import preset
 from dgmr_jax.models.slim import needs_padding, pad_units, padded_config, slice_units

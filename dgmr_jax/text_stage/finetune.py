@@ -356,7 +356,7 @@ def _export(
     text_sd = text_to_torch(text_cfg, params, prefix)
     files = {"text.safetensors": text_sd}
     if vision is not None:
-        from dgmr_jax.convert import to_torch
+        from dgmr_jax.io.convert import to_torch
 
         cfg, vparams, family = vision
         files["clip.safetensors"] = {**to_torch(cfg, vparams, family=family, prefix="visual."), **text_sd}
