@@ -1,4 +1,8 @@
-"""Training errors the CLI reports without a traceback."""
+"""Errors the CLI reports as one line, without a traceback; every other exception is a bug and shows its own."""
+
+
+class UserError(ValueError):
+    """Bad input (a setting, a path, a file's contents): the message says what is wrong and how to fix it."""
 
 
 class NonFiniteLoss(RuntimeError):

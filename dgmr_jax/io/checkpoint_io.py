@@ -14,6 +14,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import is_uri
 
 # .tar covers the ImageNet-example convention "checkpoint.pth.tar" (a torch zip file, not a tar archive).
@@ -31,7 +32,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_NESTING = 4  # wrapper levels searched; real checkpoints use one or two
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the requested architecture."""
 
 
