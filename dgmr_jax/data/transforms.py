@@ -16,19 +16,39 @@ from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 _log = logging.getLogger(__name__)
 _FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to an RGB PIL image (first frame of animations).
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit (and 32-bit integer) single-channel images
+_WHITE = (255, 255, 255, 255)
 
-    `convert` forces the full decode, so truncated files fail here rather than later.
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode encoded image bytes to the 8-bit RGB picture a viewer shows (first frame of animations).
+
+    EXIF orientation is applied (camera JPEGs store rotation as a tag), 16-bit images are scaled to 8 bits
+    (PIL's own conversion clips them to white), and transparency is composited on white. The full decode
+    happens here, so truncated files fail here rather than later.
     """
     with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(img))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB: high-bit gray scaled by 1/257 (65535 -> 255), float gray as [0, 1] (or [0, 255] when
+    it exceeds 1), palette, gray, CMYK and alpha images as they look (transparent pixels on white)."""
+    if img.mode in _HIGH_BIT_MODES:
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img, np.float64) / 257), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        values = np.asarray(img, np.float64)
+        scale = 255 if values.max(initial=0) <= 1 else 1
+        img = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        return Image.alpha_composite(Image.new("RGBA", img.size, _WHITE), img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
 
 
 def random_resized_crop_box(
