@@ -8,11 +8,13 @@ in all (only values lose dims) and M kept MLP neurons, over n tokens of width D:
 
 A block gate pi scales its block's FLOPs (pi = 0: skipped, pi = 1: run); the patch embedding and the head are
 always paid. The same arithmetic serves the search (float arrays: differentiable in the kept counts and the gates)
-and extraction (Python ints: exact).
+and extraction (Python ints: exact). Counts meet arrays only as Python floats: a Python int above 2**31 inside
+a JAX expression overflows int32 (DeiT-S at 224 px is 9.2 GFLOPs, EVA-E about 1e12).
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
@@ -29,9 +31,12 @@ def num_tokens(cfg: ModelConfig) -> int:
 
 def layer_flops(cfg: ModelConfig, heads: Any, value_width: Any, neurons: Any) -> Any:
     """FLOPs of one block with `heads` kept heads, `value_width` kept value dims in all and `neurons` kept MLP
-    neurons. Plain arithmetic, so it works elementwise on Python ints (exact), numpy and jax arrays."""
+    neurons. Plain arithmetic, so it works elementwise on Python ints (exact), numpy and jax arrays (whose
+    coefficients are then floats, so no product of sizes overflows int32)."""
     n, width, d = num_tokens(cfg), cfg.width, cfg.attn_head_dim
     fc1 = 2 if cfg.gated else 1
+    if not all(isinstance(v, numbers.Integral) for v in (heads, value_width, neurons)):
+        n, width, d, fc1 = float(n), float(width), float(d), float(fc1)
     macs = (
         n * width * (2 * d * heads + value_width)  # qkv
         + n * n * d * heads  # q k^T
@@ -55,12 +60,12 @@ def model_flops(cfg: ModelConfig, heads: Any, value_width: Any, neurons: Any, ga
     per_layer = layer_flops(
         cfg, jnp.asarray(heads, dtype), jnp.asarray(value_width, dtype), jnp.asarray(neurons, dtype)
     )
-    return fixed_flops(cfg) + jnp.sum(jnp.asarray(gates, dtype) * per_layer)
+    return float(fixed_flops(cfg)) + jnp.sum(jnp.asarray(gates, dtype) * per_layer)
 
 
 def flops_ratio(cfg: ModelConfig, heads: Any, value_width: Any, neurons: Any, gates: Any) -> jnp.ndarray:
     """R = model_flops / count_flops(cfg): 1 for the full model, differentiable in every argument."""
-    return model_flops(cfg, heads, value_width, neurons, gates) / count_flops(cfg)
+    return model_flops(cfg, heads, value_width, neurons, gates) / float(count_flops(cfg))
 
 
 def masks_ratio(
