@@ -12,8 +12,9 @@ Each entry of `config.evals` is a dict (or the short form "KIND:DATA", e.g. "knn
   classnames, templates   for zeroshot: files as for `dgmr-jax eval --classnames/--templates`
   name        the metrics' prefix, "eval/<name>/..." (default: the kind)
   batch, l2   eval batch and probe regularization (as `dgmr-jax eval`)
-Every input is opened, the text tower loaded and prompts/captions embedded when the run starts, so a bad eval
-setting fails before the first step. The student is evaluated exactly as `dgmr-jax eval` evaluates the model
+Every input is opened and checked, the text tower loaded, prompts embedded and image sets decoded once (those
+that fit in CACHE_BYTES, whose captions are embedded then too) when the run starts, so a bad eval setting fails
+before the first step. The student is evaluated exactly as `dgmr-jax eval` evaluates the model
 directory the run would export at that step: the same evaluators (eval/evaluators.py) on the same config,
 weights and preprocessing, on the run's mesh. The train step is not touched (the evaluation is its own jitted
 forward): no recompile.
