@@ -85,20 +85,9 @@ def _hidden(text: str) -> int | list[int]:
 
 def _taylor_scores(source: Any, spec: str, num_images: int, batch: int) -> list[Any]:
     """Per-layer Taylor importance of `source`'s MLP neurons over the first images of an image set."""
-    import itertools
+    from dgmr_jax.prune.taylor import taylor_scores_on_images
 
-    from dgmr_jax.data import open_images
-    from dgmr_jax.eval.features import EvalBatches
-    from dgmr_jax.models.preprocess import Preprocess
-    from dgmr_jax.prune.taylor import taylor_scores
-
-    data = open_images(spec, split="train").source
-    size = source.cfg.img_size
-    view = Preprocess.from_meta(source.meta, source.cfg.name).eval_view(size)
-    batches = EvalBatches(data, batch_size=batch, img_size=size, **view)
-    images = (b["images"] for b in itertools.islice(batches, -(-num_images // batch)))
-    print(f"taylor: scoring neurons on {min(num_images, len(data))} images of {spec} (whole model in memory)")
-    return taylor_scores(source.cfg, source.load(), images)
+    return taylor_scores_on_images(source, spec, num_images, batch)
 
 
 def _prune(args: argparse.Namespace) -> None:

@@ -11,8 +11,7 @@ from reference import images, rel_err, small_timm, timm, timm_outputs, to_nhwc, 
 
 import dgmr_jax as dj
 from dgmr_jax.cli import main
-from dgmr_jax.data import ImageFolderSource
-from dgmr_jax.eval.features import EvalBatches
+from dgmr_jax.data import EvalBatches, ImageFolderSource
 from dgmr_jax.io.checkpoint_io import save_safetensors
 from dgmr_jax.model_dir import load_model
 from dgmr_jax.models.preprocess import published

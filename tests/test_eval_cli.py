@@ -178,3 +178,85 @@ def test_sharded_features_equal_one_device():
     eight = extract_features(cfg, params, batches, mesh=make_mesh(4, 2, 1), progress=False)
     assert one.shape == eight.shape == (29, 192)
     np.testing.assert_allclose(eight, one, rtol=1e-5, atol=1e-5 * float(np.abs(one).max()))
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny open_clip model converted to a model directory, its checkpoint and text config, and 8 captioned
+    images (images/{red,blue}/{0..3}.png) with their manifest lines."""
+    torch = pytest.importorskip("torch")
+    from reference import small_clip  # skips without open_clip
+
+    root = tmp_path_factory.mktemp("clip")
+    model, vision_cfg, text_cfg = small_clip(seed=3)
+    torch.save(model.state_dict(), root / "clip.pt")
+    (root / "vision.json").write_text(vision_cfg.to_json())
+    (root / "text.json").write_text(text_cfg.to_json())
+    convert = ["convert", "--family", "open_clip", "--arch", str(root / "vision.json")]
+    assert main([*convert, "--checkpoint", str(root / "clip.pt"), "--out", str(root / "model")]) == 0
+    _folder(root / "images", 4, 0)
+    lines = [
+        json.dumps({"image": f"images/{c}/{i}.png", "captions": [f"a {c} square {i}", f"picture {i}, {c}"]})
+        for c in ("red", "blue")
+        for i in range(4)
+    ]
+    return root, lines
+
+
+def _retrieval(root, manifest: str, out) -> tuple[int, dict | None]:
+    clip = ["--clip-text", str(root / "clip.pt"), "--text-arch", str(root / "text.json")]
+    args = ["--train", "none", *clip, "--retrieval", manifest, "--out", str(out)]
+    code = main(["eval", "--model", str(root / "model"), *args])
+    return code, json.loads(out.read_text()) if code == 0 else None
+
+
+def test_eval_retrieval_skips_a_missing_image_like_finetune_text(clip_dir, tmp_path, capsys):
+    """A manifest line whose (local) image does not exist is a bad pair, as for finetune-text: counted and named in
+    a warning, left out with its captions; the rest is evaluated as if the line were not there."""
+    root, lines = clip_dir
+    missing = {"image": "images/red/missing.png", "captions": ["gone", "gone again"]}
+    (root / "clean.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "missing.jsonl").write_text("\n".join([*lines[:3], json.dumps(missing), *lines[3:]]) + "\n")
+    code, clean = _retrieval(root, str(root / "clean.jsonl"), tmp_path / "clean.json")
+    assert code == 0
+    capsys.readouterr()
+    code, result = _retrieval(root, str(root / "missing.jsonl"), tmp_path / "result.json")
+    assert code == 0
+    err = capsys.readouterr().err
+    image = root / "images" / "red" / "missing.png"
+    assert (
+        f"eval: warning: skipped 1 bad retrieval pairs of {root / 'missing.jsonl'}: "
+        f"{root / 'missing.jsonl'} line 4: image {image} does not exist\n" in err
+    )
+    assert result["retrieval"] == clean["retrieval"]
+    assert (result["retrieval"]["images"], result["retrieval"]["captions"]) == (8, 16)
+    assert result["skipped_files"] == {"retrieval": [str(image)]} and clean["skipped_files"] == {"retrieval": []}
+
+
+def test_eval_retrieval_reads_a_gcs_manifest_and_skips_its_missing_image(clip_dir, tmp_path, capsys):
+    """A manifest and its images on Cloud Storage (a local emulator), one image never uploaded: the manifest reads
+    as finetune-text reads it, the missing image is named in a warning and left out with its captions, the other
+    pairs give the numbers of the same pairs on local disk, and the run exits 0."""
+    from gcs_emulator import gcs_emulator
+
+    from dgmr_jax.core.paths import as_path
+
+    root, lines = clip_dir
+    missing = {"image": "images/red/missing.png", "captions": ["gone", "gone again"]}
+    (root / "local.jsonl").write_text("\n".join(lines) + "\n")
+    code, local = _retrieval(root, str(root / "local.jsonl"), tmp_path / "local.json")
+    assert code == 0
+    capsys.readouterr()
+    with gcs_emulator("dgmr-retrieval"):
+        for path in (root / "images").rglob("*.png"):
+            as_path(f"gs://dgmr-retrieval/{path.relative_to(root)}").write_bytes(path.read_bytes())
+        manifest = "gs://dgmr-retrieval/pairs.jsonl"
+        as_path(manifest).write_text("\n".join([*lines[:3], json.dumps(missing), *lines[3:]]) + "\n")
+        code, result = _retrieval(root, manifest, tmp_path / "remote.json")
+    assert code == 0
+    err = capsys.readouterr().err
+    gone = "gs://dgmr-retrieval/images/red/missing.png"
+    assert f"eval: warning: skipped 1 unreadable retrieval image, left out of the results: {gone}\n" in err
+    assert result["skipped_files"] == {"retrieval": [gone]}
+    assert result["retrieval"] == local["retrieval"]
+    assert (result["retrieval"]["images"], result["retrieval"]["captions"]) == (8, 16)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -59,6 +60,45 @@ class ImageFolderSource:
 
     def __repr__(self) -> str:
         return f"ImageFolderSource(root={self.root!r}, num_images={len(self)})"
+
+
+class ImageFiles:
+    """Image files by path (local or gs://, as listed by a manifest or a folder walk), in the given order."""
+
+    def __init__(self, paths: Sequence[str], listed_in: str) -> None:
+        self.paths, self.listed_in = list(paths), listed_in
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> bytes:
+        return as_path(self.paths[i]).read_bytes()
+
+    def path(self, i: int) -> str:
+        """Path of record i (named in the messages about unreadable images)."""
+        return self.paths[i]
+
+    def __repr__(self) -> str:
+        return f"ImageFiles(listed_in={self.listed_in!r}, num_images={len(self)})"
+
+
+class Subset:
+    """Records `keep` of a source, renumbered (named as the source names them)."""
+
+    def __init__(self, source: Any, keep: Sequence[int]) -> None:
+        self.source, self.keep = source, list(keep)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.source[self.keep[i]]
+
+    def path(self, i: int) -> str:
+        return self.source.path(self.keep[i]) if hasattr(self.source, "path") else f"record {self.keep[i]}"
+
+    def __repr__(self) -> str:
+        return f"Subset({self.source!r}, num_images={len(self)})"
 
 
 def walk_files(root: str) -> Iterable[tuple[str, list[str]]]:

@@ -1,16 +1,15 @@
 """Frozen features of a whole dataset: a jitted forward over batches, gathered on the host.
 
 `extract_features` takes any iterable of batch dicts with "images" (a grain loader from
-`data.make_loader`, or `EvalBatches`). `make_loader` drops the last partial batch, so for
-evaluation, where every test image must count, `EvalBatches` yields every readable record of a
-source in order, the last batch smaller; `extract_features` pads such a batch to the first batch's
-size (one compilation) and drops the padding.
+`data.make_loader`, or `data.EvalBatches`, which yields every readable record of a source in order,
+the last batch smaller); `extract_features` pads such a batch to the first batch's size (one
+compilation) and drops the padding.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -20,7 +19,6 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dgmr_jax.core.parallel import batch_sharding, data_parallel_size, make_mesh, to_host, tree_shardings
-from dgmr_jax.data.transforms import DecodeOrSkip, normalize, resize_center_crop
 from dgmr_jax.models import ModelConfig, forward
 from dgmr_jax.models.vit import logical_axes, param_shapes
 
@@ -86,56 +84,3 @@ def extract_features(
     by_key = {k: np.concatenate([f[i] for f in feats]) for i, k in enumerate(keys)}
     result = by_key[key] if isinstance(key, str) else by_key
     return (result, np.concatenate(index)) if return_index else result
-
-
-class EvalBatches:
-    """Every readable record of a source, in order, as batches {"images": (b, size, size, 3) float32, "index": (b,)}.
-
-    The eval transform of `make_loader(train=False)` (resize shorter side to resize_size, center crop
-    img_size, normalize), but single-process and never dropping the last partial batch. Records that
-    `DecodeOrSkip` passes over (and logs) are left out rather than replaced: "index" names the record of
-    each row, so callers select labels with it and can tell which records were skipped. len() counts
-    batches as if every record were readable. A source with no readable record raises ValueError.
-    """
-
-    def __init__(
-        self,
-        source: Any,
-        *,
-        batch_size: int,
-        img_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        resize_size: int | None = None,
-        interpolation: str = "bicubic",
-    ) -> None:
-        if batch_size <= 0 or len(source) == 0:
-            raise ValueError(f"need batch_size > 0 and a non-empty source, got {batch_size} and {len(source)} records")
-        self.source, self.batch_size, self.img_size = source, batch_size, img_size
-        self.mean, self.std, self.resize_size, self.interpolation = mean, std, resize_size, interpolation
-
-    def __len__(self) -> int:
-        return -(-len(self.source) // self.batch_size)
-
-    def _readable(self) -> Iterator[tuple[int, Any]]:
-        """(record index, RGB image) of each readable record, in order, each record decoded once."""
-        decode, i, n = DecodeOrSkip(self.source), 0, len(self.source)
-        while i < n:
-            element = decode.map(i)  # the first readable record from i on, wrapping around to 0
-            i += int(element["skipped"])
-            if i >= n:  # records from the first i on were all unreadable
-                return
-            yield i, element["image"]
-            i += 1
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        index, images = [], []
-        for i, image in self._readable():
-            index.append(i)
-            view = resize_center_crop(image, self.img_size, self.resize_size, self.interpolation)
-            images.append(normalize(view, self.mean, self.std))
-            if len(index) == self.batch_size:
-                yield {"images": np.stack(images), "index": np.asarray(index, np.int64)}
-                index, images = [], []
-        if index:
-            yield {"images": np.stack(images), "index": np.asarray(index, np.int64)}

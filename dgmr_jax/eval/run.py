@@ -1,37 +1,19 @@
 """`dgmr-jax eval`: kNN (DINOv2 protocol) and linear-probe accuracy of a model directory on labeled images, and,
-with a CLIP text tower, zero-shot accuracy and image-text retrieval recall."""
+with a CLIP text tower, zero-shot accuracy and image-text retrieval recall: a driver over the evaluators of
+eval/evaluators.py (the ones in-loop evaluation runs), which turns their metrics into the result JSON."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import sys
 from typing import Any
 
 import jax
-import numpy as np
 
-from dgmr_jax.data import open_images, record_name
-from dgmr_jax.eval.features import EvalBatches, extract_features
-from dgmr_jax.eval.knn import DINOV2_KS, knn_accuracy
-from dgmr_jax.eval.linear_probe import linear_probe
-from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall, zeroshot_accuracy, zeroshot_classifier
-from dgmr_jax.io.clip import clip_embedding, open_text_tower
+from dgmr_jax.eval.evaluators import DIGITS, Context, EvalSpec, Evaluator, make_evaluator, run_all
 from dgmr_jax.io.open import open_model
-from dgmr_jax.models.preprocess import Preprocess
 
-DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-MNIST_TEMPLATES = ("a photo of the number {}.", "a photo of the digit {}.")
-FOLDER_TEMPLATES = ("a photo of a {}.",)
-ZEROSHOT_KS, RETRIEVAL_KS = (1, 5), (1, 5, 10)
-
-
-def labeled_source(spec: str, split: str) -> tuple[Any, np.ndarray, list[str]]:
-    """(source, int labels, class names) of a labeled image set (see data.open_images); mnist5k gives its
-    fixed train/test split, a folder its first-level subfolders as classes."""
-    images = open_images(spec, split=split, labeled=True)
-    return images.source, images.labels, images.classes
+__all__ = ["DIGITS", "ClipEval", "evaluate", "offline_specs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,74 +34,70 @@ class ClipEval:
             raise ValueError("a CLIP text tower is only used with --zeroshot and/or --retrieval FILE")
 
 
-def read_retrieval(path: str) -> tuple[list[str], list[str], np.ndarray]:
-    """(image paths, captions, image index of each caption) from a jsonl file of {"image": path, "captions":
-    [...]} lines; relative image paths are taken from the file's folder."""
-    root = os.path.dirname(os.path.abspath(path))
-    images, captions, owners = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {n} is not JSON ({err})") from err
-            ok = isinstance(record, dict) and isinstance(record.get("image"), str)
-            caps = record.get("captions") if ok else None
-            if not (isinstance(caps, list) and caps and all(isinstance(c, str) for c in caps)):
-                raise ValueError(f'{path} line {n}: expected {{"image": path, "captions": [one or more strings]}}')
-            image = os.path.join(root, record["image"])
-            if not os.path.isfile(image):
-                raise FileNotFoundError(f"{path} line {n}: image {image} does not exist")
-            captions += caps
-            owners += [len(images)] * len(caps)
-            images.append(image)
-    if not images:
-        raise ValueError(f"{path} lists no images")
-    return images, captions, np.asarray(owners)
+def offline_specs(train: str, test: str, batch: int, l2: float, clip: ClipEval | None) -> list[EvalSpec]:
+    """The evaluations `dgmr-jax eval` runs: kNN and linear probe (unless train="none"), zero-shot, retrieval."""
+    if train == "none" and clip is None:
+        raise ValueError("--train none leaves nothing to evaluate: add --zeroshot or --retrieval (with --clip-text)")
+    specs = []
+    if train != "none":
+        specs += [EvalSpec(kind, train=train, test=test, batch=batch, l2=l2) for kind in ("knn", "linear_probe")]
+    if clip:
+        text = dict(clip_text=str(clip.checkpoint), text_arch=clip.text_arch or "", bpe_vocab=clip.bpe_vocab or "")
+        if clip.zeroshot:
+            names = dict(classnames=clip.classnames or "", templates=clip.templates or "")
+            specs.append(EvalSpec("zeroshot", test=test, batch=batch, **names, **text))
+        if clip.retrieval:
+            specs.append(EvalSpec("retrieval", retrieval=clip.retrieval, batch=batch, **text))
+    return specs
 
 
-class RetrievalFiles:
-    """Image files by path, as the encoded-bytes source that EvalBatches reads."""
+def _warn_skipped(result: dict[str, Any]) -> Any:
+    """on_skipped for Context: names a split's unreadable images in result["skipped_files"] and a warning."""
 
-    def __init__(self, paths: list[str], listed_in: str) -> None:
-        self.paths, self.listed_in = paths, listed_in
+    def on_skipped(split: str, skipped: list[str]) -> None:
+        result["skipped_files"][split] = result["skipped_files"].get(split, []) + skipped
+        if skipped:
+            shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            print(
+                f"eval: warning: skipped {len(skipped)} unreadable {split} image{'s' * (len(skipped) > 1)}, "
+                f"left out of the results: {shown}",
+                file=sys.stderr,
+            )
 
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> bytes:
-        with open(self.paths[i], "rb") as f:
-            return f.read()
-
-    def path(self, i: int) -> str:
-        """Path of image i (named in the messages about unreadable images)."""
-        return self.paths[i]
-
-    def __repr__(self) -> str:
-        return f"RetrievalImages(listed_in={self.listed_in!r}, num_images={len(self)})"
+    return on_skipped
 
 
-def _lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
+def _announce(ctx: Context, img_size: int | None) -> None:
+    counts = " + ".join(f"{len(images.source)} {images.split}" for images in ctx.opened)
+    hint = " (use --img-size to go faster on CPU)" if img_size is None and jax.default_backend() == "cpu" else ""
+    print(f"eval: embedding {counts} images at {ctx.img_size} px{hint}", file=sys.stderr)
 
 
-def zeroshot_prompts(clip: ClipEval, test: str, classes: list[str]) -> tuple[list[str], list[str]]:
-    """(class names, templates) for zero-shot: digit words for mnist5k, folder names ("_" as spaces)
-    otherwise, unless files give them."""
-    names = list(DIGITS) if test == "mnist5k" else [c.replace("_", " ") for c in classes]
-    templates = list(MNIST_TEMPLATES if test == "mnist5k" else FOLDER_TEMPLATES)
-    if clip.classnames:
-        names = _lines(clip.classnames)
-        if len(names) != len(classes):
-            raise ValueError(f"{clip.classnames} has {len(names)} class names but --test has {len(classes)} classes")
-    if clip.templates:
-        templates = _lines(clip.templates)
-        if not templates or not all("{}" in t for t in templates):
-            raise ValueError(f"{clip.templates}: give one or more templates, each with {{}} for the class name")
-    return names, templates
+def _by_k(metrics: dict[str, float], prefix: str) -> dict[int, float]:
+    return {int(name[len(prefix) :]): v for name, v in metrics.items() if name.startswith(prefix)}
+
+
+def _report(result: dict[str, Any], evaluators: dict[str, Evaluator], metrics: dict[str, dict]) -> dict[str, Any]:
+    """The result JSON of `dgmr-jax eval` from the evaluators' metrics and details."""
+    labeled = evaluators.get("knn") or evaluators.get("zeroshot")
+    if labeled is not None:
+        result.update({k: labeled.details[k] for k in ("classes", "test_images")})
+    if "knn" in metrics:
+        result["knn"] = _by_k(metrics["knn"], "knn@")
+        result["linear_probe"] = {
+            **metrics["linear_probe"],
+            "train_top1": evaluators["linear_probe"].details["train_top1"],
+        }
+        result["train_images"] = evaluators["knn"].details["train_images"]
+    text = evaluators.get("zeroshot") or evaluators.get("retrieval")
+    if text is not None:
+        result["text_arch"] = text.text.cfg.name
+    if "zeroshot" in metrics:
+        result["zeroshot"] = {**metrics["zeroshot"], "templates": evaluators["zeroshot"].details["templates"]}
+    if "retrieval" in metrics:
+        ways = {way: _by_k(metrics["retrieval"], f"{way}_R@") for way in ("image_to_text", "text_to_image")}
+        result["retrieval"] = {**ways, **evaluators["retrieval"].details}
+    return result
 
 
 def evaluate(
@@ -134,89 +112,17 @@ def evaluate(
     """Pooled features of train and test images -> kNN top-1 per k and linear-probe top-1 (skipped with
     train="none"); with `clip`, zero-shot top-k on the test images and retrieval recall@k. Every input is
     checked, and the text tower loaded, before any image is embedded. Images that do not read or decode are
-    left out (with their labels, or captions), named in a warning and in result["skipped_files"][split]."""
+    left out (with their labels, or captions), named in a warning and in result["skipped_files"][split]; so
+    are the bad pairs of a retrieval manifest (a missing image, a line without captions)."""
     model = open_model(model_dir)
-    cfg = model.cfg
-    knn = train != "none"
-    if not knn and clip is None:
-        raise ValueError("--train none leaves nothing to evaluate: add --zeroshot or --retrieval (with --clip-text)")
-    classes = None
-    if knn or (clip and clip.zeroshot):
-        test_source, test_labels, classes = labeled_source(test, "test")
-    if knn:
-        train_source, train_labels, train_classes = labeled_source(train, "train")
-        if train_classes != classes:
-            raise ValueError(f"train classes {train_classes[:10]} and test classes {classes[:10]} differ")
-    if clip:
-        prompts = zeroshot_prompts(clip, test, classes) if clip.zeroshot else None
-        retrieval = read_retrieval(clip.retrieval) if clip.retrieval else None
-        text_cfg, text_params, tokenizer = open_text_tower(clip.checkpoint, cfg, clip.text_arch, clip.bpe_vocab)
-    size = img_size or cfg.img_size
-    view = Preprocess.from_meta(model.meta, cfg.name).eval_view(size)
-    params = model.load()
-    key = clip_embedding(cfg)[0] if clip else None
-    # every test-image output that kNN and zero-shot read, from one pass over the test set
-    test_keys = tuple(dict.fromkeys((["pooled"] if knn else []) + ([key] if clip and clip.zeroshot else [])))
-    counts = [(len(train_source), "train")] if knn else []
-    counts += [(len(test_source), "test")] if test_keys else []
-    counts += [(len(retrieval[0]), "retrieval")] if clip and clip.retrieval else []
-    hint = " (use --img-size to go faster on CPU)" if img_size is None and jax.default_backend() == "cpu" else ""
-    print(
-        f"eval: embedding {' + '.join(f'{n} {split}' for n, split in counts)} images at {size} px{hint}",
-        file=sys.stderr,
-    )
+    specs = offline_specs(train, test, batch, l2, clip)
+    size = img_size or model.cfg.img_size
     result: dict[str, Any] = {"img_size": size, "skipped_files": {}}
-
-    def features(split: str, source: Any, key: str | tuple[str, ...]) -> tuple[Any, np.ndarray]:
-        """Features of the readable images of `source` and the record index of each row; the unreadable
-        ones are named in result["skipped_files"][split] and in a warning."""
-        batches = EvalBatches(source, batch_size=batch, img_size=size, **view)
-        desc = f"{split} features ({len(source)} images, {size} px)"
-        feats, index = extract_features(cfg, params, batches, key, return_index=True, desc=desc)
-        skipped = [record_name(source, int(i)) for i in np.setdiff1d(np.arange(len(source)), index)]
-        result["skipped_files"][split] = skipped
-        if skipped:
-            shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-            print(
-                f"eval: warning: skipped {len(skipped)} unreadable {split} image{'s' * (len(skipped) > 1)}, "
-                f"left out of the results: {shown}",
-                file=sys.stderr,
-            )
-        return feats, index
-
-    if test_keys:
-        test_feats, test_index = features("test", test_source, test_keys)
-        test_labels = test_labels[test_index]
-    if classes is not None:
-        result.update(classes=len(classes), test_images=len(test_labels))
-    if knn:
-        train_feats, train_index = features("train", train_source, "pooled")
-        train_labels = train_labels[train_index]
-        ks = tuple(k for k in DINOV2_KS if k <= len(train_labels))
-        knn_top1 = knn_accuracy(
-            train_feats, train_labels, test_feats["pooled"], test_labels, ks=ks, num_classes=len(classes)
-        )
-        result["knn"] = {int(k): float(v) for k, v in knn_top1.items()}
-        result["linear_probe"] = linear_probe(
-            train_feats, train_labels, test_feats["pooled"], test_labels, l2=l2, num_classes=len(classes)
-        )
-        result["train_images"] = len(train_labels)
-    if clip:
-        result["text_arch"] = text_cfg.name
-    if clip and clip.zeroshot:
-        classifier = zeroshot_classifier(text_cfg, text_params, *prompts, tokenizer, progress=True)
-        ks = tuple(k for k in ZEROSHOT_KS if k <= len(classes))
-        top = zeroshot_accuracy(test_feats[key], test_labels, classifier, ks)
-        result["zeroshot"] = {**{f"top{k}": v for k, v in top.items()}, "templates": len(prompts[1])}
-    if clip and clip.retrieval:
-        images, captions, owners = retrieval
-        image_emb, kept = features("retrieval", RetrievalFiles(images, clip.retrieval), key)
-        # a skipped image takes its captions with it: each caption has exactly one true image
-        has_image = np.isin(owners, kept)
-        captions = [c for c, keep in zip(captions, has_image, strict=True) if keep]
-        owners = np.searchsorted(kept, owners[has_image])
-        text_emb = encode_texts(text_cfg, text_params, tokenizer(captions), progress=True)
-        ks = tuple(k for k in RETRIEVAL_KS if k <= min(len(kept), len(captions)))
-        recall = retrieval_recall(image_emb, text_emb, owners, ks)
-        result["retrieval"] = {**recall, "images": len(kept), "captions": len(captions)}
-    return result
+    ctx = Context(model.cfg, model.meta, size, progress=True, on_skipped=_warn_skipped(result))
+    evaluators = {spec.kind: make_evaluator(spec, ctx) for spec in specs}
+    if "retrieval" in evaluators:
+        result["skipped_files"]["retrieval"] = [bad.name for bad in evaluators["retrieval"].pairs.bad]
+    params = model.load()
+    _announce(ctx, img_size)
+    metrics = dict(zip(evaluators, run_all(list(evaluators.values()), ctx, params), strict=True))
+    return _report(result, evaluators, metrics)

@@ -22,6 +22,7 @@ from dgmr_jax.eval.knn import l2_normalize
 from dgmr_jax.models.text import TextConfig, encode_text, text_logical_axes, text_param_shapes
 
 Template = str | Callable[[str], str]
+ZEROSHOT_KS, RETRIEVAL_KS = (1, 5), (1, 5, 10)  # the ks reported (those up to the class / image count)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

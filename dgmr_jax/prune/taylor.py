@@ -8,6 +8,7 @@ scores high when removing it would change the pooled vector and patch tokens the
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,7 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgmr_jax.data import EvalBatches, open_images
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.tree import Params, is_scanned, unstack_blocks
 from dgmr_jax.models.vit import VisionTransformer
 
@@ -66,3 +69,15 @@ def taylor_scores(
     if totals is None:
         raise ValueError("taylor_scores needs at least one batch of images")
     return [np.asarray(totals[f"blocks_{i}"]) / count for i in range(cfg.depth)]
+
+
+def taylor_scores_on_images(model: Any, spec: str, num_images: int, batch: int) -> list[np.ndarray]:
+    """Per-layer Taylor importance of an opened model's (io.open_model) MLP neurons over the first `num_images`
+    readable images of the image set `spec` (its train split), in the model's eval view at its image size."""
+    data = open_images(spec, split="train").source
+    size = model.cfg.img_size
+    view = Preprocess.from_meta(model.meta, model.cfg.name).eval_view(size)
+    batches = EvalBatches(data, batch_size=batch, img_size=size, **view)
+    images = (b["images"] for b in itertools.islice(batches, -(-num_images // batch)))
+    print(f"taylor: scoring neurons on {min(num_images, len(data))} images of {spec} (whole model in memory)")
+    return taylor_scores(model.cfg, model.load(), images)

@@ -4,8 +4,9 @@ image tower, the last DGMR stage.
 The image tower never changes, so every image is embedded once, before training, and the embeddings are kept
 in the workdir (image_embeddings.npy, pairs.json) for resumed runs. Training records are (image embedding,
 one caption's tokens) pairs; the trained set is the whole text tower and the logit scale. The run goes through
-the shared train loop (distill/loop.py): Orbax resume with the grain iterator state, SIGTERM save-and-stop,
-metrics.jsonl / TensorBoard, retrieval recall (and zero-shot accuracy) as the in-loop evaluation, best.json. At
+the shared train loop (train/loop.py): Orbax resume with the grain iterator state, SIGTERM save-and-stop,
+metrics.jsonl / TensorBoard, retrieval recall (and zero-shot accuracy) as the in-loop evaluation (the evaluators
+of eval/evaluators.py, run on the text params with the image embeddings fixed), best.json. At
 the end WORKDIR/text holds the tower in the checkpoint's own layout (and, for CLIP-family vision towers, a
 merged CLIP state dict).
 """
@@ -29,6 +30,7 @@ import ml_collections
 import numpy as np
 import optax
 from etils import epath
+from jax.sharding import Mesh
 
 from dgmr_jax.core.parallel import (
     batch_sharding,
@@ -40,10 +42,9 @@ from dgmr_jax.core.parallel import (
     to_host,
 )
 from dgmr_jax.core.paths import PathLike, as_path, is_uri
-from dgmr_jax.data import open_images
-from dgmr_jax.eval.features import EvalBatches, extract_features
-from dgmr_jax.eval.run import ClipEval, zeroshot_prompts
-from dgmr_jax.eval.zeroshot import encode_texts, retrieval_recall, zeroshot_accuracy, zeroshot_classifier
+from dgmr_jax.data import EvalBatches, Pairs, require_good, warn_bad
+from dgmr_jax.eval.evaluators import Context, Embedded, EvalSpec, Evaluator, RetrievalEval, TextTower, ZeroShotEval
+from dgmr_jax.eval.features import extract_features
 from dgmr_jax.io.checkpoint_io import open_state_dict, save_safetensors
 from dgmr_jax.io.clip import clip_embedding, text_config_for
 from dgmr_jax.io.open import open_model
@@ -51,7 +52,7 @@ from dgmr_jax.io.text_convert import TEXT_PREFIX, text_from_torch, text_to_torch
 from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.text import TextConfig, encode_text, text_logical_axes, text_param_shapes
 from dgmr_jax.models.tokenizer import Tokenizer
-from dgmr_jax.text_stage.pairs import Pairs, read_pairs, require_good, warn_bad
+from dgmr_jax.text_stage.pairs import read_pairs
 from dgmr_jax.train import workdir as workdir_lib
 from dgmr_jax.train.checkpoint import abstract_with_shardings
 from dgmr_jax.train.logs import JsonlLog
@@ -68,7 +69,6 @@ from dgmr_jax.train.state import (
 
 EMBEDDINGS, PAIRS_FILE, TEXT_DIR = "image_embeddings.npy", "pairs.json", "text"
 MAX_LOGIT_SCALE = math.log(100.0)  # open_clip clamps the learned temperature to at most 100
-RETRIEVAL_KS = (1, 5, 10)
 BEST_METRIC = "eval/retrieval/mean_recall"
 
 
@@ -270,73 +270,130 @@ def frozen_embeddings(
     return pairs.drop(_unreadable(pairs, kept)), emb.astype(np.float32)
 
 
-def _flat_captions(pairs: Pairs) -> tuple[list[str], np.ndarray]:
-    captions = [c for caps in pairs.captions for c in caps]
-    owners = np.repeat(np.arange(len(pairs)), [len(c) for c in pairs.captions])
-    return captions, owners
-
-
 @dataclasses.dataclass
-class Retrieval:
-    """What in-loop evaluation re-embeds (captions) and compares with (fixed image embeddings)."""
+class _Inputs:
+    """Everything finetune-text reads and checks before any image is embedded."""
 
-    image_emb: np.ndarray
-    tokens: np.ndarray
-    owners: np.ndarray
-    spec: str
+    source: Any  # the frozen image tower (io.open_model)
+    clip_text: str
+    train: Pairs
+    held_out: Pairs | None
+    tokenizer: Tokenizer
+    text_cfg: TextConfig
+    text_params: Any
+    prefix: str  # the checkpoint's text-tower key prefix, kept on export
+    dtypes: Any  # the checkpoint's dtypes, kept on export
+    sig: dict
+    img_size: int
 
-    @classmethod
-    def first(cls, pairs: Pairs, emb: np.ndarray, tokenizer: Tokenizer, length: int, images: int) -> Retrieval:
-        n = min(images, len(pairs)) if images > 0 else len(pairs)
-        captions, owners = _flat_captions(
-            dataclasses.replace(pairs, captions=pairs.captions[:n], names=pairs.names[:n])
+
+def _read_pairs(config: ml_collections.ConfigDict, pairs: str, eval_pairs: str | None) -> tuple[Pairs, Pairs | None]:
+    d = config.data
+    read = dict(split=d.split, data_dir=d.data_dir or None, image_key=d.image_key, caption_key=d.caption_key)
+    train = read_pairs(pairs, **read)
+    require_good(train)
+    held_out = read_pairs(eval_pairs, **read) if eval_pairs else None
+    if held_out is not None:
+        require_good(held_out)
+    return train, held_out
+
+
+def open_inputs(
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    model: str,
+    clip_text: str,
+    pairs: str,
+    text_arch: str | None,
+    eval_pairs: str | None,
+    bpe_vocab: str | None,
+) -> _Inputs:
+    """Open the image tower, read the pairs, check a resumed run's inputs and read the text tower: everything
+    that can fail on a bad input fails here, before any image is embedded."""
+    source = open_model(model)
+    text_cfg = text_config_for(source.cfg, text_arch)  # the embedding widths agree, before anything is read
+    tokenizer = Tokenizer(bpe_vocab)
+    train, held_out = _read_pairs(config, pairs, eval_pairs)
+    sig = signature(config, model, clip_text, text_cfg.name, pairs)
+    workdir_lib.check_resume(workdir, sig)
+    raw = open_state_dict(clip_text)
+    prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in raw) else ""
+    text_cfg, text_params = text_from_torch(raw, text_cfg)
+    del raw
+    dtypes = jax.tree_util.tree_map(lambda p: np.asarray(p).dtype, text_params)
+    img_size = config.data.img_size or source.cfg.img_size
+    return _Inputs(source, clip_text, train, held_out, tokenizer, text_cfg, text_params, prefix, dtypes, sig, img_size)
+
+
+class _VisionParams:
+    """The frozen image tower's weights, read on first use (a resume reuses the stored embeddings) and dropped
+    before training."""
+
+    def __init__(self, source: Any) -> None:
+        self.source, self.params = source, None
+
+    def __call__(self) -> Any:
+        if self.params is None:
+            self.params = self.source.load()
+        return self.params
+
+
+def _eval_retrieval(
+    config: ml_collections.ConfigDict, inputs: _Inputs, train: tuple[Pairs, np.ndarray], vision: _VisionParams
+) -> tuple[Pairs, np.ndarray]:
+    """(pairs, image embeddings) that retrieval is evaluated on: the held-out pairs (embedded here, their
+    unreadable images left out) or else the training pairs; the first config.eval_images of them."""
+    pairs, emb = train
+    if inputs.held_out is not None:
+        d, cfg = config.data, inputs.source.cfg
+        emb, kept = _embed(
+            cfg, vision(), inputs.source.meta, inputs.held_out.source, inputs.img_size, d.embed_batch, "eval"
         )
-        return cls(emb[:n], tokenize(tokenizer, captions, length), owners, pairs.spec)
+        pairs = inputs.held_out.drop(_unreadable(inputs.held_out, kept))
+        warn_bad(pairs, "eval pairs")
+    pairs = pairs.first(config.eval_images)
+    return pairs, emb[: len(pairs)]
 
-    def recall(self, text_cfg: TextConfig, params: Any, batch: int) -> dict[str, float]:
-        """Recall of the text tower `params` (on the train mesh): every process encodes the captions on its own
-        devices (params gathered to each host when the mesh spans several) and gets the same numbers."""
-        params = to_host(params) if jax.process_count() > 1 else params
-        mesh = make_mesh(devices=jax.local_devices())
-        text = encode_texts(text_cfg, params, self.tokens, batch=batch, mesh=mesh)
-        ks = tuple(k for k in RETRIEVAL_KS if k <= min(len(self.image_emb), len(text)))
-        recall = retrieval_recall(self.image_emb, text, self.owners, ks)
-        row = {f"eval/retrieval/{way}_R@{k}": v for way, by_k in recall.items() for k, v in by_k.items()}
+
+def text_evaluators(
+    config: ml_collections.ConfigDict,
+    inputs: _Inputs,
+    text_cfg: TextConfig,
+    train: tuple[Pairs, np.ndarray],
+    vision: _VisionParams,
+) -> dict[str, Evaluator]:
+    """The in-loop evaluators of the text tower being trained (eval/evaluators.py, on fixed image embeddings):
+    retrieval recall, and zero-shot accuracy on config.zeroshot's test split when set."""
+    mesh = make_mesh(devices=jax.local_devices())  # each process evaluates on its own devices
+    ctx = Context(inputs.source.cfg, inputs.source.meta, inputs.img_size, mesh=mesh, progress=True)
+    tower = TextTower(text_cfg, None, inputs.tokenizer, batch=config.eval_batch, mesh=mesh)
+    pairs, emb = _eval_retrieval(config, inputs, train, vision)
+    captions, _ = pairs.flat_captions()
+    tokens = tokenize(inputs.tokenizer, captions, text_cfg.context_length)
+    images = Embedded("retrieval", emb, np.arange(len(pairs)))
+    spec = EvalSpec("retrieval", retrieval=pairs.spec, clip_text=str(inputs.clip_text))
+    evaluators = {"retrieval": RetrievalEval(spec, ctx, pairs=pairs, images=images, text=tower, tokens=tokens)}
+    if config.zeroshot:
+        names = dict(test=config.zeroshot, templates=config.zeroshot_templates, batch=config.data.embed_batch)
+        spec = EvalSpec("zeroshot", clip_text=str(inputs.clip_text), **names)
+        evaluators["zeroshot"] = ZeroShotEval(spec, ctx, text=tower)
+        evaluators["zeroshot"].freeze(vision())  # the test images embedded once
+    return evaluators
+
+
+def _evaluate_fn(evaluators: dict[str, Evaluator]) -> Callable[[TrainState, int], dict[str, float]]:
+    """The loop's evaluate(state, step): every process gets the same numbers (text params gathered to each host
+    when the mesh spans several)."""
+
+    def evaluate(state: TrainState, done: int) -> dict[str, float]:
+        params = to_host(state.params) if jax.process_count() > 1 else state.params
+        row = {f"eval/retrieval/{k}": v for k, v in evaluators["retrieval"].run(text_params=params).items()}
         row[BEST_METRIC] = float(np.mean(list(row.values())))
+        if "zeroshot" in evaluators:
+            row.update({f"eval/zeroshot/{k}": v for k, v in evaluators["zeroshot"].run(text_params=params).items()})
         return row
 
-
-@dataclasses.dataclass
-class ZeroShot:
-    """Zero-shot classification of a labeled set's fixed image embeddings by class prompts through the text tower
-    being trained (the classifier is rebuilt from the prompts at each evaluation)."""
-
-    image_emb: np.ndarray
-    labels: np.ndarray
-    names: list[str]
-    templates: list[str]
-
-    @classmethod
-    def open(cls, spec: str, templates: str, clip_text: str, model: Any, params: Any, img_size: int, batch: int):
-        """Embed the test split of the labeled set `spec` (mnist5k, a class folder, tfds:NAME) once; prompts
-        from its class names and `templates` (a file, one per line; default as `dgmr-jax eval --zeroshot`)."""
-        images = open_images(spec, split="test", labeled=True)
-        names, prompts = zeroshot_prompts(
-            ClipEval(clip_text, zeroshot=True, templates=templates or None), spec, images.classes
-        )
-        emb, index = _embed(model.cfg, params, model.meta, images.source, img_size, batch, "zero-shot")
-        return cls(emb, images.labels[index], names, prompts)
-
-    def accuracy(self, text_cfg: TextConfig, params: Any, tokenizer: Tokenizer, batch: int) -> dict[str, float]:
-        """Top-1/top-5 of the text tower `params` (on the train mesh); every process gets the same numbers."""
-        params = to_host(params) if jax.process_count() > 1 else params
-        mesh = make_mesh(devices=jax.local_devices())
-        classifier = zeroshot_classifier(
-            text_cfg, params, self.names, self.templates, tokenizer, batch=batch, mesh=mesh
-        )
-        ks = tuple(k for k in (1, 5) if k <= len(self.names))
-        top = zeroshot_accuracy(self.image_emb, self.labels, classifier, ks)
-        return {f"eval/zeroshot/top{k}": v for k, v in top.items()}
+    return evaluate
 
 
 def _export(
@@ -372,6 +429,149 @@ def _export(
     return out
 
 
+def _compile(config: ml_collections.ConfigDict, mesh: Mesh, step: TextStep, emb_dim: int, length: int):
+    """(the step compiled for global batches of (image embedding, caption tokens), the abstract state)."""
+    start = time.perf_counter()
+    bs = batch_sharding(mesh)
+    batch_shapes = {
+        "image_emb": jax.ShapeDtypeStruct((config.global_batch, emb_dim), np.float32, sharding=bs),
+        "tokens": jax.ShapeDtypeStruct((config.global_batch, length), np.int32, sharding=bs),
+    }
+    abstract_state = abstract_with_shardings(step.state_shapes, step.state_sh)
+    compiled = step.fn.lower(abstract_state, batch_shapes).compile()
+    if jax.process_index() == 0:
+        print(f"finetune-text: compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return compiled, abstract_state
+
+
+def _eval_start(workdir: epath.Path, evaluate: Callable, state: TrainState) -> dict | None:
+    """Recall of the original tower, logged as step 0 on a fresh run (eval_start.json; read back on a resume)."""
+    if not workdir_lib.saved_steps(workdir):
+        eval_start = {"step": 0, **evaluate(state, 0)}
+        if jax.process_index() == 0:
+            JsonlLog(workdir / "metrics.jsonl").write(eval_start)  # appends (rewrites whole on gs://)
+            (workdir / "eval_start.json").write_text(json.dumps(eval_start, indent=2))
+        return eval_start
+    if (workdir / "eval_start.json").exists():
+        return json.loads((workdir / "eval_start.json").read_text())
+    return None
+
+
+def _train_loop(
+    config: ml_collections.ConfigDict,
+    workdir: epath.Path,
+    mesh: Mesh,
+    run: _TextRun,
+    evaluate: Callable,
+    compiled: tuple[Any, TrainState],
+) -> Any:
+    """The shared train loop over the caption records (checkpoints, logs, in-loop evaluation, best.json)."""
+    step_fn, abstract_state = compiled
+    loader = make_caption_loader(
+        run.records, config.global_batch, config.data.seed, jax.process_index(), jax.process_count()
+    )
+    return run_loop(
+        Loop(
+            workdir=workdir,
+            mesh=mesh,
+            step_fn=step_fn,
+            state=run.state,
+            abstract_state=abstract_state,
+            loader=loader,
+            total_steps=config.optim.total_steps,
+            global_batch=config.global_batch,
+            checkpoint_every=config.checkpoint_every,
+            keep=config.keep,
+            async_checkpoint=config.async_checkpoint,
+            log_every=config.log_every,
+            batch_key=("image_emb", "tokens"),
+            desc="finetune-text",
+            shown=("loss", "logit_scale", "lr", "images_per_s"),
+            evaluate=evaluate,
+            eval_every=config.eval_every,
+            best_metric=BEST_METRIC,
+        )
+    )
+
+
+@dataclasses.dataclass
+class _TextRun:
+    """What the train loop runs: the step, the initial state, the training records, the evaluators."""
+
+    step: TextStep
+    state: TrainState
+    records: CaptionRecords
+    emb_dim: int
+    pairs: Pairs
+    captions: int
+    evaluators: dict[str, Evaluator]
+
+
+def _prepare(
+    config: ml_collections.ConfigDict, workdir: epath.Path, mesh: Mesh, inputs: _Inputs, model: str
+) -> _TextRun:
+    """Embed the images once (or read them back), tokenize the captions, build the evaluators and the step."""
+    step = build_text_step(config, mesh, inputs.text_cfg)
+    vision = _VisionParams(inputs.source)
+    train = frozen_embeddings(
+        workdir, inputs.train, model, inputs.source, vision, inputs.img_size, config.data.embed_batch
+    )
+    pairs, emb = train
+    warn_bad(pairs)
+    require_good(pairs)
+    captions, owners = pairs.flat_captions()
+    tokens = tokenize(inputs.tokenizer, captions, inputs.text_cfg.context_length)
+    evaluators = text_evaluators(config, inputs, step.text_cfg, train, vision)
+    vision.params = None  # the vision weights are read again for the export: not held during training
+    info = {"clip_text": str(inputs.clip_text), "layout_prefix": inputs.prefix}
+    workdir_lib.record_run(workdir, inputs.sig, inputs.text_cfg, info)
+    fresh = step.init(jax.tree_util.tree_map(lambda p: np.asarray(p, np.float32), inputs.text_params))
+    inputs.text_params = None
+    state = jax.device_put(fresh, step.state_sh)
+    records = CaptionRecords(emb, tokens, owners, pairs.fingerprint())
+    return _TextRun(step, state, records, emb.shape[1], pairs, len(captions), evaluators)
+
+
+def _summary(result: Any, run: _TextRun, workdir: epath.Path, pairs: str, eval_start: dict | None) -> dict:
+    bad = run.pairs.bad
+    return {
+        "reason": result.reason,
+        "step": int(result.state.step),
+        "metrics": result.metrics,
+        "eval_start": eval_start,
+        "eval_end": _last_eval(workdir) if jax.process_index() == 0 else None,
+        "pairs": {
+            "spec": pairs,
+            "images": len(run.pairs),
+            "captions": run.captions,
+            "bad": len(bad),
+            "bad_examples": [f"{n}: {w}" for n, w in bad[:10]],
+        },
+        "eval_pairs": run.evaluators["retrieval"].pairs.spec,
+        "text_dir": None,
+    }
+
+
+def _finish(result: Any, summary: dict, workdir: epath.Path, inputs: _Inputs, text_cfg: TextConfig, model: str):
+    """Export WORKDIR/text (and summary.json) when the run is done: the tower in the checkpoint's own layout, and
+    for CLIP-family vision towers a merged CLIP state dict."""
+    params_host = to_host(result.state.params)  # every process takes part in the gather
+    family = inputs.source.meta.get("family", "")
+    merged = family in ("open_clip", "eva_clip")  # vision layouts of a whole CLIP state dict
+    vision = (inputs.source.cfg, inputs.source.load(), family) if merged else None  # a collective restore too
+    if jax.process_index() == 0:
+        info = {
+            "step": summary["step"],
+            "clip_text": str(inputs.clip_text),
+            "model": str(model),
+            "text_arch": text_cfg.name,
+        }
+        export = _export(workdir, text_cfg, params_host, inputs.dtypes, inputs.prefix, vision, info)
+        summary["text_dir"] = str(export)
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    sync_processes(f"dgmr_jax.text_export:{workdir}")
+
+
 def finetune_text(
     config: ml_collections.ConfigDict,
     workdir: PathLike,
@@ -394,145 +594,21 @@ def finetune_text(
         raise FileNotFoundError(f"--clip-text {clip_text} does not exist: give the open_clip / EVA-CLIP checkpoint")
     mesh = make_mesh(**dict(config.mesh), devices=devices)
     check_batch(config.global_batch, mesh)
-    source = open_model(model)
-    cfg = source.cfg
-    text_cfg = text_config_for(cfg, text_arch)  # the embedding widths agree, before anything is read
-    tokenizer = Tokenizer(bpe_vocab)
-    d = config.data
-    read = dict(split=d.split, data_dir=d.data_dir or None, image_key=d.image_key, caption_key=d.caption_key)
-    train_pairs = read_pairs(pairs, **read)
-    require_good(train_pairs)
-    held_out = read_pairs(eval_pairs, **read) if eval_pairs else None
-    if held_out is not None:
-        require_good(held_out)
-    sig = signature(config, model, clip_text, text_cfg.name, pairs)
-    workdir_lib.check_resume(workdir, sig)
-
-    raw = open_state_dict(clip_text)
-    prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in raw) else ""
-    text_cfg, text_params = text_from_torch(raw, text_cfg)
-    del raw
-    dtypes = jax.tree_util.tree_map(lambda p: np.asarray(p).dtype, text_params)
-    img_size = d.img_size or cfg.img_size
-    loaded = {}
-
-    def vision_params() -> Any:  # read only when images are embedded (a resume reuses the stored embeddings)
-        if "params" not in loaded:
-            loaded["params"] = source.load()
-        return loaded["params"]
-
-    train_pairs, emb = frozen_embeddings(workdir, train_pairs, model, source, vision_params, img_size, d.embed_batch)
-    warn_bad(train_pairs)
-    require_good(train_pairs)
-    captions, owners = _flat_captions(train_pairs)
-    tokens = tokenize(tokenizer, captions, text_cfg.context_length)
-    if held_out is not None:
-        held_emb, kept = _embed(cfg, vision_params(), source.meta, held_out.source, img_size, d.embed_batch, "eval")
-        held_out = held_out.drop(_unreadable(held_out, kept))
-        warn_bad(held_out, "eval pairs")
-        retrieval = Retrieval.first(held_out, held_emb, tokenizer, text_cfg.context_length, config.eval_images)
-    else:
-        retrieval = Retrieval.first(train_pairs, emb, tokenizer, text_cfg.context_length, config.eval_images)
-    zeroshot = None
-    if config.zeroshot:
-        zeroshot = ZeroShot.open(
-            config.zeroshot, config.zeroshot_templates, clip_text, source, vision_params(), img_size, d.embed_batch
-        )
-    loaded.clear()  # the vision weights are read again for the export: not held during training
-    family = source.meta.get("family", "")
-    merged = family in ("open_clip", "eva_clip")  # vision layouts of a whole CLIP state dict
-    workdir_lib.record_run(workdir, sig, text_cfg, {"clip_text": str(clip_text), "layout_prefix": prefix})
-
-    step = build_text_step(config, mesh, text_cfg)
-    text_cfg = step.text_cfg
-    fresh = step.init(jax.tree_util.tree_map(lambda p: np.asarray(p, np.float32), text_params))
-    del text_params
-    state = jax.device_put(fresh, step.state_sh)
-    records = CaptionRecords(emb, tokens, owners, train_pairs.fingerprint())
-    loader = make_caption_loader(
-        records, config.global_batch, d.seed, shard_index=jax.process_index(), shard_count=jax.process_count()
-    )
-    main_process = jax.process_index() == 0
-    if main_process:
+    inputs = open_inputs(config, workdir, model, clip_text, pairs, text_arch, eval_pairs, bpe_vocab)
+    run = _prepare(config, workdir, mesh, inputs, model)
+    if jax.process_index() == 0:
         print(
-            f"finetune-text: {len(train_pairs)} images, {len(captions)} captions ({len(train_pairs.bad)} bad pairs "
+            f"finetune-text: {len(run.pairs)} images, {run.captions} captions ({len(run.pairs.bad)} bad pairs "
             f"skipped); compiling the train step ({config.global_batch} captions) ...",
             file=sys.stderr,
         )
-    start = time.perf_counter()
-    bs = batch_sharding(mesh)
-    batch_shapes = {
-        "image_emb": jax.ShapeDtypeStruct((config.global_batch, emb.shape[1]), np.float32, sharding=bs),
-        "tokens": jax.ShapeDtypeStruct((config.global_batch, tokens.shape[1]), np.int32, sharding=bs),
-    }
-    abstract_state = abstract_with_shardings(step.state_shapes, step.state_sh)
-    compiled = step.fn.lower(abstract_state, batch_shapes).compile()
-    if main_process:
-        print(f"finetune-text: compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-
-    def evaluate(state: TrainState, done: int) -> dict[str, float]:
-        row = retrieval.recall(text_cfg, state.params, config.eval_batch)
-        if zeroshot:
-            row.update(zeroshot.accuracy(text_cfg, state.params, tokenizer, config.eval_batch))
-        return row
-
-    eval_start = None
-    if not workdir_lib.saved_steps(workdir):  # recall of the original tower, logged as step 0
-        eval_start = {"step": 0, **evaluate(state, 0)}
-        if main_process:
-            JsonlLog(workdir / "metrics.jsonl").write(eval_start)  # appends (rewrites whole on gs://)
-            (workdir / "eval_start.json").write_text(json.dumps(eval_start, indent=2))
-    elif (workdir / "eval_start.json").exists():
-        eval_start = json.loads((workdir / "eval_start.json").read_text())
-
-    result = run_loop(
-        Loop(
-            workdir=workdir,
-            mesh=mesh,
-            step_fn=compiled,
-            state=state,
-            abstract_state=abstract_state,
-            loader=loader,
-            total_steps=config.optim.total_steps,
-            global_batch=config.global_batch,
-            checkpoint_every=config.checkpoint_every,
-            keep=config.keep,
-            async_checkpoint=config.async_checkpoint,
-            log_every=config.log_every,
-            batch_key=("image_emb", "tokens"),
-            desc="finetune-text",
-            shown=("loss", "logit_scale", "lr", "images_per_s"),
-            evaluate=evaluate,
-            eval_every=config.eval_every,
-            best_metric=BEST_METRIC,
-        )
-    )
-    final_step = int(result.state.step)
-    eval_end = _last_eval(workdir) if main_process else None
-    summary = {
-        "reason": result.reason,
-        "step": final_step,
-        "metrics": result.metrics,
-        "eval_start": eval_start,
-        "eval_end": eval_end,
-        "pairs": {
-            "spec": pairs,
-            "images": len(train_pairs),
-            "captions": len(captions),
-            "bad": len(train_pairs.bad),
-            "bad_examples": [f"{n}: {w}" for n, w in train_pairs.bad[:10]],
-        },
-        "eval_pairs": retrieval.spec,
-        "text_dir": None,
-    }
+    compiled, abstract_state = _compile(config, mesh, run.step, run.emb_dim, run.records.tokens.shape[1])
+    evaluate = _evaluate_fn(run.evaluators)
+    eval_start = _eval_start(workdir, evaluate, run.state)
+    result = _train_loop(config, workdir, mesh, run, evaluate, (compiled, abstract_state))
+    summary = _summary(result, run, workdir, pairs, eval_start)
     if result.reason == "done":
-        params_host = to_host(result.state.params)  # every process takes part in the gather
-        vision = (cfg, source.load(), family) if merged else None  # a model directory's restore is collective too
-        if main_process:
-            info = {"step": final_step, "clip_text": str(clip_text), "model": str(model), "text_arch": text_cfg.name}
-            summary["text_dir"] = str(_export(workdir, text_cfg, params_host, dtypes, prefix, vision, info))
-            (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-        sync_processes(f"dgmr_jax.text_export:{workdir}")
+        _finish(result, summary, workdir, inputs, run.step.text_cfg, model)
     summary["state"] = result.state
     return summary
 
