@@ -123,10 +123,9 @@ def uvc_student(
 
 
 def _plot(out: Path, methods: Sequence[str], rows: list[dict]) -> None:
-    import matplotlib
+    from dgmr_jax.core.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for method in methods:
