@@ -185,11 +185,9 @@ def summarize(out: Path) -> None:
 
 
 def _plot(out: Path, rows: list[dict]) -> None:
-    import matplotlib
+    from dgmr_jax.core.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     groups = _groups(rows)
     sizes = sorted({r["img_size"] for r in rows})
     ratios = sorted({r["mlp_ratio"] for r in rows if r["method"] != "teacher"})

@@ -29,7 +29,7 @@ def _preprocess(args: argparse.Namespace, name: str):
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from dgmr_jax import open_model
+    from dgmr_jax.io.open import open_model
     from dgmr_jax.io.model_dir import check_new_dir, save_model
     from dgmr_jax.models.cost import count_params
 
@@ -46,30 +46,16 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from dgmr_jax import open_model
-    from dgmr_jax.convert import to_torch
-    from dgmr_jax.io.checkpoint_io import save_safetensors
+    from dgmr_jax.io.open import open_model
+    from dgmr_jax.io.convert import to_torch
+    from dgmr_jax.io.checkpoint_io import check_state_dict_path, save_state_dict
 
     out = Path(args.out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose another --out or remove it first")
-    if out.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
-        raise ValueError(f"--out must end in .safetensors, .pth, .pt or .bin, got {out.name}")
+    check_state_dict_path(out)  # before the weights are read
     model = open_model(args.model)
     cfg, family = model.cfg, args.family or model.meta.get("family", "timm")
     sd = to_torch(cfg, model.load(), family=family, prefix=args.prefix)
-    if out.suffix == ".safetensors":
-        save_safetensors(out, sd)
-    else:
-        import numpy as np
-        import torch
-
-        def tensor(a: np.ndarray) -> torch.Tensor:
-            if a.dtype.name == "bfloat16":
-                return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-            return torch.from_numpy(np.ascontiguousarray(a))
-
-        torch.save({k: tensor(v) for k, v in sd.items()}, out)
+    save_state_dict(out, sd)
     print(f"wrote {out}: {len(sd)} tensors in the {family} layout (MLP widths {sorted(set(cfg.mlp_hidden))})")
 
 
@@ -91,7 +77,7 @@ def _taylor_scores(source: Any, spec: str, num_images: int, batch: int) -> list[
 
 
 def _prune(args: argparse.Namespace) -> None:
-    from dgmr_jax import open_model
+    from dgmr_jax.io.open import open_model
     from dgmr_jax.core.paths import as_path
     from dgmr_jax.io.model_dir import check_new_dir
     from dgmr_jax.prune import prune_to_dir
@@ -211,29 +197,6 @@ def _finetune_text(args: argparse.Namespace) -> None:
         print(f"wrote {summary['text_dir']}: the fine-tuned text tower (text.safetensors) and summary.json")
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.3g}"
-
-
-def _plan_lines(row: dict[str, Any]) -> str:
-    """One plan, per chip, in GiB."""
-    mesh = " ".join(f"{k}={v}" for k, v in row["mesh"].items())
-    hbm = f" of {_gib(row['hbm'])} HBM" if "hbm" in row else ""
-    lines = [
-        f"{row['target']} ({row['chips']} chips), mesh {mesh}, {row['batch_per_chip']:g} images/chip, "
-        f"remat {'on' if row['remat'] else 'off'}, compiled in {row['compile_s']:.1f} s",
-        f"  per chip, GiB: params {_gib(row['params'])}, optimizer {_gib(row['optimizer'])}, "
-        f"EMA {_gib(row['ema'])}, teacher {_gib(row['teacher'])} (from the shardings)",
-        f"  {row['memory_source']}, GiB: arguments {_gib(row['arguments'])}, temp {_gib(row['temp'])}, "
-        f"outputs {_gib(row['outputs'])} (aliased {_gib(row['aliased'])}) -> total {_gib(row['total'])}{hbm}",
-        f"  FLOPs per chip per step: {row['flops_compiled']:.4g} compiled (remat recompute included), "
-        f"{row['flops_analytic']:.4g} analytic (3 x student + teacher)",
-    ]
-    if "step_s" in row:
-        lines.append(f"  step time at the given MFU: {row['step_s']:.3g} s")
-    return "\n".join(lines)
-
-
 def _plan(args: argparse.Namespace) -> None:
     import json
     import os
@@ -248,51 +211,29 @@ def _plan(args: argparse.Namespace) -> None:
     if args.out and os.path.exists(args.out):
         raise FileExistsError(f"{args.out} already exists; choose another --out")
     config = config_file.apply_overrides(config_file.load(args.config), [o.lstrip("-") for o in args.overrides])
+    if args.topology:
+        planner.tpu_compiler_environment(args.topology)
     target = planner.tpu_target(args.topology) if args.topology else planner.cpu_target(args.devices)
     if not args.search and (args.search_batches or args.search_fsdp or args.search_remat != "both"):
         raise ValueError("--search-batches, --search-fsdp and --search-remat narrow --search: add --search")
-    remats = {"both": (False, True), "on": (True,), "off": (False,)}[args.search_remat]
-    variants = [config]
+    chip = (args.mfu, args.hbm_gib, args.peak_tflops)
     if args.search:
-        batches, fsdps = _ints(args.search_batches), _ints(args.search_fsdp)
-        variants = planner.search_space(config, len(target.devices), batches, fsdps, remats)
-    rows = []
-    for i, variant in enumerate(variants, 1):
-        if args.search:
-            mesh = dict(variant.mesh)
-            print(f"[{i}/{len(variants)}] batch {variant.global_batch}, mesh {mesh}, remat {variant.student.remat}")
-        try:
-            row = planner.plan_step(variant, target, args.mfu, args.hbm_gib, args.peak_tflops)
-        except ValueError as err:
-            if not args.search:
-                raise
-            print(f"  skipped: {err}")
-            continue
-        rows.append(row)
-        print(_plan_lines(row))
+        remats = {"both": (False, True), "on": (True,), "off": (False,)}[args.search_remat]
+        space = planner.search_space(
+            config, len(target.devices), _ints(args.search_batches), _ints(args.search_fsdp), remats
+        )
+        rows = planner.plan_search(space, target, *chip)
+    else:
+        rows = [planner.plan_step(config, target, *chip)]
+        print(planner.describe(rows[0]))
     if args.out:
         with open(args.out, "x") as f:  # never overwrite
             json.dump(rows, f, indent=2)
     if args.search:
-        print("\n| images/chip | mesh (data, fsdp, tensor) | remat | temp GiB | total GiB | fits |")
-        print("|---|---|---|---|---|---|")
-        for r in rows:
-            mesh = ", ".join(str(v) for v in r["mesh"].values())
-            cells = [f"{r['batch_per_chip']:g}", mesh, str(r["remat"]), _gib(r["temp"]), _gib(r["total"])]
-            print("| " + " | ".join(cells) + f" | {'yes' if planner.fits(r) else 'no'} |")
-        best = planner.pick(rows)
-        if best is None:
-            raise ValueError(f"nothing fits {target.label}: not at 1 image per chip, any fsdp split, with remat")
-        mesh = " ".join(f"--config.mesh.{k}={v}" for k, v in best["mesh"].items())
-        batch = int(best["batch_per_chip"] * best["chips"])
-        print(f"search picks: --config.global_batch={batch} {mesh} --config.student.remat={best['remat']}")
-        return
-    row = rows[0]
-    if not planner.fits(row):
-        raise ValueError(
-            f"does not fit: {_gib(row['total'])} GiB per chip > {_gib(row['hbm'])} GiB HBM on {target.label}; "
-            "try --search, a smaller --config.global_batch, more --config.mesh.fsdp or --config.student.remat=true"
-        )
+        print("\n" + planner.search_table(rows))
+        print("search picks: " + planner.pick_flags(rows, target))
+    else:
+        planner.check_fits(rows[0], target)
 
 
 def _clip_eval(args: argparse.Namespace) -> ClipEval | None:
@@ -354,10 +295,7 @@ def _demo(args: argparse.Namespace) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dgmr-jax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_convert(sub: Any) -> None:
     p = sub.add_parser("convert", help="PyTorch checkpoint -> model directory (config.json + Orbax params)")
     p.add_argument("--family", choices=FAMILIES, default="timm")
     p.add_argument("--arch", required=True, help="preset name (e.g. vit_small_patch16_224, ViT-g-14) or a config .json")
@@ -369,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolation", choices=("bicubic", "bilinear"), help="resize filter (default: published)")
     p.set_defaults(run=_convert)
 
+
+def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="model directory -> PyTorch state dict (.safetensors or .pth)")
     p.add_argument("--model", required=True)
     p.add_argument("--family", choices=FAMILIES, help="layout to write (default: the one it was converted from)")
@@ -376,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(run=_export)
 
+
+def _add_prune(sub: Any) -> None:
     p = sub.add_parser("prune", help="DGMR MLP pruning, one layer at a time, with a report")
     p.add_argument("--model", help="model directory from `dgmr-jax convert`")
     p.add_argument("--checkpoint", help="or a PyTorch checkpoint (.safetensors is read lazily)")
@@ -394,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(run=_prune)
 
+
+def _add_distill(sub: Any) -> None:
     p = sub.add_parser("distill", help="recover a pruned student by feature distillation (resumes from --workdir)")
     p.add_argument("--config", help="recipe file, e.g. configs/cpu_tiny.py (optionally path:arg)")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, model/ (local or gs://)")
@@ -403,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="with --from-checkpoint: the new model directory (default WORKDIR/models/step_STEP)")
     p.set_defaults(run=_distill)
 
+
+def _add_uvc(sub: Any) -> None:
     p = sub.add_parser("uvc", help="UVC: search heads / value dims / neurons / block skips under a FLOPs budget")
     p.add_argument("--model", required=True, help="model directory to compress (also the distillation teacher)")
     p.add_argument("--flops-budget", type=float, required=True, help="FLOPs of the result / original, in (0, 1)")
@@ -415,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="recipe file (default: the distill defaults); --config.x=y overrides follow")
     p.set_defaults(run=_uvc)
 
+
+def _add_finetune_text(sub: Any) -> None:
     p = sub.add_parser(
         "finetune-text", help="fine-tune the CLIP text tower against the frozen pruned image tower (resumes)"
     )
@@ -430,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bpe-vocab", help="bpe_simple_vocab_16e6.txt.gz (default: the one open_clip_torch ships)")
     p.set_defaults(run=_finetune_text)
 
+
+def _add_plan(sub: Any) -> None:
     p = sub.add_parser("plan", help="compile a recipe's train step for a target; per-chip memory, FLOPs, fit")
     p.add_argument("--config", required=True, help="recipe file, as for distill; --config.x=y overrides follow")
     p.add_argument("--topology", help="TPU topology, e.g. v5p:4x4x4 or v5e:8x8 (needs libtpu: .[tpu-plan])")
@@ -444,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the plans (bytes per chip, FLOPs, seconds) as JSON to this new file")
     p.set_defaults(run=_plan)
 
+
+def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="kNN (DINOv2 protocol), linear probe, CLIP zero-shot and retrieval")
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--train", default="mnist5k", help="'mnist5k', a folder of class subfolders, or 'none' (no kNN)")
@@ -461,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the results as JSON to this new file")
     p.set_defaults(run=_eval)
 
+
+def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="prune + distill a real pretrained ViT (shipped in pip packages), print a table")
     p.add_argument("--out", help="new output directory (default: dgmr_demo_<time>)")
     p.add_argument(
@@ -473,11 +427,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3, help="base_lr (scaled by batch / 256)")
     p.add_argument("--seed", type=int, default=0, help="data order, random selection and UVC's Gumbel noise")
     p.set_defaults(run=_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgmr-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_convert,
+        _add_export,
+        _add_prune,
+        _add_distill,
+        _add_uvc,
+        _add_finetune_text,
+        _add_plan,
+        _add_eval,
+        _add_demo,
+    ):
+        add(sub)
     return parser
 
 
 # commands whose XLA:CPU steps allocate large activations many times (see dgmr_jax.core.hostmem)
 _COMPUTE_COMMANDS = ("distill", "eval", "demo", "uvc", "finetune-text")
+# commands that take --config.x=y recipe overrides after their flags
+_OVERRIDE_COMMANDS = ("distill", "plan", "uvc", "finetune-text")
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The arguments of one command line (sys.argv[1:] when None); recipe overrides land in args.overrides."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command in _OVERRIDE_COMMANDS:
+        args.overrides = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run a parsed command; the exit status: 0, 2 for a wrong input, 3 for a diverged run (one line each)."""
+    try:
+        args.run(args)
+    except NonFiniteLoss as err:
+        print(f"dgmr-jax {args.command}: error: {err}", file=sys.stderr)
+        return 3
+    except USER_ERRORS as err:
+        print(f"dgmr-jax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command; the exit status. Changes nothing process-wide: that is `run`'s job."""
+    return dispatch(parse(argv))
 
 
 def _plan_environment(devices: int | None) -> None:
@@ -492,28 +494,23 @@ def _plan_environment(devices: int | None) -> None:
         os.environ["XLA_FLAGS"] = " ".join(f for f in flags if f)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
-    if argv is None and args.command in _COMPUTE_COMMANDS:  # a real process, not a test calling main([...])
+def prepare_process(args: argparse.Namespace) -> None:
+    """Process-wide set-up for a command, before JAX starts: the host allocator setting for compute commands,
+    and for `plan` CPU-only JAX (with fake devices for --devices N). Only for a process of its own (`run`)."""
+    if args.command in _COMPUTE_COMMANDS:
         from dgmr_jax.core.hostmem import keep_freed_host_memory
 
         keep_freed_host_memory()
-    if argv is None and args.command == "plan":  # before JAX starts a backend: never a real accelerator here
+    if args.command == "plan":  # never a real accelerator here
         _plan_environment(args.devices)
-    if args.command in ("distill", "plan", "uvc", "finetune-text"):
-        args.overrides = extra
-    elif extra:
-        build_parser().error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        args.run(args)
-    except NonFiniteLoss as err:
-        print(f"dgmr-jax {args.command}: error: {err}", file=sys.stderr)
-        return 3
-    except USER_ERRORS as err:
-        print(f"dgmr-jax {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+
+def run() -> None:
+    """The `dgmr-jax` console script and `python -m dgmr_jax.cli`: process set-up, then the command; exits."""
+    args = parse(sys.argv[1:])
+    prepare_process(args)
+    sys.exit(dispatch(args))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -15,7 +15,7 @@ import itertools
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -58,11 +58,30 @@ class Target:
     chip: Chip | None  # None: fake CPU devices (memory figures are CPU estimates)
 
 
-def tpu_target(topology: str) -> Target:
-    """Abstract TPU devices of `topology` ("v5p:4x4x4", "v5e:8x8", ...) from libtpu, compiled for on this host."""
+def _generation(topology: str) -> str:
+    """The TPU generation of a topology name ("v5p:4x4x4" -> "v5p"); ValueError for a malformed one."""
     generation, _, shape = topology.partition(":")
     if generation not in CHIPS or not shape:
         raise ValueError(f"--topology {topology!r}: expected GENERATION:SHAPE with GENERATION in {', '.join(CHIPS)}")
+    return generation
+
+
+def tpu_compiler_environment(topology: str) -> None:
+    """Set (where unset) the environment variables that let libtpu compile for `topology` on a host without a
+    TPU. They are process-wide: the CLI calls this before `tpu_target`; a library caller decides for itself."""
+    generation = _generation(topology)
+    # libtpu looks for a TPU host it is running on; say there is none (it would log three warnings)
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{ACCELERATOR_NAMES[generation]}-8")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: several planners may run at once
+
+
+def tpu_target(topology: str) -> Target:
+    """Abstract TPU devices of `topology` ("v5p:4x4x4", "v5e:8x8", ...) from libtpu, compiled for on this host.
+    Without a TPU, call `tpu_compiler_environment(topology)` first."""
+    generation = _generation(topology)
+    shape = topology.partition(":")[2]
     try:
         import libtpu  # noqa: F401
     except ImportError as err:
@@ -72,11 +91,6 @@ def tpu_target(topology: str) -> Target:
         ) from err
     from jax.experimental import topologies
 
-    # libtpu looks for a TPU host it is running on; say there is none (it would log three warnings)
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{ACCELERATOR_NAMES[generation]}-8")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling only: several planners may run at once
     dims = len(shape.split("x"))
     try:
         topo = topologies.get_topology_desc(
@@ -197,3 +211,83 @@ def pick(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The fitting plan with the largest per-chip batch; then without remat (faster), then the least fsdp."""
     fitting = [r for r in rows if fits(r)]
     return min(fitting, key=lambda r: (-r["batch_per_chip"], r["remat"], r["mesh"]["fsdp"]), default=None)
+
+
+def plan_search(
+    variants: Sequence[ml_collections.ConfigDict],
+    target: Target,
+    mfu: float = 0.4,
+    hbm_gib: float | None = None,
+    peak_tflops: float | None = None,
+    report: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """`plan_step` of each variant (from `search_space`), reporting progress and each plan; variants that cannot
+    be laid out on the target (ValueError) are reported as skipped and left out."""
+    rows = []
+    for i, variant in enumerate(variants, 1):
+        mesh = dict(variant.mesh)
+        report(f"[{i}/{len(variants)}] batch {variant.global_batch}, mesh {mesh}, remat {variant.student.remat}")
+        try:
+            row = plan_step(variant, target, mfu, hbm_gib, peak_tflops)
+        except ValueError as err:
+            report(f"  skipped: {err}")
+            continue
+        rows.append(row)
+        report(describe(row))
+    return rows
+
+
+def gib(n: float) -> str:
+    """Bytes as GiB, to three significant digits."""
+    return f"{n / GIB:.3g}"
+
+
+def describe(row: dict[str, Any]) -> str:
+    """One plan, per chip, in GiB: a few lines of text."""
+    mesh = " ".join(f"{k}={v}" for k, v in row["mesh"].items())
+    hbm = f" of {gib(row['hbm'])} HBM" if "hbm" in row else ""
+    lines = [
+        f"{row['target']} ({row['chips']} chips), mesh {mesh}, {row['batch_per_chip']:g} images/chip, "
+        f"remat {'on' if row['remat'] else 'off'}, compiled in {row['compile_s']:.1f} s",
+        f"  per chip, GiB: params {gib(row['params'])}, optimizer {gib(row['optimizer'])}, "
+        f"EMA {gib(row['ema'])}, teacher {gib(row['teacher'])} (from the shardings)",
+        f"  {row['memory_source']}, GiB: arguments {gib(row['arguments'])}, temp {gib(row['temp'])}, "
+        f"outputs {gib(row['outputs'])} (aliased {gib(row['aliased'])}) -> total {gib(row['total'])}{hbm}",
+        f"  FLOPs per chip per step: {row['flops_compiled']:.4g} compiled (remat recompute included), "
+        f"{row['flops_analytic']:.4g} analytic (3 x student + teacher)",
+    ]
+    if "step_s" in row:
+        lines.append(f"  step time at the given MFU: {row['step_s']:.3g} s")
+    return "\n".join(lines)
+
+
+def search_table(rows: list[dict[str, Any]]) -> str:
+    """The searched plans as a markdown table: per-chip batch, mesh, remat, memory, fit."""
+    lines = [
+        "| images/chip | mesh (data, fsdp, tensor) | remat | temp GiB | total GiB | fits |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mesh = ", ".join(str(v) for v in r["mesh"].values())
+        cells = [f"{r['batch_per_chip']:g}", mesh, str(r["remat"]), gib(r["temp"]), gib(r["total"])]
+        lines.append("| " + " | ".join(cells) + f" | {'yes' if fits(r) else 'no'} |")
+    return "\n".join(lines)
+
+
+def pick_flags(rows: list[dict[str, Any]], target: Target) -> str:
+    """The `pick` of the searched plans as recipe overrides; ValueError when none fits."""
+    best = pick(rows)
+    if best is None:
+        raise ValueError(f"nothing fits {target.label}: not at 1 image per chip, any fsdp split, with remat")
+    mesh = " ".join(f"--config.mesh.{k}={v}" for k, v in best["mesh"].items())
+    batch = int(best["batch_per_chip"] * best["chips"])
+    return f"--config.global_batch={batch} {mesh} --config.student.remat={best['remat']}"
+
+
+def check_fits(row: dict[str, Any], target: Target) -> None:
+    """ValueError, with what to try, when a plan needs more memory per chip than the target has."""
+    if not fits(row):
+        raise ValueError(
+            f"does not fit: {gib(row['total'])} GiB per chip > {gib(row['hbm'])} GiB HBM on {target.label}; "
+            "try --search, a smaller --config.global_batch, more --config.mesh.fsdp or --config.student.remat=true"
+        )

@@ -161,20 +161,35 @@ def sync_processes(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def distributed_env() -> tuple[str | None, int | None, int | None, bool]:
+    """The multi-process settings this process was started with, read from the environment (the one place
+    the package reads them): (coordinator, num_processes, process_id, tpu_pod) from
+
+    - DGMR_COORDINATOR: host:port of process 0, for jax.distributed.initialize (GPU clusters, local tests);
+    - DGMR_NUM_PROCESSES, DGMR_PROCESS_ID: the process count and this process's index (e.g. $SLURM_PROCID);
+    - DGMR_TPU_POD=1: a TPU pod slice, where jax.distributed.initialize() finds everything itself.
+
+    Unset variables give None (False for DGMR_TPU_POD)."""
+    coordinator = os.environ.get("DGMR_COORDINATOR") or None
+    num_processes = int(os.environ["DGMR_NUM_PROCESSES"]) if "DGMR_NUM_PROCESSES" in os.environ else None
+    process_id = int(os.environ["DGMR_PROCESS_ID"]) if "DGMR_PROCESS_ID" in os.environ else None
+    return coordinator, num_processes, process_id, os.environ.get("DGMR_TPU_POD") == "1"
+
+
 def maybe_initialize_distributed(
     coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> bool:
-    """jax.distributed.initialize from arguments or DGMR_COORDINATOR / DGMR_NUM_PROCESSES / DGMR_PROCESS_ID
-    (GPU clusters, local tests), or with no arguments on a TPU pod (DGMR_TPU_POD=1). Returns whether it ran."""
-    coordinator = coordinator or os.environ.get("DGMR_COORDINATOR")
-    if num_processes is None and "DGMR_NUM_PROCESSES" in os.environ:
-        num_processes = int(os.environ["DGMR_NUM_PROCESSES"])
-    if process_id is None and "DGMR_PROCESS_ID" in os.environ:
-        process_id = int(os.environ["DGMR_PROCESS_ID"])
+    """jax.distributed.initialize from the arguments, each defaulting to `distributed_env()`'s reading of
+    DGMR_COORDINATOR / DGMR_NUM_PROCESSES / DGMR_PROCESS_ID, or with no arguments on a TPU pod
+    (DGMR_TPU_POD=1). Returns whether it ran."""
+    env_coordinator, env_num_processes, env_process_id, tpu_pod = distributed_env()
+    coordinator = coordinator or env_coordinator
+    num_processes = env_num_processes if num_processes is None else num_processes
+    process_id = env_process_id if process_id is None else process_id
     if coordinator:
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
         return True
-    if os.environ.get("DGMR_TPU_POD") == "1":
+    if tpu_pod:
         jax.distributed.initialize()
         return True
     return False

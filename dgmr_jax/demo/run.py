@@ -123,10 +123,9 @@ def uvc_student(
 
 
 def _plot(out: Path, methods: Sequence[str], rows: list[dict]) -> None:
-    import matplotlib
+    from dgmr_jax.core.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for method in methods:
@@ -189,32 +188,8 @@ def run_demo(
     budget = count_flops(target_config(cfg, mlp_ratio)) / count_flops(cfg)  # UVC at the DGMR students' FLOPs
     run = Schedule(steps, batch, base_lr, img_size, seed)
     for method in methods:
-        if method in UVC_METHODS:
-            workdir, student_dir = out / "runs" / f"{method}_search", out / f"student_{method}"
-            student_cfg, student = uvc_student(out / "teacher", method, budget, run, workdir, student_dir)
-        else:
-            reports: list[LayerReport] = []
-            student_cfg, student = prune_mlp(
-                cfg, teacher, method=method, mlp_ratio=mlp_ratio, seed=seed, report=reports
-            )
-            save_model(out / f"student_{method}", student_cfg, student, **meta, pruned=method)
-            write_report(out / f"student_{method}", cfg, student_cfg, reports, method)
-        cost = _cost(student_cfg, img_size)
-        rows.append(
-            {
-                "model": f"{method} ({'extracted' if method in UVC_METHODS else 'pruned'})",
-                **cost,
-                **data.score(student_cfg, data.features(student_cfg, student), teacher_feats),
-            }
-        )
-        distilled = distill(out / "teacher", out / f"student_{method}", out / "runs" / method, run)
-        rows.append(
-            {
-                "model": f"{method} (distilled)",
-                **cost,
-                **data.score(student_cfg, data.features(student_cfg, distilled), teacher_feats),
-            }
-        )
+        student_cfg, student = _student(out, method, cfg, teacher, meta, mlp_ratio, budget, run)
+        rows += _method_rows(out, method, student_cfg, student, data, teacher_feats, run)
         print(markdown_table(rows[-2:]))
     minutes = (time.perf_counter() - start) / 60
     settings = dict(
@@ -227,12 +202,65 @@ def run_demo(
         seed=seed,
         minutes=round(minutes, 1),
     )
-    table = markdown_table(rows)
-    (out / "results.md").write_text(f"# dgmr-jax demo\n\nsettings: {json.dumps(settings)}\n\n{table}\n")
-    (out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
-    _plot(out, methods, rows)
+    table = _write_results(out, methods, rows, settings)
     print(
         f"\n{table}\n\nfinished in {minutes:.1f} min; table, prune reports, demo.png and the distilled students "
         f"(model directories runs/<method>/model) in {out}"
     )
     return rows
+
+
+def _student(
+    out: Path,
+    method: str,
+    cfg: ModelConfig,
+    teacher: Params,
+    meta: dict,
+    mlp_ratio: float,
+    budget: float,
+    run: Schedule,
+) -> tuple[ModelConfig, Params]:
+    """The student of one method, written as out/student_<method>: UVC-extracted at `budget`, or pruned to
+    mlp_ratio (with its prune report)."""
+    student_dir = out / f"student_{method}"
+    if method in UVC_METHODS:
+        return uvc_student(out / "teacher", method, budget, run, out / "runs" / f"{method}_search", student_dir)
+    reports: list[LayerReport] = []
+    student_cfg, student = prune_mlp(cfg, teacher, method=method, mlp_ratio=mlp_ratio, seed=run.seed, report=reports)
+    save_model(student_dir, student_cfg, student, **meta, pruned=method)
+    write_report(student_dir, cfg, student_cfg, reports, method)
+    return student_cfg, student
+
+
+def _method_rows(
+    out: Path,
+    method: str,
+    student_cfg: ModelConfig,
+    student: Params,
+    data: EvalSet,
+    teacher_feats: dict[str, np.ndarray],
+    run: Schedule,
+) -> list[dict]:
+    """The table rows of one method: its student as pruned / extracted, then distilled from the teacher."""
+    cost = _cost(student_cfg, run.img_size)
+    before = {
+        "model": f"{method} ({'extracted' if method in UVC_METHODS else 'pruned'})",
+        **cost,
+        **data.score(student_cfg, data.features(student_cfg, student), teacher_feats),
+    }
+    distilled = distill(out / "teacher", out / f"student_{method}", out / "runs" / method, run)
+    after = {
+        "model": f"{method} (distilled)",
+        **cost,
+        **data.score(student_cfg, data.features(student_cfg, distilled), teacher_feats),
+    }
+    return [before, after]
+
+
+def _write_results(out: Path, methods: Sequence[str], rows: list[dict], settings: dict) -> str:
+    """results.md, results.json and demo.png in out; the Markdown table."""
+    table = markdown_table(rows)
+    (out / "results.md").write_text(f"# dgmr-jax demo\n\nsettings: {json.dumps(settings)}\n\n{table}\n")
+    (out / "results.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    _plot(out, methods, rows)
+    return table

@@ -179,6 +179,34 @@ def save_safetensors(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) 
     os.replace(tmp, path)
 
 
+STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def check_state_dict_path(path: str | os.PathLike) -> None:
+    """Raise unless `path` is new and ends in a suffix save_state_dict writes."""
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} already exists; choose another --out or remove it first")
+    if os.path.splitext(os.fspath(path))[1] not in STATE_DICT_SUFFIXES:
+        raise ValueError(f"--out must end in .safetensors, .pth, .pt or .bin, got {os.path.basename(path)}")
+
+
+def save_state_dict(path: str | os.PathLike, sd: Mapping[str, np.ndarray]) -> None:
+    """Write {name: array} as a PyTorch state dict, chosen by suffix: .safetensors with numpy alone, .pth / .pt /
+    .bin through torch.save (bfloat16 arrays become bfloat16 tensors, bit-exact)."""
+    check_state_dict_path(path)
+    if os.fspath(path).endswith(".safetensors"):
+        save_safetensors(path, sd)
+        return
+    import torch
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        if a.dtype.name == "bfloat16":
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    torch.save({k: tensor(v) for k, v in sd.items()}, path)
+
+
 class _Converted(Mapping):
     """A mapping of tensors seen as numpy arrays, converted one entry at a time on access."""
 

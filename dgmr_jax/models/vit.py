@@ -287,13 +287,24 @@ class VisionTransformer(nn.Module):
     @nn.compact
     def __call__(self, images: jnp.ndarray, gates: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
         cfg = self.cfg
-        b, h, w, _ = images.shape
+        _, h, w, _ = images.shape
         p = cfg.patch_size
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
         gh, gw = h // p, w // p
         x = PatchEmbed(cfg, name="patch_embed")(images.astype(cfg.dtype))
+        x = self._embed(x, gh, gw)
+        if cfg.pre_norm:
+            x = norm(cfg, "norm_pre")(x)
+        x = self._blocks(x, _rope(cfg, gh, gw), gates)
+        if cfg.final_norm:
+            x = norm(cfg, "norm")(x)
+        return {"tokens": x, **self._heads(x)}
 
+    def _embed(self, x: jnp.ndarray, gh: int, gw: int) -> jnp.ndarray:
+        """Patch tokens plus their (resampled) positions, after the prefix tokens (class, distillation,
+        registers) plus theirs. Params are created in the order checkpoints expect (their init keys follow it)."""
+        cfg = self.cfg
         token_init = partitioned(kernel_init, (None, None, "embed"))
         prefix = [
             self.param(name, token_init, (1, count, cfg.width), cfg.param_dtype)
@@ -316,16 +327,13 @@ class VisionTransformer(nn.Module):
         pos_patch = resample_grid(pos_patch.reshape(cfg.grid, cfg.grid, -1), (gh, gw), cfg.pos_resample_antialias)
         x = x + pos_patch.reshape(1, gh * gw, -1).astype(x.dtype)
         prefix = prefix.at[:, : cfg.pos_embed_prefix].add(pos_prefix.astype(x.dtype))
-        x = jnp.concatenate([jnp.broadcast_to(prefix, (b, *prefix.shape[1:])), x], axis=1)
-        if cfg.pre_norm:
-            x = norm(cfg, "norm_pre")(x)
+        return jnp.concatenate([jnp.broadcast_to(prefix, (x.shape[0], *prefix.shape[1:])), x], axis=1)
 
-        rope = None
-        if cfg.rope:
-            ref = cfg.rope_ref_grid or cfg.grid
-            sin, cos = rope_tables(cfg.attn_head_dim, (gh, gw), (ref, ref), cfg.rope_temperature)
-            rope = (jnp.asarray(sin), jnp.asarray(cos))
-
+    def _blocks(
+        self, x: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | None, gates: jnp.ndarray | None
+    ) -> jnp.ndarray:
+        """The transformer blocks (scanned or one module each), each optionally gated (UVC block skipping)."""
+        cfg = self.cfg
         if gates is not None:
             gates = jnp.asarray(gates)
             if gates.shape != (cfg.depth,):
@@ -340,22 +348,23 @@ class VisionTransformer(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, _ = stack(cfg, name="blocks")(x, rope, *(() if gates is None else (gates,)))
-        else:
-            block = _block_type(cfg, scanned=False)
-            for i, hidden in enumerate(cfg.mlp_hidden):
-                out = block(cfg, hidden, cfg.heads(i), cfg.vdims(i), name=f"blocks_{i}")(x, rope)
-                x = _gated(x, out, None if gates is None else gates[i])
+            return x
+        block = _block_type(cfg, scanned=False)
+        for i, hidden in enumerate(cfg.mlp_hidden):
+            out = block(cfg, hidden, cfg.heads(i), cfg.vdims(i), name=f"blocks_{i}")(x, rope)
+            x = _gated(x, out, None if gates is None else gates[i])
+        return x
 
-        if cfg.final_norm:
-            x = norm(cfg, "norm")(x)
-        out = {"tokens": x}
-        npt = cfg.num_prefix_tokens
+    def _heads(self, x: jnp.ndarray) -> dict[str, jnp.ndarray]:
+        """Pooled vector (class token, distillation average or patch mean; fc_norm, proj) and logits if any."""
+        cfg = self.cfg
+        out = {}
         if cfg.dist_token:
             pooled, pooled_dist = x[:, 0], x[:, 1]
         elif cfg.global_pool == "token":
             pooled = x[:, 0]
         else:
-            pooled = x[:, npt:].mean(axis=1)
+            pooled = x[:, cfg.num_prefix_tokens :].mean(axis=1)
         if cfg.fc_norm:
             pooled = norm(cfg, "fc_norm")(pooled)
         if cfg.num_classes:
@@ -371,6 +380,15 @@ class VisionTransformer(nn.Module):
             pooled = dense(cfg.proj_dim, ("embed", "classes"), cfg, "proj", bias=False)(pooled)
         out["pooled"] = pooled
         return out
+
+
+def _rope(cfg: ModelConfig, gh: int, gw: int) -> tuple[jnp.ndarray, jnp.ndarray] | None:
+    """The rotary tables (sin, cos) of a gh x gw patch grid, or None without rope."""
+    if not cfg.rope:
+        return None
+    ref = cfg.rope_ref_grid or cfg.grid
+    sin, cos = rope_tables(cfg.attn_head_dim, (gh, gw), (ref, ref), cfg.rope_temperature)
+    return (jnp.asarray(sin), jnp.asarray(cos))
 
 
 def forward(

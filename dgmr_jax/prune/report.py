@@ -39,10 +39,9 @@ def plot_curves(reports: list[LayerReport], path: PathLike) -> epath.Path | None
     curves = [r for r in reports if r.residual_norms is not None and len(r.residual_norms)]
     if not curves:
         return None
-    import matplotlib
+    from dgmr_jax.core.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     cmap = plt.get_cmap("viridis")

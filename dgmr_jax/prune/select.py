@@ -174,83 +174,93 @@ def _greedy_gram_schmidt(cols: jax.Array, n: int, block: int, cands: int) -> tup
         picked=jnp.zeros(h, bool),
         count=jnp.int32(0),
     )
-
-    def refill(s):
-        """Swap the best outsiders (by estimate) for the weakest candidates they beat."""
-        out2 = jnp.where(s["picked"] | s["in_c"], -jnp.inf, s["est2"])
-        top, new = jax.lax.top_k(out2, inflow)
-        real = top > -jnp.inf  # fewer than `inflow` outsiders may be left
-        sizes = [-(-(n + block) * q // 4) for q in (1, 2, 3, 4)]  # only `count` rows of qt are set
-        x = _bucketed(s["count"], sizes, lambda r: lambda x: _cgs2(x, s["qt"][:r]), wt[new])
-        x2 = jnp.sum(x * x, axis=1)
-        c2 = jnp.where(s["picked"][s["slot"]], -jnp.inf, jnp.sum(s["rc"] * s["rc"], axis=1))
-        weak2, weak = jax.lax.top_k(-c2, inflow)  # weakest slots first, paired with best outsiders
-        swap = real & (x2 > -weak2)
-        gone = s["slot"][weak]
-        est2 = s["est2"].at[new].set(jnp.where(real, x2, s["est2"][new]))
-        est2 = est2.at[gone].set(jnp.where(swap, -weak2, est2[gone]))
-        in_c = s["in_c"].at[gone].set(~swap)
-        return dict(
-            s,
-            est2=est2,
-            in_c=in_c.at[new].set(in_c[new] | swap),
-            slot=s["slot"].at[weak].set(jnp.where(swap, new, gone)),
-            rc=s["rc"].at[weak].set(jnp.where(swap[:, None], x, s["rc"][weak])),
-        )
-
-    def run_block(s):
-        i = s["count"]
-        if inflow:
-            s = refill(s)
-            bound = jnp.max(jnp.where(s["picked"] | s["in_c"], -jnp.inf, s["est2"]))
-        else:
-            bound = -jnp.inf
-        slot = s["slot"]
-
-        def best_candidate(c2):
-            best = jnp.max(c2)
-            return best, jnp.argmin(jnp.where(c2 == best, slot, h))  # ties: lowest neuron index
-
-        def exact(t):
-            # Residuals only shrink, so no outsider can beat a candidate at or above `bound`. An
-            # exact tie with an outsider goes to the candidate: `>=` guarantees progress.
-            return (t["j"] < block) & (i + t["j"] < n) & (t["best"] >= bound) & (t["best"] > -jnp.inf)
-
-        def pick(t):
-            pos, nrm, at = t["pos"], jnp.sqrt(jnp.maximum(t["best"], 0)), i + t["j"]
-            u = _unit(t["rc"][pos])
-            ub = jax.lax.dynamic_slice_in_dim(t["qt"], i, block)  # this block's picks so far
-            u = _unit(u - _matmul(_matmul(ub, u), ub))  # re-orthogonalize against them
-            row = _matmul(t["rc"], u)
-            c2 = (t["c2"] - row * row).at[pos].set(-jnp.inf)
-            best, nxt = best_candidate(c2)
-            return dict(
-                rc=t["rc"] - row[:, None] * u[None, :],
-                c2=c2,
-                qt=t["qt"].at[at].set(u),
-                picks=t["picks"].at[at].set(slot[pos]),
-                norms=t["norms"].at[at].set(nrm),
-                picked=t["picked"].at[slot[pos]].set(True),
-                j=t["j"] + 1,
-                best=best,
-                pos=nxt,
-            )
-
-        c2 = jnp.where(s["picked"][slot], -jnp.inf, jnp.sum(s["rc"] * s["rc"], axis=1))
-        best, pos = best_candidate(c2)
-        t = dict(rc=s["rc"], c2=c2, qt=s["qt"], picks=s["picks"], norms=s["norms"], picked=s["picked"])
-        t = jax.lax.while_loop(exact, pick, dict(t, j=jnp.int32(0), best=best, pos=pos))
-
-        def downdate(r):
-            p = _matmul(wt, jax.lax.dynamic_slice_in_dim(t["qt"], i, r).T)
-            return s["est2"] - jnp.sum(p * p, axis=1)
-
-        sizes = sorted({max(block // 4, 1), max(block // 2, 1), block})  # the matmul costs ~ picks made
-        est2 = _bucketed(t["j"], sizes, lambda r: lambda _: downdate(r), None)
-        return dict(s, est2=est2, count=i + t["j"], **{k: t[k] for k in ("rc", "qt", "picks", "norms", "picked")})
-
+    run_block = functools.partial(_gs_block, wt=wt, n=n, block=block, inflow=inflow)
     out = jax.lax.while_loop(lambda s: s["count"] < n, run_block, state)
     return out["picks"], out["norms"]
+
+
+def _gs_refill(s: dict, wt: jax.Array, n: int, block: int, inflow: int) -> dict:
+    """Swap the best outsiders (by estimate) for the weakest candidates they beat."""
+    out2 = jnp.where(s["picked"] | s["in_c"], -jnp.inf, s["est2"])
+    top, new = jax.lax.top_k(out2, inflow)
+    real = top > -jnp.inf  # fewer than `inflow` outsiders may be left
+    sizes = [-(-(n + block) * q // 4) for q in (1, 2, 3, 4)]  # only `count` rows of qt are set
+    x = _bucketed(s["count"], sizes, lambda r: lambda x: _cgs2(x, s["qt"][:r]), wt[new])
+    x2 = jnp.sum(x * x, axis=1)
+    c2 = jnp.where(s["picked"][s["slot"]], -jnp.inf, jnp.sum(s["rc"] * s["rc"], axis=1))
+    weak2, weak = jax.lax.top_k(-c2, inflow)  # weakest slots first, paired with best outsiders
+    swap = real & (x2 > -weak2)
+    gone = s["slot"][weak]
+    est2 = s["est2"].at[new].set(jnp.where(real, x2, s["est2"][new]))
+    est2 = est2.at[gone].set(jnp.where(swap, -weak2, est2[gone]))
+    in_c = s["in_c"].at[gone].set(~swap)
+    return dict(
+        s,
+        est2=est2,
+        in_c=in_c.at[new].set(in_c[new] | swap),
+        slot=s["slot"].at[weak].set(jnp.where(swap, new, gone)),
+        rc=s["rc"].at[weak].set(jnp.where(swap[:, None], x, s["rc"][weak])),
+    )
+
+
+def _gs_best(c2: jax.Array, slot: jax.Array, h: int) -> tuple[jax.Array, jax.Array]:
+    """The best candidate's squared residual and slot; ties go to the lowest neuron index."""
+    best = jnp.max(c2)
+    return best, jnp.argmin(jnp.where(c2 == best, slot, h))
+
+
+def _gs_exact(t: dict, i: jax.Array, n: int, block: int, bound: jax.Array) -> jax.Array:
+    """Whether the block's next pick is exact and wanted."""
+    # Residuals only shrink, so no outsider can beat a candidate at or above `bound`. An
+    # exact tie with an outsider goes to the candidate: `>=` guarantees progress.
+    return (t["j"] < block) & (i + t["j"] < n) & (t["best"] >= bound) & (t["best"] > -jnp.inf)
+
+
+def _gs_pick(t: dict, i: jax.Array, slot: jax.Array, block: int, h: int) -> dict:
+    """Pick the best candidate: its unit direction, and every candidate's residual downdated by it."""
+    pos, nrm, at = t["pos"], jnp.sqrt(jnp.maximum(t["best"], 0)), i + t["j"]
+    u = _unit(t["rc"][pos])
+    ub = jax.lax.dynamic_slice_in_dim(t["qt"], i, block)  # this block's picks so far
+    u = _unit(u - _matmul(_matmul(ub, u), ub))  # re-orthogonalize against them
+    row = _matmul(t["rc"], u)
+    c2 = (t["c2"] - row * row).at[pos].set(-jnp.inf)
+    best, nxt = _gs_best(c2, slot, h)
+    return dict(
+        rc=t["rc"] - row[:, None] * u[None, :],
+        c2=c2,
+        qt=t["qt"].at[at].set(u),
+        picks=t["picks"].at[at].set(slot[pos]),
+        norms=t["norms"].at[at].set(nrm),
+        picked=t["picked"].at[slot[pos]].set(True),
+        j=t["j"] + 1,
+        best=best,
+        pos=nxt,
+    )
+
+
+def _gs_block(s: dict, wt: jax.Array, n: int, block: int, inflow: int) -> dict:
+    """One block: refill the candidates, pick exactly while a pick is provably the best, downdate the estimates."""
+    i, h = s["count"], wt.shape[0]
+    if inflow:
+        s = _gs_refill(s, wt, n, block, inflow)
+        bound = jnp.max(jnp.where(s["picked"] | s["in_c"], -jnp.inf, s["est2"]))
+    else:
+        bound = -jnp.inf
+    slot = s["slot"]
+    c2 = jnp.where(s["picked"][slot], -jnp.inf, jnp.sum(s["rc"] * s["rc"], axis=1))
+    best, pos = _gs_best(c2, slot, h)
+    t = dict(rc=s["rc"], c2=c2, qt=s["qt"], picks=s["picks"], norms=s["norms"], picked=s["picked"])
+    exact = functools.partial(_gs_exact, i=i, n=n, block=block, bound=bound)
+    pick = functools.partial(_gs_pick, i=i, slot=slot, block=block, h=h)
+    t = jax.lax.while_loop(exact, pick, dict(t, j=jnp.int32(0), best=best, pos=pos))
+
+    def downdate(r):
+        p = _matmul(wt, jax.lax.dynamic_slice_in_dim(t["qt"], i, r).T)
+        return s["est2"] - jnp.sum(p * p, axis=1)
+
+    sizes = sorted({max(block // 4, 1), max(block // 2, 1), block})  # the matmul costs ~ picks made
+    est2 = _bucketed(t["j"], sizes, lambda r: lambda _: downdate(r), None)
+    return dict(s, est2=est2, count=i + t["j"], **{k: t[k] for k in ("rc", "qt", "picks", "norms", "picked")})
 
 
 def _cgs2(x: jax.Array, q: jax.Array) -> jax.Array:

@@ -116,27 +116,15 @@ def run_loop(loop: Loop) -> LoopResult:
     main_process = jax.process_index() == 0
     iterator = iter(loop.loader)
     ckpt = TrainCheckpointer(loop.workdir, loop.checkpoint_every, loop.keep, loop.async_checkpoint)
-    start, state = ckpt.latest_step(), loop.state
-    if start is not None:  # resume: arrays go straight to their shardings, data continues where it stopped
-        state = ckpt.restore(start, loop.abstract_state, iterator)
-    else:
-        start = 0
+    start, state = _resume(loop, ckpt, iterator)
     step_fn = loop.step_fn
     feed = DevicePrefetch(iterator, loop.mesh, loop.batch_key)
     skipped = data_lib.SkipCounter()
-    metrics_log = JsonlLog(loop.workdir / "metrics.jsonl") if main_process else None
-    seen_log = JsonlLog(loop.workdir / "seen.jsonl") if main_process and loop.log_indices else None
-    tensorboard = TensorBoard(loop.workdir / "tensorboard") if main_process else None
+    logs = _Logs(loop, main_process)
     best = _Best(loop.workdir, loop.best_metric, main_process) if loop.evaluate else None
     stop = _Stop()
     bar = tqdm(total=loop.total_steps, initial=start, desc=loop.desc, unit="step", disable=not main_process)
     last, tick, reason = {}, time.perf_counter(), "done"
-
-    def log(row: dict[str, Any], step: int) -> None:
-        if main_process:
-            metrics_log.write(row)
-            tensorboard.write(row, step)
-
     try:
         for step in range(start, loop.total_steps):
             batch, device_batch = next(feed)
@@ -150,33 +138,16 @@ def run_loop(loop: Loop) -> LoopResult:
             save_now = stopping or done == loop.total_steps or ckpt.manager.should_save(done)
             if log_now or save_now:  # the only host syncs: dispatch runs ahead in between
                 _check_loss(float(metrics["loss"]), done, ckpt)
-            if seen_log:
-                seen_log.write({"step": done, "index": batch["index"].tolist()})
+            logs.write_seen(done, batch)
             if log_now:
                 now = time.perf_counter()
                 ips = loop.log_every * loop.global_batch / max(now - tick, 1e-9)
                 tick = now
-                last = {k: float(v) for k, v in metrics.items()} | {
-                    "step": done,
-                    "images_per_s": ips,
-                    "skipped_files": skipped.total,
-                }
-                if loop.peak_flops:
-                    last["mfu"] = loop.flops_per_example * ips / loop.peak_flops
-                log(last, done)
+                last = _train_row(loop, metrics, done, ips, skipped.total)
+                logs.write(last, done)
                 bar.set_postfix({k: f"{last[k]:.4g}" for k in loop.shown if k in last})
-            eval_now = (
-                loop.evaluate
-                and not stopping
-                and (done == loop.total_steps or (loop.eval_every and done % loop.eval_every == 0))
-            )
-            if eval_now:
-                row = {"step": done, **loop.evaluate(state, done)}
-                best.update(row)
-                log(row, done)
-                if main_process:
-                    shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in row.items() if k != "step")
-                    bar.write(f"{loop.desc}: step {done}: {shown}")
+            if _eval_due(loop, done, stopping):
+                _evaluate(loop, state, done, best, logs, bar)
                 tick = time.perf_counter()  # evaluation time is not training throughput
             bar.update(1)
             ckpt.save(done, state, feed, force=save_now)
@@ -189,8 +160,66 @@ def run_loop(loop: Loop) -> LoopResult:
         ckpt.close()
         stop.restore()
         bar.close()
-        if tensorboard:
-            tensorboard.close()
+        logs.close()
     if main_process and reason != "done":
         print(reason)
     return LoopResult(reason, state, last, skipped.total)
+
+
+def _resume(loop: Loop, ckpt: TrainCheckpointer, iterator: Any) -> tuple[int, Any]:
+    """(first step, state): the workdir's last complete checkpoint, restored with its arrays straight on their
+    shardings and the data iterator where it stopped; else step 0 and loop.state."""
+    start = ckpt.latest_step()
+    if start is None:
+        return 0, loop.state
+    return start, ckpt.restore(start, loop.abstract_state, iterator)
+
+
+class _Logs:
+    """metrics.jsonl, seen.jsonl (with loop.log_indices) and TensorBoard, written by the main process only."""
+
+    def __init__(self, loop: Loop, main_process: bool):
+        self.main_process = main_process
+        self.metrics = JsonlLog(loop.workdir / "metrics.jsonl") if main_process else None
+        self.seen = JsonlLog(loop.workdir / "seen.jsonl") if main_process and loop.log_indices else None
+        self.tensorboard = TensorBoard(loop.workdir / "tensorboard") if main_process else None
+
+    def write(self, row: dict[str, Any], step: int) -> None:
+        if self.main_process:
+            self.metrics.write(row)
+            self.tensorboard.write(row, step)
+
+    def write_seen(self, step: int, batch: dict[str, Any]) -> None:
+        if self.seen:
+            self.seen.write({"step": step, "index": batch["index"].tolist()})
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def _train_row(loop: Loop, metrics: dict[str, Any], step: int, ips: float, skipped: int) -> dict[str, Any]:
+    """The logged row of a training step: its metrics, throughput (and MFU given the peak), skipped files."""
+    row = {k: float(v) for k, v in metrics.items()} | {"step": step, "images_per_s": ips, "skipped_files": skipped}
+    if loop.peak_flops:
+        row["mfu"] = loop.flops_per_example * ips / loop.peak_flops
+    return row
+
+
+def _eval_due(loop: Loop, step: int, stopping: bool) -> bool:
+    """Whether to evaluate after `step`: every loop.eval_every steps and at the end, never when stopping."""
+    return bool(
+        loop.evaluate
+        and not stopping
+        and (step == loop.total_steps or (loop.eval_every and step % loop.eval_every == 0))
+    )
+
+
+def _evaluate(loop: Loop, state: Any, step: int, best: _Best, logs: _Logs, bar: Any) -> None:
+    """Run loop.evaluate, keep the best, log the row and show it under the progress bar."""
+    row = {"step": step, **loop.evaluate(state, step)}
+    best.update(row)
+    logs.write(row, step)
+    if logs.main_process:
+        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in row.items() if k != "step")
+        bar.write(f"{loop.desc}: step {step}: {shown}")

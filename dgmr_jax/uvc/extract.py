@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -156,72 +156,97 @@ def _repair(
             f"with every dim and neuron restored the FLOPs ratio is {high:.4f}; lower the budget, pass no_skip=True "
             "or search with a milder budget"
         )
-    d, m = cfg.attn_head_dim, cfg.mlp_hidden[0]
-    dim_cost, neuron_cost = int(layer_flops(cfg, 0, 1, 0)), int(layer_flops(cfg, 0, 0, 1))
-    dsort, nsort = np.sort(dim_norms, axis=-1), np.sort(neuron_norms, axis=-1)
-    flops = _flops(cfg, w)
-    layers = np.flatnonzero(w.keep_block)
-    heads = [(int(layer), int(h)) for layer in layers for h in np.flatnonzero(w.head_keep[layer])]
+    units = _Units(cfg, w, dim_norms, neuron_norms)
+    flops, removed = _remove_units(units, _flops(cfg, w), budget * total)
+    restored = _restore_units(units, flops, total, budget, tolerance)
+    return removed, restored
 
-    # down: pop the least norm per FLOP among the next units to go
-    def down(key):
+
+class _Units:
+    """The single value dims (of kept heads) and neurons (of kept MLPs) that _repair moves, as heap entries
+    (norm per FLOP, key); key ("n", layer) or ("d", layer, head). Moving one changes the widths `w` in place."""
+
+    def __init__(self, cfg: ModelConfig, w: _Widths, dim_norms: np.ndarray, neuron_norms: np.ndarray):
+        self.w = w
+        self.d, self.m = cfg.attn_head_dim, cfg.mlp_hidden[0]
+        self.dim_cost, self.neuron_cost = int(layer_flops(cfg, 0, 1, 0)), int(layer_flops(cfg, 0, 0, 1))
+        self.dsort, self.nsort = np.sort(dim_norms, axis=-1), np.sort(neuron_norms, axis=-1)
+        layers = np.flatnonzero(w.keep_block)
+        heads = [(int(layer), int(h)) for layer in layers for h in np.flatnonzero(w.head_keep[layer])]
+        self.keys = [("n", int(layer)) for layer in layers] + [("d", layer, h) for layer, h in heads]
+
+    def cost(self, key: tuple) -> int:
+        return self.neuron_cost if key[0] == "n" else self.dim_cost
+
+    def down(self, key: tuple) -> tuple | None:
+        """The least norm per FLOP among the next units to go."""
         if key[0] == "n":
-            k = w.neurons[key[1]]
-            return (nsort[key[1], k] / neuron_cost, key) if k < m - 1 else None
-        k = w.dims[key[1], key[2]]
-        return (dsort[key[1], key[2], k] / dim_cost, key) if k < d - 1 else None
+            k = self.w.neurons[key[1]]
+            return (self.nsort[key[1], k] / self.neuron_cost, key) if k < self.m - 1 else None
+        k = self.w.dims[key[1], key[2]]
+        return (self.dsort[key[1], key[2], k] / self.dim_cost, key) if k < self.d - 1 else None
 
-    removed = restored = 0
-    if flops > budget * total:
-        heap = [c for c in (down(("n", int(layer))) for layer in layers) if c]
-        heap += [c for c in (down(("d", layer, h)) for layer, h in heads) if c]
+    def up(self, key: tuple) -> tuple | None:
+        """The most norm per FLOP (negated) among the last units gone."""
+        if key[0] == "n":
+            k = self.w.neurons[key[1]]
+            return (-self.nsort[key[1], k - 1] / self.neuron_cost, key) if k > 0 else None
+        k = self.w.dims[key[1], key[2]]
+        return (-self.dsort[key[1], key[2], k - 1] / self.dim_cost, key) if k > 0 else None
+
+    def heap(self, entry: Callable[[tuple], tuple | None]) -> list[tuple]:
+        heap = [c for c in (entry(key) for key in self.keys) if c]
         heapq.heapify(heap)
-        while flops > budget * total:
+        return heap
+
+    def move(self, key: tuple, removed: int) -> None:
+        """Remove (removed=1) or restore (removed=-1) one unit."""
+        if key[0] == "n":
+            self.w.neurons[key[1]] += removed
+        else:
+            self.w.dims[key[1], key[2]] += removed
+
+
+def _remove_units(units: _Units, flops: int, limit: float) -> tuple[int, int]:
+    """Pop the least norm per FLOP among the next units to go while over `limit` FLOPs; (FLOPs, units removed)."""
+    removed = 0
+    if flops > limit:
+        heap = units.heap(units.down)
+        while flops > limit:
             _, key = heapq.heappop(heap)
-            if key[0] == "n":
-                w.neurons[key[1]] += 1
-                flops -= neuron_cost
-            else:
-                w.dims[key[1], key[2]] += 1
-                flops -= dim_cost
+            units.move(key, 1)
+            flops -= units.cost(key)
             removed += 1
-            nxt = down(key)
+            nxt = units.down(key)
             if nxt:
                 heapq.heappush(heap, nxt)
+    return flops, removed
 
-    # up: restore the most norm per FLOP among the last units gone, while they fit under the budget
-    def up(key):
-        if key[0] == "n":
-            k = w.neurons[key[1]]
-            return (-nsort[key[1], k - 1] / neuron_cost, key) if k > 0 else None
-        k = w.dims[key[1], key[2]]
-        return (-dsort[key[1], key[2], k - 1] / dim_cost, key) if k > 0 else None
 
+def _restore_units(units: _Units, flops: int, total: int, budget: float, tolerance: float) -> int:
+    """Restore the most norm per FLOP among the last units gone, while they fit under the budget, until the
+    ratio reaches budget - tolerance; the units restored."""
+    restored = 0
     if flops < (budget - tolerance) * total:
-        heap = [c for c in (up(("n", int(layer))) for layer in layers) if c]
-        heap += [c for c in (up(("d", layer, h)) for layer, h in heads) if c]
-        heapq.heapify(heap)
+        heap = units.heap(units.up)
         while flops < (budget - tolerance) * total:
             if not heap:
                 raise ValueError(
                     f"the repair cannot land in [{budget - tolerance:.4f}, {budget}]: single units cost more than "
-                    f"the window ({dim_cost / total:.4f} per dim, {neuron_cost / total:.4f} per neuron); "
-                    "widen the tolerance"
+                    f"the window ({units.dim_cost / total:.4f} per dim, {units.neuron_cost / total:.4f} per "
+                    "neuron); widen the tolerance"
                 )
             _, key = heapq.heappop(heap)
-            cost = neuron_cost if key[0] == "n" else dim_cost
+            cost = units.cost(key)
             if flops + cost > budget * total:
                 continue  # this kind no longer fits; units of the other kind may
-            if key[0] == "n":
-                w.neurons[key[1]] -= 1
-            else:
-                w.dims[key[1], key[2]] -= 1
+            units.move(key, -1)
             flops += cost
             restored += 1
-            nxt = up(key)
+            nxt = units.up(key)
             if nxt:
                 heapq.heappush(heap, nxt)
-    return removed, restored
+    return restored
 
 
 def _layer_mlp(params: Params, layer: int) -> Params:

@@ -174,96 +174,139 @@ def make_search_step(
     flags = Counts(
         heads=float(bool(scfg.search_heads)), dims=float(scfg.search_dims), neurons=float(scfg.search_neurons)
     )
-    depth = cfg.depth
     kd = scfg.kd_coef > 0
 
     def step(state: SearchState, teacher_params: Params, images: jax.Array, rng: jax.Array):
-        t = state.step
-        warm = t < scfg.warmup_steps
-        search_t = jnp.maximum(t - scfg.warmup_steps, 0)
+        warm = state.step < scfg.warmup_steps
         target = _features(teacher_tap, teacher_params, images.astype(teacher_cfg.dtype), None, kd)
         target = jax.lax.stop_gradient(target)
-        norms = group_norms(cfg, state.params)
-        gumbel = jax.random.gumbel(rng, (depth, 2), jnp.float32)
-        duals = state.duals
-
-        def objective(params: Params, counts: Counts, logits: jax.Array):
-            masks = masks_from_counts(counts.heads, counts.dims, counts.neurons, norms, scfg.mask_mode)
-            if scfg.search_blocks:
-                pi = jnp.where(warm, scfg.warmup_gate, gumbel_gates(logits, gumbel, scfg.tau))
-                gates = pi
-            else:
-                pi, gates = jnp.ones((depth,), jnp.float32), None
-            with _norm_statistics(cfg, masks):
-                student = _features(student_tap, apply_masks(cfg, params, masks), images, gates, kd)
-            distill, terms = distill_loss(student[:2], target[:2], scfg.cls_coef, scfg.feat_coef)
-            if kd:
-                terms["loss_kd"] = logit_kd(student[2], target[2], scfg.kd_temperature)
-                distill = distill + scfg.kd_coef * terms["loss_kd"]
-            # the gates' share of dR is scaled by gate_flops_weight; R's value is unchanged
-            pi_flops = jax.lax.stop_gradient(pi) + scfg.gate_flops_weight * (pi - jax.lax.stop_gradient(pi))
-            ratio = masks_ratio(cfg, masks.heads, masks.dims, masks.neurons, pi_flops)
-            least = sparsity_terms(counts, norms)
-            penalty = sparsity_penalty(least, duals)
-            total = distill + penalty + constraint_term(ratio, scfg.budget, duals.z)
-            return total, dict(distill=distill, **terms, penalty=penalty, ratio=ratio, least=least)
-
+        gumbel = jax.random.gumbel(rng, (cfg.depth, 2), jnp.float32)
+        objective = _objective(cfg, scfg, student_tap, state, images, target, gumbel, warm)
         grad_fn = jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True)
         (loss, aux), (g_params, g_counts, g_logits) = grad_fn(state.params, state.vars.counts, state.vars.gate_logits)
         g_counts = jax.tree_util.tree_map(lambda g, f: g * f, g_counts, flags)
         if not scfg.search_blocks:
             g_logits = jnp.zeros_like(g_logits)
-
-        # weights: AdamW, then the proximal shrink of the groups the current counts remove
-        updates, opt_weights = optimizers.weights.update(g_params, state.opt_weights, state.params)
-        params = optax.apply_updates(state.params, updates)
-        lr = weight_lr(t)
-        params = prox_shrink(cfg, params, state.vars.counts, duals, lr)
-
-        # counts and gates: descent, counts projected into [0, n - 1]
-        c_updates, opt_counts = optimizers.counts.update(g_counts, state.opt_counts, state.vars.counts)
-        counts = project_counts(cfg, optax.apply_updates(state.vars.counts, c_updates))
-        l_updates, opt_gates = optimizers.gates.update(g_logits, state.opt_gates, state.vars.gate_logits)
-        logits = optax.apply_updates(state.vars.gate_logits, l_updates)
-
-        # duals: projected ascent
-        z_lr = z_lr_at(scfg.z_lr, search_t)
-        new_duals = ascend_duals(duals, aux["least"], aux["ratio"], scfg.budget, scfg.y_lr, scfg.p_lr, z_lr)
-
-        # the warm-up trains the weights only
-        keep = lambda old, new: jax.tree_util.tree_map(lambda o, n: jnp.where(warm, o, n), old, new)  # noqa: E731
-        svars = keep(state.vars, SearchVars(counts, logits))
-        new_state = SearchState(
-            step=t + 1,
-            params=params,
-            vars=svars,
-            duals=keep(duals, new_duals),
-            opt_weights=opt_weights,
-            opt_counts=keep(state.opt_counts, opt_counts),
-            opt_gates=keep(state.opt_gates, opt_gates),
-        )
-        c = state.vars.counts
-        metrics = {
-            "loss": loss,
-            "distill": aux["distill"],
-            "loss_cls": aux["loss_cls"],
-            "loss_feat": aux["loss_feat"],
-            **({"loss_kd": aux["loss_kd"]} if kd else {}),
-            "penalty": aux["penalty"],
-            "ratio": aux["ratio"],
-            "ratio_hard": deterministic_ratio(cfg, state.params, state.vars, scfg.search_blocks),
-            "z": duals.z,
-            "z_lr": z_lr,
-            "lr": lr,
-            "heads_removed": jnp.mean(c.heads),
-            "dims_removed": jnp.mean(c.dims),
-            "neurons_removed": jnp.mean(c.neurons),
-            "y_heads": jnp.mean(duals.y_heads),
-            "y_neurons": jnp.mean(duals.y_neurons),
-            "p_dims": jnp.mean(duals.p_dims),
-            "keep_prob": jnp.mean(keep_probability(state.vars.gate_logits)),
-            "warmup": warm.astype(jnp.float32),
-        }
-        return new_state, metrics
+        grads = (g_params, g_counts, g_logits)
+        new_state, lr, z_lr = _apply_updates(cfg, scfg, optimizers, weight_lr, state, grads, aux, warm)
+        return new_state, _metrics(cfg, scfg, state, loss, aux, lr, z_lr, warm)
 
     return step
+
+
+def _objective(
+    cfg: ModelConfig,
+    scfg: SearchConfig,
+    student_tap: ModelConfig,
+    state: SearchState,
+    images: jax.Array,
+    target: Any,
+    gumbel: jax.Array,
+    warm: jax.Array,
+) -> Callable[[Params, Counts, jax.Array], tuple[jax.Array, dict[str, Any]]]:
+    """The Lagrangian of one step as a function of (weights, counts, gate logits): distillation loss of the
+    masked, gated student against the teacher's `target`, sparsity penalty and the FLOPs constraint term."""
+    depth, kd = cfg.depth, scfg.kd_coef > 0
+    norms = group_norms(cfg, state.params)
+    duals = state.duals
+
+    def objective(params: Params, counts: Counts, logits: jax.Array):
+        masks = masks_from_counts(counts.heads, counts.dims, counts.neurons, norms, scfg.mask_mode)
+        if scfg.search_blocks:
+            pi = jnp.where(warm, scfg.warmup_gate, gumbel_gates(logits, gumbel, scfg.tau))
+            gates = pi
+        else:
+            pi, gates = jnp.ones((depth,), jnp.float32), None
+        with _norm_statistics(cfg, masks):
+            student = _features(student_tap, apply_masks(cfg, params, masks), images, gates, kd)
+        distill, terms = distill_loss(student[:2], target[:2], scfg.cls_coef, scfg.feat_coef)
+        if kd:
+            terms["loss_kd"] = logit_kd(student[2], target[2], scfg.kd_temperature)
+            distill = distill + scfg.kd_coef * terms["loss_kd"]
+        # the gates' share of dR is scaled by gate_flops_weight; R's value is unchanged
+        pi_flops = jax.lax.stop_gradient(pi) + scfg.gate_flops_weight * (pi - jax.lax.stop_gradient(pi))
+        ratio = masks_ratio(cfg, masks.heads, masks.dims, masks.neurons, pi_flops)
+        least = sparsity_terms(counts, norms)
+        penalty = sparsity_penalty(least, duals)
+        total = distill + penalty + constraint_term(ratio, scfg.budget, duals.z)
+        return total, dict(distill=distill, **terms, penalty=penalty, ratio=ratio, least=least)
+
+    return objective
+
+
+def _apply_updates(
+    cfg: ModelConfig,
+    scfg: SearchConfig,
+    optimizers: Optimizers,
+    weight_lr: Callable[[jax.Array], jax.Array],
+    state: SearchState,
+    grads: tuple[Params, Counts, jax.Array],
+    aux: dict[str, Any],
+    warm: jax.Array,
+) -> tuple[SearchState, jax.Array, jax.Array]:
+    """The next state from the gradients of (weights, counts, gate logits); (state, weights' lr, z's lr)."""
+    g_params, g_counts, g_logits = grads
+    t, duals = state.step, state.duals
+    # weights: AdamW, then the proximal shrink of the groups the current counts remove
+    updates, opt_weights = optimizers.weights.update(g_params, state.opt_weights, state.params)
+    params = optax.apply_updates(state.params, updates)
+    lr = weight_lr(t)
+    params = prox_shrink(cfg, params, state.vars.counts, duals, lr)
+
+    # counts and gates: descent, counts projected into [0, n - 1]
+    c_updates, opt_counts = optimizers.counts.update(g_counts, state.opt_counts, state.vars.counts)
+    counts = project_counts(cfg, optax.apply_updates(state.vars.counts, c_updates))
+    l_updates, opt_gates = optimizers.gates.update(g_logits, state.opt_gates, state.vars.gate_logits)
+    logits = optax.apply_updates(state.vars.gate_logits, l_updates)
+
+    # duals: projected ascent
+    z_lr = z_lr_at(scfg.z_lr, jnp.maximum(t - scfg.warmup_steps, 0))
+    new_duals = ascend_duals(duals, aux["least"], aux["ratio"], scfg.budget, scfg.y_lr, scfg.p_lr, z_lr)
+
+    # the warm-up trains the weights only
+    keep = lambda old, new: jax.tree_util.tree_map(lambda o, n: jnp.where(warm, o, n), old, new)  # noqa: E731
+    new_state = SearchState(
+        step=t + 1,
+        params=params,
+        vars=keep(state.vars, SearchVars(counts, logits)),
+        duals=keep(duals, new_duals),
+        opt_weights=opt_weights,
+        opt_counts=keep(state.opt_counts, opt_counts),
+        opt_gates=keep(state.opt_gates, opt_gates),
+    )
+    return new_state, lr, z_lr
+
+
+def _metrics(
+    cfg: ModelConfig,
+    scfg: SearchConfig,
+    state: SearchState,
+    loss: jax.Array,
+    aux: dict[str, Any],
+    lr: jax.Array,
+    z_lr: jax.Array,
+    warm: jax.Array,
+) -> dict[str, jax.Array]:
+    """The step's metrics (see make_search_step), of the state before the step."""
+    c, duals = state.vars.counts, state.duals
+    return {
+        "loss": loss,
+        "distill": aux["distill"],
+        "loss_cls": aux["loss_cls"],
+        "loss_feat": aux["loss_feat"],
+        **({"loss_kd": aux["loss_kd"]} if scfg.kd_coef > 0 else {}),
+        "penalty": aux["penalty"],
+        "ratio": aux["ratio"],
+        "ratio_hard": deterministic_ratio(cfg, state.params, state.vars, scfg.search_blocks),
+        "z": duals.z,
+        "z_lr": z_lr,
+        "lr": lr,
+        "heads_removed": jnp.mean(c.heads),
+        "dims_removed": jnp.mean(c.dims),
+        "neurons_removed": jnp.mean(c.neurons),
+        "y_heads": jnp.mean(duals.y_heads),
+        "y_neurons": jnp.mean(duals.y_neurons),
+        "p_dims": jnp.mean(duals.p_dims),
+        "keep_prob": jnp.mean(keep_probability(state.vars.gate_logits)),
+        "warmup": warm.astype(jnp.float32),
+    }

@@ -201,10 +201,9 @@ def _plot_curves(metrics: Any, path: Any) -> None:
     """The deterministic FLOPs ratio and the dual z over the search's logged steps."""
     if not metrics.exists():
         return
-    import matplotlib
+    from dgmr_jax.core.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     steps = np.array([r["step"] for r in rows])

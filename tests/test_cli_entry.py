@@ -1,0 +1,44 @@
+"""The command line's two entries: main(argv) only parses and dispatches; the `dgmr-jax` script and
+`python -m dgmr_jax.cli` go through run(), the one place with process-wide set-up."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from dgmr_jax import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_console_script_is_the_process_entry():
+    scripts = re.search(r"\[project\.scripts\]\n(.*?)\n\n", (ROOT / "pyproject.toml").read_text(), re.S).group(1)
+    assert scripts == 'dgmr-jax = "dgmr_jax.cli:run"'
+    assert '\nif __name__ == "__main__":\n    run()\n' in (ROOT / "dgmr_jax" / "cli.py").read_text()
+
+
+def test_main_changes_nothing_process_wide_and_run_prepares_then_dispatches(tmp_path, monkeypatch, capsys):
+    prepared = []
+    monkeypatch.setattr(cli, "prepare_process", lambda args: prepared.append(args.command))
+    argv = ["distill", "--workdir", str(tmp_path)]  # fails fast: no --config
+    assert cli.main(argv) == 2 and prepared == []
+    main_err = capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["dgmr-jax", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        cli.run()
+    assert exit_.value.code == 2 and prepared == ["distill"]
+    assert capsys.readouterr().err == main_err  # the same parsing and dispatch
+
+
+def test_prepare_process_keeps_host_memory_for_compute_commands_only(monkeypatch):
+    import dgmr_jax.core.hostmem as hostmem
+
+    calls = []
+    monkeypatch.setattr(hostmem, "keep_freed_host_memory", lambda: calls.append(1))
+    cli.prepare_process(cli.parse(["export", "--model", "m", "--out", "o.pth"]))
+    assert calls == []
+    cli.prepare_process(cli.parse(["eval", "--model", "m"]))
+    assert calls == [1]
