@@ -9,15 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dgmr_jax.core.errors import NonFiniteLoss
-from dgmr_jax.io.checkpoint_io import CheckpointError
+from dgmr_jax.core.errors import NonFiniteLoss, UserError
 from dgmr_jax.io.keymaps import FAMILIES
 
 if TYPE_CHECKING:
     from dgmr_jax.eval.run import ClipEval
 
-# Errors that mean "the input is wrong": printed as one line, no traceback.
-USER_ERRORS = (CheckpointError, ValueError, FileExistsError, FileNotFoundError)
+# Errors that mean "the input is wrong": printed as one line, no traceback (CheckpointError is a UserError).
+# Any other exception, a ValueError from inside JAX included, is a bug and keeps its traceback.
+USER_ERRORS = (UserError, FileExistsError, FileNotFoundError)
 
 
 def _preprocess(args: argparse.Namespace, name: str):
@@ -29,8 +29,8 @@ def _preprocess(args: argparse.Namespace, name: str):
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from dgmr_jax.io.open import open_model
     from dgmr_jax.io.model_dir import check_new_dir, save_model
+    from dgmr_jax.io.open import open_model
     from dgmr_jax.models.cost import count_params
 
     check_new_dir(args.out)
@@ -46,9 +46,9 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from dgmr_jax.io.open import open_model
-    from dgmr_jax.io.convert import to_torch
     from dgmr_jax.io.checkpoint_io import check_state_dict_path, save_state_dict
+    from dgmr_jax.io.convert import to_torch
+    from dgmr_jax.io.open import open_model
 
     out = Path(args.out)
     check_state_dict_path(out)  # before the weights are read
@@ -77,22 +77,22 @@ def _taylor_scores(source: Any, spec: str, num_images: int, batch: int) -> list[
 
 
 def _prune(args: argparse.Namespace) -> None:
-    from dgmr_jax.io.open import open_model
     from dgmr_jax.core.paths import as_path
     from dgmr_jax.io.model_dir import check_new_dir
+    from dgmr_jax.io.open import open_model
     from dgmr_jax.prune import prune_to_dir
     from dgmr_jax.prune.report import write_report
 
     check_new_dir(args.out)
     if (args.method == "taylor") != bool(args.taylor_data):
-        raise ValueError("--method taylor and --taylor-data IMAGES (the images that score neurons) go together")
+        raise UserError("--method taylor and --taylor-data IMAGES (the images that score neurons) go together")
     if args.taylor_images <= 0 or args.taylor_batch <= 0:
-        raise ValueError("--taylor-images and --taylor-batch must be positive")
+        raise UserError("--taylor-images and --taylor-batch must be positive")
     if (args.model is None) == (args.checkpoint is None):
-        raise ValueError("give exactly one of --model DIR (from `dgmr-jax convert`) or --checkpoint PATH")
+        raise UserError("give exactly one of --model DIR (from `dgmr-jax convert`) or --checkpoint PATH")
     if args.checkpoint is not None:
         if not args.arch:
-            raise ValueError("--checkpoint needs --arch (a preset name, e.g. eva02_enormous_patch14_clip_224)")
+            raise UserError("--checkpoint needs --arch (a preset name, e.g. eva02_enormous_patch14_clip_224)")
         source = open_model(args.checkpoint, family=args.family, arch=args.arch)
     else:
         source = open_model(args.model)
@@ -119,14 +119,14 @@ def _distill(args: argparse.Namespace) -> None:
 
     if args.from_checkpoint is not None:
         if args.config or args.overrides or args.export_every is not None:
-            raise ValueError("--from-checkpoint STEP only writes a saved step as a model directory: drop --config")
+            raise UserError("--from-checkpoint STEP only writes a saved step as a model directory: drop --config")
         out = student_from_checkpoint(args.workdir, args.from_checkpoint, args.out, ema=args.ema)
         print(f"wrote {out}: the student at step {args.from_checkpoint} ({'EMA' if args.ema else 'trained'} weights)")
         return
     if not args.config:
-        raise ValueError("--config RECIPE is required (or --from-checkpoint STEP to export a saved step)")
+        raise UserError("--config RECIPE is required (or --from-checkpoint STEP to export a saved step)")
     if args.out:
-        raise ValueError("--out goes with --from-checkpoint; a run writes its student to WORKDIR/model")
+        raise UserError("--out goes with --from-checkpoint; a run writes its student to WORKDIR/model")
     overrides = [o.lstrip("-") for o in args.overrides]
     if args.export_every is not None:
         overrides.append(f"config.export_every={args.export_every}")
@@ -205,9 +205,9 @@ def _plan(args: argparse.Namespace) -> None:
     from dgmr_jax.core import config_file
 
     if (args.topology is None) == (args.devices is None):
-        raise ValueError("give exactly one target: --topology v5p:4x4x4 (TPU, needs libtpu) or --devices N (CPU)")
+        raise UserError("give exactly one target: --topology v5p:4x4x4 (TPU, needs libtpu) or --devices N (CPU)")
     if not 0 < args.mfu <= 1:
-        raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
+        raise UserError(f"--mfu must be in (0, 1], got {args.mfu}")
     if args.out and os.path.exists(args.out):
         raise FileExistsError(f"{args.out} already exists; choose another --out")
     config = config_file.apply_overrides(config_file.load(args.config), [o.lstrip("-") for o in args.overrides])
@@ -215,7 +215,7 @@ def _plan(args: argparse.Namespace) -> None:
         planner.tpu_compiler_environment(args.topology)
     target = planner.tpu_target(args.topology) if args.topology else planner.cpu_target(args.devices)
     if not args.search and (args.search_batches or args.search_fsdp or args.search_remat != "both"):
-        raise ValueError("--search-batches, --search-fsdp and --search-remat narrow --search: add --search")
+        raise UserError("--search-batches, --search-fsdp and --search-remat narrow --search: add --search")
     chip = (args.mfu, args.hbm_gib, args.peak_tflops)
     if args.search:
         remats = {"both": (False, True), "on": (True,), "off": (False,)}[args.search_remat]
@@ -246,7 +246,7 @@ def _clip_eval(args: argparse.Namespace) -> ClipEval | None:
         return ClipEval(args.clip_text, **given)
     if given:
         flags = " ".join("--" + name.replace("_", "-") for name in given)
-        raise ValueError(f"{flags} need --clip-text CKPT: the open_clip checkpoint whose text tower embeds the prompts")
+        raise UserError(f"{flags} need --clip-text CKPT: the open_clip checkpoint whose text tower embeds the prompts")
     return None
 
 

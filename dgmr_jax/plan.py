@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.parallel import check_batch, make_mesh
 from dgmr_jax.distill.trainer import build_step, model_configs
 from dgmr_jax.models.cost import count_flops
@@ -62,7 +63,7 @@ def _generation(topology: str) -> str:
     """The TPU generation of a topology name ("v5p:4x4x4" -> "v5p"); ValueError for a malformed one."""
     generation, _, shape = topology.partition(":")
     if generation not in CHIPS or not shape:
-        raise ValueError(f"--topology {topology!r}: expected GENERATION:SHAPE with GENERATION in {', '.join(CHIPS)}")
+        raise UserError(f"--topology {topology!r}: expected GENERATION:SHAPE with GENERATION in {', '.join(CHIPS)}")
     return generation
 
 
@@ -85,7 +86,7 @@ def tpu_target(topology: str) -> Target:
     try:
         import libtpu  # noqa: F401
     except ImportError as err:
-        raise ValueError(
+        raise UserError(
             "--topology needs TPU's compiler: pip install 'dgmr-jax[tpu-plan]' (libtpu), or plan for --devices N "
             "fake CPU devices (CPU memory estimates)"
         ) from err
@@ -101,7 +102,7 @@ def tpu_target(topology: str) -> Target:
             wrap=(CHIPS[generation].wrap,) * 3 if dims == 3 else (False,) * 3,
         )
     except Exception as err:  # libtpu reports a bad shape in many ways
-        raise ValueError(f"--topology {topology!r} is not a topology libtpu knows ({err})") from err
+        raise UserError(f"--topology {topology!r} is not a topology libtpu knows ({err})") from err
     return Target(list(topo.devices), topology, CHIPS[generation])
 
 
@@ -109,7 +110,7 @@ def cpu_target(count: int) -> Target:
     """`count` CPU devices of this process (the CLI makes them fake devices before JAX starts)."""
     devices = jax.devices("cpu")
     if len(devices) < count:
-        raise ValueError(
+        raise UserError(
             f"--devices {count}: this process has {len(devices)} CPU devices; run `dgmr-jax plan` in a fresh process"
         )
     return Target(devices[:count], f"{count} CPU devices", None)
@@ -196,7 +197,7 @@ def search_space(
     fsdps = fsdps or [2**i for i in range(int(math.log2(chips)) + 1) if chips % 2**i == 0]
     bad = [f for f in fsdps if f < 1 or chips % f]
     if bad or min(batches) < 1:
-        raise ValueError(f"--search-fsdp must divide the {chips} chips and --search-batches be >= 1, got {fsdps}")
+        raise UserError(f"--search-fsdp must divide the {chips} chips and --search-batches be >= 1, got {fsdps}")
     variants = []
     for batch, fsdp, remat in itertools.product(batches, fsdps, remats):
         c = ml_collections.ConfigDict(config.to_dict())
@@ -278,7 +279,7 @@ def pick_flags(rows: list[dict[str, Any]], target: Target) -> str:
     """The `pick` of the searched plans as recipe overrides; ValueError when none fits."""
     best = pick(rows)
     if best is None:
-        raise ValueError(f"nothing fits {target.label}: not at 1 image per chip, any fsdp split, with remat")
+        raise UserError(f"nothing fits {target.label}: not at 1 image per chip, any fsdp split, with remat")
     mesh = " ".join(f"--config.mesh.{k}={v}" for k, v in best["mesh"].items())
     batch = int(best["batch_per_chip"] * best["chips"])
     return f"--config.global_batch={batch} {mesh} --config.student.remat={best['remat']}"
@@ -287,7 +288,7 @@ def pick_flags(rows: list[dict[str, Any]], target: Target) -> str:
 def check_fits(row: dict[str, Any], target: Target) -> None:
     """ValueError, with what to try, when a plan needs more memory per chip than the target has."""
     if not fits(row):
-        raise ValueError(
+        raise UserError(
             f"does not fit: {gib(row['total'])} GiB per chip > {gib(row['hbm'])} GiB HBM on {target.label}; "
             "try --search, a smaller --config.global_batch, more --config.mesh.fsdp or --config.student.remat=true"
         )

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from dgmr_jax.core import config_file
+from dgmr_jax.core.errors import UserError
 
 RECIPE = """
 import ml_collections
@@ -39,7 +40,7 @@ def test_two_recipe_folders_each_import_their_own_common(tmp_path):
 def test_a_recipe_importing_a_sibling_absolutely_is_told_how(tmp_path):
     folder = _folder(tmp_path, "c", 3)
     (folder / "absolute.py").write_text("from common import VALUE\n\ndef get_config():\n    return VALUE\n")
-    with pytest.raises(ModuleNotFoundError, match=r"imports files beside it relatively \(`from \.common import"):
+    with pytest.raises(UserError, match=r"imports files beside it relatively \(`from \.common import"):
         config_file.load(str(folder / "absolute.py"))
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import ml_collections
 
+from dgmr_jax.core.errors import UserError
+
 
 def _folder_package(folder: Path) -> str:
     """A package named for one recipe folder (made once), so recipes import their siblings relatively
@@ -35,18 +37,18 @@ def load(spec: str) -> ml_collections.ConfigDict:
     try:
         module_spec.loader.exec_module(module)
     except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
+        raise UserError(
             f"{path}: {err}; a recipe imports files beside it relatively (`from .{err.name} import ...`)"
         ) from err
     if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} has no get_config() function")
+        raise UserError(f"{path} has no get_config() function")
     return module.get_config(arg) if arg else module.get_config()
 
 
 def _parse(text: str, like):
     if isinstance(like, bool):
         if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true/false, got {text!r}")
+            raise UserError(f"expected true/false, got {text!r}")
         return text.lower() in ("true", "1")
     if isinstance(like, str):
         return text
@@ -65,17 +67,17 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.startswith("config."):
-            raise ValueError(f"override {item!r} must look like --config.field=value")
+            raise UserError(f"override {item!r} must look like --config.field=value")
         *parents, leaf = key[len("config.") :].split(".")
         node = config
         for name in parents:
             if name not in node:
-                raise ValueError(f"unknown config field {key!r}")
+                raise UserError(f"unknown config field {key!r}")
             node = node[name]
         if leaf not in node:
-            raise ValueError(f"unknown config field {key!r}; known here: {sorted(node.keys())}")
+            raise UserError(f"unknown config field {key!r}; known here: {sorted(node.keys())}")
         try:
             node[leaf] = _parse(text, node[leaf])
         except (ValueError, SyntaxError) as err:
-            raise ValueError(f"cannot set {key} from {text!r}: {err}") from err
+            raise UserError(f"cannot set {key} from {text!r}: {err}") from err
     return config

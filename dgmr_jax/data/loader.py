@@ -20,6 +20,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.data.transforms import DecodeOrSkip, EvalTransform, TrainTransform
 
 
@@ -56,28 +57,28 @@ def _check_args(
 ) -> None:
     """Raise ValueError, saying what to change, before any record is read."""
     if batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive per-host batch size, got {batch_size}")
+        raise UserError(f"batch_size must be a positive per-host batch size, got {batch_size}")
     if img_size <= 0:
-        raise ValueError(f"img_size must be positive, got {img_size}")
+        raise UserError(f"img_size must be positive, got {img_size}")
     if shard_count <= 0 or not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index must be in [0, shard_count={shard_count}), got {shard_index}")
+        raise UserError(f"shard_index must be in [0, shard_count={shard_count}), got {shard_index}")
     per_shard = num_records // shard_count
     if per_shard < batch_size:
-        raise ValueError(
+        raise UserError(
             f"each of the {shard_count} shards holds {per_shard} of the {num_records} records, fewer than one "
             f"batch of {batch_size}: lower batch_size or shard_count, or add images"
         )
     for name, (lo, hi) in (("scale", scale), ("ratio", ratio)):
         if not 0 < lo <= hi:
-            raise ValueError(f"{name} must satisfy 0 < min <= max, got {(lo, hi)}")
+            raise UserError(f"{name} must satisfy 0 < min <= max, got {(lo, hi)}")
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise ValueError(f"mean and std need 3 channel values each and std > 0, got {mean}, {std}")
+        raise UserError(f"mean and std need 3 channel values each and std > 0, got {mean}, {std}")
     if not (isinstance(seed, int) and 0 <= seed < 2**32):
-        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+        raise UserError(f"seed must be an int in [0, 2**32), got {seed!r}")
     if num_epochs is not None and num_epochs <= 0:
-        raise ValueError(f"num_epochs must be positive or None (repeat forever), got {num_epochs}")
+        raise UserError(f"num_epochs must be positive or None (repeat forever), got {num_epochs}")
     if resize_size is not None and resize_size < img_size:
-        raise ValueError(f"resize_size must be >= img_size ({img_size}), got {resize_size}")
+        raise UserError(f"resize_size must be >= img_size ({img_size}), got {resize_size}")
 
 
 def make_loader(
@@ -162,7 +163,7 @@ def restore_loader(iterator: grain.DataLoaderIterator, state: bytes) -> None:
     try:
         iterator.set_state(state)
     except ValueError as err:
-        raise ValueError(
+        raise UserError(
             f"cannot resume the data loader from this state: {err}\nRebuild the loader with the source, seed, "
             "shard_index/shard_count, num_epochs and worker_count of the run that saved it"
         ) from err

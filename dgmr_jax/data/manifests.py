@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import as_path, is_uri
 from dgmr_jax.data.sources import ImageFiles, Subset
 
@@ -151,4 +152,4 @@ def require_good(pairs: Pairs, flag: str = "--pairs", by_line: bool = False) -> 
     """Raise ValueError, naming the first bad pairs, when no pair is good."""
     if not len(pairs):
         reasons = _describe(pairs.bad, by_line) or "it holds no image"
-        raise ValueError(f"{flag} {pairs.spec} has no good image-caption pair ({len(pairs.bad)} bad: {reasons})")
+        raise UserError(f"{flag} {pairs.spec} has no good image-caption pair ({len(pairs.bad)} bad: {reasons})")

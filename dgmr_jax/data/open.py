@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import as_path
 from dgmr_jax.data.builtin import LfwSubsetSource, Mnist5kSource, SkimagePhotosSource
 from dgmr_jax.data.sources import ArrayRecordSource, ImageFolderSource, TfdsSource
@@ -53,7 +54,7 @@ def spec_kind(spec: str) -> tuple[str, str]:
 def _folder_labels(source: ImageFolderSource) -> tuple[np.ndarray, list[str]]:
     names = [rel.split(os.sep)[0] if os.sep in rel else "" for rel in source.relpaths]
     if "" in names:
-        raise ValueError(f"{source.root}: labeled images must sit in class subfolders (found one at the top level)")
+        raise UserError(f"{source.root}: labeled images must sit in class subfolders (found one at the top level)")
     classes = sorted(set(names))
     return np.array([classes.index(n) for n in names]), classes
 
@@ -64,10 +65,10 @@ def open_images(
     """Open the image set `spec` (forms in the module docstring); `kind` forces how spec is read (the distill
     config's data.kind). labeled=True also returns labels and class names, or says why the set has none."""
     if not spec and kind != "mnist5k":
-        raise ValueError(f"no image set given: use one of {SPECS}")
+        raise UserError(f"no image set given: use one of {SPECS}")
     kind, arg = (kind, spec) if kind else spec_kind(spec)
     if kind not in KINDS:
-        raise ValueError(f"unknown image-set kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise UserError(f"unknown image-set kind {kind!r}; choose one of {', '.join(KINDS)}")
     if kind == "mnist5k":
         source = Mnist5kSource(split)
         return Images(source, "mnist5k", np.asarray(source.labels), [str(c) for c in range(source.num_classes)])
@@ -84,7 +85,7 @@ def open_images(
         return Images(source, spec, *source.labels())
     if kind == "array_record":
         if labeled:
-            raise ValueError(f"{spec}: ArrayRecord files hold images only, no labels; labeled sets: {SPECS}")
+            raise UserError(f"{spec}: ArrayRecord files hold images only, no labels; labeled sets: {SPECS}")
         return Images(ArrayRecordSource(arg), spec)
     if not as_path(arg).is_dir():
         raise FileNotFoundError(f"image set {arg!r} is not a folder, nor one of {SPECS}")

@@ -17,6 +17,7 @@ import grain
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import as_path, is_uri
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -32,7 +33,7 @@ class ImageFolderSource:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = str(as_path(root))
         if not as_path(self.root).is_dir():
-            raise ValueError(f"image folder {self.root!r} does not exist or is not a directory")
+            raise UserError(f"image folder {self.root!r} does not exist or is not a directory")
         relpaths, ignored = [], 0
         for dirpath, filenames in walk_files(self.root):
             for filename in filenames:
@@ -41,7 +42,7 @@ class ImageFolderSource:
                 else:
                     ignored += 1
         if not relpaths:
-            raise ValueError(
+            raise UserError(
                 f"no image files found under {self.root!r} ({ignored} other files); accepted extensions "
                 f"(case-insensitive): {' '.join(IMAGE_EXTENSIONS)}"
             )
@@ -135,7 +136,7 @@ def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]
             matches = sorted(glob.glob(pattern))
         missing = [m for m in matches if not as_path(m).is_file()]
         if not matches or missing:
-            raise ValueError(f"ArrayRecord path {pattern!r} matches no file ({missing or 'empty glob'})")
+            raise UserError(f"ArrayRecord path {pattern!r} matches no file ({missing or 'empty glob'})")
         files.extend(matches)
     return files
 
@@ -147,7 +148,7 @@ class ArrayRecordSource:
         self.paths = _expand(paths)
         self._source = grain.sources.ArrayRecordDataSource(self.paths)
         if len(self._source) == 0:
-            raise ValueError(f"ArrayRecord files {self.paths} hold no records")
+            raise UserError(f"ArrayRecord files {self.paths} hold no records")
 
     def __len__(self) -> int:
         return len(self._source)
@@ -191,18 +192,18 @@ class TfdsSource:
         try:
             builder = tfds.builder(name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError as err:
-            raise ValueError(f"TFDS dataset {name!r} not found (data_dir={data_dir}); {how}") from err
+            raise UserError(f"TFDS dataset {name!r} not found (data_dir={data_dir}); {how}") from err
         if not builder.is_prepared():
-            raise ValueError(
+            raise UserError(
                 f"TFDS dataset {name!r} is not prepared under {builder.data_dir} (this loader never downloads); {how}"
             )
         features = list(builder.info.features)
         if image_key not in features:
-            raise ValueError(f"TFDS dataset {name!r} has no feature {image_key!r}; features: {features}")
+            raise UserError(f"TFDS dataset {name!r} has no feature {image_key!r}; features: {features}")
         try:
             self._source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
         except NotImplementedError as err:  # prepared as tfrecord: no random access
-            raise ValueError(f"TFDS dataset {name!r} is not stored as array_record; {how}") from err
+            raise UserError(f"TFDS dataset {name!r} is not stored as array_record; {how}") from err
         self.name, self.split, self.image_key = name, split, image_key
         self._features = builder.info.features
 
@@ -225,7 +226,7 @@ class TfdsSource:
         """(int label of every record, class names) from a ClassLabel feature (reads every record once)."""
         names = getattr(self._features[label_key], "names", None) if label_key in self._features else None
         if names is None:
-            raise ValueError(f"TFDS dataset {self.name!r} has no ClassLabel feature {label_key!r}: it is unlabeled")
+            raise UserError(f"TFDS dataset {self.name!r} has no ClassLabel feature {label_key!r}: it is unlabeled")
         return np.array([int(self._source[i][label_key]) for i in range(len(self))], np.int64), list(names)
 
     def __repr__(self) -> str:

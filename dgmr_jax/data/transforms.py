@@ -18,6 +18,8 @@ import grain
 import numpy as np
 from PIL import Image, ImageOps
 
+from dgmr_jax.core.errors import UserError
+
 _log = logging.getLogger(__name__)
 _FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
@@ -139,7 +141,7 @@ class DecodeOrSkip(grain.transforms.Map):
                 _log.warning("skipping unreadable image %s of %r: %s", record_name(self.source, i), self.source, err)
                 continue
             return {"image": image, "index": np.int64(key), "skipped": np.int32(skipped)}
-        raise ValueError(f"none of the {n} records of {self.source!r} decodes as an image; check the data path")
+        raise UserError(f"none of the {n} records of {self.source!r} decodes as an image; check the data path")
 
 
 def _with_images(element: dict[str, Any], images: np.ndarray) -> dict[str, Any]:

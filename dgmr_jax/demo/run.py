@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from ml_collections import ConfigDict
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.data import open_images
 from dgmr_jax.distill.defaults import base_config
 from dgmr_jax.distill.trainer import train
@@ -172,7 +173,7 @@ def run_demo(
     """Run the demo into the new directory `out`; returns the table rows (also written there)."""
     unknown = [m for m in methods if m not in METHODS + UVC_METHODS]
     if unknown or not methods:
-        raise ValueError(f"unknown --methods {unknown}; choose from {', '.join(METHODS + UVC_METHODS)}")
+        raise UserError(f"unknown --methods {unknown}; choose from {', '.join(METHODS + UVC_METHODS)}")
     out = check_new_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.vit import VisionTransformer
 
@@ -21,7 +22,7 @@ def tap_config(cfg: ModelConfig, tap: str) -> ModelConfig:
     removed on both sides, i.e. the raw class token and patch tokens of the last block (EVA-CLIP).
     """
     if tap not in TAPS:
-        raise ValueError(f"unknown distillation tap {tap!r}; choose one of {TAPS}")
+        raise UserError(f"unknown distillation tap {tap!r}; choose one of {TAPS}")
     if tap == "raw":
         return cfg.replace(final_norm=False, fc_norm=False, num_classes=0, proj_dim=0, global_pool="token")
     return cfg

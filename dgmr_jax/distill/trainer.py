@@ -15,6 +15,7 @@ import jax
 import ml_collections
 from etils import epath
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.parallel import sync_processes
 from dgmr_jax.distill.loss import tap_config
 from dgmr_jax.distill.step import make_step
@@ -33,16 +34,16 @@ from dgmr_jax.train.task import LoopHooks, TaskStep
 def _best_metric(config: ml_collections.ConfigDict, evals: list[EvalSpec]) -> str:
     """The eval metric best.json follows, checked before anything loads."""
     if config.eval_every < 0:
-        raise ValueError(f"--config.eval_every must be >= 0 (0: evaluate at the end only), got {config.eval_every}")
+        raise UserError(f"--config.eval_every must be >= 0 (0: evaluate at the end only), got {config.eval_every}")
     if not evals:
         if config.eval_best or config.eval_every:
-            raise ValueError(
+            raise UserError(
                 "--config.eval_every / eval_best need evaluations: set --config.evals (e.g. ['knn:mnist5k'])"
             )
         return ""
     names = [f"eval/{e.name}/" for e in evals]
     if config.eval_best and not config.eval_best.startswith(tuple(names)):
-        raise ValueError(f"--config.eval_best={config.eval_best!r} names no eval; metrics start with {names}")
+        raise UserError(f"--config.eval_best={config.eval_best!r} names no eval; metrics start with {names}")
     return config.eval_best or primary_metric(evals[0])
 
 
@@ -58,9 +59,9 @@ class DistillTask:
 
     def check(self, config: ml_collections.ConfigDict) -> None:
         if config.export_ema and not config.optim.ema_decay > 0:
-            raise ValueError("--config.export_ema=true needs an EMA: set --config.optim.ema_decay (e.g. 0.999)")
+            raise UserError("--config.export_ema=true needs an EMA: set --config.optim.ema_decay (e.g. 0.999)")
         if config.export_every < 0:
-            raise ValueError(f"--export-every must be >= 0 (0: only at the end), got {config.export_every}")
+            raise UserError(f"--export-every must be >= 0 (0: only at the end), got {config.export_every}")
         self.evals = parse_evals(config.evals)
         self.best_metric = _best_metric(config, self.evals)
 

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import jax.numpy as jnp
 
+from dgmr_jax.core.errors import UserError
+
 
 def cosine_similarity(a: jnp.ndarray, b: jnp.ndarray, eps: float = 1e-8) -> jnp.ndarray:
     """Cosine along the last axis, computed in float32; norms are clamped to eps as in torch."""
@@ -30,15 +32,15 @@ def feature_agreement(
     """
     for name, out in (("student", student_out), ("teacher", teacher_out)):
         if "pooled" not in out or "tokens" not in out:
-            raise ValueError(f"{name} output needs 'pooled' and 'tokens' (from models.forward), got {sorted(out)}")
+            raise UserError(f"{name} output needs 'pooled' and 'tokens' (from models.forward), got {sorted(out)}")
     s_tokens, t_tokens = student_out["tokens"], teacher_out["tokens"]
     if s_tokens.shape != t_tokens.shape or student_out["pooled"].shape != teacher_out["pooled"].shape:
-        raise ValueError(
+        raise UserError(
             f"student and teacher shapes differ: tokens {s_tokens.shape} vs {t_tokens.shape}, pooled "
             f"{student_out['pooled'].shape} vs {teacher_out['pooled'].shape}"
         )
     if not 0 <= num_prefix_tokens < s_tokens.shape[1]:
-        raise ValueError(f"num_prefix_tokens must be in [0, {s_tokens.shape[1]}), got {num_prefix_tokens}")
+        raise UserError(f"num_prefix_tokens must be in [0, {s_tokens.shape[1]}), got {num_prefix_tokens}")
     return {
         "pooled_cos": cosine_similarity(student_out["pooled"], teacher_out["pooled"]).mean(),
         "tokens_cos": cosine_similarity(s_tokens[:, num_prefix_tokens:], t_tokens[:, num_prefix_tokens:]).mean(),

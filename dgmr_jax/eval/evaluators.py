@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.data import EvalBatches, Pairs, decoded_once, open_images, read_manifest, record_name, require_good
 from dgmr_jax.data import warn_bad as warn_bad_pairs
 from dgmr_jax.eval.features import extract_features
@@ -66,17 +67,17 @@ class EvalSpec:
     def __post_init__(self) -> None:
         where = f"config.evals entry {self.name or self.kind!r}"
         if self.kind not in KINDS:
-            raise ValueError(f"{where}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+            raise UserError(f"{where}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.kind in ("knn", "linear_probe") and not self.train:
-            raise ValueError(f"{where}: set train= to labeled images (mnist5k, a class folder, tfds:NAME)")
+            raise UserError(f"{where}: set train= to labeled images (mnist5k, a class folder, tfds:NAME)")
         if self.kind == "zeroshot" and not (self.test or self.train):
-            raise ValueError(f"{where}: set test= to the labeled images to classify")
+            raise UserError(f"{where}: set test= to the labeled images to classify")
         if self.kind == "retrieval" and not self.retrieval:
-            raise ValueError(f'{where}: set retrieval= to a jsonl of {{"image": path, "captions": [...]}} lines')
+            raise UserError(f'{where}: set retrieval= to a jsonl of {{"image": path, "captions": [...]}} lines')
         if self.kind in ("zeroshot", "retrieval") and not self.clip_text:
-            raise ValueError(f"{where}: set clip_text= to the open_clip checkpoint holding the text tower")
+            raise UserError(f"{where}: set clip_text= to the open_clip checkpoint holding the text tower")
         if self.batch <= 0:
-            raise ValueError(f"{where}: batch must be positive, got {self.batch}")
+            raise UserError(f"{where}: batch must be positive, got {self.batch}")
 
     @property
     def test_spec(self) -> str:
@@ -98,11 +99,11 @@ def zeroshot_prompts(
     if classnames:
         names = _lines(classnames)
         if len(names) != len(classes):
-            raise ValueError(f"{classnames} has {len(names)} class names but --test has {len(classes)} classes")
+            raise UserError(f"{classnames} has {len(names)} class names but --test has {len(classes)} classes")
     if templates:
         prompts = _lines(templates)
         if not prompts or not all("{}" in t for t in prompts):
-            raise ValueError(f"{templates}: give one or more templates, each with {{}} for the class name")
+            raise UserError(f"{templates}: give one or more templates, each with {{}} for the class name")
     return names, prompts
 
 
@@ -147,7 +148,7 @@ class TextTower:
 
     def _params(self, params: Any) -> Any:
         if params is None and self.params is None:
-            raise ValueError("this evaluator has no frozen text tower: pass text_params to run")
+            raise UserError("this evaluator has no frozen text tower: pass text_params to run")
         return self.params if params is None else params
 
     def encode(self, tokens: np.ndarray, params: Any = None) -> np.ndarray:
@@ -176,7 +177,7 @@ class Features:
             return images.feats, images.index
         if id(images) not in self._done:
             if self.params is None:
-                raise ValueError(f"the {images.split} images are embedded on run: pass the vision params")
+                raise UserError(f"the {images.split} images are embedded on run: pass the vision params")
             keys = tuple(dict.fromkeys((*self.keys.get(id(images), ()), key)))
             self._done[id(images)] = self._extract(images, keys)
         feats, index = self._done[id(images)]
@@ -290,9 +291,7 @@ class _TrainTest(Evaluator):
         self.train = ctx.labeled(spec.train, "train", spec.batch)
         self.test = ctx.labeled(spec.test_spec, "test", spec.batch)
         if self.train.classes != self.test.classes:
-            raise ValueError(
-                f"train classes {self.train.classes[:10]} and test classes {self.test.classes[:10]} differ"
-            )
+            raise UserError(f"train classes {self.train.classes[:10]} and test classes {self.test.classes[:10]} differ")
 
     def needs(self) -> list[Need]:
         return [(self.test, "pooled"), (self.train, "pooled")]

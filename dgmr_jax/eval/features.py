@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.parallel import batch_sharding, data_parallel_size, make_mesh, to_host, tree_shardings
 from dgmr_jax.models import ModelConfig, forward
 from dgmr_jax.models.vit import logical_axes, param_shapes
@@ -55,9 +56,9 @@ def extract_features(
     """
     keys = (key,) if isinstance(key, str) else tuple(key)
     if not keys or any(k not in FEATURE_KEYS for k in keys):
-        raise ValueError(f"key must be one or more of {FEATURE_KEYS}, got {key!r}")
+        raise UserError(f"key must be one or more of {FEATURE_KEYS}, got {key!r}")
     if "logits" in keys and not cfg.num_classes:
-        raise ValueError(f"model {cfg.name!r} has no head (num_classes=0), so no 'logits'")
+        raise UserError(f"model {cfg.name!r} has no head (num_classes=0), so no 'logits'")
     if total is None and hasattr(loader_or_batches, "__len__"):
         total = len(loader_or_batches)
     mesh = mesh or make_mesh()
@@ -71,7 +72,7 @@ def extract_features(
             n = len(images)
             batch_size = batch_size or -(-n // dp) * dp
             if n > batch_size:
-                raise ValueError(f"batch of {n} images after a first batch of {batch_size}: batches must not grow")
+                raise UserError(f"batch of {n} images after a first batch of {batch_size}: batches must not grow")
             images = np.pad(images, ((0, batch_size - n),) + ((0, 0),) * (images.ndim - 1))
             images = jax.device_put(images, batch_sharding(mesh))
             feats.append([to_host(f)[:n] for f in _features(params, images, cfg=cfg, keys=keys)])
@@ -80,7 +81,7 @@ def extract_features(
             bar.update()
         bar.total = bar.n  # len() overcounts when EvalBatches leaves out unreadable records: end at 100%
     if not feats:
-        raise ValueError("no batches to extract features from")
+        raise UserError("no batches to extract features from")
     by_key = {k: np.concatenate([f[i] for f in feats]) for i, k in enumerate(keys)}
     result = by_key[key] if isinstance(key, str) else by_key
     return (result, np.concatenate(index)) if return_index else result

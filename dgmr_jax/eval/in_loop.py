@@ -28,6 +28,7 @@ from typing import Any
 
 from jax.sharding import Mesh
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.eval.evaluators import KINDS, Context, EvalSpec, make_evaluator, run_all
 from dgmr_jax.models.config import ModelConfig
 
@@ -44,14 +45,14 @@ def parse_evals(entries: Any) -> list[EvalSpec]:
         if isinstance(entry, str):
             kind, sep, data = entry.partition(":")
             if not sep:
-                raise ValueError(f'config.evals entry {entry!r}: write "KIND:DATA" (e.g. "knn:mnist5k") or a dict')
+                raise UserError(f'config.evals entry {entry!r}: write "KIND:DATA" (e.g. "knn:mnist5k") or a dict')
             entry = {"kind": kind, "retrieval" if kind == "retrieval" else "train": data}
         if not isinstance(entry, Mapping):
-            raise ValueError(f"config.evals entries are dicts or 'KIND:DATA' strings, got {entry!r}")
+            raise UserError(f"config.evals entries are dicts or 'KIND:DATA' strings, got {entry!r}")
         fields = {f.name for f in dataclasses.fields(EvalSpec)}
         unknown = sorted(set(entry) - fields)
         if unknown:
-            raise ValueError(f"config.evals entry {dict(entry)}: unknown keys {unknown}; known: {sorted(fields)}")
+            raise UserError(f"config.evals entry {dict(entry)}: unknown keys {unknown}; known: {sorted(fields)}")
         spec = EvalSpec(**dict(entry))
         name = spec.name or spec.kind
         if name in names:

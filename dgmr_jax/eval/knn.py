@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
+
 DINOV2_KS = (10, 20, 100, 200)
 DINOV2_TEMPERATURE = 0.07
 
@@ -70,15 +72,15 @@ def _ranked_classes(
     """{k: (num_test, topn) int array} of class indices ordered by kNN score, for each requested k."""
     train_labels = np.asarray(train_labels)
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(f"features must be (num, dim) with equal dims, got {train_feats.shape} and {test_feats.shape}")
+        raise UserError(f"features must be (num, dim) with equal dims, got {train_feats.shape} and {test_feats.shape}")
     if train_labels.shape != (len(train_feats),):
-        raise ValueError(f"train_labels must have shape ({len(train_feats)},), got {train_labels.shape}")
+        raise UserError(f"train_labels must have shape ({len(train_feats)},), got {train_labels.shape}")
     if len(train_feats) == 0 or len(test_feats) == 0:
-        raise ValueError("need at least one train and one test feature")
+        raise UserError("need at least one train and one test feature")
     if not ks or min(ks) <= 0 or chunk <= 0 or temperature <= 0:
-        raise ValueError(f"ks, chunk and temperature must be positive, got ks={ks}, chunk={chunk}, T={temperature}")
+        raise UserError(f"ks, chunk and temperature must be positive, got ks={ks}, chunk={chunk}, T={temperature}")
     if train_labels.min() < 0 or train_labels.max() >= num_classes:
-        raise ValueError(f"train labels must lie in [0, num_classes={num_classes})")
+        raise UserError(f"train labels must lie in [0, num_classes={num_classes})")
     clipped = tuple(sorted({min(int(k), len(train_feats)) for k in ks}))
     train = l2_normalize(jnp.asarray(train_feats))
     labels = jnp.asarray(train_labels, jnp.int32)
@@ -149,7 +151,7 @@ def knn_metrics(
     """{k: {"top1": acc, "top5": acc}} in one pass; "top5" only when there are at least 5 classes."""
     test_labels = np.asarray(test_labels)
     if test_labels.shape != (len(test_feats),):
-        raise ValueError(f"test_labels must have shape ({len(test_feats)},), got {test_labels.shape}")
+        raise UserError(f"test_labels must have shape ({len(test_feats)},), got {test_labels.shape}")
     num_classes = _num_classes(num_classes, train_labels, test_labels)
     ranked = _ranked_classes(train_feats, train_labels, test_feats, ks, temperature, num_classes, chunk, topn=5)
     metrics = {}

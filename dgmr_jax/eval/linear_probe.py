@@ -19,6 +19,8 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
+from dgmr_jax.core.errors import UserError
+
 _log = logging.getLogger(__name__)
 
 
@@ -75,9 +77,9 @@ def fit_logreg(
     feats = np.asarray(feats, np.float32)
     labels = np.asarray(labels)
     if feats.ndim != 2 or labels.shape != (len(feats),):
-        raise ValueError(f"need feats (num, dim) and labels (num,), got {feats.shape} and {labels.shape}")
+        raise UserError(f"need feats (num, dim) and labels (num,), got {feats.shape} and {labels.shape}")
     if l2 < 0 or steps <= 0:
-        raise ValueError(f"l2 must be >= 0 and steps > 0, got l2={l2}, steps={steps}")
+        raise UserError(f"l2 must be >= 0 and steps > 0, got l2={l2}, steps={steps}")
     num_classes = int(num_classes if num_classes is not None else labels.max() + 1)
     params, count, grad_norm = _fit(
         jnp.asarray(feats),

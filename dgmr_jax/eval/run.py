@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.eval.evaluators import DIGITS, Context, EvalSpec, Evaluator, make_evaluator, run_all
 from dgmr_jax.io.open import open_model
 
@@ -31,13 +32,13 @@ class ClipEval:
 
     def __post_init__(self) -> None:
         if not (self.zeroshot or self.retrieval):
-            raise ValueError("a CLIP text tower is only used with --zeroshot and/or --retrieval FILE")
+            raise UserError("a CLIP text tower is only used with --zeroshot and/or --retrieval FILE")
 
 
 def offline_specs(train: str, test: str, batch: int, l2: float, clip: ClipEval | None) -> list[EvalSpec]:
     """The evaluations `dgmr-jax eval` runs: kNN and linear probe (unless train="none"), zero-shot, retrieval."""
     if train == "none" and clip is None:
-        raise ValueError("--train none leaves nothing to evaluate: add --zeroshot or --retrieval (with --clip-text)")
+        raise UserError("--train none leaves nothing to evaluate: add --zeroshot or --retrieval (with --clip-text)")
     specs = []
     if train != "none":
         specs += [EvalSpec(kind, train=train, test=test, batch=batch, l2=l2) for kind in ("knn", "linear_probe")]

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.parallel import batch_sharding, data_parallel_size, make_mesh, tree_shardings
 from dgmr_jax.eval.knn import l2_normalize
 from dgmr_jax.models.text import TextConfig, encode_text, text_logical_axes, text_param_shapes
@@ -46,7 +47,7 @@ def encode_texts(
     """
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2 or len(tokens) == 0:
-        raise ValueError(f"tokens must be a non-empty (num, length) array, got shape {tokens.shape}")
+        raise UserError(f"tokens must be a non-empty (num, length) array, got shape {tokens.shape}")
     mesh = mesh or make_mesh()
     dp = data_parallel_size(mesh)
     size = -(-min(batch, len(tokens)) // dp) * dp
@@ -75,7 +76,7 @@ def zeroshot_classifier(
     mean of its L2-normalized template embeddings, renormalized. Templates are format strings ("a photo of
     a {}.") or callables of the class name; tokenizer maps a list of texts to token ids (ours or open_clip's)."""
     if not classnames or not templates:
-        raise ValueError(f"need class names and templates, got {len(classnames)} and {len(templates)}")
+        raise UserError(f"need class names and templates, got {len(classnames)} and {len(templates)}")
     texts = [t(c) if callable(t) else t.format(c) for c in classnames for t in templates]
     tokens = np.asarray(tokenizer(texts))
     emb = l2_normalize(encode_texts(text_cfg, text_params, tokens, batch=batch, mesh=mesh, progress=progress))
@@ -98,7 +99,7 @@ def _ranks(queries: np.ndarray, candidates: np.ndarray, pairs: np.ndarray, chunk
 
 def _check_ks(ks: Sequence[int], candidates: int, what: str) -> None:
     if not ks or min(ks) < 1 or max(ks) > candidates:
-        raise ValueError(f"ks must lie in [1, {candidates}] (the number of {what}), got {tuple(ks)}")
+        raise UserError(f"ks must lie in [1, {candidates}] (the number of {what}), got {tuple(ks)}")
 
 
 def zeroshot_accuracy(
@@ -108,9 +109,9 @@ def zeroshot_accuracy(
     labels = np.asarray(labels)
     image_embeddings, classifier = np.asarray(image_embeddings), np.asarray(classifier)
     if image_embeddings.ndim != 2 or image_embeddings.shape[1] != classifier.shape[0]:
-        raise ValueError(f"image embeddings {image_embeddings.shape} do not fit classifier {classifier.shape}")
+        raise UserError(f"image embeddings {image_embeddings.shape} do not fit classifier {classifier.shape}")
     if labels.shape != (len(image_embeddings),) or labels.min() < 0 or labels.max() >= classifier.shape[1]:
-        raise ValueError(f"labels must be ({len(image_embeddings)},) ints in [0, {classifier.shape[1]})")
+        raise UserError(f"labels must be ({len(image_embeddings)},) ints in [0, {classifier.shape[1]})")
     _check_ks(ks, classifier.shape[1], "classes")
     ranks = _ranks(image_embeddings, classifier.T, np.stack([np.arange(len(labels)), labels], axis=1))
     return {int(k): float(np.mean(ranks < k)) for k in ks}
@@ -126,14 +127,12 @@ def retrieval_recall(
     """
     text_to_image = np.asarray(text_to_image)
     if text_to_image.shape != (len(text_emb),):
-        raise ValueError(
-            f"text_to_image needs one image index per caption ({len(text_emb)}), got {text_to_image.shape}"
-        )
+        raise UserError(f"text_to_image needs one image index per caption ({len(text_emb)}), got {text_to_image.shape}")
     if len(text_to_image) and (text_to_image.min() < 0 or text_to_image.max() >= len(image_emb)):
-        raise ValueError(f"text_to_image indices must lie in [0, {len(image_emb)})")
+        raise UserError(f"text_to_image indices must lie in [0, {len(image_emb)})")
     without = np.setdiff1d(np.arange(len(image_emb)), text_to_image)
     if len(without):
-        raise ValueError(f"{len(without)} images have no caption (e.g. image {without[0]}); give each one at least one")
+        raise UserError(f"{len(without)} images have no caption (e.g. image {without[0]}); give each one at least one")
     _check_ks(ks, min(len(image_emb), len(text_emb)), "images and captions")
     captions = np.arange(len(text_to_image))
     i2t = _ranks(image_emb, text_emb, np.stack([text_to_image, captions], axis=1))

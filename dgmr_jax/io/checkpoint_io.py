@@ -162,7 +162,7 @@ def save_safetensors(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) 
     for key, value in arrays.items():
         value = np.asarray(value)
         if value.dtype not in names:
-            raise ValueError(f"{key}: dtype {value.dtype} cannot be stored in safetensors")
+            raise UserError(f"{key}: dtype {value.dtype} cannot be stored in safetensors")
         header[key] = {
             "dtype": names[value.dtype],
             "shape": list(value.shape),
@@ -187,7 +187,7 @@ def check_state_dict_path(path: str | os.PathLike) -> None:
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists; choose another --out or remove it first")
     if os.path.splitext(os.fspath(path))[1] not in STATE_DICT_SUFFIXES:
-        raise ValueError(f"--out must end in .safetensors, .pth, .pt or .bin, got {os.path.basename(path)}")
+        raise UserError(f"--out must end in .safetensors, .pth, .pt or .bin, got {os.path.basename(path)}")
 
 
 def save_state_dict(path: str | os.PathLike, sd: Mapping[str, np.ndarray]) -> None:

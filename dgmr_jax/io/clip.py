@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.text import TEXT_PRESETS, TextConfig, resolve_text_config
 from dgmr_jax.models.tokenizer import Tokenizer
@@ -28,14 +29,14 @@ def text_config_for(cfg: ModelConfig, text_arch: str | TextConfig | None = None)
     named like the vision model; its embed_dim must equal the vision tower's image embedding width."""
     arch = text_arch or (cfg.name if cfg.name in TEXT_PRESETS else None)
     if arch is None:
-        raise ValueError(
+        raise UserError(
             f"model {cfg.name!r} has no text preset of that name: pass --text-arch "
             f"(one of {', '.join(sorted(TEXT_PRESETS))}, or a TextConfig .json)"
         )
     text_cfg = resolve_text_config(arch)
     key, width = clip_embedding(cfg)
     if width != text_cfg.embed_dim:
-        raise ValueError(
+        raise UserError(
             f"model {cfg.name!r} embeds images in {width} dims ({key}) but text tower {text_cfg.name!r} in "
             f"{text_cfg.embed_dim}: pass the --text-arch and --clip-text of the CLIP model the vision tower came from"
         )

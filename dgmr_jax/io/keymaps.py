@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.config import ModelConfig
 
 FAMILIES = ("timm", "open_clip", "eva_clip", "dinov2", "internvit")
@@ -116,7 +117,7 @@ def torch_prefix(family: str) -> str:
 
 def family_names(cfg: ModelConfig, family: str) -> dict[str, str]:
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise UserError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     if family == "timm" and cfg.qkv_bias == "qv":  # timm's Eva class: gamma_1/gamma_2 layer scale
         return _TIMM_EVA
     return _NAMES[family]

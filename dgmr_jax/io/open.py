@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import as_path
 from dgmr_jax.io.model_dir import load_config, load_params
 from dgmr_jax.io.source import InMemorySource, LayerSource
@@ -122,12 +123,12 @@ def open_model(
         from dgmr_jax.io.convert import CheckpointSource
 
         if family is None or arch is None:
-            raise ValueError(f"a PyTorch checkpoint ({spec}) needs both family= and arch= (--family, --arch)")
+            raise UserError(f"a PyTorch checkpoint ({spec}) needs both family= and arch= (--family, --arch)")
         source = CheckpointSource(spec, family, arch)
         source.meta = with_preprocess(source.meta, source.cfg.name, preprocess, source.cfg.img_size)
         return source
     if as_path(spec).is_file():
-        raise ValueError(f"{spec} is a file, not a model directory: a PyTorch checkpoint needs family= and arch=")
+        raise UserError(f"{spec} is a file, not a model directory: a PyTorch checkpoint needs family= and arch=")
     return ModelDirSource(spec)
 
 

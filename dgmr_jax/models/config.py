@@ -6,6 +6,8 @@ import dataclasses
 import json
 from typing import Any
 
+from dgmr_jax.core.errors import UserError
+
 MLP_TYPES = ("gelu", "quick_gelu", "swiglu")
 QKV_BIAS = ("full", "qv", "none")
 POOLS = ("token", "avg")
@@ -118,7 +120,7 @@ class ModelConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"ModelConfig {self.name!r}: {message}")
+                raise UserError(f"ModelConfig {self.name!r}: {message}")
         self._validate_units()
 
     def _validate_units(self) -> None:
@@ -155,7 +157,7 @@ class ModelConfig:
                     "per-layer units (layer_heads, value_dims, mlp_hidden) need scan_layers=False"
                 )
         if problem:
-            raise ValueError(f"ModelConfig {self.name!r}: {problem}")
+            raise UserError(f"ModelConfig {self.name!r}: {problem}")
 
     def heads(self, layer: int) -> int:
         """Attention heads of `layer` (0: the layer has no attention branch)."""
@@ -208,7 +210,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+            raise UserError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**d)
 
     @classmethod

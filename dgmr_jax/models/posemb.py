@@ -7,6 +7,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
+
 
 def _cubic(x: np.ndarray, a: float) -> np.ndarray:
     """Keys cubic convolution kernel with parameter a (PyTorch: -0.75 plain, -0.5 antialiased)."""
@@ -61,7 +63,7 @@ def resample_pos_embed(
     prefix, patches = pos_embed[:, :num_prefix], pos_embed[0, num_prefix:]
     side = math.isqrt(patches.shape[0])
     if side * side != patches.shape[0]:
-        raise ValueError(f"position embedding has {patches.shape[0]} patch rows, not a square grid")
+        raise UserError(f"position embedding has {patches.shape[0]} patch rows, not a square grid")
     grid = resample_grid(patches.reshape(side, side, -1), new_hw, antialias)
     return jnp.concatenate([prefix, grid.reshape(1, -1, grid.shape[-1])], axis=1)
 

@@ -12,6 +12,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from dgmr_jax.core.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -33,13 +35,13 @@ class Preprocess:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError(f"mean and std need 3 channel values each, got {self.mean} and {self.std}")
+            raise UserError(f"mean and std need 3 channel values each, got {self.mean} and {self.std}")
         if not all(math.isfinite(v) for v in self.mean) or not all(math.isfinite(v) and v > 0 for v in self.std):
-            raise ValueError(f"mean must be finite and std finite and > 0, got {self.mean} and {self.std}")
+            raise UserError(f"mean must be finite and std finite and > 0, got {self.mean} and {self.std}")
         if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+            raise UserError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+            raise UserError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
 
     def resize_size(self, img_size: int) -> int:
         """Shorter side before the eval center crop (timm: floor(img_size / crop_pct))."""
@@ -115,7 +117,7 @@ def published(name: str, hint: str = "") -> Preprocess:
     """The published preprocessing of preset `name`; a ValueError naming --mean/--std for anything else."""
     if name not in PUBLISHED:
         why = f"{hint}; " if hint else ""
-        raise ValueError(
+        raise UserError(
             f"{why}no published preprocessing is known for architecture {name!r}: give it to `dgmr-jax convert` "
             "with --mean R,G,B --std R,G,B (and --crop-pct, --interpolation if they differ from 1.0, bicubic)"
         )
@@ -129,9 +131,9 @@ def parse_triple(text: str | None, flag: str) -> tuple[float, ...] | None:
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError as err:
-        raise ValueError(f"{flag} takes three comma-separated numbers (R,G,B), got {text!r}") from err
+        raise UserError(f"{flag} takes three comma-separated numbers (R,G,B), got {text!r}") from err
     if len(values) != 3:
-        raise ValueError(f"{flag} takes three comma-separated numbers (R,G,B), got {text!r}")
+        raise UserError(f"{flag} takes three comma-separated numbers (R,G,B), got {text!r}")
     return values
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.config import ModelConfig
 
 _TIMM_VIT = dict(num_classes=1000)
@@ -95,7 +96,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     `hidden=` sets one MLP width for every layer; `mlp_hidden=` sets them per layer.
     """
     if name not in PRESETS:
-        raise ValueError(f"unknown architecture {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        raise UserError(f"unknown architecture {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     fields = {**PRESETS[name], "name": name, **overrides}
     hidden = fields.pop("hidden")
     fields.setdefault("mlp_hidden", (hidden,) * fields.get("depth", 12))

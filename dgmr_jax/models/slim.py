@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.tree import Params, flatten, is_scanned, stack_blocks, unflatten, unstack_blocks
 
@@ -82,26 +83,26 @@ def _sorted_unique(xs: Sequence[int], bound: int) -> bool:
 def check_plan(cfg: ModelConfig, plan: Sequence[UnitPlan]) -> None:
     """Raise ValueError naming the first layer and field of `plan` that does not fit cfg."""
     if len(plan) != cfg.depth:
-        raise ValueError(f"the plan has {len(plan)} layers but the model has depth {cfg.depth}")
+        raise UserError(f"the plan has {len(plan)} layers but the model has depth {cfg.depth}")
     for i, unit in enumerate(plan):
         heads, vdims, hidden = cfg.heads(i), cfg.vdims(i), cfg.mlp_hidden[i]
         where = f"plan layer {i}"
         if not _sorted_unique(unit.heads, heads):
-            raise ValueError(f"{where}: heads {unit.heads} must be sorted, unique and in 0..{heads - 1}")
+            raise UserError(f"{where}: heads {unit.heads} must be sorted, unique and in 0..{heads - 1}")
         if len(unit.dims) != len(unit.heads):
-            raise ValueError(f"{where}: dims has {len(unit.dims)} entries but {len(unit.heads)} heads are kept")
+            raise UserError(f"{where}: dims has {len(unit.dims)} entries but {len(unit.heads)} heads are kept")
         for h, dims in zip(unit.heads, unit.dims, strict=True):
             if not dims or not _sorted_unique(dims, vdims[h]):
-                raise ValueError(
+                raise UserError(
                     f"{where}: head {h} keeps value dims {dims}; they must be non-empty, sorted, unique and in "
                     f"0..{vdims[h] - 1} (drop a head that keeps no dim)"
                 )
         if not _sorted_unique(unit.neurons, hidden):
-            raise ValueError(f"{where}: neurons must be sorted, unique and in 0..{hidden - 1}")
+            raise UserError(f"{where}: neurons must be sorted, unique and in 0..{hidden - 1}")
         if unit.keep_block and not unit.heads and not unit.neurons:
-            raise ValueError(f"{where}: the block keeps neither heads nor neurons (the identity): set keep_block=False")
+            raise UserError(f"{where}: the block keeps neither heads nor neurons (the identity): set keep_block=False")
     if not any(unit.keep_block for unit in plan):
-        raise ValueError("the plan keeps no block")
+        raise UserError("the plan keeps no block")
 
 
 def _value_starts(vdims: Sequence[int]) -> np.ndarray:
@@ -203,7 +204,7 @@ def _layer_mask(mask: Any, layer: int | None) -> jnp.ndarray | None:
 def _check_shape(name: str, value: jnp.ndarray | None, want: tuple[int, ...], layer: int | None) -> None:
     if value is not None and tuple(value.shape) != want:
         where = "stacked over layers" if layer is None else f"layer {layer}"
-        raise ValueError(f"{name} ({where}) must have shape {want}, got {tuple(value.shape)}")
+        raise UserError(f"{name} ({where}) must have shape {want}, got {tuple(value.shape)}")
 
 
 def _value_rows(cfg: ModelConfig, layer: int) -> np.ndarray:
@@ -337,7 +338,7 @@ def masked_norm_statistics(
     (mlp_norm) by the neuron mask. At hard masks that is exactly what the slim model's norms see; soft masks give
     weighted statistics. Masks as in masked_params (per layer); with all masks None the norms are plain."""
     if cfg.scan_layers:
-        raise ValueError("masked_norm_statistics needs an unscanned model (scan_layers=False)")
+        raise UserError("masked_norm_statistics needs an unscanned model (scan_layers=False)")
     d = cfg.attn_head_dim
 
     def weights(layer: int, site: tuple[str, ...]) -> jnp.ndarray | None:
@@ -422,7 +423,7 @@ def pad_units(cfg: ModelConfig, params: Params) -> tuple[ModelConfig, Params, Pl
 
     padded, plan = padded_config(cfg)
     if cfg.attn_norm and any(w < cfg.attn_head_dim for i in range(cfg.depth) for w in cfg.vdims(i)):
-        raise ValueError(
+        raise UserError(
             "value widths below attn_head_dim cannot be exported with attn_norm=True: the attention-output norm "
             "would take its statistics over the zero padding"
         )

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.layers import activation, axes_tree, dense, init_tree, layer_norm, partitioned, shape_tree
 from dgmr_jax.models.tree import Params
 
@@ -51,7 +52,7 @@ class TextConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"TextConfig {self.name!r}: {message}")
+                raise UserError(f"TextConfig {self.name!r}: {message}")
 
     @property
     def mlp_hidden(self) -> int:
@@ -69,7 +70,7 @@ class TextConfig:
         fields = json.loads(text)
         unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown TextConfig fields {unknown}")
+            raise UserError(f"unknown TextConfig fields {unknown}")
         return cls(**fields)
 
 
@@ -100,7 +101,7 @@ def resolve_text_config(arch: str | TextConfig) -> TextConfig:
         return TextConfig.from_json(Path(arch).read_text())
     if arch not in TEXT_PRESETS:
         known = ", ".join(sorted(TEXT_PRESETS))
-        raise ValueError(f"unknown text tower {arch!r}; known: {known}, or a TextConfig .json file")
+        raise UserError(f"unknown text tower {arch!r}; known: {known}, or a TextConfig .json file")
     return TextConfig(name=arch, **TEXT_PRESETS[arch])
 
 
@@ -176,7 +177,7 @@ def encode_text(cfg: TextConfig, params: Params, tokens: jnp.ndarray) -> jnp.nda
     """Unnormalized text embeddings (B, embed_dim) of token ids (B, n): open_clip's model.encode_text(tokens)."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[1] > cfg.context_length:
-        raise ValueError(f"tokens must be (batch, n <= {cfg.context_length}) ids, got shape {tokens.shape}")
+        raise UserError(f"tokens must be (batch, n <= {cfg.context_length}) ids, got shape {tokens.shape}")
     return TextTransformer(cfg).apply({"params": params}, tokens)
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.layers import (
     activation,
@@ -180,7 +181,7 @@ def _fused_attention(qkv: jnp.ndarray, rope: tuple[jnp.ndarray, jnp.ndarray] | N
     ("cudnn": NVIDIA GPUs, bfloat16/float16, head_dim a multiple of 8)."""
     n, hd = qkv.shape[1], qkv.shape[-1]
     if kind == "cudnn" and qkv.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(
+        raise UserError(
             f"attention='cudnn' (cuDNN flash attention) needs dtype bfloat16 or float16, got {qkv.dtype}; "
             "use attention='dot_product_attention' or 'einsum' for float32"
         )
@@ -290,7 +291,7 @@ class VisionTransformer(nn.Module):
         _, h, w, _ = images.shape
         p = cfg.patch_size
         if h % p or w % p:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+            raise UserError(f"image size {h}x{w} is not a multiple of the patch size {p}")
         gh, gw = h // p, w // p
         x = PatchEmbed(cfg, name="patch_embed")(images.astype(cfg.dtype))
         x = self._embed(x, gh, gw)
@@ -337,7 +338,7 @@ class VisionTransformer(nn.Module):
         if gates is not None:
             gates = jnp.asarray(gates)
             if gates.shape != (cfg.depth,):
-                raise ValueError(f"gates must have shape (depth,) = ({cfg.depth},), got {gates.shape}")
+                raise UserError(f"gates must have shape (depth,) = ({cfg.depth},), got {gates.shape}")
         if cfg.scan_layers:
             stack = nn.scan(
                 _ScanStep,
@@ -401,7 +402,7 @@ def forward(
     """
     images = jnp.asarray(images)
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be (batch, height, width, 3) channels-last, got shape {images.shape}")
+        raise UserError(f"images must be (batch, height, width, 3) channels-last, got shape {images.shape}")
     return VisionTransformer(cfg).apply({"params": params}, images, gates)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import PathLike
 from dgmr_jax.io.model_dir import check_new_dir, save_model
 from dgmr_jax.io.open import InMemorySource, LayerSource
@@ -48,31 +49,31 @@ def target_widths(
     keep every neuron (nothing to prune); messages name the `dgmr-jax prune` flags.
     """
     if (mlp_ratio is None) == (hidden is None):
-        raise ValueError("give exactly one of --mlp-ratio or --hidden (mlp_ratio= or hidden= in Python)")
+        raise UserError("give exactly one of --mlp-ratio or --hidden (mlp_ratio= or hidden= in Python)")
     if round_to < 1:
-        raise ValueError(f"--round-to must be >= 1, got {round_to}")
+        raise UserError(f"--round-to must be >= 1, got {round_to}")
     if mlp_ratio is not None:
         if not (math.isfinite(mlp_ratio) and mlp_ratio > 0):
-            raise ValueError(f"--mlp-ratio must be a finite number > 0, got {mlp_ratio}")
+            raise UserError(f"--mlp-ratio must be a finite number > 0, got {mlp_ratio}")
         widths = [int(mlp_ratio * cfg.width)] * cfg.depth
     elif isinstance(hidden, (int, np.integer)):
         widths = [int(hidden)] * cfg.depth
     else:
         widths = [int(h) for h in hidden]
         if len(widths) != cfg.depth:
-            raise ValueError(f"--hidden lists {len(widths)} widths but the model has {cfg.depth} layers")
+            raise UserError(f"--hidden lists {len(widths)} widths but the model has {cfg.depth} layers")
     for i, (w, cur) in enumerate(zip(widths, cfg.mlp_hidden, strict=True)):
         if w <= 0:
-            raise ValueError(f"layer {i}: target width {w} must be > 0 (raise --mlp-ratio / --hidden)")
+            raise UserError(f"layer {i}: target width {w} must be > 0 (raise --mlp-ratio / --hidden)")
         if w > cur:
-            raise ValueError(
+            raise UserError(
                 f"layer {i}: target width {w} exceeds the current width {cur}; pruning cannot grow "
                 "(lower --mlp-ratio / --hidden)"
             )
     widths = [min(-(-w // round_to) * round_to, cur) for w, cur in zip(widths, cfg.mlp_hidden, strict=True)]
     if widths == list(cfg.mlp_hidden):
         target = f"--mlp-ratio {mlp_ratio}" if mlp_ratio is not None else f"--hidden {hidden}"
-        raise ValueError(
+        raise UserError(
             f"nothing to prune: {target} keeps every neuron (MLP widths {sorted(set(widths))} of width "
             f"{cfg.width}); choose a smaller --mlp-ratio or --hidden"
         )
@@ -100,9 +101,9 @@ def prune_layer(
 
 def _check_method(method: str, scores: Sequence[Any] | None, depth: int) -> None:
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "taylor" and (scores is None or len(scores) != depth):
-        raise ValueError(f"method='taylor' needs scores=: one importance array per layer ({depth})")
+        raise UserError(f"method='taylor' needs scores=: one importance array per layer ({depth})")
 
 
 def prune_source(

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import PathLike, as_path
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.cost import count_flops, count_params
@@ -108,7 +109,7 @@ def unit_rows(before: ModelConfig, after: ModelConfig, kept_blocks: Sequence[int
     """One row per ORIGINAL layer of a UVC slim model (after) against its original (before): whether the block is
     kept, heads, value width (sum over heads; per-head widths in "value_dims") and MLP width before and after."""
     if len(kept_blocks) != after.depth:
-        raise ValueError(f"kept_blocks lists {len(kept_blocks)} blocks but the slim model has depth {after.depth}")
+        raise UserError(f"kept_blocks lists {len(kept_blocks)} blocks but the slim model has depth {after.depth}")
     slim_layer = {old: new for new, old in enumerate(kept_blocks)}
     rows = []
     for i in range(before.depth):

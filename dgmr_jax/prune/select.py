@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
+
 METHODS = ("diversity", "l2", "random", "taylor")
 BACKENDS = ("auto", "lapack", "gram_schmidt")
 
@@ -65,7 +67,7 @@ def select_neurons(
       int64 array of shape (k,).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown selection method {method!r}; valid methods: {', '.join(METHODS)}")
+        raise UserError(f"unknown selection method {method!r}; valid methods: {', '.join(METHODS)}")
     _check_backend(backend)
     shape = _check_kernel(kernel)
     _check_k(k, shape[1])
@@ -76,12 +78,12 @@ def select_neurons(
     if method == "random":
         return np.random.default_rng(seed).choice(shape[1], size=k, replace=False).astype(np.int64)
     if scores is None:
-        raise ValueError("method 'taylor' needs per-neuron importance scores (shape (H,)); got scores=None")
+        raise UserError("method 'taylor' needs per-neuron importance scores (shape (H,)); got scores=None")
     scores = np.asarray(scores)
     if scores.shape != (shape[1],):
-        raise ValueError(f"taylor scores must have shape (H,) = ({shape[1]},), got {scores.shape}")
+        raise UserError(f"taylor scores must have shape (H,) = ({shape[1]},), got {scores.shape}")
     if not np.all(np.isfinite(scores)):
-        raise ValueError("taylor scores contain NaN or Inf")
+        raise UserError("taylor scores contain NaN or Inf")
     return _top_k(scores, k)
 
 
@@ -294,26 +296,26 @@ def _check_kernel(kernel: Any) -> tuple[int, int]:
     """Shape (D, H) of a 2-D finite float kernel; ValueError otherwise."""
     shape = getattr(kernel, "shape", None)
     if shape is None or len(shape) != 2:
-        raise ValueError(f"kernel must be a 2-D (D, H) fc1 kernel with neurons as columns, got shape {shape}")
+        raise UserError(f"kernel must be a 2-D (D, H) fc1 kernel with neurons as columns, got shape {shape}")
     if not jnp.issubdtype(kernel.dtype, jnp.floating):
-        raise ValueError(f"kernel must have a float dtype, got {kernel.dtype}")
+        raise UserError(f"kernel must have a float dtype, got {kernel.dtype}")
     if min(shape) == 0:
-        raise ValueError(f"kernel is empty: shape {tuple(shape)}")
+        raise UserError(f"kernel is empty: shape {tuple(shape)}")
     finite = jnp.isfinite(kernel).all() if isinstance(kernel, jax.Array) else np.isfinite(kernel).all()
     if not finite:
-        raise ValueError("kernel contains NaN or Inf; neuron selection needs finite weights")
+        raise UserError("kernel contains NaN or Inf; neuron selection needs finite weights")
     return int(shape[0]), int(shape[1])
 
 
 def _check_k(k: int, h: int) -> None:
     """1 <= k <= H, integer; ValueError otherwise."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise ValueError(f"k must be an integer number of neurons to keep, got {k!r}")
+        raise UserError(f"k must be an integer number of neurons to keep, got {k!r}")
     if not 1 <= k <= h:
-        raise ValueError(f"k must satisfy 1 <= k <= H = {h} (the fc1 width), got k = {k}")
+        raise UserError(f"k must satisfy 1 <= k <= H = {h} (the fc1 width), got k = {k}")
 
 
 def _check_backend(backend: str) -> None:
     """A known diversity route; ValueError otherwise."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+        raise UserError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")

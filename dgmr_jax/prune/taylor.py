@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.data import EvalBatches, open_images
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.preprocess import Preprocess
@@ -67,7 +68,7 @@ def taylor_scores(
             cfg.num_prefix_tokens + (images.shape[1] // cfg.patch_size) * (images.shape[2] // cfg.patch_size)
         )
     if totals is None:
-        raise ValueError("taylor_scores needs at least one batch of images")
+        raise UserError("taylor_scores needs at least one batch of images")
     return [np.asarray(totals[f"blocks_{i}"]) / count for i in range(cfg.depth)]
 
 

@@ -32,6 +32,7 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.parallel import (
     batch_sharding,
     check_batch,
@@ -150,7 +151,7 @@ def make_caption_loader(
     one global stream, host h taking positions h, h + P, ..., so global batch k is the same on 1 or P hosts."""
     per_host = global_batch // shard_count
     if len(records) // shard_count < per_host:
-        raise ValueError(
+        raise UserError(
             f"{len(records)} captions are fewer than one global batch of {global_batch}: lower "
             "--config.global_batch or add pairs"
         )
@@ -248,7 +249,7 @@ def frozen_embeddings(
         saved = json.loads(meta_path.read_text())
         diffs = [k for k in record if saved.get(k) != record[k]]
         if diffs:
-            raise ValueError(
+            raise UserError(
                 f"{meta_path} holds image embeddings of other inputs ({', '.join(diffs)} differ): the pairs changed "
                 "since the run started; use a new --workdir"
             )
@@ -256,7 +257,7 @@ def frozen_embeddings(
             emb = np.load(f)
         kept = np.asarray(saved["kept"], np.int64)
         if emb.shape[0] != len(kept):
-            raise ValueError(f"{emb_path} has {emb.shape[0]} rows for {len(kept)} images: use a new --workdir")
+            raise UserError(f"{emb_path} has {emb.shape[0]} rows for {len(kept)} images: use a new --workdir")
         print(f"finetune-text: reusing the {len(kept)} image embeddings in {emb_path}", file=sys.stderr)
     else:
         emb, kept = _embed(source.cfg, params(), source.meta, pairs.source, img_size, batch, "training")
@@ -589,7 +590,7 @@ def finetune_text(
     workdir = as_path(workdir)
     maybe_initialize_distributed()
     if config.eval_every < 0 or config.eval_images < 0:
-        raise ValueError("--config.eval_every and --config.eval_images must be >= 0")
+        raise UserError("--config.eval_every and --config.eval_images must be >= 0")
     if not as_path(clip_text).exists():
         raise FileNotFoundError(f"--clip-text {clip_text} does not exist: give the open_clip / EVA-CLIP checkpoint")
     mesh = make_mesh(**dict(config.mesh), devices=devices)

@@ -11,6 +11,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import as_path
 from dgmr_jax.data.manifests import BadPair, Pairs, clean_captions, read_manifest, require_good, warn_bad
 from dgmr_jax.data.sources import IMAGE_EXTENSIONS, ImageFiles, ImageFolderSource, Subset, walk_files
@@ -65,7 +66,7 @@ def read_tfds(name: str, split: str, data_dir: str | None, image_key: str, capti
     source = TfdsSource(name, split=split, data_dir=data_dir, image_key=image_key)
     top = caption_key.split("/")[0]
     if top not in source.features:
-        raise ValueError(
+        raise UserError(
             f"TFDS dataset {name!r} has no caption feature {top!r} (features: {source.features}); "
             "set --config.data.caption_key"
         )
@@ -99,7 +100,7 @@ def read_pairs(
         pairs = read_folder(spec)
     elif as_path(spec).is_file():
         if spec.lower().endswith(IMAGE_EXTENSIONS):
-            raise ValueError(f"--pairs {spec} is one image: give a folder, a .jsonl manifest or tfds:NAME")
+            raise UserError(f"--pairs {spec} is one image: give a folder, a .jsonl manifest or tfds:NAME")
         pairs = read_manifest(spec)
     else:
         raise FileNotFoundError(

@@ -13,6 +13,7 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import PathLike, as_path
 
 
@@ -21,7 +22,7 @@ class TrainCheckpointer:
 
     def __init__(self, workdir: PathLike, every: int, keep: int = 3, async_save: bool = True):
         if every <= 0 or keep <= 0:
-            raise ValueError(f"checkpoint every ({every}) and keep ({keep}) must be > 0")
+            raise UserError(f"checkpoint every ({every}) and keep ({keep}) must be > 0")
         self.directory = as_path(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
@@ -48,7 +49,7 @@ class TrainCheckpointer:
             return self.manager.restore(step, args=args)["state"]
         except (ValueError, KeyError, TypeError) as err:  # Orbax/grain dump whole trees: keep the first line
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-            raise ValueError(
+            raise UserError(
                 f"cannot resume from {self.directory / str(step)}: the saved state does not fit this run ({first}); "
                 "start fresh with a new --workdir"
             ) from err

@@ -18,6 +18,7 @@ import numpy as np
 from etils import epath
 
 from dgmr_jax import data as data_lib
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.parallel import (
     batch_sharding,
     check_batch,
@@ -52,10 +53,10 @@ def open_teacher(tc: ml_collections.ConfigDict) -> LayerSource:
 def make_source(dc: ml_collections.ConfigDict) -> Any:
     """The unlabeled images of `config.data` (data.kind says how to read data.path; see data.open_images)."""
     if dc.kind not in data_lib.KINDS:
-        raise ValueError(f"unknown data.kind {dc.kind!r}; choose one of {', '.join(data_lib.KINDS)}")
+        raise UserError(f"unknown data.kind {dc.kind!r}; choose one of {', '.join(data_lib.KINDS)}")
     if not dc.path and dc.kind != "mnist5k":
         what = {"folder": "an image folder", "array_record": "ArrayRecord files or a glob", "tfds": "a TFDS name"}
-        raise ValueError(
+        raise UserError(
             f"data.path is empty: set --config.data.path= to {what.get(dc.kind, 'the images')} (data.kind={dc.kind})"
         )
     return data_lib.open_images(dc.path, kind=dc.kind, split=dc.split, data_dir=dc.data_dir or None).source

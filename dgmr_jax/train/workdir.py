@@ -14,6 +14,7 @@ import jax
 import ml_collections
 from etils import epath
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import PathLike, as_path
 from dgmr_jax.io.model_dir import restore_numpy, save_model
 from dgmr_jax.models.config import ModelConfig
@@ -55,7 +56,7 @@ def check_resume(workdir: PathLike, sig: dict[str, Any]) -> None:
     old = record["signature"]
     diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in sig.items() if old.get(k) != v]
     if diffs:
-        raise ValueError(
+        raise UserError(
             f"workdir {as_path(workdir)} holds a run with other inputs ({'; '.join(diffs)}); to start fresh use a "
             "new --workdir (or delete this one), or restore the original settings to resume it"
         )
@@ -93,11 +94,11 @@ def student_from_checkpoint(workdir: PathLike, step: int, out: PathLike | None =
         raise FileNotFoundError(f"{workdir} has no {RUN_FILE}: it is not a `dgmr-jax distill` workdir")
     steps = saved_steps(workdir)
     if step not in steps:
-        raise ValueError(f"--from-checkpoint {step}: {workdir / CHECKPOINTS} holds steps {steps or 'none'}")
+        raise UserError(f"--from-checkpoint {step}: {workdir / CHECKPOINTS} holds steps {steps or 'none'}")
     key = "ema" if ema else "params"
     params = restore_numpy(workdir / CHECKPOINTS / str(step) / "state", [key]).get(key)
     if params is None:
-        raise ValueError(f"step {step} holds no EMA weights (the run had optim.ema_decay = 0); drop --ema")
+        raise UserError(f"step {step} holds no EMA weights (the run had optim.ema_decay = 0); drop --ema")
     cfg = ModelConfig.from_dict(record["student"]["config"])
     out = out or workdir / STEP_MODELS / f"step_{step}"
     return write_student(out, cfg, record["student"]["meta"], params, step, ema, workdir)

@@ -7,6 +7,7 @@ import math
 
 import ml_collections
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.distill.loss import TAPS
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.train.state import OptimConfig
@@ -80,7 +81,7 @@ def check_search(cfg: ModelConfig, scfg: SearchConfig) -> None:
     check_model(cfg)
     check_budget(scfg.budget)
     if scfg.search_heads and cfg.num_heads == 1:
-        raise ValueError(
+        raise UserError(
             f"search_heads=True but every layer of {cfg.name!r} has a single head, which UVC always keeps; "
             "set search_heads=False (or None): value dims, neurons and block skips are still searched"
         )
@@ -88,28 +89,28 @@ def check_search(cfg: ModelConfig, scfg: SearchConfig) -> None:
     for name, n in sizes.items():
         f = getattr(scfg, name)
         if not (math.isfinite(f) and 0 <= f <= (n - 1) / n):
-            raise ValueError(f"{name} is a fraction removed in [0, {(n - 1) / n:.4g}] (>= 1 of {n} kept), got {f}")
+            raise UserError(f"{name} is a fraction removed in [0, {(n - 1) / n:.4g}] (>= 1 of {n} kept), got {f}")
     if scfg.heads_init > 0 and not (scfg.search_heads or (scfg.search_heads is None and cfg.num_heads > 1)):
-        raise ValueError("heads_init > 0 needs the heads search (search_heads) on")
+        raise UserError("heads_init > 0 needs the heads search (search_heads) on")
     if scfg.warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {scfg.warmup_steps}")
+        raise UserError(f"warmup_steps must be >= 0, got {scfg.warmup_steps}")
     if scfg.count_optimizer not in OPTIMIZERS or scfg.gate_optimizer not in OPTIMIZERS:
-        raise ValueError(f"count_optimizer and gate_optimizer must be one of {OPTIMIZERS}")
+        raise UserError(f"count_optimizer and gate_optimizer must be one of {OPTIMIZERS}")
     if scfg.mask_mode not in MASK_MODES:
-        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {scfg.mask_mode!r}")
+        raise UserError(f"mask_mode must be one of {MASK_MODES}, got {scfg.mask_mode!r}")
     if scfg.tap not in TAPS:
-        raise ValueError(f"tap must be one of {TAPS}, got {scfg.tap!r}")
+        raise UserError(f"tap must be one of {TAPS}, got {scfg.tap!r}")
     if scfg.kd_coef and not (cfg.num_classes and scfg.tap == "output"):
-        raise ValueError(
+        raise UserError(
             f"kd_coef > 0 (logit distillation) needs a classification head and tap 'output'; {cfg.name!r} has "
             f"num_classes={cfg.num_classes}, tap={scfg.tap!r}: set kd_coef=0 to distil features only"
         )
     if not (math.isfinite(scfg.kd_temperature) and scfg.kd_temperature > 0):
-        raise ValueError(f"kd_temperature must be > 0, got {scfg.kd_temperature}")
+        raise UserError(f"kd_temperature must be > 0, got {scfg.kd_temperature}")
     positive = {"tau": scfg.tau, "gate_every": scfg.gate_every}
     for name, v in positive.items():
         if not v > 0:
-            raise ValueError(f"{name} must be > 0, got {v}")
+            raise UserError(f"{name} must be > 0, got {v}")
     nonneg = dict(
         count_lr=scfg.count_lr,
         gate_lr=scfg.gate_lr,
@@ -124,29 +125,29 @@ def check_search(cfg: ModelConfig, scfg: SearchConfig) -> None:
     )
     for name, v in nonneg.items():
         if not (math.isfinite(v) and v >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+            raise UserError(f"{name} must be a finite number >= 0, got {v}")
     if not 0 <= scfg.warmup_gate <= 1:
-        raise ValueError(f"warmup_gate is a block gate in [0, 1], got {scfg.warmup_gate}")
+        raise UserError(f"warmup_gate is a block gate in [0, 1], got {scfg.warmup_gate}")
     if len(scfg.gate_init) != 2 or not all(math.isfinite(v) for v in scfg.gate_init):
-        raise ValueError(f"gate_init must be two finite logits (skip, keep), got {scfg.gate_init}")
+        raise UserError(f"gate_init must be two finite logits (skip, keep), got {scfg.gate_init}")
     _check_z_lr(scfg.z_lr)
     if scfg.weights.accum_steps != 1 or scfg.weights.ema_decay:
-        raise ValueError("the search's weight optimizer takes accum_steps=1 and ema_decay=0 (one update per step)")
+        raise UserError("the search's weight optimizer takes accum_steps=1 and ema_decay=0 (one update per step)")
 
 
 def check_budget(b: float) -> None:
     """A FLOPs budget is a ratio strictly between 0 and 1."""
     if not (isinstance(b, (int, float)) and math.isfinite(b) and 0 < b < 1):
-        raise ValueError(f"budget must be a FLOPs ratio strictly between 0 and 1, got {b!r}")
+        raise UserError(f"budget must be a FLOPs ratio strictly between 0 and 1, got {b!r}")
 
 
 def check_model(cfg: ModelConfig) -> None:
     """The search runs on an unpruned, uniform tower: same heads, value width and MLP width in every layer."""
     for field in ("layer_heads", "value_dims"):
         if getattr(cfg, field, ()):
-            raise ValueError(f"the UVC search needs a uniform model; {cfg.name!r} has {field} set (already slimmed)")
+            raise UserError(f"the UVC search needs a uniform model; {cfg.name!r} has {field} set (already slimmed)")
     if len(set(cfg.mlp_hidden)) != 1:
-        raise ValueError(
+        raise UserError(
             f"the UVC search needs one MLP width in every layer; {cfg.name!r} has widths {sorted(set(cfg.mlp_hidden))}"
         )
 
@@ -157,7 +158,7 @@ def _check_z_lr(z_lr: tuple[tuple[int, float], ...]) -> None:
         steps = [int(s) for s, _ in z_lr]
         ok = steps[0] == 0 and steps == sorted(set(steps)) and all(math.isfinite(v) and v >= 0 for _, v in z_lr)
     if not ok:
-        raise ValueError(
+        raise UserError(
             f"z_lr must be ((0, lr0), (step1, lr1), ...): strictly increasing search steps from 0, lrs >= 0; got {z_lr}"
         )
 

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.cost import count_flops
 from dgmr_jax.models.slim import Plan, UnitPlan
@@ -145,13 +146,13 @@ def _repair(
     total = count_flops(cfg)
     low, high = repair_bounds(cfg, w.keep_block, w.head_keep)
     if low > budget:
-        raise ValueError(
+        raise UserError(
             f"budget {budget} is out of reach for the searched blocks and heads: with one value dim per kept head "
             f"and one neuron per kept MLP the FLOPs ratio is still {low:.4f}; raise the budget or search longer "
             "(more heads or blocks removed)"
         )
     if high < budget - tolerance:
-        raise ValueError(
+        raise UserError(
             f"budget window [{budget - tolerance:.4f}, {budget}] is out of reach for the searched blocks and heads: "
             f"with every dim and neuron restored the FLOPs ratio is {high:.4f}; lower the budget, pass no_skip=True "
             "or search with a milder budget"
@@ -231,7 +232,7 @@ def _restore_units(units: _Units, flops: int, total: int, budget: float, toleran
         heap = units.heap(units.up)
         while flops < (budget - tolerance) * total:
             if not heap:
-                raise ValueError(
+                raise UserError(
                     f"the repair cannot land in [{budget - tolerance:.4f}, {budget}]: single units cost more than "
                     f"the window ({units.dim_cost / total:.4f} per dim, {units.neuron_cost / total:.4f} per "
                     "neuron); widen the tolerance"
@@ -269,17 +270,17 @@ def _check(
     }
     for name, shape in want.items():
         if tuple(got[name]) != shape:
-            raise ValueError(f"search vars do not fit {cfg.name!r}: {name} has shape {got[name]}, expected {shape}")
+            raise UserError(f"search vars do not fit {cfg.name!r}: {name} has shape {got[name]}, expected {shape}")
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and 0 < budget < 1):
-        raise ValueError(f"budget must be a FLOPs ratio strictly between 0 and 1, got {budget!r}")
+        raise UserError(f"budget must be a FLOPs ratio strictly between 0 and 1, got {budget!r}")
     if not (math.isfinite(tolerance) and 0 < tolerance < budget):
-        raise ValueError(f"tolerance must be in (0, budget), got {tolerance}")
+        raise UserError(f"tolerance must be in (0, budget), got {tolerance}")
     if select not in SELECT:
-        raise ValueError(f"select must be one of {SELECT}, got {select!r}")
+        raise UserError(f"select must be one of {SELECT}, got {select!r}")
     if select in ("diversity", "l2") and teacher_params is None:
-        raise ValueError(f"select={select!r} runs on the teacher's fc1 kernels: pass teacher_params")
+        raise UserError(f"select={select!r} runs on the teacher's fc1 kernels: pass teacher_params")
     if select == "taylor" and (scores is None or len(scores) != cfg.depth):
-        raise ValueError(f"select='taylor' needs scores: one (M,) importance array per layer ({cfg.depth})")
+        raise UserError(f"select='taylor' needs scores: one (M,) importance array per layer ({cfg.depth})")
 
 
 def extract(

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.slim import masked_params
 from dgmr_jax.models.tree import Params
@@ -91,7 +92,7 @@ def ranks(norms: jax.Array) -> jax.Array:
 def unit_mask(counts: jax.Array, norms: jax.Array, mode: str = "ste") -> jax.Array:
     """Mask (..., n) removing the counts[...] weakest units of norms (..., n); see the module docstring."""
     if mode not in MASK_MODES:
-        raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
+        raise UserError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
     n = norms.shape[-1]
     rank = ranks(norms).astype(counts.dtype)
     s = counts[..., None]

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.distill.loss import distill_loss, tap_config
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.slim import masked_norm_statistics
@@ -144,7 +145,7 @@ def _check_teacher(student: ModelConfig, teacher: ModelConfig) -> None:
         jax.eval_shape(lambda p, x, c=c: _features(c, p, x, None), param_shapes(c), images) for c in (student, teacher)
     ]
     if [x.shape for x in shapes[0]] != [x.shape for x in shapes[1]]:
-        raise ValueError(
+        raise UserError(
             f"student {student.name!r} and teacher {teacher.name!r} distil tensors of different shapes (pooled, "
             f"patch tokens): {[x.shape for x in shapes[0]]} vs {[x.shape for x in shapes[1]]}"
         )

@@ -17,6 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.parallel import to_host
 from dgmr_jax.core.paths import PathLike, as_path
 from dgmr_jax.data.open import spec_kind
@@ -57,13 +58,11 @@ class SearchTask:
 
     def check(self, config: ml_collections.ConfigDict) -> None:
         if config.export_every or config.export_ema:
-            raise ValueError(
+            raise UserError(
                 "a UVC search exports its slim model by extraction (`dgmr-jax uvc`): drop --export-every/--ema"
             )
         if config.evals or config.eval_every or config.eval_best:
-            raise ValueError(
-                "a UVC search has no student to evaluate in the loop: evaluate the extracted model instead"
-            )
+            raise UserError("a UVC search has no student to evaluate in the loop: evaluate the extracted model instead")
 
     def signature(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
         """A search's state holds counts and duals of its settings: another budget cannot resume it."""
@@ -117,11 +116,11 @@ def uvc_config(
     config = with_search(config)
     select = select or config.uvc.select
     if select not in SELECT:
-        raise ValueError(f"--select must be one of {', '.join(SELECT)}, got {select!r}")
+        raise UserError(f"--select must be one of {', '.join(SELECT)}, got {select!r}")
     if select == "taylor":
-        raise ValueError("--select taylor needs per-layer scores; use dgmr_jax.uvc.extract(..., scores=) in Python")
+        raise UserError("--select taylor needs per-layer scores; use dgmr_jax.uvc.extract(..., scores=) in Python")
     if steps <= 0:
-        raise ValueError(f"--steps must be > 0, got {steps}")
+        raise UserError(f"--steps must be > 0, got {steps}")
     kind, path = spec_kind(train_spec)
     config.teacher.model_dir = config.student.model_dir = str(model)
     config.data.update(kind=kind, path=path)
