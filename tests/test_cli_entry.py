@@ -42,3 +42,27 @@ def test_prepare_process_keeps_host_memory_for_compute_commands_only(monkeypatch
     assert calls == []
     cli.prepare_process(cli.parse(["eval", "--model", "m"]))
     assert calls == [1]
+
+
+def test_bad_input_is_one_line_but_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """UserError (and missing/existing paths) print one line with exit 2; a ValueError from inside the code, such
+    as a shape error, is a bug: it propagates with its traceback instead of posing as bad input."""
+    import dgmr_jax.io.open as opener
+    from dgmr_jax.core.errors import UserError
+
+    argv = [
+        "convert",
+        "--checkpoint",
+        str(tmp_path / "x.pth"),
+        "--arch",
+        "vit_tiny_patch16_224",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    monkeypatch.setattr(opener, "open_model", lambda *a, **k: (_ for _ in ()).throw(UserError("bad input here")))
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == "dgmr-jax convert: error: bad input here\n"
+    shape_bug = ValueError("operands could not be broadcast together with shapes (3,) (4,)")
+    monkeypatch.setattr(opener, "open_model", lambda *a, **k: (_ for _ in ()).throw(shape_bug))
+    with pytest.raises(ValueError, match="could not be broadcast"):
+        cli.main(argv)
