@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -50,3 +51,22 @@ def test_shipped_recipes_load_from_any_directory(tmp_path, monkeypatch):
     prune2 = config_file.load(f"{root}/configs/eva02_clip_e_prune2.py")  # imports its sibling prune1 relatively
     assert prune2.student.model_dir == "/ckpt/eva_e_prune2"
     assert prune2.global_batch == config_file.load(f"{root}/configs/eva02_clip_e_prune1.py").global_batch
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.global_batch=abc", "--config.global_batch=abc: global_batch is an integer (e.g. 8), got 'abc'"),
+        ("--config.global_batch=8.5", "--config.global_batch=8.5: global_batch is an integer (e.g. 8), got '8.5'"),
+        ("--config.student.remat=maybe", "remat is true or false (e.g. False), got 'maybe'"),
+        ("--config.data.scale=abc", "scale is a list (e.g. (0.9, 1.0)), got 'abc'"),
+    ],
+)
+def test_a_wrong_type_override_is_one_line_naming_field_type_and_value(tmp_path, override, message):
+    root = config_file.__file__.rsplit("/dgmr_jax/", 1)[0]
+    argv = ["distill", "--config", f"{root}/configs/cpu_tiny.py", "--workdir", str(tmp_path / "w"), override]
+    run = subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True)
+    assert run.returncode == 2
+    lines = [line for line in run.stderr.splitlines() if line.startswith("dgmr-jax")]
+    assert len(lines) == 1 and lines[0].startswith("dgmr-jax distill: error: --config.") and lines[0].endswith(message)
+    assert "Traceback" not in run.stderr and not (tmp_path / "w").exists()

@@ -8,6 +8,7 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -45,20 +46,29 @@ def load(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
-def _parse(text: str, like):
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "text", tuple: "a list", list: "a list"}
+
+
+def _parse(text: str, like: Any) -> Any:
+    """`text` as a value of the kind `like` has (the field's current value); UserError when it is not one."""
     if isinstance(like, bool):
         if text.lower() not in ("true", "false", "1", "0"):
-            raise UserError(f"expected true/false, got {text!r}")
+            raise UserError(text)
         return text.lower() in ("true", "1")
     if isinstance(like, str):
         return text
     if like is None and text.lower() in ("true", "false", "none"):  # an optional switch (None: automatic)
         return {"true": True, "false": False, "none": None}[text.lower()]
-    value = ast.literal_eval(text)
-    if isinstance(like, float) and isinstance(value, int):
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text  # a bare word: only a text field takes it
+    if isinstance(like, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(like, tuple) and isinstance(value, list):
-        value = tuple(value)
+    if isinstance(like, (tuple, list)) and isinstance(value, (tuple, list)):
+        value = type(like)(value)
+    if like is not None and not isinstance(like, ml_collections.ConfigDict) and type(value) is not type(like):
+        raise UserError(text)
     return value
 
 
@@ -76,8 +86,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             node = node[name]
         if leaf not in node:
             raise UserError(f"unknown config field {key!r}; known here: {sorted(node.keys())}")
+        like = node[leaf]
         try:
-            node[leaf] = _parse(text, node[leaf])
-        except (ValueError, SyntaxError) as err:
-            raise UserError(f"cannot set {key} from {text!r}: {err}") from err
+            node[leaf] = _parse(text, like)
+        except UserError:
+            kind = _KINDS.get(type(like), type(like).__name__)
+            raise UserError(f"--{key}={text}: {leaf} is {kind} (e.g. {like!r}), got {text!r}") from None
     return config
