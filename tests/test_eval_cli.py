@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -260,3 +262,20 @@ def test_eval_retrieval_reads_a_gcs_manifest_and_skips_its_missing_image(clip_di
     assert result["skipped_files"] == {"retrieval": [gone]}
     assert result["retrieval"] == local["retrieval"]
     assert (result["retrieval"]["images"], result["retrieval"]["captions"]) == (8, 16)
+
+
+def test_eval_warns_when_train_and_test_share_files(model_dir, tmp_path):
+    """--train X --test X scores the memory bank on itself (kNN 1.0): the command says so, in one line."""
+    images = _folder(tmp_path / "imgs", 6, 0)
+    argv = ["eval", "--model", str(model_dir), "--train", str(images), "--test", "imgs", "--batch", "4"]
+    cli = [sys.executable, "-m", "dgmr_jax.cli"]
+    run = subprocess.run([*cli, *argv], cwd=tmp_path, capture_output=True, text=True)  # the same files, two spellings
+    assert run.returncode == 0, run.stderr[-2000:]
+    warnings = [line for line in run.stderr.splitlines() if "also train images" in line]
+    assert warnings == [
+        f"eval: warning: 12 of the 12 test images are also train images ({images} / imgs): "
+        "kNN and probe scores on them are not held out"
+    ]
+    argv[argv.index("--test") + 1] = str(_folder(tmp_path / "other", 6, 1))
+    run = subprocess.run([*cli, *argv], capture_output=True, text=True)
+    assert run.returncode == 0 and "also train images" not in run.stderr

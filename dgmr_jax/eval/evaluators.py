@@ -16,6 +16,8 @@ Evaluators run together share `Features`: one pass over each image set for every
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -23,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dgmr_jax.core.errors import UserError
+from dgmr_jax.core.paths import is_uri
 from dgmr_jax.data import EvalBatches, Pairs, decoded_once, open_images, read_manifest, record_name, require_good
 from dgmr_jax.data import warn_bad as warn_bad_pairs
 from dgmr_jax.eval.features import extract_features
@@ -220,6 +223,7 @@ class Context:
     sets: dict[tuple[str, str, int], ImageSet] = dataclasses.field(default_factory=dict)  # labeled, by spec
     opened: list[ImageSet] = dataclasses.field(default_factory=list)  # every image set made, in order
     towers: dict[tuple[str, str, str], TextTower] = dataclasses.field(default_factory=dict)
+    checked: set[tuple[str, str]] = dataclasses.field(default_factory=set)  # (train, test) pairs checked for overlap
 
     @property
     def view(self) -> dict[str, Any]:
@@ -238,6 +242,19 @@ class Context:
             images = open_images(spec, split=split, labeled=True)
             self.sets[spec, split, batch] = self.image_set(images.source, split, batch, images.labels, images.classes)
         return self.sets[spec, split, batch]
+
+    def warn_shared(self, train_spec: str, test_spec: str, train: ImageSet, test: ImageSet) -> None:
+        """Say once per (train, test) pair when test images are train images too: their scores are not held out."""
+        if (train_spec, test_spec) in self.checked:
+            return
+        self.checked.add((train_spec, test_spec))
+        shared = shared_files(train.source, test.source)
+        if shared:
+            print(
+                f"eval: warning: {shared} of the {len(test.source)} test images are also train images "
+                f"({train_spec} / {test_spec}): kNN and probe scores on them are not held out",
+                file=sys.stderr,
+            )
 
     def text_tower(self, spec: EvalSpec) -> TextTower:
         """The frozen text tower of `spec.clip_text`, loaded once per context."""
@@ -283,6 +300,15 @@ def _labels(features: Features, images: Images, key: str) -> tuple[np.ndarray, n
     return feats, images.labels[index]
 
 
+def shared_files(train: Any, test: Any) -> int:
+    """How many test records are train records too (the same file), for sources that name their files."""
+    if not (hasattr(train, "path") and hasattr(test, "path")):
+        return 0
+    resolve = lambda path: str(path) if is_uri(str(path)) else os.path.realpath(path)  # noqa: E731
+    train_files = {resolve(train.path(i)) for i in range(len(train))}
+    return sum(resolve(test.path(i)) in train_files for i in range(len(test)))
+
+
 class _TrainTest(Evaluator):
     """kNN and the linear probe: pooled features of a labeled train set and a test set with the same classes."""
 
@@ -292,6 +318,7 @@ class _TrainTest(Evaluator):
         self.test = ctx.labeled(spec.test_spec, "test", spec.batch)
         if self.train.classes != self.test.classes:
             raise UserError(f"train classes {self.train.classes[:10]} and test classes {self.test.classes[:10]} differ")
+        ctx.warn_shared(spec.train, spec.test_spec, self.train, self.test)
 
     def needs(self) -> list[Need]:
         return [(self.test, "pooled"), (self.train, "pooled")]
