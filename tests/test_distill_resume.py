@@ -203,6 +203,7 @@ def test_half_written_checkpoint_is_never_restored(reference, images, tmp_path):
     (torn / "garbage").write_bytes(b"\x00" * 10)
     done = _run(tmp_path, images)
     assert "distill done at step 40" in done.stdout
+    assert f"distill: resuming from step {kept} of 40" in done.stdout  # the torn later step is passed over
     _assert_same(_final(tmp_path), _final(reference))
 
 

@@ -172,6 +172,8 @@ def _resume(loop: Loop, ckpt: TrainCheckpointer, iterator: Any) -> tuple[int, An
     start = ckpt.latest_step()
     if start is None:
         return 0, loop.state
+    if jax.process_index() == 0:
+        print(f"{loop.desc}: resuming from step {start} of {loop.total_steps} ({loop.workdir})")
     return start, ckpt.restore(start, loop.abstract_state, iterator)
 
 
