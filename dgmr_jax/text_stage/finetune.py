@@ -56,6 +56,7 @@ from dgmr_jax.models.tokenizer import Tokenizer
 from dgmr_jax.text_stage.pairs import read_pairs
 from dgmr_jax.train import workdir as workdir_lib
 from dgmr_jax.train.checkpoint import abstract_with_shardings
+from dgmr_jax.train.defaults import loop_settings
 from dgmr_jax.train.logs import JsonlLog
 from dgmr_jax.train.loop import Loop, run_loop
 from dgmr_jax.train.run import optim_config
@@ -479,18 +480,12 @@ def _train_loop(
             state=run.state,
             abstract_state=abstract_state,
             loader=loader,
-            total_steps=config.optim.total_steps,
-            global_batch=config.global_batch,
-            checkpoint_every=config.checkpoint_every,
-            keep=config.keep,
-            async_checkpoint=config.async_checkpoint,
-            log_every=config.log_every,
             batch_key=("image_emb", "tokens"),
             desc="finetune-text",
             shown=("loss", "logit_scale", "lr", "images_per_s"),
             evaluate=evaluate,
-            eval_every=config.eval_every,
             best_metric=BEST_METRIC,
+            **loop_settings(config),
         )
     )
 

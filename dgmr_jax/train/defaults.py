@@ -22,3 +22,16 @@ def loop_defaults(**overrides: Any) -> ml_collections.ConfigDict:
         raise KeyError(f"not loop settings: {sorted(unknown)}")
     c.update(overrides)
     return c
+
+
+def loop_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The `Loop` fields a recipe sets (loop_defaults' names), for `Loop(..., **loop_settings(config))`."""
+    return {
+        "total_steps": config.optim.total_steps,
+        "global_batch": config.global_batch,
+        "checkpoint_every": config.checkpoint_every,
+        "keep": config.keep,
+        "async_checkpoint": config.async_checkpoint,
+        "log_every": config.log_every,
+        "eval_every": config.eval_every,
+    }

@@ -35,6 +35,7 @@ from dgmr_jax.models.tree import Params
 from dgmr_jax.models.vit import logical_axes, param_shapes
 from dgmr_jax.train import workdir as workdir_lib
 from dgmr_jax.train.checkpoint import abstract_with_shardings
+from dgmr_jax.train.defaults import loop_settings
 from dgmr_jax.train.loop import Loop, LoopResult, run_loop
 from dgmr_jax.train.state import OptimConfig, jit_step, state_shardings
 from dgmr_jax.train.task import Task
@@ -239,12 +240,6 @@ def run_task(task: Task, config: ml_collections.ConfigDict, workdir: PathLike) -
             state=run.state,
             abstract_state=abstract_with_shardings(run.step.state_shapes, run.step.state_sh),
             loader=run.loader,
-            total_steps=run.opt.total_steps,
-            global_batch=config.global_batch,
-            checkpoint_every=config.checkpoint_every,
-            keep=config.keep,
-            async_checkpoint=config.async_checkpoint,
-            log_every=config.log_every,
             desc=task.name,
             shown=task.shown,
             flops_per_example=train_flops_per_image(run.step, run.img_size),
@@ -252,8 +247,8 @@ def run_task(task: Task, config: ml_collections.ConfigDict, workdir: PathLike) -
             log_indices=config.log_indices,
             after_step=hooks.after_step,
             evaluate=hooks.evaluate,
-            eval_every=config.eval_every,
             best_metric=hooks.best_metric,
+            **loop_settings(config),
         )
     )
     step = int(result.state.step)
