@@ -1,6 +1,8 @@
-"""Test set-up: 8 fake CPU devices for mesh tests, float32 matmuls, and a torchvision shim."""
+"""Test set-up: 8 fake CPU devices for mesh tests, float32 matmuls, a torchvision shim, and test tiers."""
 
 import os
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -43,3 +45,15 @@ except ImportError:  # torch is a test extra; tests that need it skip via import
     pass
 else:
     _import_timm_with_shim()
+
+
+_IMPLY_SLOW = ("multiprocess", "tpu_compile", "emulator")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything
+def pytest_collection_modifyitems(config, items):
+    """Tests that start jax.distributed processes, load libtpu or need the storage emulator are slow too, so
+    `-m "not slow"` (the fast tier) leaves them all out."""
+    for item in items:
+        if any(item.get_closest_marker(name) for name in _IMPLY_SLOW) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

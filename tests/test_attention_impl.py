@@ -53,6 +53,7 @@ def _loss(cfg: ModelConfig, params, images) -> jax.Array:
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.slow
 def test_dot_product_attention_matches_einsum(name):
     cfg, params, images = _model(name)
     fused = cfg.replace(attention="dot_product_attention")
@@ -66,6 +67,7 @@ def test_dot_product_attention_matches_einsum(name):
     assert _rel(grads, ref_grads) <= TOL, _rel(grads, ref_grads)
 
 
+@pytest.mark.slow  # over 10 s here (a 2-block model built and run twice)
 def test_attention_matters():
     """The test weights make attention non-trivial: a wrong logit scale changes the outputs well above TOL."""
     cfg, params, images = _model("eva02_small_patch14_224")
@@ -76,6 +78,7 @@ def test_attention_matters():
     assert _rel(dj.models.forward(cfg, scaled, images)["tokens"], ref) > 1e3 * TOL
 
 
+@pytest.mark.slow
 def test_scanned_remat_stack():
     """Under nn.scan and remat (the big-model settings) the fused path still matches, grads included."""
     cfg, params, images = _model("vit_tiny_patch16_224")
@@ -96,6 +99,7 @@ def test_config_field():
         cfg.replace(attention="flash")
 
 
+@pytest.mark.slow  # over 10 s here (a 2-block model built and run twice)
 def test_cudnn_needs_half_precision():
     cfg, params, images = _model("vit_tiny_patch16_224")
     with pytest.raises(ValueError, match="needs dtype bfloat16 or float16"):

@@ -27,6 +27,7 @@ def checkpoint(tmp_path_factory):
     return model, cfg, path
 
 
+@pytest.mark.slow
 def test_convert_prune_export_loads_into_timm_with_the_same_widths(checkpoint, tmp_path, capsys):
     model, cfg, path = checkpoint
     assert main(["convert", "--arch", cfg.name, "--checkpoint", str(path), "--out", str(tmp_path / "m")]) == 0
@@ -51,6 +52,7 @@ def test_convert_prune_export_loads_into_timm_with_the_same_widths(checkpoint, t
         assert rel_err(ours[key], ref) <= 1e-5
 
 
+@pytest.mark.slow
 def test_streamed_prune_equals_in_memory_prune(checkpoint, tmp_path):
     model, cfg, path = checkpoint
     out = tmp_path / "p"
@@ -63,6 +65,7 @@ def test_streamed_prune_equals_in_memory_prune(checkpoint, tmp_path):
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_taylor_prune_from_the_cli_equals_taylor_scores_in_memory(checkpoint, tmp_path):
     """--method taylor scores neurons on the first --taylor-images of a folder, then prunes like prune_mlp."""
     _, cfg, path = checkpoint

@@ -53,6 +53,7 @@ def test_shipped_recipes_load_from_any_directory(tmp_path, monkeypatch):
     assert prune2.global_batch == config_file.load(f"{root}/configs/eva02_clip_e_prune1.py").global_batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -48,6 +48,7 @@ def test_missing_and_misshaped_keys_are_all_listed(tiny):
     assert "blocks.0.attn.proj.weight (3, 3) -> blocks_0/attn/proj/kernel expects (192, 192)" in text
 
 
+@pytest.mark.slow
 def test_non_strict_loads_what_fits(tiny):
     sd, cfg = tiny
     partial_sd = {k: v for k, v in sd.items() if k != "head.bias"}

@@ -7,6 +7,9 @@ from reference import assert_same_tree, meta_state_dict, timm
 
 import dgmr_jax as dj
 
+# giant configs built abstractly beside timm/open_clip meta models (seconds each)
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     "name,billions",

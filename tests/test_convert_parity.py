@@ -37,6 +37,7 @@ def _assert_round_trip(sd: dict[str, np.ndarray], cfg, params, family: str) -> N
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_SMALL))
+@pytest.mark.slow
 def test_timm_parity_and_round_trip(name):
     model, cfg, img = small_timm(name)
     sd = state_dict_numpy(model)
@@ -71,6 +72,7 @@ def _open_clip_visual(arch: str, img: int, width: int | None = None):
 @pytest.mark.parametrize(
     "arch,img,width", [("ViT-B-32", 64, 128), ("ViT-L-14", 28, 128), ("ViT-g-14", 28, 176), ("ViT-bigG-14", 28, 208)]
 )
+@pytest.mark.slow
 def test_open_clip_parity_and_round_trip(arch, img, width):
     visual, cfg = _open_clip_visual(arch, img, width)
     sd = state_dict_numpy(visual)
@@ -147,6 +149,7 @@ def test_eva_clip_original_layout_matches_timm_loader(name):
     _assert_round_trip(learned, ours_cfg, params, "eva_clip")
 
 
+@pytest.mark.slow
 def test_scanned_stack_and_bf16_compute_match_the_loop():
     model, cfg, img = small_timm("eva02_base_patch14_224")
     _, params = dj.convert.from_torch(model.state_dict(), family="timm", arch=cfg)
@@ -164,6 +167,7 @@ def test_scanned_stack_and_bf16_compute_match_the_loop():
     assert dj.convert.to_torch(scan_cfg, scan_params)["blocks.1.mlp.fc2.weight"].shape == (96, 256)
 
 
+@pytest.mark.slow
 def test_position_grid_resampling_matches_timm_dynamic_size():
     """A model run at a larger image resamples its position grid as timm's dynamic_img_size does."""
     model = randomize(

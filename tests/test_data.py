@@ -74,6 +74,7 @@ def test_folder_finds_images_at_any_depth(folder):
     assert folder[folder.relpaths.index("top.png")] == GOOD["top.png"]
 
 
+@pytest.mark.emulator
 def test_folder_on_cloud_storage_lists_and_batches_like_the_local_one(folder):
     """The same files in a gs:// bucket (a local emulator): same records in the same order, gs:// paths, and the
     same batches."""
@@ -258,6 +259,7 @@ def test_tfds_source(tmp_path):
         data.TfdsSource("dgmr_test_images", data_dir=tmp_path / "tfds", image_key="img")
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(folder):
     """Sources and transforms pickle into grain workers; one worker reproduces the in-process batches."""
     for a, b in zip(_loader(folder, flip=True), _loader(folder, flip=True, worker_count=1), strict=True):

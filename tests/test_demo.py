@@ -15,6 +15,7 @@ from dgmr_jax.cli import main  # noqa: E402
 from dgmr_jax.model_dir import load_config  # noqa: E402
 
 
+@pytest.mark.slow
 def test_demo_writes_table_reports_and_plot(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--methods", "diversity,l2", "--steps", "3", "--img-size", "28"]) == 0

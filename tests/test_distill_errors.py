@@ -54,6 +54,7 @@ def test_data_path_is_required(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_other_inputs_fails_in_one_line_and_keeps_the_workdir(images, tmp_path, capsys):
     workdir = tmp_path / "run"
     assert _distill(workdir, f"--config.data.path={images}", "--config.optim.total_steps=4") == 0
@@ -72,6 +73,7 @@ def test_resume_with_other_inputs_fails_in_one_line_and_keeps_the_workdir(images
     assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
 
 
+@pytest.mark.slow
 def test_student_model_directories(images, tmp_path, capsys):
     """The end of a run, --export-every and --from-checkpoint all write model directories of the same
     student; --ema exports the EMA weights, and asking for EMA without one fails before training."""
@@ -104,6 +106,7 @@ def test_student_model_directories(images, tmp_path, capsys):
     assert not (tmp_path / "run2").exists()
 
 
+@pytest.mark.slow
 def test_export_and_eval_point_from_a_workdir_to_its_model(images, tmp_path, capsys):
     workdir = tmp_path / "run"
     assert _distill(workdir, f"--config.data.path={images}", "--config.optim.total_steps=4") == 0
@@ -119,6 +122,7 @@ def test_empty_folder(tmp_path, capsys):
     assert "no image files found under" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_corrupt_files_are_counted_not_fatal(images, tmp_path):
     assert _distill(tmp_path / "run", f"--config.data.path={images}", "--config.optim.total_steps=4") == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -126,6 +130,7 @@ def test_corrupt_files_are_counted_not_fatal(images, tmp_path):
     assert (tmp_path / "run" / "tensorboard").is_dir()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, capsys):
     workdir = tmp_path / "run"
     assert _distill(workdir, f"--config.data.path={images}", "--config.optim.total_steps=8") == 0

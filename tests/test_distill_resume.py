@@ -27,6 +27,9 @@ from dgmr_jax.model_dir import load_config, load_model
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
 
+# every test runs the distill CLI in fresh processes (the module-scoped reference run alone takes minutes)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
@@ -144,6 +147,7 @@ def _gcs_objects(env: dict[str, str], bucket: str, prefix: str) -> list[str]:
         return [item["name"] for item in json.load(response).get("items", [])]
 
 
+@pytest.mark.emulator
 def test_sigkill_and_resume_through_gs_equals_the_local_run(reference, images):
     """The same run with its workdir on Cloud Storage (a local emulator): killed mid-run, resumed, bit-identical
     to the uninterrupted local run, same images seen; its model directory on gs:// is the final state."""
@@ -238,11 +242,13 @@ def _run_two_processes(workdir: Path, images: Path, *extra: str) -> None:
     _finish(_start_two_processes(workdir, images, *extra))
 
 
+@pytest.mark.multiprocess
 def test_two_processes_equal_one(reference, images, tmp_path):
     _run_two_processes(tmp_path, images)
     _assert_close(_final(tmp_path), _final(reference))
 
 
+@pytest.mark.multiprocess
 def test_two_processes_evaluate_in_the_loop_like_offline_eval(images, tmp_path):
     """In-loop kNN on 2 processes x 4 devices (features gathered from both hosts) equals `dgmr-jax eval` of the
     exported student in one process."""
@@ -257,6 +263,7 @@ def test_two_processes_evaluate_in_the_loop_like_offline_eval(images, tmp_path):
     assert last["step"] == 8 and {k: last[f"eval/knn/knn@{k}"] for k in offline} == offline
 
 
+@pytest.mark.multiprocess
 def test_sigterm_to_one_host_saves_all_hosts_at_one_step(reference, images, tmp_path):
     """A preemption notice reaching only the second of two processes: both save the same step (the save is a
     collective) and stop; the rerun on two processes ends where an uninterrupted run does."""

@@ -69,6 +69,7 @@ def one_device():
 
 
 @pytest.mark.parametrize("shape", [(2, 4, 1), (4, 1, 2)])
+@pytest.mark.slow
 def test_same_steps_on_1_and_8_devices(one_device, shape):
     assert len(jax.devices()) == 8
     losses, state = _train(make_mesh(*shape))
@@ -104,6 +105,7 @@ def test_loss_is_zero_for_the_teacher_itself_and_taps():
     np.testing.assert_array_equal(pooled, tokens[:, 0])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_runs_and_bad_batches_fail_early():
     losses, state = _train(make_mesh(1, 1, 1, devices=jax.devices()[:1]), steps=4, accum=2)
     assert int(state.step) == 4 and np.isfinite(losses).all()
@@ -113,6 +115,7 @@ def test_gradient_accumulation_runs_and_bad_batches_fail_early():
         make_mesh(2, 8, 1)
 
 
+@pytest.mark.slow
 def test_undividable_dims_replicate_with_a_warning():
     cfg = dj.models.preset("vit_tiny_patch16_224", depth=1, img_size=32, width=100, num_heads=4, hidden=96)
     mesh = make_mesh(1, 8, 1)

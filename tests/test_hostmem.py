@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+# each test probes a fresh Python process (seconds each)
+pytestmark = [pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's"), pytest.mark.slow]
 
 # malloc, touch and free 64 MB; then count the minor page faults of doing it again.
 _PROBE = """

@@ -31,6 +31,7 @@ def _offline(model_dir: Path, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_in_loop_knn_and_probe_equal_offline_eval_of_the_exported_students(tmp_path):
     evals = ["knn:mnist5k", {"kind": "linear_probe", "train": "mnist5k", "name": "probe"}]
     summary = train(_config(evals=evals, eval_every=6, export_every=6), tmp_path / "run")

@@ -152,7 +152,12 @@ FAMILY = {name: "eva_clip" for name in OFFICIAL} | {name: "internvit" for name i
 PARITY = ["EVA-CLIP-8B", "EVA-CLIP-18B", "InternViT-6B-448px-V2_5", "InternViT-300M-448px-V2_5"]
 
 
-@pytest.mark.parametrize("name", PARITY)
+def _slow_if_6b(name: str):
+    """InternViT-6B cases take seconds (a 6B config built beside its reference): the slow tier."""
+    return pytest.param(name, marks=pytest.mark.slow) if name == "InternViT-6B-448px-V2_5" else name
+
+
+@pytest.mark.parametrize("name", [_slow_if_6b(n) for n in PARITY])
 def test_parity_and_strict_round_trip(name):
     family = FAMILY[name]
     ref, cfg = _small(name, hidden=5 * 64 if family == "eva_clip" else 4 * 64)
@@ -190,7 +195,7 @@ def test_eva_clip_giants_key_for_key(name):
     assert dj.prune.count_params(cfg) == count == COUNTS[name]
 
 
-@pytest.mark.parametrize("name", sorted(INTERNVIT))
+@pytest.mark.parametrize("name", [_slow_if_6b(n) for n in sorted(INTERNVIT)])
 def test_internvit_giants_key_for_key(name):
     with torch.device("meta"):
         module = _hf_internvit(name, image_size=448, patch_size=14)

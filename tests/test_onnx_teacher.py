@@ -19,6 +19,7 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
+# Loading this teacher and running onnxruntime takes ~8 s here: every test that uses it is marked slow.
 @pytest.fixture(scope="module")
 def teacher():
     """(cfg, params, info, NCHW input, onnxruntime outputs (+ backbone tokens, resized grid), our outputs)."""
@@ -42,6 +43,7 @@ def teacher():
     return cfg, params, info, x, ref, ours
 
 
+@pytest.mark.slow
 def test_graph_description(teacher):
     cfg, params, info, *_ = teacher
     assert info["input"]["shape"][1:] == [3, 224, 224] and info["input"]["layout"] == "NCHW"
@@ -59,6 +61,7 @@ def test_graph_description(teacher):
     assert dj.models.count_tree(params) == 21_628_800  # ViT-S/14 at a 16 x 16 grid, no mask token or head
 
 
+@pytest.mark.slow
 def test_trained_grid_and_resampling(teacher):
     cfg, params, *_ = teacher
     cfg518, params518, info = load_onnx_teacher(img_size=None)
@@ -68,6 +71,7 @@ def test_trained_grid_and_resampling(teacher):
     np.testing.assert_array_equal(params224["pos_embed"], params["pos_embed"])
 
 
+@pytest.mark.slow
 def test_qkv_roles_follow_dataflow_not_names(teacher, tmp_path):
     """Swap the names of every query and key MatMul: the loader still takes q from the left of Q.K^T."""
     onnx = pytest.importorskip("onnx")
@@ -88,12 +92,14 @@ def test_qkv_roles_follow_dataflow_not_names(teacher, tmp_path):
             )
 
 
+@pytest.mark.slow
 def test_position_grid_matches_graph_resize(teacher):
     _, params, _, _, ref, _ = teacher
     ours = np.asarray(params["pos_embed"])[0, 1:].reshape(16, 16, -1).transpose(2, 0, 1)[None]
     assert rel_err(ours, ref["pos_grid"]) <= 1e-5
 
 
+@pytest.mark.slow
 def test_backbone_parity(teacher):
     *_, ref, out = teacher
     assert set(out) == {"tokens", "pooled"}
@@ -156,6 +162,7 @@ def _apply_head(info, tokens: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray
     return x
 
 
+@pytest.mark.slow
 def test_head_on_our_tokens_matches_graph_output(teacher):
     _, _, info, x, ref, ours = teacher
     tokens = ours["tokens"]

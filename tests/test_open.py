@@ -46,6 +46,7 @@ def test_checkpoint_source_equals_from_torch_block_by_block(checkpoint):
 
 
 @pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.slow
 def test_model_dir_source_reads_blocks_of_plain_and_scanned_stacks(tmp_path, scan):
     cfg = dj.models.preset("vit_tiny_patch16_224", depth=3, img_size=32, scan_layers=scan)
     params = jax.device_get(dj.models.init_params(cfg, 0))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from reference import images, rel_err, timm, timm_outputs, to_nhwc, torch
 
 import dgmr_jax as dj
@@ -21,6 +22,9 @@ from dgmr_jax.io.checkpoint_io import save_safetensors
 from dgmr_jax.model_dir import load_config, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# the README's whole command sequence: convert, prune, distill, export, eval (minutes on a 2-core host)
+pytestmark = pytest.mark.slow
 
 
 def readme_pipeline() -> list[list[str]]:

@@ -8,6 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+<<<<<<< HEAD
+=======
+import pytest
+
+from dgmr_jax import config_file
+>>>>>>> tiers
 from dgmr_jax.cli import main
 from dgmr_jax.core import config_file
 from dgmr_jax.models.cost import count_params
@@ -23,6 +29,7 @@ def _plan(tmp_path: Path, *argv: str) -> list[dict]:
     return json.loads(out.read_text())
 
 
+@pytest.mark.tpu_compile
 def test_tpu_plan_bytes_are_exact_and_compiled_by_the_tpu_compiler(tmp_path, capsys):
     """On a v5p:2x2x1 topology (libtpu, no TPU) with the batch over 4 chips, every chip holds whole copies:
     params and teacher at 4 bytes each, AdamW's two moments twice the params (+ its step counters)."""
@@ -45,6 +52,7 @@ def test_tpu_plan_bytes_are_exact_and_compiled_by_the_tpu_compiler(tmp_path, cap
     assert sharded["params"] < row["params"] and sharded["teacher"] < row["teacher"]
 
 
+@pytest.mark.tpu_compile
 def test_a_plan_over_hbm_fails_in_one_line(capsys):
     argv = ["plan", "--config", CONFIG, "--topology", "v5e:2x2", "--hbm-gib", "0.001"]
     assert main(argv) == 2
@@ -52,6 +60,7 @@ def test_a_plan_over_hbm_fails_in_one_line(capsys):
     assert err.startswith("dgmr-jax plan: error: does not fit: ") and "GiB HBM on v5e:2x2; try --search" in err
 
 
+@pytest.mark.slow
 def test_cpu_plan_is_labelled_an_estimate_and_search_picks_the_largest_batch(tmp_path, capsys):
     rows = _plan(tmp_path, "--devices", "4", "--search")
     assert {r["memory_source"] for r in rows} == {"CPU compiler estimate (not a TPU figure)"}
@@ -63,6 +72,7 @@ def test_cpu_plan_is_labelled_an_estimate_and_search_picks_the_largest_batch(tmp
     assert "search picks: --config.global_batch=8 --config.mesh.data=4 --config.mesh.fsdp=1" in out
 
 
+@pytest.mark.slow
 def test_search_can_be_narrowed(tmp_path, capsys):
     rows = _plan(tmp_path, "--devices", "4", "--search", "--search-batches", "2", "--search-fsdp", "1,4")
     assert [(r["batch_per_chip"], r["mesh"]["fsdp"], r["remat"]) for r in rows] == [
@@ -91,6 +101,7 @@ def test_bad_targets(monkeypatch, capsys):
     assert "pip install 'dgmr-jax[tpu-plan]'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_remat_memory_per_layer_follows_the_policy(tmp_path):
     """Temp bytes over depth (2 -> 6 layers, 16 images/chip of 65 tokens, width 192, float32): with remat the
     slope is one saved block input per layer; without it, several times more. Fresh processes: the CLI sets

@@ -30,7 +30,13 @@ def test_timm_presets_carry_timms_published_settings(name):
     assert (ours.crop_pct, ours.interpolation) == (cfg["crop_pct"], cfg["interpolation"])
 
 
-@pytest.mark.parametrize("name", sorted(n for n in PUBLISHED if n.startswith("ViT-")))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n in ("ViT-g-14", "ViT-bigG-14") else n  # giant open_clip models
+        for n in sorted(n for n in PUBLISHED if n.startswith("ViT-"))
+    ],
+)
 def test_open_clip_presets_carry_open_clips_settings(name):
     open_clip = pytest.importorskip("open_clip")
     cfg = open_clip.get_model_preprocess_cfg(open_clip.create_model(name, pretrained=None, device="meta"))
@@ -77,6 +83,7 @@ def test_convert_records_the_archs_statistics(tmp_path, name, stats):
     assert meta["preprocess"]["img_size"] == cfg.img_size
 
 
+@pytest.mark.slow
 def test_override_round_trips_through_convert_and_prune(tmp_path):
     ckpt, arch = _checkpoint(tmp_path, "vit_small_patch14_dinov2")
     flags = ["--mean", "0.1,0.2,0.3", "--std", "0.4,0.5,0.6", "--crop-pct", "0.875", "--interpolation", "bilinear"]

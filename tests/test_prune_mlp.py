@@ -39,8 +39,10 @@ def _zero_dropped_rows(params, kept: dict[int, np.ndarray]):
     return unflatten(out)
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
-@pytest.mark.parametrize("method", ["diversity", "l2", "random"])
+@pytest.mark.parametrize(  # the SwiGLU kinds take seconds each here: slow tier
+    "kind", [pytest.param(k, marks=pytest.mark.slow) if "swiglu" in k else k for k in sorted(KINDS)]
+)
+@pytest.mark.parametrize("method", [pytest.param("diversity", marks=pytest.mark.slow), "l2", "random"])
 def test_pruning_equals_zeroing_the_dropped_fc2_rows(kind, method):
     cfg, params = _model(kind)
     kept = {i: np.sort(prune_layer(cfg, params[f"blocks_{i}"]["mlp"], 40, method, seed=i)[1]) for i in range(2)}

@@ -88,7 +88,7 @@ def test_k_rounds_equal_official_loop(ratio, backend):
     np.testing.assert_array_equal(select_neurons(w, k, backend=backend), expected)
 
 
-@pytest.mark.parametrize("ratio", [0.5, 3])
+@pytest.mark.parametrize("ratio", [0.5, pytest.param(3, marks=pytest.mark.slow)])
 def test_k_rounds_with_small_gram_schmidt_blocks(ratio, monkeypatch):
     """The same rounds when candidates are far fewer than neurons, so blocks refill and end early."""
     monkeypatch.setattr(select, "_BLOCK", 4)

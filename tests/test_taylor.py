@@ -9,6 +9,9 @@ import pytest
 import dgmr_jax as dj
 from dgmr_jax.prune.taylor import feature_energy, hidden_and_grads, taylor_scores
 
+# both tests train and compile gradients of small ViTs (>5 s each on a 2-core host)
+pytestmark = pytest.mark.slow
+
 
 def test_activation_times_gradient_is_the_derivative_of_scaling_a_neuron():
     with jax.enable_x64(True):  # float64 so the finite difference is not rounding noise

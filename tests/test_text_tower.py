@@ -90,6 +90,7 @@ def _text_entries(model) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("activation,custom_text", [("gelu", False), ("quick_gelu", False), ("gelu", True)])
+@pytest.mark.slow
 def test_encode_text_equals_open_clip_and_round_trips(activation, custom_text):
     model, _, text_cfg = small_clip(activation, custom_text)
     cfg, params = text_from_torch(model.state_dict(), text_cfg)
@@ -109,6 +110,7 @@ def test_encode_text_equals_open_clip_and_round_trips(activation, custom_text):
     assert all(back[k].dtype == v.dtype and np.array_equal(back[k], v) for k, v in sd.items())
 
 
+@pytest.mark.slow
 def test_bfloat16_checkpoint_round_trips_bit_exact_and_encodes_in_float32():
     model, _, text_cfg = small_clip()
     bf16 = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}

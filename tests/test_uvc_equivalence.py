@@ -18,6 +18,9 @@ from dgmr_jax.uvc.masks import apply_masks, group_norms, masks_from_counts
 from dgmr_jax.uvc.objective import hard_gates
 from dgmr_jax.uvc.state import Counts, SearchVars
 
+# search/slim equivalence on real weights (tens of seconds)
+pytestmark = pytest.mark.slow
+
 
 def _random_vars(cfg, rng) -> SearchVars:
     n, h, d, m = cfg.depth, cfg.num_heads, cfg.attn_head_dim, cfg.mlp_hidden[0]

@@ -34,6 +34,7 @@ def _plan(cfg, seed: int = 0):
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch14_dinov2"])
+@pytest.mark.slow
 def test_timm_export_of_a_slim_model(name):
     model, cfg, img = small_timm(name, depth=5)
     cfg, params = dj.convert.from_torch(state_dict_numpy(model), arch=cfg)

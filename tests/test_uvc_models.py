@@ -91,6 +91,7 @@ def _images(cfg, dtype=np.float32, batch=2):
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.slow
 def test_masked_model_equals_slim_model_float32(kind):
     cfg, params = _model(kind)
     x = _images(cfg)
@@ -114,6 +115,7 @@ def test_masked_model_equals_slim_model_float32(kind):
 
 
 @pytest.mark.parametrize("kind", ["gelu", "swiglu_qv_rope", "rmsnorm_qk_norm", "attn_norm_mlp_norm"])
+@pytest.mark.slow
 def test_masked_model_equals_slim_model_float64(kind):
     with jax.enable_x64(True):
         cfg, params = _model(kind, np.float64, dtype="float64", param_dtype="float64")
@@ -136,6 +138,7 @@ def test_norms_inside_a_pruned_width_need_masked_statistics():
     assert _rel(out["tokens"], plain["tokens"]) > 1e-4
 
 
+@pytest.mark.slow
 def test_scanned_masked_model_and_slicing():
     cfg, params = _model("gelu", depth=3, scan_layers=True, remat=True)
     assert "blocks" in params
@@ -164,6 +167,7 @@ def test_scanned_masked_model_and_slicing():
     assert _rel(a["tokens"], b["tokens"]) <= 1e-5
 
 
+@pytest.mark.slow
 def test_block_gates():
     cfg, params = _model("gelu", depth=3)
     x = _images(cfg)
@@ -187,6 +191,7 @@ def test_block_gates():
     assert grad.shape == (3,) and np.all(np.isfinite(grad)) and np.all(grad != 0)
 
 
+@pytest.mark.slow
 def test_masked_params_are_differentiable_and_check_shapes():
     cfg, params = _model("swiglu_qv_rope", depth=2)
     x = _images(cfg, batch=1)
@@ -215,6 +220,7 @@ def test_full_plan_returns_the_model_unchanged():
     assert all(np.array_equal(flatten(again)[k], v) for k, v in flatten(slim_params).items())
 
 
+@pytest.mark.slow
 def test_slicing_a_slim_model_again_composes():
     """Masks on a model that is already slim (uneven widths, absent branches) slice it further, exactly."""
     cfg, params = _model("gelu")
@@ -230,6 +236,7 @@ def test_slicing_a_slim_model_again_composes():
     assert _rel(out["tokens"], ref["tokens"]) <= 1e-5
 
 
+@pytest.mark.slow
 def test_narrow_values_through_fused_attention():
     cfg, params = _model("swiglu_qv_rope")
     slim_cfg, slim_params, _ = slim.slice_units(cfg, params, slim.plan_from_masks(cfg, *_masks(cfg)))

@@ -96,6 +96,7 @@ def test_flops_ratio_matches_direct_formula_at_integers(name):
         assert exact == direct
 
 
+@pytest.mark.slow
 def test_masks_ratio_is_the_formula_and_differentiable(tiny):
     cfg, params, _ = tiny
     norms = group_norms(cfg, params)
@@ -255,6 +256,7 @@ def _setup(cfg, params, **kw):
     return scfg, init_search_state(cfg, params, scfg, optimizers), step
 
 
+@pytest.mark.slow
 def test_counts_move_on_first_step_at_budget_03_with_frozen_weights(tiny):
     cfg, params, images = tiny
     scfg, state, step = _setup(cfg, params)
@@ -275,6 +277,7 @@ def test_counts_move_on_first_step_at_budget_03_with_frozen_weights(tiny):
         assert float(getattr(new.vars.counts, kind).mean()) > 0, kind
 
 
+@pytest.mark.slow
 def test_z_schedule_changes_z_step_across_boundary(tiny):
     """Official bug: PresetLRScheduler never finds its "zlr" key, so z keeps its first step size."""
     cfg, params, images = tiny
@@ -292,6 +295,7 @@ def test_z_schedule_changes_z_step_across_boundary(tiny):
     assert deltas[3][0] / deltas[3][1] == pytest.approx(10 * deltas[2][0] / deltas[2][1], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_duals_stay_nonnegative_over_steps(tiny):
     cfg, params, images = tiny
     scfg, state, step = _setup(cfg, params, budget=0.97, z_init=0.0, z_lr=((0, 5.0),), y_lr=1.0, p_lr=1.0)
@@ -305,6 +309,7 @@ def test_duals_stay_nonnegative_over_steps(tiny):
     assert min(zs) == 0.0  # the projection was active
 
 
+@pytest.mark.slow
 def test_masks_are_applied_in_the_search_forward(tiny):
     """Official bug: masks were not applied in the search's forward, so the searched model was not the extracted."""
     cfg, params, images = tiny
@@ -324,6 +329,7 @@ def test_masks_are_applied_in_the_search_forward(tiny):
     assert float(m1["loss_cls"]) == pytest.approx(cls, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_reported_flops_are_deterministic(tiny):
     """Official bug: the "real FLOPs" printed was a random Gumbel sample; ratio_hard is the argmax/rounded one."""
     cfg, params, images = tiny
@@ -402,6 +408,7 @@ def _random_vars(cfg, rng):
     return SearchVars(counts, jnp.asarray(rng.normal(size=(cfg.depth, 2)), jnp.float32))
 
 
+@pytest.mark.slow
 def test_extract_repair_lands_in_window_or_fails_clearly():
     """Searched blocks and heads that leave the window out of the widths' reach are moved first (restored when
     the search skipped too much, removed when it kept too much); only a budget below the smallest model the
@@ -449,6 +456,7 @@ def test_extract_plan_is_the_hard_masked_search_result(tiny):
     assert all(v.keep_block for v in extract(cfg, params, svars, 0.5, repair=False, no_skip=True).plan)
 
 
+@pytest.mark.slow
 def test_extract_neuron_selection_methods():
     cfg = dj.models.preset("eva02_small_patch14_224", depth=2, img_size=28)  # gated (SwiGLU) MLP
     teacher = dj.models.init_params(cfg, 0)
@@ -470,6 +478,7 @@ def test_extract_neuron_selection_methods():
 # -- end to end ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_search_end_to_end(tiny):
     cfg, params, _ = tiny
     budget = 0.5

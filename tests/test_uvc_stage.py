@@ -18,6 +18,9 @@ from dgmr_jax.models.tree import flatten
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "cpu_tiny.py")
 
+# the module fixture writes a model and images (~5 s) and most tests run search stages
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

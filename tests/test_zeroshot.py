@@ -49,6 +49,7 @@ def test_retrieval_recall_exact():
         retrieval_recall(images, captions, owners, ks=(1, 5))
 
 
+@pytest.mark.slow
 def test_text_encoding_sharded_equals_one_device():
     cfg = dj.models.TextConfig(name="tiny", width=64, heads=4, layers=2, embed_dim=32)
     params = init_text_params(cfg, 0)
@@ -70,6 +71,7 @@ CLASSES = ["cat", "dog", "red car", "number 7", "tree"]
 TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}.", "{} in the wild"]
 
 
+@pytest.mark.slow
 def test_zeroshot_and_retrieval_equal_open_clip_on_a_tiny_model():
     model, vision_cfg, text_cfg = small_clip()
     vision_cfg, vision = dj.convert.from_torch(model.state_dict(), family="open_clip", arch=vision_cfg)
@@ -131,6 +133,7 @@ def clip_files(tmp_path_factory):
     return root, model
 
 
+@pytest.mark.slow
 def test_eval_cli_zeroshot_and_retrieval_equal_open_clip(clip_files, capsys):
     root, model = clip_files
     out = root / "result.json"
@@ -201,6 +204,7 @@ def test_eval_cli_clip_errors_come_before_any_work(clip_files, tmp_path, capsys)
     assert "holds no CLIP text tower" in error("--clip-text", str(vision_only), *text[2:], "--zeroshot")
 
 
+@pytest.mark.slow
 def test_in_loop_zeroshot_and_retrieval_equal_offline_eval(clip_files, tmp_path):
     """A student of the tiny CLIP vision tower distilled with zero-shot and retrieval evals in the loop (8 fake
     devices): the final in-loop numbers equal `dgmr-jax eval` of the exported student."""
