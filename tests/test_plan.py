@@ -8,12 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-<<<<<<< HEAD
-=======
 import pytest
 
-from dgmr_jax import config_file
->>>>>>> tiers
 from dgmr_jax.cli import main
 from dgmr_jax.core import config_file
 from dgmr_jax.models.cost import count_params
