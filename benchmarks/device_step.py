@@ -102,7 +102,7 @@ def recipe(workload: str, args: argparse.Namespace) -> Any:
     overrides = {"depth": depth or w["depth"]}
     if args.img_size:
         overrides["img_size"] = args.img_size
-    c.teacher.update(arch=w["arch"], family=w["family"], dtype="bfloat16")
+    c.teacher.update(arch=w["arch"], family=w["family"], dtype="bfloat16", random_init=True)
     c.teacher.arch_overrides.update(overrides)
     c.student.update(
         mlp_ratio=1.0,

@@ -25,7 +25,7 @@ import numpy as np
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.parallel import check_batch, make_mesh
 from dgmr_jax.distill.trainer import build_step, model_configs
-from dgmr_jax.models.cost import count_flops
+from dgmr_jax.train.run import train_flops_per_image
 
 GIB = 2**30
 
@@ -146,9 +146,7 @@ def plan_step(
     cost = cost[0] if isinstance(cost, Sequence) else cost
     chips = len(target.devices)
     state, sh = step.state_shapes, step.state_sh
-    analytic = config.global_batch * (
-        3 * count_flops(step.student_cfg, img_size) + count_flops(step.teacher_cfg, img_size)
-    )
+    analytic = config.global_batch * train_flops_per_image(step, img_size)
     row = {
         "target": target.label,
         "chips": chips,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -29,7 +31,9 @@ def images(tmp_path_factory):
 
 
 def _distill(workdir, *overrides):
-    return main(["distill", "--config", CONFIG, "--workdir", str(workdir), *overrides])
+    """The tests' recipe against a random-init teacher (asked for explicitly, as a run must)."""
+    argv = ["distill", "--config", CONFIG, "--workdir", str(workdir), "--config.teacher.random_init=true"]
+    return main([*argv, *overrides])
 
 
 @pytest.mark.parametrize(
@@ -44,6 +48,20 @@ def _distill(workdir, *overrides):
 def test_bad_settings_fail_early(images, tmp_path, capsys, overrides, message):
     assert _distill(tmp_path / "run", f"--config.data.path={images}", *overrides) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_forgotten_teacher_is_an_error_not_a_random_teacher(images, tmp_path):
+    """The tests' recipe names no teacher weights: without --config.teacher.random_init=true the command says what
+    to set, in one line, before anything is written."""
+    argv = ["distill", "--config", CONFIG, "--workdir", str(tmp_path / "run"), f"--config.data.path={images}"]
+    run = subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1] == (
+        "dgmr-jax distill: error: config.teacher has no weights: set --config.teacher.model_dir=DIR (a `dgmr-jax "
+        "convert` output), or --config.teacher.random_init=true to distill from a random init of "
+        "vit_tiny_patch16_224 (tests, benchmarks)"
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_data_path_is_required(tmp_path, capsys, monkeypatch):

@@ -54,6 +54,7 @@ def _command(workdir: Path, images: Path, *extra: str) -> list[str]:
         "--workdir",
         str(workdir),
         f"--config.data.path={images}",
+        "--config.teacher.random_init=true",
         f"--config.optim.total_steps={STEPS}",
         "--config.log_indices=true",
         *extra,

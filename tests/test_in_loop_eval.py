@@ -20,6 +20,7 @@ RECIPE = str(Path(__file__).parents[1] / "configs" / "cpu_tiny.py")
 
 def _config(**changes):
     config = config_file.load(RECIPE)
+    config.teacher.random_init = True
     config.data.update(kind="mnist5k")
     config.update(changes)
     return config

@@ -20,6 +20,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.teacher = ml_collections.ConfigDict(
         dict(model_dir="", checkpoint="", family="timm", arch="vit_tiny_patch16_224", dtype="bfloat16", seed=0)
     )
+    # without model_dir or checkpoint: a seeded random init of the `arch` preset, only when asked for (tests,
+    # benchmarks); a forgotten model_dir is an error, not a run against noise
+    c.teacher.random_init = False
     c.teacher.arch_overrides = ml_collections.ConfigDict()  # ModelConfig fields for a random-init teacher
     c.student = ml_collections.ConfigDict(
         dict(model_dir="", method="diversity", mlp_ratio=1.0, dtype="bfloat16", param_dtype="float32", remat=False)

@@ -41,13 +41,20 @@ from dgmr_jax.train.state import OptimConfig, jit_step, state_shardings
 from dgmr_jax.train.task import Task
 
 
-def open_teacher(tc: ml_collections.ConfigDict) -> LayerSource:
-    """The teacher of `config.teacher`: a model directory, a PyTorch checkpoint, or (tests, benchmarks, plans)
-    a seeded random init of a preset."""
+def open_teacher(tc: ml_collections.ConfigDict, weights: bool = True) -> LayerSource:
+    """The teacher of `config.teacher`: a model directory, a PyTorch checkpoint, or a seeded random init of a
+    preset, which a run trains against only when `teacher.random_init` asks for it (`weights=False`: the
+    config alone, as `plan` reads it)."""
     if tc.model_dir:
         return open_model(tc.model_dir)
     if tc.checkpoint:
         return open_model(tc.checkpoint, family=tc.family, arch=tc.arch)
+    if weights and not tc.get("random_init", False):
+        raise UserError(
+            "config.teacher has no weights: set --config.teacher.model_dir=DIR (a `dgmr-jax convert` output), or "
+            "--config.teacher.random_init=true to distill from a random init of "
+            f"{tc.arch} (tests, benchmarks)"
+        )
     return open_model(f"preset:{tc.arch}", family=tc.family, seed=tc.seed, **dict(tc.arch_overrides))
 
 
@@ -122,7 +129,7 @@ def build_step(
 
 def model_configs(task: Task, config: ml_collections.ConfigDict) -> tuple[ModelConfig, ModelConfig]:
     """(teacher, student) configs of a recipe from config files and presets alone, no weights read."""
-    teacher_cfg = open_teacher(config.teacher).cfg
+    teacher_cfg = open_teacher(config.teacher, weights=False).cfg
     return teacher_cfg, task.student_config(config, teacher_cfg)
 
 
