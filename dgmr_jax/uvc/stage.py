@@ -22,10 +22,11 @@ from dgmr_jax.core.parallel import to_host
 from dgmr_jax.core.paths import PathLike, as_path
 from dgmr_jax.data.open import spec_kind
 from dgmr_jax.io.model_dir import check_new_dir, save_model
-from dgmr_jax.io.open import open_model
+from dgmr_jax.io.open import LayerSource, open_model
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.slim import slice_units
+from dgmr_jax.models.tree import Params
 from dgmr_jax.prune.report import write_unit_report
 from dgmr_jax.train import run as run_lib
 from dgmr_jax.train.task import LoopHooks, TaskStep
@@ -68,7 +69,10 @@ class SearchTask:
         """A search's state holds counts and duals of its settings: another budget cannot resume it."""
         return {"uvc": {k: _jsonable(v) for k, v in config.uvc.items()}}
 
-    def student(self, config, teacher, teacher_params):
+    def student(
+        self, config: ml_collections.ConfigDict, teacher: LayerSource, teacher_params: Params
+    ) -> tuple[ModelConfig, Params, dict[str, Any]]:
+        """The model directory searched (the teacher's own weights, opened as the starting student)."""
         source = open_model(config.student.model_dir)
         return source.cfg, source.load(), source.meta
 
