@@ -74,6 +74,24 @@ def test_pod_plan_topology_from_accelerator_type(accel, topology):
     assert cmd[cmd.index("--topology") + 1] == topology
 
 
+def test_pod_takes_v5e_as_clouds_v5litepod():
+    """`v5e-64` (as plan's topologies and the docs say it) is `v5litepod-64` to Cloud: accepted, said once."""
+    proc = _run(POD, "--dry-run", "create", *NODE, "--accelerator-type", "v5e-64")
+    (cmd,) = [shlex.split(line[2:]) for line in proc.stdout.splitlines()]
+    assert cmd[cmd.index("--accelerator-type") + 1 :] == ["v5litepod-64", "--version", "v2-alpha-tpuv5-lite"]
+    assert proc.stderr.strip() == "pod.sh: --accelerator-type v5e-64 is v5litepod-64 to Cloud"
+    (plan,) = dry(POD, "plan", "--accelerator-type", "v5e-64", "--config", RECIPE)
+    assert plan[plan.index("--topology") + 1] == "v5e:8x8"
+
+
+def test_pod_wait_without_queued_says_why():
+    proc = _run(POD, "--dry-run", "wait", *NODE, check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == (
+        "pod.sh: 'wait' waits for a queued resource: add --queued (a plain 'create' returns once the TPU VM is up)"
+    )
+
+
 def test_pod_plan_explicit_topology_and_unknown_type():
     (cmd,) = dry(POD, "plan", "--accelerator-type", "v5p-100", "--topology", "v5p:2x4x8", "--config", RECIPE)
     assert cmd[cmd.index("--topology") + 1] == "v5p:2x4x8"

@@ -27,7 +27,7 @@ options [environment variable]:
   --name NAME              TPU VM / queued resource name               [TPU_NAME]
   --zone ZONE              e.g. us-east5-a                             [ZONE]
   --project PROJECT        default: gcloud's configured project        [PROJECT]
-  --accelerator-type TYPE  e.g. v5p-128                                [ACCELERATOR_TYPE]
+  --accelerator-type TYPE  e.g. v5p-128, v5litepod-64 (or v5e-64)      [ACCELERATOR_TYPE]
   --version VERSION        TPU runtime; default from TYPE (v5p: v2-alpha-tpuv5) [RUNTIME_VERSION]
   --topology TOPOLOGY      for plan; default from TYPE (v5p-128: v5p:4x4x4)     [TOPOLOGY]
   --spot | --preemptible   spot (or legacy preemptible) capacity       [SPOT=1 | PREEMPTIBLE=1]
@@ -136,6 +136,12 @@ while (($#)); do
   shift
 done
 
+# Cloud names a v5e slice v5litepod-N; v5e-N (as the docs and `plan --topology v5e:...` say it) means the same
+if [[ $ACCELERATOR_TYPE == v5e-* ]]; then
+  ACCELERATOR_TYPE=v5litepod-${ACCELERATOR_TYPE#v5e-}
+  echo "pod.sh: --accelerator-type v5e-${ACCELERATOR_TYPE#v5litepod-} is $ACCELERATOR_TYPE to Cloud" >&2
+fi
+
 # ---------------------------------------------------------------------------------------------- checks
 need() { # need VALUE FLAG/VAR
   [[ -n $1 ]] || die "$2 is required for '$cmd' (see -h)"
@@ -211,7 +217,11 @@ do_plan() {
 }
 
 do_wait() {
-  [[ $QUEUED == 1 ]] || return 0
+  if [[ $QUEUED != 1 ]]; then # tpu-vm create returns once the VM is up: nothing to wait for
+    [[ $cmd == wait ]] && die "'wait' waits for a queued resource: add --queued (a plain 'create' returns once \
+the TPU VM is up)"
+    return 0
+  fi
   local describe=(gcloud compute tpus queued-resources describe "$TPU_NAME" "${G[@]}" --format='value(state.state)')
   if [[ $DRY_RUN == 1 ]]; then
     run "${describe[@]}" # polled every POLL_SECONDS until ACTIVE
