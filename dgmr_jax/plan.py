@@ -173,6 +173,7 @@ def plan_step(
     if hbm_gib:
         row["hbm"] = hbm_gib * GIB
     if peak_tflops:
+        row["mfu"] = mfu
         row["step_s"] = row["flops_analytic"] / (peak_tflops * 1e12 * mfu)
     return row
 
@@ -256,7 +257,7 @@ def describe(row: dict[str, Any]) -> str:
         f"{row['flops_analytic']:.4g} analytic (3 x student + teacher)",
     ]
     if "step_s" in row:
-        lines.append(f"  step time at the given MFU: {row['step_s']:.3g} s")
+        lines.append(f"  step time at MFU {row['mfu']:g} (an assumption; set it with --mfu): {row['step_s']:.3g} s")
     return "\n".join(lines)
 
 

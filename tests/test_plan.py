@@ -43,6 +43,8 @@ def test_tpu_plan_bytes_are_exact_and_compiled_by_the_tpu_compiler(tmp_path, cap
     out = capsys.readouterr().out
     assert "v5p:2x2x1 (4 chips), mesh data=4 fsdp=1 tensor=1, 2 images/chip, remat off" in out
     assert "TPU compiler, GiB: arguments" in out and "of 95 HBM" in out
+    assert row["mfu"] == 0.4
+    assert f"step time at MFU 0.4 (an assumption; set it with --mfu): {row['step_s']:.3g} s" in out
 
     (sharded,) = _plan(tmp_path, "--topology", "v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=4")
     assert sharded["params"] < row["params"] and sharded["teacher"] < row["teacher"]
