@@ -163,6 +163,7 @@ def _uvc(args: argparse.Namespace) -> None:
 
 def _finetune_text(args: argparse.Namespace) -> None:
     from dgmr_jax.core import config_file
+    from dgmr_jax.core.paths import as_path
     from dgmr_jax.text_stage.defaults import text_config
     from dgmr_jax.text_stage.finetune import finetune_text
 
@@ -194,7 +195,8 @@ def _finetune_text(args: argparse.Namespace) -> None:
             )
             print(f"{label} (step {row['step']}): {shown}")
     if summary["text_dir"]:
-        print(f"wrote {summary['text_dir']}: the fine-tuned text tower (text.safetensors) and summary.json")
+        summary_file = as_path(args.workdir) / "summary.json"
+        print(f"wrote {summary['text_dir']}: the fine-tuned text tower (text.safetensors); run summary {summary_file}")
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -310,10 +312,10 @@ def _add_convert(sub: Any) -> None:
 
 def _add_export(sub: Any) -> None:
     p = sub.add_parser("export", help="model directory -> PyTorch state dict (.safetensors or .pth)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="model directory (convert, prune, distill's WORKDIR/model, uvc)")
     p.add_argument("--family", choices=FAMILIES, help="layout to write (default: the one it was converted from)")
     p.add_argument("--prefix", default="", help='put before every name, e.g. "visual." for a full CLIP model')
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="new file: .safetensors, or .pth / .pt / .bin (torch.save)")
     p.set_defaults(run=_export)
 
 

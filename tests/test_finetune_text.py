@@ -239,6 +239,9 @@ def clean(files, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("clean")
     done = subprocess.run(_subprocess_cli(files, workdir), env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    text_dir, summary = workdir / "text", workdir / "summary.json"  # where the last line says they are
+    assert f"wrote {text_dir}: the fine-tuned text tower (text.safetensors); run summary {summary}" in done.stdout
+    assert summary.is_file() and (text_dir / "text.safetensors").is_file()
     return workdir
 
 
