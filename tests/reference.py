@@ -115,3 +115,17 @@ def assert_same_tree(cfg, family: str, ref_shapes: dict) -> None:
         fakes = [np.empty(ref_shapes[k], np.dtype([])) for k in rule.torch]
         for path, value in zip(rule.flax, HOOKS[rule.hook][0](fakes), strict=True):
             assert value.shape == tuple(shapes[path].shape), (rule, value.shape, shapes[path].shape)
+
+
+def converted_small_clip(root, seed: int = 3):
+    """small_clip(seed) saved as root/clip.pt with root/vision.json and root/text.json, its vision tower
+    converted by `dgmr-jax convert` to the model directory root/model; returns the open_clip model."""
+    from dgmr_jax.cli import main
+
+    model, vision_cfg, text_cfg = small_clip(seed=seed)
+    torch.save(model.state_dict(), root / "clip.pt")
+    (root / "vision.json").write_text(vision_cfg.to_json())
+    (root / "text.json").write_text(text_cfg.to_json())
+    convert = ["convert", "--family", "open_clip", "--arch", str(root / "vision.json")]
+    assert main([*convert, "--checkpoint", str(root / "clip.pt"), "--out", str(root / "model")]) == 0
+    return model

@@ -122,15 +122,9 @@ def test_eval_fails_when_no_image_of_a_split_reads(model_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_eval_retrieval_drops_an_unreadable_image_with_its_captions(tmp_path, capsys):
-    torch = pytest.importorskip("torch")
-    from reference import small_clip  # skips without open_clip
+    from reference import converted_small_clip  # skips without torch or open_clip
 
-    model, vision_cfg, text_cfg = small_clip(seed=3)
-    torch.save(model.state_dict(), tmp_path / "clip.pt")
-    (tmp_path / "vision.json").write_text(vision_cfg.to_json())
-    (tmp_path / "text.json").write_text(text_cfg.to_json())
-    convert = ["convert", "--family", "open_clip", "--arch", str(tmp_path / "vision.json")]
-    assert main([*convert, "--checkpoint", str(tmp_path / "clip.pt"), "--out", str(tmp_path / "model")]) == 0
+    converted_small_clip(tmp_path)
     _folder(tmp_path / "images", 4, 0)
     bad = tmp_path / "images" / "red" / "bad.png"
     bad.write_bytes(b"garbage")
@@ -189,16 +183,10 @@ def test_sharded_features_equal_one_device():
 def clip_dir(tmp_path_factory):
     """A tiny open_clip model converted to a model directory, its checkpoint and text config, and 8 captioned
     images (images/{red,blue}/{0..3}.png) with their manifest lines."""
-    torch = pytest.importorskip("torch")
-    from reference import small_clip  # skips without open_clip
+    from reference import converted_small_clip  # skips without torch or open_clip
 
     root = tmp_path_factory.mktemp("clip")
-    model, vision_cfg, text_cfg = small_clip(seed=3)
-    torch.save(model.state_dict(), root / "clip.pt")
-    (root / "vision.json").write_text(vision_cfg.to_json())
-    (root / "text.json").write_text(text_cfg.to_json())
-    convert = ["convert", "--family", "open_clip", "--arch", str(root / "vision.json")]
-    assert main([*convert, "--checkpoint", str(root / "clip.pt"), "--out", str(root / "model")]) == 0
+    converted_small_clip(root)
     _folder(root / "images", 4, 0)
     lines = [
         json.dumps({"image": f"images/{c}/{i}.png", "captions": [f"a {c} square {i}", f"picture {i}, {c}"]})

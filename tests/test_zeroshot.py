@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from reference import rel_err, small_clip, to_nhwc, torch
+from reference import converted_small_clip, rel_err, small_clip, to_nhwc, torch
 
 import dgmr_jax as dj
 from dgmr_jax.cli import main
@@ -113,12 +113,7 @@ def clip_files(tmp_path_factory):
     """A tiny CLIP checkpoint, its vision tower converted by `dgmr-jax convert`, class folders of images and a
     retrieval jsonl over them."""
     root = tmp_path_factory.mktemp("clip")
-    model, vision_cfg, text_cfg = small_clip(seed=3)
-    torch.save(model.state_dict(), root / "clip.pt")
-    (root / "vision.json").write_text(vision_cfg.to_json())
-    (root / "text.json").write_text(text_cfg.to_json())
-    convert = ["convert", "--family", "open_clip", "--arch", str(root / "vision.json")]
-    assert main([*convert, "--checkpoint", str(root / "clip.pt"), "--out", str(root / "model")]) == 0
+    model = converted_small_clip(root)
     rng = np.random.default_rng(0)
     lines = []
     for c, name in enumerate(("cat", "dog", "red_car")):
