@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from dgmr_jax import data
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.preprocess import CLIP_MEAN, CLIP_STD
 
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -222,6 +223,22 @@ def test_array_record_round_trip(tmp_path):
     assert sum(data.skipped_total(b) for b in _loader(source)) == 1
     with pytest.raises(ValueError, match="matches no file"):
         data.ArrayRecordSource(tmp_path / "missing.array_record")
+
+
+@pytest.mark.parametrize("keep", [0.99, 0.5, 0.0])
+def test_a_truncated_array_record_file_is_named(tmp_path, keep):
+    """An interrupted copy leaves a short shard: opening the set names that file, in one line."""
+    for part in range(2):
+        data.write_array_record(tmp_path / f"part-{part}.array_record", list(GOOD.values()))
+    short = tmp_path / "part-1.array_record"
+    size = int(short.stat().st_size * keep)
+    with short.open("r+b") as f:
+        f.truncate(size)
+    with pytest.raises(UserError) as err:
+        data.ArrayRecordSource(str(tmp_path / "part-*.array_record"))
+    message = str(err.value)
+    assert message.startswith(f"ArrayRecord file {short} is truncated or damaged ({size} bytes: ")
+    assert message.endswith("); write or copy it again") and "\n" not in message
 
 
 class DgmrTestImages(tfds.core.GeneratorBasedBuilder):

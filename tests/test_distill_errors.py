@@ -140,6 +140,22 @@ def test_empty_folder(tmp_path, capsys):
     assert "no image files found under" in capsys.readouterr().err
 
 
+def test_a_truncated_array_record_shard_is_named_before_anything_is_written(tmp_path, capsys):
+    from dgmr_jax.data import write_array_record
+
+    for part in range(2):
+        write_array_record(tmp_path / f"part-{part}.array_record", [b"x" * 1000] * 20)
+    short = tmp_path / "part-1.array_record"
+    with short.open("r+b") as f:
+        f.truncate(70000)  # an interrupted copy: the footer is gone
+    shards = f"--config.data.path={tmp_path / 'part-*.array_record'}"
+    assert _distill(tmp_path / "run", "--config.data.kind=array_record", shards) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dgmr-jax distill: error: ArrayRecord file {short} is truncated or damaged (70000 bytes: ")
+    assert err.endswith("); write or copy it again\n") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_corrupt_files_are_counted_not_fatal(images, tmp_path):
     assert _distill(tmp_path / "run", f"--config.data.path={images}", "--config.optim.total_steps=4") == 0

@@ -15,7 +15,7 @@ from typing import Any
 
 import grain
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import as_path, is_uri
@@ -141,12 +141,29 @@ def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]
     return files
 
 
+def _check_each(paths: Sequence[str]) -> None:
+    """Name the first ArrayRecord file that cannot be opened (the reader's own error names none)."""
+    for path in paths:
+        try:
+            ArrayRecordReader(path).close()
+        except RuntimeError as err:
+            why = " ".join(str(err).split()) or "no readable footer"
+            raise UserError(
+                f"ArrayRecord file {path} is truncated or damaged ({as_path(path).stat().length} bytes: {why}); "
+                "write or copy it again"
+            ) from None
+
+
 class ArrayRecordSource:
     """Records of ArrayRecord files (paths or glob patterns), each record one encoded image."""
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> None:
         self.paths = _expand(paths)
-        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        try:  # opening counts each file's records, which reads its footer: a truncated file fails here
+            self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        except RuntimeError:
+            _check_each(self.paths)
+            raise
         if len(self._source) == 0:
             raise UserError(f"ArrayRecord files {self.paths} hold no records")
 
