@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Sequence
 
@@ -79,6 +80,13 @@ def _http(method: str, url: str, body: dict | None = None) -> int:
     with urllib.request.urlopen(req, timeout=5) as resp:
         resp.read()
         return resp.status
+
+
+def gcs_objects(env: dict[str, str], bucket: str, prefix: str) -> dict[str, int]:
+    """Object name -> size under a prefix, asked of the emulator directly (gcsfs caches listings in this process)."""
+    query = urllib.parse.urlencode({"prefix": prefix})
+    with urllib.request.urlopen(f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/{bucket}/o?{query}") as response:
+        return {item["name"]: int(item["size"]) for item in json.load(response).get("items", [])}
 
 
 def _log_tail(log) -> str:

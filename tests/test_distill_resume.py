@@ -10,15 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from gcs_emulator import gcs_emulator
+from gcs_emulator import gcs_emulator, gcs_objects
 from PIL import Image
 
 from dgmr_jax.core.paths import as_path
@@ -141,13 +139,6 @@ def test_sigkill_mid_training_then_resume(reference, images, tmp_path):
     assert len(flat) == STEPS * 8 and flat == [i for step in sorted(clean) for i in clean[step]]
 
 
-def _gcs_objects(env: dict[str, str], bucket: str, prefix: str) -> list[str]:
-    """Object names under a prefix, asked of the emulator directly (gcsfs caches listings in this process)."""
-    query = urllib.parse.urlencode({"prefix": prefix})
-    with urllib.request.urlopen(f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/{bucket}/o?{query}") as response:
-        return [item["name"] for item in json.load(response).get("items", [])]
-
-
 @pytest.mark.emulator
 def test_sigkill_and_resume_through_gs_equals_the_local_run(reference, images):
     """The same run with its workdir on Cloud Storage (a local emulator): killed mid-run, resumed, bit-identical
@@ -156,7 +147,7 @@ def test_sigkill_and_resume_through_gs_equals_the_local_run(reference, images):
         workdir = "gs://dgmr-test/run"
 
         def committed() -> list[int]:  # Orbax marks a finished step on GCS with commit_success.txt
-            names = _gcs_objects(env, "dgmr-test", "run/checkpoints/")
+            names = gcs_objects(env, "dgmr-test", "run/checkpoints/")
             return [int(n.split("/")[2]) for n in names if n.count("/") == 3 and n.endswith("/commit_success.txt")]
 
         proc = subprocess.Popen(
@@ -169,7 +160,7 @@ def test_sigkill_and_resume_through_gs_equals_the_local_run(reference, images):
         _wait_for(lambda: any(step >= 8 for step in committed()), proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert max(committed()) < STEPS and not _gcs_objects(env, "dgmr-test", "run/model/")
+        assert max(committed()) < STEPS and not gcs_objects(env, "dgmr-test", "run/model/")
         _run(workdir, images)
         _assert_same(_final(workdir), _final(reference))
         assert _seen(workdir) == _seen(reference)
@@ -179,7 +170,7 @@ def test_sigkill_and_resume_through_gs_equals_the_local_run(reference, images):
             np.testing.assert_array_equal(x, y)
         metrics = (as_path(workdir) / "metrics.jsonl").read_text().splitlines()
         assert json.loads(metrics[-1])["step"] == STEPS
-        assert any("/tensorboard/events.out.tfevents" in n for n in _gcs_objects(env, "dgmr-test", "run/"))
+        assert any("/tensorboard/events.out.tfevents" in n for n in gcs_objects(env, "dgmr-test", "run/"))
 
 
 def test_sigterm_saves_and_resumes(reference, images, tmp_path):

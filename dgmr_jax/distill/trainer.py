@@ -20,7 +20,7 @@ from dgmr_jax.core.parallel import sync_processes
 from dgmr_jax.distill.loss import tap_config
 from dgmr_jax.distill.step import make_step
 from dgmr_jax.eval.in_loop import EvalSpec, InLoopEval, parse_evals, primary_metric
-from dgmr_jax.io.model_dir import load_config
+from dgmr_jax.io.model_dir import incomplete, load_config
 from dgmr_jax.io.open import LayerSource, open_model
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.tree import Params
@@ -124,17 +124,22 @@ def _export(run: run_lib.Run, state: TrainState, step: int, out: epath.Path) -> 
 
 
 def _export_final(run: run_lib.Run, state: TrainState, step: int) -> epath.Path:
-    """workdir/model holds the last step; an older one there (a run since extended) moves to models/."""
+    """workdir/model holds the last step; an older one there (a run since extended) moves to models/, an
+    incomplete one (an interrupted export) is written again."""
     final = run.workdir / workdir_lib.FINAL_MODEL
-    if final.exists():
-        old = load_config(final)[1].get("distilled", {}).get("step")
+    complete = incomplete(final) is None
+    old = load_config(final)[1].get("distilled", {}).get("step") if complete else None
+    sync_processes(f"dgmr_jax.export_final:{final}:read")  # every process has looked before process 0 moves it
+    if complete:
         if old == step:
             return final
         kept = run.workdir / workdir_lib.STEP_MODELS / f"step_{old}"
         if jax.process_index() == 0:
-            if kept.exists():  # the same step was also exported on request
+            if incomplete(kept) is None:  # the same step was also exported on request
                 final.rmtree()
             else:
+                if kept.exists():  # an interrupted export of that step
+                    kept.rmtree()
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 final.rename(kept)
         sync_processes(f"dgmr_jax.export_final:{final}")

@@ -1,16 +1,23 @@
 """A model directory: config.json (ModelConfig + provenance) and params/, one Orbax PyTree checkpoint per
 block (params/blocks_<i>) plus one for everything else (params/rest), so a huge model is written and read
-one layer at a time (Orbax copies what it writes: saving a whole 4B-parameter tree at once doubles memory).
+one layer at a time (Orbax copies what it writes: saving a whole 4B-parameter tree at once doubles memory),
+and COMPLETE.json, written last: the size of every other file.
 
-Writes go to a temporary sibling first and are renamed into place, so an interrupted write never
-leaves a half-written model where a later stage would read it, and nothing existing is overwritten.
-Paths may be local or gs://. Sharded jax.Arrays are written by every process holding shards (call
-`save_model` on all processes of a multi-host run); reads always return numpy.
+Writes go to a temporary sibling first and are renamed into place. A local rename is atomic; on gs:// it
+copies object by object, so an interrupted write can leave part of a directory. Every read therefore goes
+through `check_complete`: a directory without COMPLETE.json, or with a listed file missing or of another
+size, is refused in one line, and a writer replaces such a directory instead of calling it taken. Sizes,
+not checksums: the fault is a missing or short object (Cloud Storage checks each upload's own checksum),
+and hashing a 35 GB model would mean reading it all back. Paths may be local or gs://. Sharded jax.Arrays
+are written by every process holding shards (call `save_model` on all processes of a multi-host run);
+reads always return numpy.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import posixpath
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,12 +28,15 @@ from etils import epath
 
 from dgmr_jax.core.parallel import sync_processes
 from dgmr_jax.core.paths import PathLike, as_path
+from dgmr_jax.io.checkpoint_io import CheckpointError
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.tree import Params, flatten, unflatten
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+COMPLETE_FILE = "COMPLETE.json"  # written last: {"files": {relative path: size in bytes}} of every other file
 _REST = "rest"
+_RERUN = "rerun the command that wrote it (it replaces an incomplete directory)"
 
 
 def _group_of(key: str) -> str:
@@ -42,10 +52,71 @@ def _groups(params: Params) -> dict[str, Params]:
 
 
 def check_new_dir(directory: PathLike) -> epath.Path:
-    """Fail early (before any long work) if `directory` already holds something."""
+    """Fail early (before any long work) if `directory` already holds something, unless it is an incomplete
+    model directory (an interrupted write), which `save_model` replaces."""
     path = as_path(directory)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not _replaceable(path):
         raise FileExistsError(f"{path} already exists and is not empty; choose another output or remove it first")
+    return path
+
+
+def _replaceable(path: epath.Path) -> bool:
+    """Whether `path` holds only a model directory's entries and is incomplete: what an interrupted write leaves."""
+    names = {p.name for p in path.iterdir()}
+    return names <= {CONFIG_FILE, PARAMS_DIR, COMPLETE_FILE} and incomplete(path) is not None
+
+
+def _file_sizes(path: epath.Path) -> dict[str, int]:
+    """Relative path -> size of every file under `path` but the marker: one listing per folder, local or gs://."""
+    sizes: dict[str, int] = {}
+    top = None
+    for root, _, files in path.walk():  # on gs:// the roots come without the gs:// prefix: relative to the first
+        top = top if top is not None else os.fspath(root)
+        rel = posixpath.relpath(os.fspath(root), top)
+        for name in files:
+            key = name if rel == "." else f"{rel}/{name}"
+            if key != COMPLETE_FILE:
+                sizes[key] = (path / key).stat().length
+    return sizes
+
+
+def _write_marker(path: epath.Path) -> None:
+    """Record the size of every file under `path` in its COMPLETE_FILE, the last file a model directory gets."""
+    (path / COMPLETE_FILE).write_text(json.dumps({"files": _file_sizes(path)}, indent=1, sort_keys=True))
+
+
+def incomplete(directory: PathLike) -> str | None:
+    """Why `directory` is not a complete model directory (missing marker, missing or short file), or None."""
+    path = as_path(directory)
+    marker = path / COMPLETE_FILE
+    if not marker.is_file():
+        return (
+            f"it has no {COMPLETE_FILE}, the marker a model directory gets once every file is written (its writer "
+            "was interrupted, or it predates the marker)"
+        )
+    try:
+        listed = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"its {COMPLETE_FILE} is unreadable"
+    sizes = _file_sizes(path)
+    for name, size in sorted(listed.items()):
+        if name not in sizes:
+            return f"{name} is missing ({COMPLETE_FILE} lists {len(listed)} files)"
+        if sizes[name] != size:
+            return f"{name} has {sizes[name]} bytes, {COMPLETE_FILE} says {size}"
+    return None
+
+
+def check_complete(directory: PathLike) -> epath.Path:
+    """The one check every model-directory read goes through: refuse a missing or incomplete directory in one line."""
+    path = as_path(directory)
+    if not any((path / name).exists() for name in (CONFIG_FILE, PARAMS_DIR, COMPLETE_FILE)):
+        raise FileNotFoundError(
+            f"{directory} is not a model directory: {CONFIG_FILE} is missing{_workdir_hint(directory)}"
+        )
+    problem = incomplete(path)
+    if problem is not None:
+        raise CheckpointError(f"model directory {directory} is incomplete: {problem}; {_RERUN}")
     return path
 
 
@@ -68,24 +139,22 @@ def save_model(directory: PathLike, cfg: ModelConfig, params: Params, **meta: An
         for group, subtree in _groups(params).items():
             leaves = unflatten({k: _host_or_global(v) for k, v in flatten(subtree).items()})
             ckpt.save(tmp / PARAMS_DIR / group, leaves)
-    if primary:
+    if primary:  # Orbax's save returns once every process has written its shards
         config = {"config": json.loads(cfg.to_json()), "meta": meta}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        if path.exists():
-            path.rmdir()  # empty (checked above)
+        _write_marker(tmp)
+        if path.exists():  # empty, or an incomplete model directory (checked above)
+            if any(path.iterdir()):
+                print(f"replacing the incomplete model directory {path}: {incomplete(path)}")
+            path.rmtree()
         tmp.rename(path)
     sync_processes(f"dgmr_jax.save_model:{tmp}:done")
     return path
 
 
 def load_config(directory: PathLike) -> tuple[ModelConfig, dict[str, Any]]:
-    """(ModelConfig, meta) of a model directory."""
-    path = as_path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{directory} is not a model directory: {CONFIG_FILE} is missing{_workdir_hint(directory)}"
-        )
-    data = json.loads(path.read_text())
+    """(ModelConfig, meta) of a complete model directory."""
+    data = json.loads((check_complete(directory) / CONFIG_FILE).read_text())
     return ModelConfig.from_dict(data["config"]), data.get("meta", {})
 
 
@@ -105,9 +174,7 @@ def _workdir_hint(directory: PathLike) -> str:
 def load_params(directory: PathLike, only: Params | None = None) -> Params:
     """Params of a model directory as numpy; `only` (top-level keys of the param tree, e.g. {"blocks_3": ...})
     restores just those groups, which keeps memory at one layer when pruning huge models layer by layer."""
-    root = as_path(directory) / PARAMS_DIR
-    if not root.is_dir():
-        raise FileNotFoundError(f"{directory} is not a model directory: {PARAMS_DIR}/ is missing")
+    root = check_complete(directory) / PARAMS_DIR
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     if only is not None:
         names = sorted({_group_of(key) for key in only})
