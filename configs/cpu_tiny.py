@@ -1,6 +1,6 @@
-"""Small CPU recipe (used by the tests): a 2-layer ViT-Ti teacher at 32 px, prune1 diversity student.
+"""Tiny CPU recipe (the tests'): a 2-layer ViT-Ti teacher at 32 px, its prune1 student.
 
-dgmr-jax distill --config configs/cpu_tiny.py --workdir /tmp/run --config.data.path=/path/to/images \
+dgmr-jax distill --config cpu_tiny --workdir /tmp/run --config.data.path=/path/to/images \
     --config.teacher.model_dir=DIR
 (or --config.teacher.random_init=true for a seeded random-init teacher, as the tests use)
 """

@@ -1,10 +1,10 @@
-"""UVC on DeiT-Small at the paper's 50% FLOPs budget: search with block skipping, UVC's own neuron choice.
+"""UVC on DeiT-Small at the paper's 50% FLOPs budget, block skipping, UVC's neuron choice.
 
 dgmr-jax convert --arch deit_small_patch16_224 --checkpoint deit_small_patch16_224.safetensors --out /ckpt/deit_s
-dgmr-jax uvc --config configs/uvc_deit_small_50.py --model /ckpt/deit_s --flops-budget 0.5 \
+dgmr-jax uvc --config uvc_deit_small_50 --model /ckpt/deit_s --flops-budget 0.5 \
     --train array_record:/data/imagenet/train-*.array_record --steps 50045 --workdir /runs/deit_s_uvc \
     --out /ckpt/deit_s_uvc
-dgmr-jax distill --config configs/uvc_deit_small_50.py --workdir /runs/deit_s_uvc_post \
+dgmr-jax distill --config uvc_deit_small_50 --workdir /runs/deit_s_uvc_post \
     --config.teacher.model_dir=/ckpt/deit_s --config.student.model_dir=/ckpt/deit_s_uvc
 
 --steps 50045 is 10 ImageNet epochs at batch 256 (the search; warm-up: the first epoch). Our starting point, not
@@ -17,7 +17,7 @@ from dgmr_jax.uvc.config import with_search
 
 def get_config():
     c = with_search(base_config())
-    c.teacher.update(family="timm", dtype="bfloat16")
+    c.teacher.update(family="timm", arch="deit_small_patch16_224", dtype="bfloat16")
     c.student.update(dtype="bfloat16")
     c.global_batch = 256
     c.optim.update(base_lr=5e-4, min_lr=1e-6, warmup_steps=steps(1, c.global_batch), total_steps=steps(10, 256))

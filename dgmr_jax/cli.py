@@ -213,6 +213,9 @@ def _plan(args: argparse.Namespace) -> None:
     if args.out and os.path.exists(args.out):
         raise FileExistsError(f"{args.out} already exists; choose another --out")
     config = config_file.apply_overrides(config_file.load(args.config), [o.lstrip("-") for o in args.overrides])
+    config, presets = planner.with_presets(config)
+    if presets:
+        print(presets)
     if args.topology:
         planner.tpu_compiler_environment(args.topology)
     target = planner.tpu_target(args.topology) if args.topology else planner.cpu_target(args.devices)
@@ -297,6 +300,26 @@ def _demo(args: argparse.Namespace) -> None:
     )
 
 
+def _recipe_parser(sub: Any, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    """The sub-command parser of a command that takes a recipe: its --help ends with how --config.x=y overrides
+    work and the shipped recipes (`--config NAME`), each with the first line of its docstring."""
+    from dgmr_jax.core.config_file import shipped
+
+    recipes = shipped()
+    width = max(map(len, recipes), default=0)
+    epilog = [
+        "recipe overrides: after the flags, --config.FIELD=VALUE sets one field of the recipe (nested fields by dots);",
+        "the value parses like the field it replaces, e.g.",
+        f"  dgmr-jax {name} --config {example} ... --config.global_batch=64 --config.optim.base_lr=1e-4",
+        "",
+        "shipped recipes (--config NAME; or --config path/to/recipe.py, a file of yours with get_config()):",
+        *(f"  {recipe:<{width}}  {line}" for recipe, line in recipes.items()),
+    ]
+    return sub.add_parser(
+        name, help=help, epilog="\n".join(epilog), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def _add_convert(sub: Any) -> None:
     p = sub.add_parser("convert", help="PyTorch checkpoint -> model directory (config.json + Orbax params)")
     p.add_argument("--family", choices=FAMILIES, default="timm")
@@ -340,8 +363,13 @@ def _add_prune(sub: Any) -> None:
 
 
 def _add_distill(sub: Any) -> None:
-    p = sub.add_parser("distill", help="recover a pruned student by feature distillation (resumes from --workdir)")
-    p.add_argument("--config", help="recipe file, e.g. configs/cpu_tiny.py (optionally path:arg)")
+    p = _recipe_parser(
+        sub,
+        "distill",
+        "recover a pruned student by feature distillation (resumes from --workdir)",
+        "eva02_clip_e_prune1",
+    )
+    p.add_argument("--config", help="recipe: a shipped recipe's name (listed below) or a .py file (optionally :arg)")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, model/ (local or gs://)")
     p.add_argument("--export-every", type=int, help="also write the student as WORKDIR/models/step_N every N steps")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (needs --config.optim.ema_decay)")
@@ -351,7 +379,9 @@ def _add_distill(sub: Any) -> None:
 
 
 def _add_uvc(sub: Any) -> None:
-    p = sub.add_parser("uvc", help="UVC: search heads / value dims / neurons / block skips under a FLOPs budget")
+    p = _recipe_parser(
+        sub, "uvc", "UVC: search heads / value dims / neurons / block skips under a FLOPs budget", "uvc_deit_small_50"
+    )
     p.add_argument("--model", required=True, help="model directory to compress (also the distillation teacher)")
     p.add_argument("--flops-budget", type=float, required=True, help="FLOPs of the result / original, in (0, 1)")
     p.add_argument("--train", required=True, help="unlabeled images: mnist5k, a folder, tfds:NAME, array_record:GLOB")
@@ -360,13 +390,16 @@ def _add_uvc(sub: Any) -> None:
     p.add_argument("--out", required=True, help="new model directory: the extracted slim model")
     p.add_argument("--select", help="kept neurons: uvc (searched norms) | diversity | l2 | random (default: recipe's)")
     p.add_argument("--no-skip", action="store_true", help="search widths only (no block skipping)")
-    p.add_argument("--config", help="recipe file (default: the distill defaults); --config.x=y overrides follow")
+    p.add_argument("--config", help="recipe: a name (listed below) or a .py file (default: the distill defaults)")
     p.set_defaults(run=_uvc)
 
 
 def _add_finetune_text(sub: Any) -> None:
-    p = sub.add_parser(
-        "finetune-text", help="fine-tune the CLIP text tower against the frozen pruned image tower (resumes)"
+    p = _recipe_parser(
+        sub,
+        "finetune-text",
+        "fine-tune the CLIP text tower against the frozen pruned image tower (resumes)",
+        "text_openclip_vit_g14_prune1",
     )
     p.add_argument("--model", required=True, help="vision model directory (e.g. a distill WORKDIR/model)")
     p.add_argument("--clip-text", required=True, help="open_clip / EVA-CLIP checkpoint holding the text tower")
@@ -376,14 +409,16 @@ def _add_finetune_text(sub: Any) -> None:
     )
     p.add_argument("--eval-pairs", help="pairs for the in-loop retrieval recall (default: the training pairs)")
     p.add_argument("--workdir", required=True, help="embeddings, checkpoints, metrics, text/ (local or gs://)")
-    p.add_argument("--config", help="recipe file (default: dgmr_jax.text_stage.defaults); --config.x=y overrides")
+    p.add_argument("--config", help="recipe: a name (listed below) or a .py file (default: text_stage.defaults)")
     p.add_argument("--bpe-vocab", help="bpe_simple_vocab_16e6.txt.gz (default: the one open_clip_torch ships)")
     p.set_defaults(run=_finetune_text)
 
 
 def _add_plan(sub: Any) -> None:
-    p = sub.add_parser("plan", help="compile a recipe's train step for a target; per-chip memory, FLOPs, fit")
-    p.add_argument("--config", required=True, help="recipe file, as for distill; --config.x=y overrides follow")
+    p = _recipe_parser(
+        sub, "plan", "compile a recipe's train step for a target; per-chip memory, FLOPs, fit", "eva02_clip_e_prune1"
+    )
+    p.add_argument("--config", required=True, help="recipe: a shipped recipe's name (listed below) or a .py file")
     p.add_argument("--topology", help="TPU topology, e.g. v5p:4x4x4 or v5e:8x8 (needs libtpu: .[tpu-plan])")
     p.add_argument("--devices", type=int, help="or N fake CPU devices (memory figures are CPU estimates)")
     p.add_argument("--hbm-gib", type=float, help="memory per chip (default: the TPU generation's)")
@@ -484,12 +519,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     return dispatch(parse(argv))
 
 
+def _use_platforms(platforms: str) -> None:
+    """Start only these JAX platforms. The config, not JAX_PLATFORMS: JAX read that when the CLI imported it."""
+    import jax
+
+    jax.config.update("jax_platforms", platforms)
+
+
+# device files of TPU chips (v2-v4: /dev/accel*, v5e and later: /dev/vfio/N) and, as JAX looks for them, NVIDIA GPUs
+_TPU_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
+_NVIDIA_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")
+
+
+def _platforms_without_tpu() -> str | None:
+    """The platforms for a host without a TPU where libtpu is installed (.[test], .[tpu-plan]): JAX would start it
+    and it prints about six lines of start-up errors. cpu, or cuda,cpu on an NVIDIA host with JAX's CUDA plugin;
+    None leaves JAX's own choice (JAX_PLATFORMS set, no libtpu, a TPU host, another GPU)."""
+    import glob
+    import importlib.metadata
+    import importlib.util
+    import os
+
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return None
+    if any(glob.glob(pattern) for pattern in _TPU_FILES) or os.path.exists("/dev/kfd"):  # kfd: an AMD GPU
+        return None
+    if not any(os.path.exists(f) for f in _NVIDIA_FILES):
+        return "cpu"
+    plugins = [entry.value for entry in importlib.metadata.entry_points(group="jax_plugins")]
+    return "cuda,cpu" if any("cuda" in name for name in plugins) else None
+
+
 def _plan_environment(devices: int | None) -> None:
     """Compile on this host's CPU (TPU targets come from libtpu as abstract devices): N fake CPU devices, and
     XLA:CPU keeping remat's barriers (its cse_barrier_expander pass removes them, so remat would save nothing)."""
     import os
 
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    _use_platforms("cpu")
     if devices:  # not for TPU targets: libtpu reads XLA_FLAGS too, and TPU needs that pass
         flags = [os.environ.get("XLA_FLAGS", ""), "--xla_disable_hlo_passes=cse_barrier_expander"]
         flags.append(f"--xla_force_host_platform_device_count={devices}")
@@ -498,13 +564,16 @@ def _plan_environment(devices: int | None) -> None:
 
 def prepare_process(args: argparse.Namespace) -> None:
     """Process-wide set-up for a command, before JAX starts: the host allocator setting for compute commands,
-    and for `plan` CPU-only JAX (with fake devices for --devices N). Only for a process of its own (`run`)."""
+    for `plan` CPU-only JAX (with fake devices for --devices N), for the others no libtpu on a host without a
+    TPU. Only for a process of its own (`run`)."""
     if args.command in _COMPUTE_COMMANDS:
         from dgmr_jax.core.hostmem import keep_freed_host_memory
 
         keep_freed_host_memory()
     if args.command == "plan":  # never a real accelerator here
         _plan_environment(args.devices)
+    elif platforms := _platforms_without_tpu():
+        _use_platforms(platforms)
 
 
 def run() -> None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.parallel import check_batch, make_mesh
+from dgmr_jax.core.paths import as_path
 from dgmr_jax.distill.trainer import build_step, model_configs
 from dgmr_jax.train.run import train_flops_per_image
 
@@ -114,6 +115,27 @@ def cpu_target(count: int) -> Target:
             f"--devices {count}: this process has {len(devices)} CPU devices; run `dgmr-jax plan` in a fresh process"
         )
     return Target(devices[:count], f"{count} CPU devices", None)
+
+
+def with_presets(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, str | None]:
+    """The recipe as planned before its model directories exist (a pod is planned before anything is converted):
+    a missing teacher directory becomes the recipe's preset (config.teacher.arch), a missing student directory
+    the teacher pruned to config.student.mlp_ratio (what `dgmr-jax prune` will make); the line that says so,
+    or None when every directory the recipe names exists."""
+    tc, sc = config.teacher, config.student
+    teacher_missing = bool(tc.model_dir) and not as_path(tc.model_dir).exists()
+    student_missing = bool(sc.model_dir) and not as_path(sc.model_dir).exists()
+    if not (teacher_missing or student_missing):
+        return config, None
+    said = []
+    if teacher_missing:
+        said.append(f"teacher {tc.model_dir} -> the preset {tc.arch} (config.teacher.arch)")
+    if student_missing:
+        said.append(f"student {sc.model_dir} -> the teacher pruned to mlp_ratio {sc.mlp_ratio} (config.student)")
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.teacher.model_dir = "" if teacher_missing else tc.model_dir
+    config.student.model_dir = "" if student_missing else sc.model_dir
+    return config, "plan: not converted yet, planned from the recipe: " + "; ".join(said)
 
 
 def _bytes_per_chip(shapes: Any, shardings: Any) -> int:

@@ -66,3 +66,57 @@ def test_bad_input_is_one_line_but_a_bug_keeps_its_traceback(tmp_path, monkeypat
     monkeypatch.setattr(opener, "open_model", lambda *a, **k: (_ for _ in ()).throw(shape_bug))
     with pytest.raises(ValueError, match="could not be broadcast"):
         cli.main(argv)
+
+
+def test_without_a_tpu_jax_is_kept_from_starting_libtpu_but_keeps_gpus(monkeypatch):
+    """Which platforms `run` gives JAX: cpu on a host without accelerators; cuda,cpu on an NVIDIA host with JAX's
+    CUDA plugin; JAX's own choice on a TPU host, without the plugin, without libtpu or with JAX_PLATFORMS set."""
+    import fnmatch
+    import glob
+    import importlib.metadata
+    import importlib.util
+    import os
+
+    files: set[str] = set()
+    plugins: list[str] = []
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # libtpu installed
+    monkeypatch.setattr(os.path, "exists", lambda path: path in files)
+    monkeypatch.setattr(glob, "glob", lambda pattern: fnmatch.filter(files, pattern))
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda group: [type("E", (), {"value": v}) for v in plugins]
+    )
+    assert cli._platforms_without_tpu() == "cpu"
+    files.add("/dev/nvidiactl")
+    assert cli._platforms_without_tpu() is None  # a GPU JAX has no plugin for: not hidden behind cpu
+    plugins.append("jax_plugins.xla_cuda12")  # as jax-cuda12-pjrt advertises it
+    assert cli._platforms_without_tpu() == "cuda,cpu"
+    files.add("/dev/vfio/0")
+    assert cli._platforms_without_tpu() is None  # a TPU host
+    files.clear()
+    monkeypatch.setenv("JAX_PLATFORMS", "")
+    assert cli._platforms_without_tpu() is None
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no libtpu installed
+    assert cli._platforms_without_tpu() is None
+
+
+@pytest.mark.slow
+def test_commands_print_no_libtpu_start_up_errors_on_a_host_without_a_tpu(tmp_path):
+    """With libtpu installed (.[test], .[tpu-plan]) and JAX_PLATFORMS unset, a real command (it starts JAX's
+    backends) writes its file and prints nothing about TPUs; libtpu alone would print about six lines."""
+    import glob
+    import os
+    import subprocess
+
+    pytest.importorskip("libtpu")
+    if any(glob.glob(pattern) for pattern in cli._TPU_FILES):
+        pytest.skip("a TPU host: JAX starts libtpu there, as it should")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    argv = ["export", "--model", "preset:vit_tiny_patch16_224", "--out", "tiny.safetensors"]
+    run = subprocess.run(
+        [sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("wrote tiny.safetensors: 152 tensors in the timm layout")
+    assert "TPU" not in run.stderr and "libtpu" not in run.stderr, run.stderr

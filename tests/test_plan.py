@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dgmr_jax import plan as planner
 from dgmr_jax.cli import main
 from dgmr_jax.core import config_file
 from dgmr_jax.models.cost import count_params
@@ -119,3 +120,50 @@ def test_remat_memory_per_layer_follows_the_policy(tmp_path):
     predicted = 16 * 65 * 192 * 4
     assert 0.8 * predicted <= slopes[True] <= 1.5 * predicted, slopes
     assert slopes[False] >= 8 * slopes[True], slopes
+
+
+def test_a_recipe_plans_from_its_preset_before_its_model_directories_exist(tmp_path):
+    """eva02_clip_e_prune2 as shipped names /ckpt/eva_e and /ckpt/eva_e_prune2, not there yet: the teacher is its
+    preset, the student that preset pruned at the recipe's mlp_ratio 2; directories that exist are kept."""
+    from dgmr_jax.distill.trainer import model_configs
+
+    config, said = planner.with_presets(config_file.load("eva02_clip_e_prune2"))
+    assert said == (
+        "plan: not converted yet, planned from the recipe: teacher /ckpt/eva_e -> the preset "
+        "eva02_enormous_patch14_clip_224 (config.teacher.arch); student /ckpt/eva_e_prune2 -> the teacher pruned "
+        "to mlp_ratio 2.0 (config.student)"
+    )
+    teacher, student = model_configs(config)
+    assert teacher == preset("eva02_enormous_patch14_clip_224")
+    assert student == teacher.replace(mlp_hidden=(2 * 1792,) * 64)
+
+    (tmp_path / "teacher").mkdir()
+    shipped = config_file.load("eva02_clip_e_prune2")
+    shipped.teacher.model_dir = str(tmp_path / "teacher")
+    config, said = planner.with_presets(shipped)
+    assert config.teacher.model_dir == str(tmp_path / "teacher") and config.student.model_dir == ""
+    assert said.endswith(": student /ckpt/eva_e_prune2 -> the teacher pruned to mlp_ratio 2.0 (config.student)")
+    shipped.student.model_dir = str(tmp_path)
+    assert planner.with_presets(shipped) == (shipped, None)
+
+
+@pytest.mark.slow
+def test_a_giant_recipe_by_name_plans_as_shipped_from_any_directory(tmp_path):
+    """`dgmr-jax plan --config eva02_clip_e_prune1`, in a fresh process away from the checkout, before anything is
+    converted: one line says the preset it used, and the sizes are the preset's and its prune1's (cut to 2
+    layers at 28 px here, to compile in seconds; every chip holds whole bf16 copies at data=8)."""
+    argv = ["plan", "--config", "eva02_clip_e_prune1", "--devices", "8", "--config.global_batch=8"]
+    argv += ["--config.mesh.data=8", "--config.mesh.fsdp=1", "--config.teacher.arch_overrides={'depth': 2}"]
+    argv += ["--config.data.img_size=28", "--out", "plan.json"]
+    run = subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.splitlines()[0] == (
+        "plan: not converted yet, planned from the recipe: teacher /ckpt/eva_e -> the preset "
+        "eva02_enormous_patch14_clip_224 (config.teacher.arch); student /ckpt/eva_e_prune1 -> the teacher pruned "
+        "to mlp_ratio 1.0 (config.student)"
+    )
+    (row,) = json.loads((tmp_path / "plan.json").read_text())
+    teacher = preset("eva02_enormous_patch14_clip_224", depth=2)
+    assert row["teacher"] == 2 * count_params(teacher)
+    assert row["params"] == 2 * count_params(teacher.replace(mlp_hidden=(1792, 1792)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]

@@ -1,4 +1,5 @@
-"""ml_collections recipe files: `path.py[:arg]` with get_config(), plus `--config.a.b=value` overrides."""
+"""ml_collections recipe files: `path.py[:arg]` with get_config(), or a shipped recipe by NAME[:arg], plus
+`--config.a.b=value` overrides."""
 
 from __future__ import annotations
 
@@ -26,12 +27,44 @@ def _folder_package(folder: Path) -> str:
     return name
 
 
+def recipe_folder() -> Path:
+    """The shipped recipes: dgmr_jax/recipes in an installed wheel (pyproject maps configs/ there), the
+    repository's configs/ beside the package in a checkout (an editable install, or PYTHONPATH)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "recipes"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+def shipped() -> dict[str, str]:
+    """The shipped recipes, NAME -> the first line of its docstring, read without running them (for --help)."""
+    recipes = {}
+    for file in sorted(recipe_folder().glob("*.py")):
+        tree = ast.parse(file.read_text(), str(file))
+        if any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in tree.body):
+            recipes[file.stem] = (ast.get_docstring(tree) or "").split("\n", 1)[0]
+    return recipes
+
+
+def recipe_file(name: str) -> Path:
+    """The file of `--config NAME`: a path (anything with a `/` or ending in .py) or a shipped recipe's name."""
+    if "/" in name or name.endswith(".py"):
+        file = Path(name)
+        if not file.is_file():
+            hint = f" (the shipped recipe of that name is --config {file.stem})" if file.stem in shipped() else ""
+            raise FileNotFoundError(f"config file {name} does not exist{hint}")
+        return file
+    recipes = shipped()
+    if name not in recipes:
+        raise UserError(
+            f"unknown recipe {name!r}: the shipped recipes are {', '.join(recipes)} (or give a recipe file, path.py)"
+        )
+    return recipe_folder() / f"{name}.py"
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
-    """Import a recipe file (`path.py[:arg]`) and call its get_config([arg])."""
+    """Import a recipe (`path.py[:arg]`, or a shipped recipe's `NAME[:arg]`) and call its get_config([arg])."""
     path, _, arg = spec.partition(":")
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
+    file = recipe_file(path)
     package = _folder_package(file.parent.resolve())
     module_spec = importlib.util.spec_from_file_location(f"{package}.{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
