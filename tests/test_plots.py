@@ -47,6 +47,9 @@ def test_a_run_draws_exactly_the_rows_of_its_metrics(tmp_path):
         "probe/top1": ([6], [0.6]),  # only where it was measured
     }
     assert [t.get_text() for t in evals.get_legend().get_texts()] == ["knn/knn@10", "knn/knn@20", "probe/top1"]
+    fig.canvas.draw()
+    legend = evals.get_legend().get_window_extent()
+    assert evals.get_window_extent().x1 < legend.x0 and legend.x1 <= fig.bbox.x1  # beside the lines, in the picture
 
 
 def test_a_run_without_evaluations_has_one_panel_and_a_negative_loss_a_linear_axis():
@@ -74,6 +77,9 @@ def test_uvc_curves_draw_the_budget_on_the_ratio_panel():
     assert lines["budget 0.35"][1] == [0.35, 0.35]  # a horizontal line at the budget
     assert lines["R (argmax gates, rounded counts)"] == ([2, 4, 6], [0.8, 0.8, 0.8])
     assert "budget 0.35" in [t.get_text() for t in ratio.get_legend().get_texts()]
+    fig.canvas.draw()
+    legend = ratio.get_legend().get_window_extent()
+    assert legend.y1 < ratio.get_window_extent().y0 and legend.y0 >= 0  # below the panel: it hides no line
     assert z.get_lines()[0].get_ydata().tolist() == [0.2, 0.4, 0.6]
 
 

@@ -77,9 +77,9 @@ def read_rows(path: PathLike) -> list[dict[str, Any]]:
 
 def curves_figure(rows: list[dict[str, Any]]) -> Any:
     """The run at a glance: loss against step (the rows with a loss) and, when there are evaluations, each
-    "eval/..." metric against step on a second panel."""
+    "eval/..." metric against step on a second panel, its legend to the right."""
     evals = sorted({key for row in rows for key in row if key.startswith("eval/")})
-    fig, axes = pyplot().subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, 2 if evals else 1, figsize=(13 if evals else 6, 4), squeeze=False)
     train = [row for row in rows if "loss" in row]
     scale = "log" if train and all(row["loss"] > 0 for row in train) else "linear"
     axes[0, 0].plot([row["step"] for row in train], [row["loss"] for row in train])
@@ -90,7 +90,7 @@ def curves_figure(rows: list[dict[str, Any]]) -> Any:
         axes[0, 1].plot(steps, values, marker="o", label=key.removeprefix("eval/"))
     if evals:
         axes[0, 1].set(xlabel="step", ylabel="metric", title="Evaluation")
-        axes[0, 1].legend()
+        axes[0, 1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")  # beside, not over, the lines
     fig.tight_layout()
     return fig
 

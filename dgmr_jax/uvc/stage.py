@@ -213,12 +213,12 @@ def search_curves_figure(rows: list[dict[str, Any]], budget: float) -> Any:
     """The deterministic FLOPs ratio against the budget, and the dual z, over the search's logged steps."""
     rows = [r for r in rows if "ratio_hard" in r]  # training rows, not evaluations
     steps = np.array([r["step"] for r in rows])
-    fig, (ax_r, ax_z) = pyplot().subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_r, ax_z) = pyplot().subplots(1, 2, figsize=(10, 4.2))
     ax_r.plot(steps, [r["ratio_hard"] for r in rows], label="R (argmax gates, rounded counts)")
     ax_r.plot(steps, [r["ratio"] for r in rows], alpha=0.5, label="R (sampled gates)")
     ax_r.axhline(budget, color="k", ls="--", lw=1, label=f"budget {budget:g}")
     ax_r.set(xlabel="step", ylabel="FLOPs ratio", title="Resource ratio")
-    ax_r.legend()
+    ax_r.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize="small")  # below: over no line
     ax_z.plot(steps, [r["z"] for r in rows])
     ax_z.set(xlabel="step", ylabel="z", title="Dual of the FLOPs constraint")
     fig.tight_layout()
