@@ -165,6 +165,19 @@ def test_corrupt_files_are_counted_not_fatal(images, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_draws_its_curves_and_a_finished_rerun_draws_nothing_new(images, tmp_path):
+    """WORKDIR/curves.png (loss per logged step) is a PNG at the end of a run; rerunning the finished workdir
+    steps nowhere and draws nothing."""
+    workdir = tmp_path / "run"
+    assert _distill(workdir, f"--config.data.path={images}", "--config.optim.total_steps=4") == 0
+    with Image.open(workdir / "curves.png") as png:
+        assert png.format == "PNG" and png.size[0] > 500
+    (workdir / "curves.png").unlink()
+    assert _distill(workdir, f"--config.data.path={images}", "--config.optim.total_steps=4") == 0
+    assert not (workdir / "curves.png").exists()
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, capsys):
     workdir = tmp_path / "run"
     assert _distill(workdir, f"--config.data.path={images}", "--config.optim.total_steps=8") == 0

@@ -185,6 +185,7 @@ def test_sigterm_saves_and_resumes(reference, images, tmp_path):
     assert "preempted (SIGTERM): saved and stopped" in out
     saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert 6 <= saved < STEPS
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")  # the curves so far
     _run(tmp_path, images)
     _assert_same(_final(tmp_path), _final(reference))
     assert _seen(tmp_path) == _seen(reference)

@@ -176,6 +176,7 @@ def test_retrieval_recall_rises_on_digit_pairs(files, tmp_path):
     assert best["metric"] == "eval/retrieval/mean_recall" and best["value"] >= after["eval/retrieval/mean_recall"]
     losses = _losses(tmp_path)
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")  # the loss and recalls, drawn at the end
 
 
 # --- resume --------------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ def test_search_extracts_onto_the_budget_and_post_trains(setup, tmp_path, capsys
     search = json.loads((tmp_path / "slim" / "uvc_report.json").read_text())
     assert len(report["layers"]) == 2 and search["ratio"] == meta["uvc"]["ratio"]
     assert (tmp_path / "slim" / "uvc_curves.png").stat().st_size > 0
+    assert (tmp_path / "w" / "curves.png").stat().st_size > 0  # the search's loss, drawn by the train loop
     metrics = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert {"ratio", "ratio_hard", "z"} <= set(metrics[-1]) and metrics[-1]["z"] > metrics[0]["z"]
     out = capsys.readouterr().out

@@ -14,11 +14,13 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ml_collections import ConfigDict
 
 from dgmr_jax.core.errors import UserError
+from dgmr_jax.core.plots import pyplot, save_png
 from dgmr_jax.data import open_images
 from dgmr_jax.distill.defaults import base_config
 from dgmr_jax.distill.trainer import train
@@ -32,6 +34,7 @@ from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.tree import Params
 from dgmr_jax.prune.mlp import LayerReport, prune_mlp, target_widths
 from dgmr_jax.prune.report import write_report
+from dgmr_jax.train.logs import read_rows
 from dgmr_jax.uvc.stage import run_uvc, uvc_config
 
 KS = (10, 20)
@@ -124,14 +127,19 @@ def uvc_student(
 
 
 def _plot(out: Path, methods: Sequence[str], rows: list[dict]) -> None:
-    from dgmr_jax.core.plots import pyplot
+    """demo.png from each method's metrics.jsonl and the table rows."""
+    curves = {method: read_rows(out / "runs" / method / "metrics.jsonl") for method in methods}
+    save_png(demo_figure(curves, rows), out / "demo.png")
 
-    plt = pyplot()
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for method in methods:
-        metrics = [json.loads(line) for line in (out / "runs" / method / "metrics.jsonl").read_text().splitlines()]
-        ax_loss.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label=method)
+def demo_figure(curves: dict[str, list[dict]], rows: list[dict]) -> Any:
+    """Each method's distillation loss against step, and its kNN accuracy pruned and distilled against the
+    teacher's, with the legend below the bars (never over them)."""
+    methods = list(curves)
+    fig, (ax_loss, ax_acc) = pyplot().subplots(1, 2, figsize=(11, 4.4))
+    for method, metrics in curves.items():
+        train = [m for m in metrics if "loss" in m]  # not the evaluation rows
+        ax_loss.plot([m["step"] for m in train], [m["loss"] for m in train], label=method)
     ax_loss.set(xlabel="step", ylabel="distillation loss", yscale="log", title="Recovery by distillation")
     ax_loss.legend()
     key = f"knn@{KS[-1]}"
@@ -143,10 +151,9 @@ def _plot(out: Path, methods: Sequence[str], rows: list[dict]) -> None:
     ax_acc.bar(x + 0.2, after, 0.4, label="distilled")
     ax_acc.axhline(teacher, color="k", ls="--", label="teacher")
     ax_acc.set(xticks=x, xticklabels=methods, ylabel=f"kNN top-1 ({key})", title="Held-out MNIST", ylim=(0, 1))
-    ax_acc.legend(loc="lower right")
+    ax_acc.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)  # below the axes
     fig.tight_layout()
-    fig.savefig(out / "demo.png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def markdown_table(rows: list[dict]) -> str:

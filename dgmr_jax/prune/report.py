@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +39,7 @@ def plot_curves(reports: list[LayerReport], path: PathLike) -> epath.Path | None
     curves = [r for r in reports if r.residual_norms is not None and len(r.residual_norms)]
     if not curves:
         return None
-    from dgmr_jax.core.plots import pyplot
+    from dgmr_jax.core.plots import pyplot, save_png
 
     plt = pyplot()
 
@@ -54,12 +53,7 @@ def plot_curves(reports: list[LayerReport], path: PathLike) -> epath.Path | None
     ax.set_title("Diversity curve per layer (dark: first layer, light: last)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    png = io.BytesIO()  # through a buffer: the path may be gs://
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    path = as_path(path)
-    path.write_bytes(png.getvalue())
-    return path
+    return save_png(fig, path)
 
 
 def _cost_line(info: dict[str, Any]) -> str:

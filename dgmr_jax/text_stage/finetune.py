@@ -57,7 +57,7 @@ from dgmr_jax.text_stage.pairs import read_pairs
 from dgmr_jax.train import workdir as workdir_lib
 from dgmr_jax.train.checkpoint import abstract_with_shardings
 from dgmr_jax.train.defaults import loop_settings
-from dgmr_jax.train.logs import JsonlLog
+from dgmr_jax.train.logs import JsonlLog, read_rows
 from dgmr_jax.train.loop import Loop, run_loop
 from dgmr_jax.train.run import optim_config
 from dgmr_jax.train.state import (
@@ -612,6 +612,6 @@ def finetune_text(
 def _last_eval(workdir: epath.Path) -> dict | None:
     """The last evaluation row of metrics.jsonl."""
     path = workdir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = read_rows(path) if path.exists() else []
     evals = [r for r in rows if BEST_METRIC in r]
     return evals[-1] if evals else None

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from etils import epath
 
-from dgmr_jax.core.paths import is_uri
+from dgmr_jax.core.paths import PathLike, as_path, is_uri
+from dgmr_jax.core.plots import pyplot, save_png
+
+CURVES_FILE = "curves.png"  # beside metrics.jsonl: its loss and eval curves, drawn at the end of a run
 
 
 class JsonlLog:
@@ -64,3 +68,40 @@ class TensorBoard:
             self.writer.close()
         if is_uri(self.directory):
             shutil.rmtree(self._local, ignore_errors=True)
+
+
+def read_rows(path: PathLike) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file such as metrics.jsonl, in order (blank lines skipped)."""
+    return [json.loads(line) for line in as_path(path).read_text().splitlines() if line.strip()]
+
+
+def curves_figure(rows: list[dict[str, Any]]) -> Any:
+    """The run at a glance: loss against step (the rows with a loss) and, when there are evaluations, each
+    "eval/..." metric against step on a second panel, its legend to the right."""
+    evals = sorted({key for row in rows for key in row if key.startswith("eval/")})
+    fig, axes = pyplot().subplots(1, 2 if evals else 1, figsize=(13 if evals else 6, 4), squeeze=False)
+    train = [row for row in rows if "loss" in row]
+    scale = "log" if train and all(row["loss"] > 0 for row in train) else "linear"
+    axes[0, 0].plot([row["step"] for row in train], [row["loss"] for row in train])
+    axes[0, 0].set(xlabel="step", ylabel="loss", yscale=scale, title="Training loss")
+    for key in evals:
+        rows_with = [row for row in rows if key in row]
+        steps, values = [row["step"] for row in rows_with], [row[key] for row in rows_with]
+        axes[0, 1].plot(steps, values, marker="o", label=key.removeprefix("eval/"))
+    if evals:
+        axes[0, 1].set(xlabel="step", ylabel="metric", title="Evaluation")
+        axes[0, 1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize="small")  # beside, not over, the lines
+    fig.tight_layout()
+    return fig
+
+
+def write_curves(workdir: epath.Path, desc: str) -> None:
+    """Draw workdir/metrics.jsonl as workdir/curves.png. A figure is never worth a run: a failure is one line."""
+    metrics = workdir / "metrics.jsonl"
+    if not metrics.exists():  # stopped before its first logged step
+        return
+    try:
+        save_png(curves_figure(read_rows(metrics)), workdir / CURVES_FILE)
+    except Exception as err:  # any failure (a bad row, a full disk, matplotlib) is a warning, not the run's end
+        line = f"{desc}: warning: {CURVES_FILE} not drawn ({type(err).__name__}: {err})".splitlines()[0]
+        print(line, file=sys.stderr)

@@ -23,7 +23,7 @@ from dgmr_jax import data as data_lib
 from dgmr_jax.core.errors import NonFiniteLoss
 from dgmr_jax.core.parallel import DevicePrefetch
 from dgmr_jax.train.checkpoint import TrainCheckpointer
-from dgmr_jax.train.logs import JsonlLog, TensorBoard
+from dgmr_jax.train.logs import JsonlLog, TensorBoard, write_curves
 
 BEST_FILE = "best.json"
 
@@ -161,6 +161,8 @@ def run_loop(loop: Loop) -> LoopResult:
         stop.restore()
         bar.close()
         logs.close()
+    if main_process and start < loop.total_steps:  # a finished workdir's rerun draws nothing new
+        write_curves(loop.workdir, loop.desc)
     if main_process and reason != "done":
         print(reason)
     return LoopResult(reason, state, last, skipped.total)

@@ -20,6 +20,7 @@ import numpy as np
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.parallel import to_host
 from dgmr_jax.core.paths import PathLike, as_path
+from dgmr_jax.core.plots import pyplot, save_png
 from dgmr_jax.data.open import spec_kind
 from dgmr_jax.io.model_dir import check_new_dir, save_model
 from dgmr_jax.io.open import LayerSource, open_model
@@ -29,6 +30,7 @@ from dgmr_jax.models.slim import slice_units
 from dgmr_jax.models.tree import Params
 from dgmr_jax.prune.report import write_unit_report
 from dgmr_jax.train import run as run_lib
+from dgmr_jax.train.logs import read_rows
 from dgmr_jax.train.task import LoopHooks, TaskStep
 from dgmr_jax.uvc.config import SearchConfig, check_budget, with_search
 from dgmr_jax.uvc.extract import SELECT, Extraction, extract
@@ -179,7 +181,8 @@ def write_report(
     out: PathLike, cfg: ModelConfig, slim_cfg: ModelConfig, ext: Extraction, kept: list[int], metrics: PathLike
 ) -> dict[str, Any]:
     """prune_report.md / .json (costs; per layer heads, value widths, MLP widths, skipped blocks), uvc_report.json
-    (budget, ratios before and after the repair, what it moved) and uvc_curves.png (R and z per logged step)."""
+    (budget, ratios before and after the repair, what it moved) and uvc_curves.png (R against the budget, and z,
+    per logged step)."""
     out = as_path(out)
     info = write_unit_report(out, cfg, slim_cfg, kept, method="uvc")
     search = {
@@ -196,28 +199,27 @@ def write_report(
     (out / "uvc_report.json").write_text(json.dumps(search, indent=2))
     md = out / "prune_report.md"
     md.write_text(f"{md.read_text()}\n{ext.summary()}\n")  # rewritten, not appended: gs:// cannot append
-    _plot_curves(as_path(metrics), out / "uvc_curves.png")
+    _plot_curves(as_path(metrics), out / "uvc_curves.png", ext.budget)
     return {**info, **search}
 
 
-def _plot_curves(metrics: Any, path: Any) -> None:
-    """The deterministic FLOPs ratio and the dual z over the search's logged steps."""
-    if not metrics.exists():
-        return
-    from dgmr_jax.core.plots import pyplot
+def _plot_curves(metrics: Any, path: Any, budget: float) -> None:
+    """uvc_curves.png from the search's metrics.jsonl (nothing without it)."""
+    if metrics.exists():
+        save_png(search_curves_figure(read_rows(metrics), budget), path)
 
-    plt = pyplot()
 
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+def search_curves_figure(rows: list[dict[str, Any]], budget: float) -> Any:
+    """The deterministic FLOPs ratio against the budget, and the dual z, over the search's logged steps."""
+    rows = [r for r in rows if "ratio_hard" in r]  # training rows, not evaluations
     steps = np.array([r["step"] for r in rows])
-    fig, (ax_r, ax_z) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_r, ax_z) = pyplot().subplots(1, 2, figsize=(10, 4.2))
     ax_r.plot(steps, [r["ratio_hard"] for r in rows], label="R (argmax gates, rounded counts)")
     ax_r.plot(steps, [r["ratio"] for r in rows], alpha=0.5, label="R (sampled gates)")
+    ax_r.axhline(budget, color="k", ls="--", lw=1, label=f"budget {budget:g}")
     ax_r.set(xlabel="step", ylabel="FLOPs ratio", title="Resource ratio")
-    ax_r.legend()
+    ax_r.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize="small")  # below: over no line
     ax_z.plot(steps, [r["z"] for r in rows])
     ax_z.set(xlabel="step", ylabel="z", title="Dual of the FLOPs constraint")
     fig.tight_layout()
-    with path.open("wb") as f:
-        fig.savefig(f, dpi=110)
-    plt.close(fig)
+    return fig
