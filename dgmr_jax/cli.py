@@ -49,7 +49,15 @@ def _export(args: argparse.Namespace) -> None:
     from dgmr_jax.io.checkpoint_io import check_state_dict_path, save_state_dict
     from dgmr_jax.io.convert import to_torch
     from dgmr_jax.io.open import open_model
+    from dgmr_jax.io.torch_export import export_package, padding_note
 
+    if args.format == "torch":
+        if args.family or args.prefix:
+            raise UserError(
+                "--family and --prefix lay out a state dict; --format torch writes its own package: drop them"
+            )
+        print(export_package(open_model(args.model), args.out))
+        return
     out = Path(args.out)
     check_state_dict_path(out)  # before the weights are read
     model = open_model(args.model)
@@ -57,6 +65,8 @@ def _export(args: argparse.Namespace) -> None:
     sd = to_torch(cfg, model.load(), family=family, prefix=args.prefix)
     save_state_dict(out, sd)
     print(f"wrote {out}: {len(sd)} tensors in the {family} layout (MLP widths {sorted(set(cfg.mlp_hidden))})")
+    if note := padding_note(cfg, model.meta):
+        print(note)
 
 
 def _ints(text: str | None) -> list[int] | None:
@@ -334,11 +344,20 @@ def _add_convert(sub: Any) -> None:
 
 
 def _add_export(sub: Any) -> None:
-    p = sub.add_parser("export", help="model directory -> PyTorch state dict (.safetensors or .pth)")
+    p = sub.add_parser("export", help="model directory -> PyTorch state dict, or a PyTorch package (--format torch)")
     p.add_argument("--model", required=True, help="model directory (convert, prune, distill's WORKDIR/model, uvc)")
+    p.add_argument(
+        "--format",
+        choices=("state-dict", "torch"),
+        default="state-dict",
+        help="state-dict: one file in --family's layout; torch: a new folder with model.safetensors, config.json "
+        "and modeling.py (needs only torch; every layer at its slim size, nothing padded)",
+    )
     p.add_argument("--family", choices=FAMILIES, help="layout to write (default: the one it was converted from)")
     p.add_argument("--prefix", default="", help='put before every name, e.g. "visual." for a full CLIP model')
-    p.add_argument("--out", required=True, help="new file: .safetensors, or .pth / .pt / .bin (torch.save)")
+    p.add_argument(
+        "--out", required=True, help="new file: .safetensors, or .pth / .pt / .bin (torch.save); a new folder (torch)"
+    )
     p.set_defaults(run=_export)
 
 

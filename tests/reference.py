@@ -74,17 +74,18 @@ def state_dict_numpy(model) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in model.state_dict().items()}
 
 
-def small_clip(activation: str = "gelu", custom_text: bool = False, seed: int = 0):
-    """(open_clip CLIP with 2-layer, 64-wide towers and a 32-d joint embedding, its vision ModelConfig, its
-    TextConfig); custom_text builds CustomTextCLIP, whose text tower sits under "text." (EVA02-E-14-plus)."""
+def small_clip(activation: str = "gelu", custom_text: bool = False, seed: int = 0, depth: int = 2):
+    """(open_clip CLIP with 64-wide towers (the image tower `depth` layers deep, the text tower 2) and a 32-d joint
+    embedding, its vision ModelConfig, its TextConfig); custom_text builds CustomTextCLIP, whose text tower sits
+    under "text." (EVA02-E-14-plus)."""
     open_clip = pytest.importorskip("open_clip")
-    vision = dict(image_size=32, patch_size=16, width=64, layers=2, head_width=32)
+    vision = dict(image_size=32, patch_size=16, width=64, layers=depth, head_width=32)
     text = dict(width=64, heads=2, layers=2)
     kind = open_clip.model.CustomTextCLIP if custom_text else open_clip.model.CLIP
     model = randomize(kind(32, vision, text, quick_gelu=activation == "quick_gelu"), seed)
     vision_cfg = dj.models.preset(
         "ViT-B-32",
-        depth=2,
+        depth=depth,
         img_size=32,
         patch_size=16,
         width=64,

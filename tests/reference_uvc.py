@@ -1,12 +1,31 @@
-"""A timm VisionTransformer rebuilt for a UVC slim config: per-layer Attention (num_heads, attn_head_dim) and Mlp
-(hidden width) in the padded form that dgmr_jax.convert.to_torch writes (dgmr_jax.models.slim.padded_config)."""
+"""UVC test helpers: a plan with every kind of unit, and a timm VisionTransformer rebuilt for a UVC slim config:
+per-layer Attention (num_heads, attn_head_dim) and Mlp (hidden width) in the padded form that
+dgmr_jax.convert.to_torch writes (dgmr_jax.models.slim.padded_config)."""
 
 from __future__ import annotations
 
+import numpy as np
 from reference import TIMM_SMALL, timm, torch
 
 from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.models.slim import padded_config
+from dgmr_jax.models.slim import Plan, padded_config, plan_from_masks
+
+
+def mixed_plan(cfg: ModelConfig, seed: int = 0) -> Plan:
+    """A plan for a 5-layer cfg with every kind of UVC unit: layer 0 drops a head (full widths), 1 its attention,
+    2 its MLP (uneven value widths), 3 the block, 4 narrows every head's values to 7 dims."""
+    rng = np.random.default_rng(seed)
+    heads, d, hidden = cfg.num_heads, cfg.attn_head_dim, cfg.mlp_hidden[0]
+    mh = np.ones((5, heads))
+    md = (rng.random((5, heads, d)) < 0.5).astype(float)
+    md[:, :, 0] = 1
+    mn = (rng.random((5, hidden)) < 0.5).astype(float)
+    mh[0, 1], md[0] = 0, 1
+    mh[1] = 0
+    mn[2] = 0
+    md[4] = 0
+    md[4, :, :7] = 1
+    return plan_from_masks(cfg, mh, md, mn, gates=[1, 1, 1, 0, 1])
 
 
 def timm_slim(name: str, slim_cfg: ModelConfig) -> torch.nn.Module:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from reference import images, rel_err, small_timm, state_dict_numpy, timm_outputs, to_nhwc, torch
-from reference_uvc import timm_slim
+from reference_uvc import mixed_plan, timm_slim
 
 import dgmr_jax as dj
 from dgmr_jax.convert import CheckpointError
@@ -17,28 +17,12 @@ from dgmr_jax.models.tree import flatten
 TOL = 1e-5
 
 
-def _plan(cfg, seed: int = 0):
-    """Layer 0 drops a head (full widths), 1 its attention, 2 its MLP (uneven widths), 3 the block, 4 narrows."""
-    rng = np.random.default_rng(seed)
-    heads, d, hidden = cfg.num_heads, cfg.attn_head_dim, cfg.mlp_hidden[0]
-    mh = np.ones((5, heads))
-    md = (rng.random((5, heads, d)) < 0.5).astype(float)
-    md[:, :, 0] = 1
-    mn = (rng.random((5, hidden)) < 0.5).astype(float)
-    mh[0, 1], md[0] = 0, 1
-    mh[1] = 0
-    mn[2] = 0
-    md[4] = 0
-    md[4, :, :7] = 1
-    return slim.plan_from_masks(cfg, mh, md, mn, gates=[1, 1, 1, 0, 1])
-
-
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_small_patch14_dinov2"])
 @pytest.mark.slow
 def test_timm_export_of_a_slim_model(name):
     model, cfg, img = small_timm(name, depth=5)
     cfg, params = dj.convert.from_torch(state_dict_numpy(model), arch=cfg)
-    slim_cfg, slim_params, kept = slim.slice_units(cfg, params, _plan(cfg))
+    slim_cfg, slim_params, kept = slim.slice_units(cfg, params, mixed_plan(cfg))
     assert kept == (0, 1, 2, 4) and slim_cfg.layer_heads == (cfg.num_heads - 1, 0, cfg.num_heads, cfg.num_heads)
     assert slim.needs_padding(slim_cfg)
 
