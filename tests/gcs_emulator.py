@@ -208,6 +208,7 @@ def gcs_emulator(
             "TENSORSTORE_GCS_HTTP_URL": url,  # tensorstore's gcs driver (Orbax arrays)
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # tensorstore: fixed token, no ADC/GCE lookup
             "TENSORSTORE_GCS_BACKEND": "gcs",  # Orbax: the HTTP driver, not gcs_grpc
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # google-cloud-cpp: ArrayRecord's reader opens gs:// with it
         }
         saved: dict[str, str | None] = {k: os.environ.get(k) for k in env}
         try:

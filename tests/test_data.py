@@ -223,6 +223,31 @@ def test_array_record_round_trip(tmp_path):
     assert sum(data.skipped_total(b) for b in _loader(source)) == 1
     with pytest.raises(ValueError, match="matches no file"):
         data.ArrayRecordSource(tmp_path / "missing.array_record")
+    with pytest.raises(ValueError, match=r"^gs://b/x.array_record: ArrayRecord files are written to a local disk"):
+        data.write_array_record("gs://b/x.array_record", records)
+
+
+@pytest.mark.emulator
+def test_array_record_shards_on_cloud_storage_read_like_local_ones(tmp_path):
+    """Shards written here and copied to a gs:// bucket (a local emulator) are read in place, by the glob a
+    pod's data config gives (--config.data.path=gs://.../train-*.array_record), record for record."""
+    from gcs_emulator import gcs_emulator
+
+    from dgmr_jax.core.paths import as_path
+
+    records = list(GOOD.values()) + list(CORRUPT.values())
+    for k in range(3):
+        data.write_array_record(tmp_path / f"train-{k:05d}-of-00003.array_record", records[k::3])
+    local = data.ArrayRecordSource(str(tmp_path / "train-*.array_record"))
+    with gcs_emulator("dgmr-shards"):
+        for shard in sorted(tmp_path.glob("*.array_record")):
+            as_path(f"gs://dgmr-shards/imagenet/{shard.name}").write_bytes(shard.read_bytes())
+        images = data.open_images("gs://dgmr-shards/imagenet/train-*.array_record")
+        assert images.source.paths == [
+            f"gs://dgmr-shards/imagenet/train-{k:05d}-of-00003.array_record" for k in range(3)
+        ]
+        assert [images.source[i] for i in range(len(images))] == [local[i] for i in range(len(local))]
+        assert sorted(local[i] for i in range(len(local))) == sorted(records)
 
 
 @pytest.mark.parametrize("keep", [0.99, 0.5, 0.0])

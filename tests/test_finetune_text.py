@@ -462,6 +462,17 @@ def test_manifest_bad_lines_are_counted_and_skipped(files, tmp_path):
         require_good(read_pairs(str(tmp_path / "none.jsonl")))
 
 
+def test_mnist5k_pairs_are_the_digits_captioned_with_their_zeroshot_prompts():
+    """--pairs mnist5k: the builtin digits of the split, each with the zero-shot prompts of its digit."""
+    train, test = read_pairs("mnist5k"), read_pairs("mnist5k", split="test")
+    assert (len(train), len(test), train.bad, train.spec) == (4000, 1000, [], "mnist5k")
+    digits = open_images("mnist5k", split="test", labeled=True)
+    label = int(digits.labels[7])
+    word = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"][label]
+    assert test.captions[7] == [f"a photo of the number {word}.", f"a photo of the digit {word}."]
+    assert test.source[7] == digits.source[7] and test.names[7] == "mnist5k test #7"
+
+
 def test_cli_errors_are_one_clear_line(files, tmp_path, capsys):
     def error(*argv: str) -> str:
         assert main(list(argv)) == 2
@@ -469,7 +480,7 @@ def test_cli_errors_are_one_clear_line(files, tmp_path, capsys):
 
     base = _cli(files, tmp_path / "w", files / "digits")
     at = base.index("--pairs") + 1
-    assert "is not a folder (images + same-stem .txt captions), a .jsonl manifest or tfds:NAME" in error(
+    assert "is not a folder (images + same-stem .txt captions), a .jsonl manifest, tfds:NAME or mnist5k" in error(
         *base[:at], str(tmp_path / "nope"), *base[at + 1 :]
     )
     other = tmp_path / "wide.json"
@@ -485,10 +496,21 @@ def test_cli_errors_are_one_clear_line(files, tmp_path, capsys):
     assert "unknown config field 'config.optim.nope'" in error(*base, "--config.optim.nope=1")
     ckpt = base.index("--clip-text") + 1
     assert "--clip-text nope.pt does not exist" in error(*base[:ckpt], "nope.pt", *base[ckpt + 1 :])
+    no_ckpt = base[: ckpt - 1] + base[ckpt + 1 :]
+    assert error(*no_ckpt) == (
+        "dgmr-jax finetune-text: error: give --clip-text: the open_clip / EVA-CLIP checkpoint holding the text "
+        "tower (or, for a quick try, --config.text.random_init=true to start from a seeded random init of "
+        "--text-arch)"
+    )
+    assert error(*base, "--config.text.random_init=true") == (
+        "dgmr-jax finetune-text: error: --clip-text and --config.text.random_init=true exclude each other: drop one "
+        "(a random init ignores the checkpoint's weights)"
+    )
+    assert not (tmp_path / "w").exists()  # every refusal came before anything was written
     assert "global batch 12 does not divide" in error(*base, "--config.global_batch=12", "--config.mesh.data=8")
     with pytest.raises(SystemExit):
         main(["finetune-text", "--model", "m"])
-    assert "the following arguments are required: --clip-text, --pairs, --workdir" in capsys.readouterr().err
+    assert "the following arguments are required: --pairs, --workdir" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -557,7 +579,12 @@ def test_custom_text_clip_layout_is_kept(files, tmp_path):
     fresh.load_state_dict(merged, strict=True)
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("text_*.py")))
+QUICK_RECIPE = "text_quick_mnist.py"  # the README's one-minute run on digits (tests/test_pipeline.py), no schedule
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted(p.name for p in (ROOT / "configs").glob("text_*.py") if p.name != QUICK_RECIPE)
+)
 def test_text_recipes_follow_the_official_schedule(recipe):
     """20 epochs of Flickr30k's 145,000 captions with 2 warm-up epochs, lr 1e-6 -> 1e-7, wd 0.04 -> 0.2, and only
     fields the defaults know."""

@@ -318,6 +318,54 @@ def test_pod_setup_ships_the_working_tree_and_installs(fake_pod):
     assert [c[3] for c in gcloud_calls()] == ["scp", "ssh"]
 
 
+def test_pod_setup_ships_tracked_files_as_edited_and_leaves_big_untracked_ones_out(fake_pod, tmp_path):
+    """In a checkout with an uncommitted edit, a file deleted in the working tree, an ignored folder, a new
+    untracked recipe and an untracked 2 MiB file, setup ships the tracked files as they are in the working tree
+    and the small untracked file; the big one stays here, named in one line."""
+    home, env, _, _ = fake_pod
+    repo = tmp_path / "repo"
+    (repo / "tpu_scripts").mkdir(parents=True)
+    shutil.copy(POD, repo / "tpu_scripts" / "pod.sh")
+    for name in ("kept.py", "edited.py", "deleted.py"):
+        (repo / name).write_text(f"{name} as committed\n")
+    (repo / ".gitignore").write_text("/ignored/\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "x"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    (repo / "edited.py").write_text("edited, not committed\n")
+    (repo / "deleted.py").unlink()
+    (repo / "ignored").mkdir()
+    (repo / "ignored" / "checkpoint.bin").write_bytes(b"0" * 100)
+    (repo / "configs").mkdir()
+    (repo / "configs" / "mine.py").write_text("new recipe\n")
+    (repo / "data").mkdir()
+    (repo / "data" / "shard.array_record").write_bytes(b"\0" * (2 * 1024 * 1024 + 1))
+
+    proc = _run(repo / "tpu_scripts" / "pod.sh", "setup", *NODE, env=env, home=home)
+    checkout = home / "dgmr-jax"
+    shipped = sorted(str(p.relative_to(checkout)) for p in checkout.rglob("*") if p.is_file())
+    assert shipped == [".gitignore", "configs/mine.py", "edited.py", "kept.py", "tpu_scripts/pod.sh"]
+    assert (checkout / "edited.py").read_text() == "edited, not committed\n"
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("pod.sh:")]
+    assert notes == [
+        "pod.sh: setup leaves out 1 untracked file(s) over 1024 KiB: data/shard.array_record (2 MiB) "
+        "(git add what the workers need; .gitignore the rest)"
+    ]
+
+
+def test_pod_create_with_a_service_account():
+    """--service-account goes to both create forms with the cloud-platform scope (its IAM roles decide)."""
+    identity = ["--service-account", "sa@p.iam.gserviceaccount.com", "--scopes"]
+    identity.append("https://www.googleapis.com/auth/cloud-platform")
+    sa = ["--service-account", "sa@p.iam.gserviceaccount.com"]
+    (cmd,) = dry(POD, "create", *NODE, "--accelerator-type", "v5p-8", *sa)
+    assert cmd[-len(identity) :] == identity and cmd[4] == "create"
+    cmds = dry(POD, "create", *NODE, "--accelerator-type", "v5p-8", "--spot", "--queued", *sa)
+    assert cmds[0][3:5] == ["queued-resources", "create"] and cmds[0][-len(identity) - 1 :] == ["--spot", *identity]
+    env = {"TPU_NAME": "my-tpu", "ZONE": "us-east5-a", "SERVICE_ACCOUNT": "sa@p.iam.gserviceaccount.com"}
+    assert dry(POD, "create", "--accelerator-type", "v5p-8", env=env) == [cmd]
+
+
 def test_pod_create_queued_waits_until_active(fake_pod):
     home, env, gcloud_calls, states = fake_pod
     args = ["create", *NODE, "--accelerator-type", "v5p-128", "--spot", "--queued"]

@@ -16,7 +16,8 @@ commands:
            does not fit HBM
   create   create the TPU VM slice (tpu-vm create, or a queued resource with --queued, then wait)
   wait     wait until the queued resource is ACTIVE
-  setup    copy this checkout (or clone --git URL) to every worker, pip install it with jax[tpu]
+  setup    copy this checkout's tracked files (or clone --git URL) to every worker, pip install it with
+           jax[tpu]; untracked files go too up to 1 MiB each, larger ones are named and left out
   launch   start distill on every worker under nohup, log in ~/dgmr-distill.log on each worker
   logs     follow one worker's log (--worker, default 0); Ctrl-C leaves the run going
   status   describe the TPU VM (or the queued resource)
@@ -32,6 +33,7 @@ options [environment variable]:
   --topology TOPOLOGY      for plan; default from TYPE (v5p-128: v5p:4x4x4)     [TOPOLOGY]
   --spot | --preemptible   spot (or legacy preemptible) capacity       [SPOT=1 | PREEMPTIBLE=1]
   --queued                 go through a queued resource (with --spot)  [QUEUED=1]
+  --service-account EMAIL  the workers' identity (scope cloud-platform) [SERVICE_ACCOUNT]
   --config FILE            recipe, e.g. configs/eva02_clip_e_prune1.py [CONFIG]
   --workdir gs://B/RUN     the run's workdir; must be gs://            [WORKDIR]
   --git URL                setup clones URL instead of copying this checkout [GIT_URL]
@@ -89,6 +91,7 @@ TOPOLOGY=${TOPOLOGY:-}
 SPOT=${SPOT:-0}
 PREEMPTIBLE=${PREEMPTIBLE:-0}
 QUEUED=${QUEUED:-0}
+SERVICE_ACCOUNT=${SERVICE_ACCOUNT:-}
 CONFIG=${CONFIG:-}
 WORKDIR=${WORKDIR:-}
 GIT_URL=${GIT_URL:-}
@@ -103,6 +106,8 @@ REMOTE_DIR='~/dgmr-jax'
 # shellcheck disable=SC2088
 REMOTE_LOG='~/dgmr-distill.log'
 INSTALL='python3 -m pip install -q -c constraints.txt -e ".[gcs]" "jax[tpu]"'
+CLOUD_PLATFORM=https://www.googleapis.com/auth/cloud-platform
+UNTRACKED_MAX_KIB=1024 # setup ships an untracked (not ignored) file only up to this size
 
 cmd=""
 G=()
@@ -119,6 +124,7 @@ while (($#)); do
     --spot) SPOT=1 ;;
     --preemptible) PREEMPTIBLE=1 ;;
     --queued) QUEUED=1 ;;
+    --service-account) SERVICE_ACCOUNT=${2:?--service-account needs a value}; shift ;;
     --config) CONFIG=${2:?--config needs a value}; shift ;;
     --workdir) WORKDIR=${2:?--workdir needs a value}; shift ;;
     --git) GIT_URL=${2:?--git needs a value}; shift ;;
@@ -243,22 +249,49 @@ safe: the request stays queued, 'wait' resumes waiting)" >&2
 do_create() {
   need "$ACCELERATOR_TYPE" "--accelerator-type [ACCELERATOR_TYPE]"
   check_capacity
-  local version capacity=()
+  local version extra=()
   version=$(runtime_version)
-  [[ $SPOT == 1 ]] && capacity=(--spot)
-  [[ $PREEMPTIBLE == 1 ]] && capacity=(--preemptible)
+  [[ $SPOT == 1 ]] && extra=(--spot)
+  [[ $PREEMPTIBLE == 1 ]] && extra=(--preemptible)
+  # the workers' identity: with the cloud-platform scope, the account's IAM roles alone decide what it may do
+  [[ -z $SERVICE_ACCOUNT ]] || extra+=(--service-account "$SERVICE_ACCOUNT" --scopes "$CLOUD_PLATFORM")
   if [[ $QUEUED == 1 ]]; then
     run gcloud compute tpus queued-resources create "$TPU_NAME" --node-id "$TPU_NAME" "${G[@]}" \
-      --accelerator-type "$ACCELERATOR_TYPE" --runtime-version "$version" ${capacity[@]+"${capacity[@]}"}
+      --accelerator-type "$ACCELERATOR_TYPE" --runtime-version "$version" ${extra[@]+"${extra[@]}"}
     do_wait
   else
     run gcloud compute tpus tpu-vm create "$TPU_NAME" "${G[@]}" \
-      --accelerator-type "$ACCELERATOR_TYPE" --version "$version" ${capacity[@]+"${capacity[@]}"}
+      --accelerator-type "$ACCELERATOR_TYPE" --version "$version" ${extra[@]+"${extra[@]}"}
   fi
 }
 
 ssh_workers() { # ssh_workers all|N REMOTE_COMMAND
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${G[@]}" "--worker=$1" --command "$2"
+}
+
+# The files setup ships, one a line: every tracked file as it is in the working tree (uncommitted edits
+# included, files deleted there left out) and every untracked, not ignored file up to UNTRACKED_MAX_KIB (a
+# recipe not yet added); larger untracked files (data, checkpoints) are named in one line on stderr and left out.
+ship_list() {
+  local f size big=()
+  while IFS= read -r -d '' f; do
+    if [[ -e $REPO/$f ]]; then printf '%s\n' "$f"; fi
+  done < <(git -C "$REPO" ls-files -z --cached)
+  while IFS= read -r -d '' f; do
+    [[ -f $REPO/$f ]] || continue # a nested repository ("dir/"): not ours to ship
+    size=$(wc -c <"$REPO/$f")
+    if ((size > UNTRACKED_MAX_KIB * 1024)); then
+      big+=("$f ($(((size + 524288) / 1048576)) MiB)")
+    else
+      printf '%s\n' "$f"
+    fi
+  done < <(git -C "$REPO" ls-files -z --others --exclude-standard)
+  if ((${#big[@]})); then
+    local joined
+    joined=$(printf ', %s' "${big[@]}")
+    echo "pod.sh: setup leaves out ${#big[@]} untracked file(s) over $UNTRACKED_MAX_KIB KiB: ${joined:2} (git add \
+what the workers need; .gitignore the rest)" >&2
+  fi
 }
 
 do_setup() {
@@ -275,18 +308,13 @@ $REMOTE_DIR; fi"
     ssh_workers all "$fetch && $install"
     return
   fi
-  # Copy the checkout as one tarball: tracked and untracked-but-not-ignored files (no .git, no local
-  # checkpoints or virtualenvs), so that re-running setup after an edit ships exactly the working tree.
+  # Copy the checkout as one tarball (no .git): see ship_list
   local tarball="${TMPDIR:-/tmp}/dgmr-jax-src-$TPU_NAME.tgz"
   if [[ -e $REPO/.git ]]; then
-    local list="${TMPDIR:-/tmp}/dgmr-jax-src-$TPU_NAME.files"
+    local list="${TMPDIR:-/tmp}/dgmr-jax-src-$TPU_NAME.files" files
+    files=$(ship_list)
     show "$(qargs git -C "$REPO" ls-files --cached --others --exclude-standard) > $(q "$list")"
-    if [[ $DRY_RUN != 1 ]]; then
-      local f
-      git -C "$REPO" ls-files --cached --others --exclude-standard | while IFS= read -r f; do
-        if [[ -e $REPO/$f ]]; then printf '%s\n' "$f"; fi # skip files deleted in the working tree
-      done >"$list"
-    fi
+    [[ $DRY_RUN == 1 ]] || printf '%s\n' "$files" >"$list"
     run tar -C "$REPO" -czf "$tarball" -T "$list"
   else
     run tar -C "$REPO" -czf "$tarball" --exclude=./.git .

@@ -178,7 +178,13 @@ class ArrayRecordSource:
 
 
 def write_array_record(path: str | os.PathLike, encoded_images: Iterable[bytes]) -> int:
-    """Write encoded images as one ArrayRecord file (group_size 1: cheap random access); return the count."""
+    """Write encoded images as one local ArrayRecord file (group_size 1: cheap random access); return the count.
+    ArrayRecord reads gs:// but writes only local files: copy shards up afterwards (docs/pod.md)."""
+    if is_uri(path):
+        raise UserError(
+            f"{path}: ArrayRecord files are written to a local disk; write the shards here, then copy them up "
+            "(gcloud storage cp DIR/*.array_record gs://BUCKET/DIR/)"
+        )
     writer = ArrayRecordWriter(os.fspath(path), "group_size:1")
     count = 0
     try:

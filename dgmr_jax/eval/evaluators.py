@@ -404,7 +404,9 @@ class RetrievalEval(Evaluator):
         self.images = images or ctx.image_set(pairs.source, "retrieval", spec.batch)
         self.text = text or ctx.text_tower(spec)
         captions, self.owners = pairs.flat_captions()
-        self.tokens = np.asarray(tokens if tokens is not None else self.text.tokenizer(captions))
+        if tokens is None:
+            tokens = self.text.tokenizer(captions, context_length=self.text.cfg.context_length)
+        self.tokens = np.asarray(tokens)
         self.key = clip_embedding(ctx.cfg)[0]
         self._frozen: tuple[np.ndarray, np.ndarray] | None = None  # (kept images, caption embeddings)
         if isinstance(self.images, ImageSet) and isinstance(self.images.batches, list) and self.text.params is not None:

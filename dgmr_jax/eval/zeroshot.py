@@ -66,7 +66,7 @@ def zeroshot_classifier(
     text_params: Any,
     classnames: Sequence[str],
     templates: Sequence[Template],
-    tokenizer: Callable[[list[str]], Any],
+    tokenizer: Callable[..., Any],
     *,
     batch: int = 256,
     mesh: Mesh | None = None,
@@ -74,11 +74,12 @@ def zeroshot_classifier(
 ) -> np.ndarray:
     """(embed_dim, num_classes) zero-shot weights, as open_clip's build_zero_shot_classifier: per class the
     mean of its L2-normalized template embeddings, renormalized. Templates are format strings ("a photo of
-    a {}.") or callables of the class name; tokenizer maps a list of texts to token ids (ours or open_clip's)."""
+    a {}.") or callables of the class name; tokenizer maps a list of texts and a context_length to token ids
+    (ours or open_clip's)."""
     if not classnames or not templates:
         raise UserError(f"need class names and templates, got {len(classnames)} and {len(templates)}")
     texts = [t(c) if callable(t) else t.format(c) for c in classnames for t in templates]
-    tokens = np.asarray(tokenizer(texts))
+    tokens = np.asarray(tokenizer(texts, context_length=text_cfg.context_length))
     emb = l2_normalize(encode_texts(text_cfg, text_params, tokens, batch=batch, mesh=mesh, progress=progress))
     return np.asarray(l2_normalize(emb.reshape(len(classnames), len(templates), -1).mean(axis=1))).T
 

@@ -91,6 +91,10 @@ TEXT_PRESETS.update(
         for name in ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-bigG-14")
     }
 )
+# Small towers with no published weights, for a quick try from a random init (the README's text-stage run).
+TRY_TEXT_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-384": dict(_BASE, context_length=16, width=128, heads=4, layers=2, embed_dim=384),
+}
 
 
 def resolve_text_config(arch: str | TextConfig) -> TextConfig:
@@ -99,10 +103,11 @@ def resolve_text_config(arch: str | TextConfig) -> TextConfig:
         return arch
     if arch.endswith(".json"):
         return TextConfig.from_json(Path(arch).read_text())
-    if arch not in TEXT_PRESETS:
-        known = ", ".join(sorted(TEXT_PRESETS))
+    presets = TEXT_PRESETS | TRY_TEXT_PRESETS
+    if arch not in presets:
+        known = ", ".join(sorted(presets))
         raise UserError(f"unknown text tower {arch!r}; known: {known}, or a TextConfig .json file")
-    return TextConfig(name=arch, **TEXT_PRESETS[arch])
+    return TextConfig(name=arch, **presets[arch])
 
 
 class CausalAttention(nn.Module):

@@ -46,6 +46,10 @@ def text_config() -> ml_collections.ConfigDict:
         )
     )
     c.text = ml_collections.ConfigDict(dict(dtype="float32"))  # compute dtype (params train in float32)
+    # without --clip-text: a seeded random init of --text-arch, only when asked for (quick tries, tests); a
+    # forgotten --clip-text is an error, not a run from noise
+    c.text.random_init = False
+    c.text.seed = 0
     c.eval_images = 1000  # evaluate on the first N images of the pairs and their captions (0: all)
     c.eval_batch = 256  # captions per text-encoding batch in evaluation
     c.zeroshot = ""  # labeled images (mnist5k, a class folder, tfds:NAME): zero-shot top-1/5 at each evaluation

@@ -51,7 +51,7 @@ from dgmr_jax.io.clip import clip_embedding, text_config_for
 from dgmr_jax.io.open import open_model
 from dgmr_jax.io.text_convert import TEXT_PREFIX, text_from_torch, text_to_torch
 from dgmr_jax.models.preprocess import Preprocess
-from dgmr_jax.models.text import TextConfig, encode_text, text_logical_axes, text_param_shapes
+from dgmr_jax.models.text import TextConfig, encode_text, init_text_params, text_logical_axes, text_param_shapes
 from dgmr_jax.models.tokenizer import Tokenizer
 from dgmr_jax.text_stage.pairs import read_pairs
 from dgmr_jax.train import workdir as workdir_lib
@@ -205,6 +205,8 @@ def signature(config: ml_collections.ConfigDict, model: str, clip_text: str, tex
     sig = {"model": str(model), "clip_text": str(clip_text), "text_arch": text_arch, "pairs": pairs}
     if pairs.startswith("tfds:"):
         sig.update({f"data.{k}": d[k] for k in ("split", "data_dir", "image_key", "caption_key")})
+    if pairs == "mnist5k":
+        sig["data.split"] = d.split
     sig.update({"data.img_size": d.img_size, "data.seed": d.seed, "global_batch": config.global_batch})
     return sig
 
@@ -304,7 +306,7 @@ def open_inputs(
     config: ml_collections.ConfigDict,
     workdir: epath.Path,
     model: str,
-    clip_text: str,
+    clip_text: str | None,
     pairs: str,
     text_arch: str | None,
     eval_pairs: str | None,
@@ -312,16 +314,21 @@ def open_inputs(
 ) -> _Inputs:
     """Open the image tower, read the pairs, check a resumed run's inputs and read the text tower: everything
     that can fail on a bad input fails here, before any image is embedded."""
-    source = open_model(model)
+    source = open_model(model, img_size=config.data.img_size or None)  # (the size of a preset or ONNX tower)
     text_cfg = text_config_for(source.cfg, text_arch)  # the embedding widths agree, before anything is read
     tokenizer = Tokenizer(bpe_vocab)
     train, held_out = _read_pairs(config, pairs, eval_pairs)
+    if config.text.random_init:
+        clip_text = f"random init of {text_cfg.name} (seed {config.text.seed})"
     sig = signature(config, model, clip_text, text_cfg.name, pairs)
     workdir_lib.check_resume(workdir, sig)
-    raw = open_state_dict(clip_text)
-    prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in raw) else ""
-    text_cfg, text_params = text_from_torch(raw, text_cfg)
-    del raw
+    if config.text.random_init:
+        prefix, text_params = "", init_text_params(text_cfg, config.text.seed)
+    else:
+        raw = open_state_dict(clip_text)
+        prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in raw) else ""
+        text_cfg, text_params = text_from_torch(raw, text_cfg)
+        del raw
     dtypes = jax.tree_util.tree_map(lambda p: np.asarray(p).dtype, text_params)
     img_size = config.data.img_size or source.cfg.img_size
     return _Inputs(source, clip_text, train, held_out, tokenizer, text_cfg, text_params, prefix, dtypes, sig, img_size)
@@ -568,26 +575,44 @@ def _finish(result: Any, summary: dict, workdir: epath.Path, inputs: _Inputs, te
     sync_processes(f"dgmr_jax.text_export:{workdir}")
 
 
+def _check_clip_text(clip_text: str | None, random_init: bool) -> None:
+    """The text tower comes from exactly one place: --clip-text's checkpoint, or a random init asked for."""
+    if random_init and clip_text:
+        raise UserError(
+            "--clip-text and --config.text.random_init=true exclude each other: drop one (a random init ignores "
+            "the checkpoint's weights)"
+        )
+    if random_init:
+        return
+    if not clip_text:
+        raise UserError(
+            "give --clip-text: the open_clip / EVA-CLIP checkpoint holding the text tower (or, for a quick try, "
+            "--config.text.random_init=true to start from a seeded random init of --text-arch)"
+        )
+    if not as_path(clip_text).exists():
+        raise FileNotFoundError(f"--clip-text {clip_text} does not exist: give the open_clip / EVA-CLIP checkpoint")
+
+
 def finetune_text(
     config: ml_collections.ConfigDict,
     workdir: PathLike,
     model: str,
-    clip_text: str,
+    clip_text: str | None,
     pairs: str,
     text_arch: str | None = None,
     eval_pairs: str | None = None,
     bpe_vocab: str | None = None,
     devices: list | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the text tower of `clip_text` against the frozen image tower `model` on `pairs` for
-    config.optim.total_steps steps (resuming from `workdir`); returns a summary (also WORKDIR/summary.json).
+    """Fine-tune the text tower of `clip_text` (None with config.text.random_init) against the frozen image tower
+    `model` on `pairs` for config.optim.total_steps steps (resuming from `workdir`); returns a summary (also
+    WORKDIR/summary.json).
     `devices`: the mesh's devices (default all)."""
     workdir = as_path(workdir)
     maybe_initialize_distributed()
     if config.eval_every < 0 or config.eval_images < 0:
         raise UserError("--config.eval_every and --config.eval_images must be >= 0")
-    if not as_path(clip_text).exists():
-        raise FileNotFoundError(f"--clip-text {clip_text} does not exist: give the open_clip / EVA-CLIP checkpoint")
+    _check_clip_text(clip_text, config.text.random_init)
     mesh = make_mesh(**dict(config.mesh), devices=devices)
     check_batch(config.global_batch, mesh)
     inputs = open_inputs(config, workdir, model, clip_text, pairs, text_arch, eval_pairs, bpe_vocab)

