@@ -478,7 +478,7 @@ def dispatch(args: argparse.Namespace) -> int:
     try:
         args.run(args)
     except KeyboardInterrupt as err:  # a run's Interrupted says which step it saved
-        print(f"dgmr-jax {args.command}: {err or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        print(f"dgmr-jax {args.command}: {str(err) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
         return 130
     except NonFiniteLoss as err:
         print(f"dgmr-jax {args.command}: error: {err}", file=sys.stderr)

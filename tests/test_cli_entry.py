@@ -66,3 +66,23 @@ def test_bad_input_is_one_line_but_a_bug_keeps_its_traceback(tmp_path, monkeypat
     monkeypatch.setattr(opener, "open_model", lambda *a, **k: (_ for _ in ()).throw(shape_bug))
     with pytest.raises(ValueError, match="could not be broadcast"):
         cli.main(argv)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """Ctrl-C outside a train loop (loading, compiling) prints one line, exit 130; a run that saved its step
+    first (Interrupted) says which."""
+    import dgmr_jax.io.open as opener
+    from dgmr_jax.core.errors import Interrupted
+
+    argv = ["convert", "--checkpoint", str(tmp_path / "x.pth"), "--arch", "vit_tiny_patch16_224"]
+    argv += ["--out", str(tmp_path / "out")]
+    for raised, line in [
+        (KeyboardInterrupt(), "interrupted (Ctrl-C)"),
+        (
+            Interrupted("interrupted (Ctrl-C): saved step 7 and stopped"),
+            "interrupted (Ctrl-C): saved step 7 and stopped",
+        ),
+    ]:
+        monkeypatch.setattr(opener, "open_model", lambda *a, raised=raised, **k: (_ for _ in ()).throw(raised))
+        assert cli.main(argv) == 130
+        assert capsys.readouterr().err == f"dgmr-jax convert: {line}\n"

@@ -15,12 +15,11 @@ import pytest
 from PIL import Image
 
 import dgmr_jax as dj
+from dgmr_jax.core.paths import canonical
 from dgmr_jax.model_dir import save_model
+from dgmr_jax.train.workdir import same_input
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "cpu_tiny.py")
-
-# every test runs the distill command two or three times in fresh processes
-pytestmark = pytest.mark.slow
 
 
 def _images(root: Path, count: int, seed: int) -> Path:
@@ -53,6 +52,7 @@ def _listing(workdir: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(workdir)), p.stat().st_size) for p in workdir.rglob("*"))
 
 
+@pytest.mark.slow  # runs the distill command two or three times
 def test_rerun_of_a_finished_run_writes_nothing(root, tmp_path):
     workdir = tmp_path / "run"
     argv = [f"--config.data.path={root / 'work' / 'imgs'}", "--config.teacher.random_init=true"]
@@ -65,6 +65,7 @@ def test_rerun_of_a_finished_run_writes_nothing(root, tmp_path):
     assert _listing(workdir) == before  # no TensorBoard file, no log row, no checkpoint
 
 
+@pytest.mark.slow  # runs the distill command two or three times
 def test_run_json_of_a_run_that_never_saved_a_step_pins_nothing(root, tmp_path):
     """A run that fails after writing run.json but before its first saved step (here: an eval set that does not
     exist) leaves the workdir open to a corrected rerun with other inputs, which records those."""
@@ -89,6 +90,7 @@ def test_run_json_of_a_run_that_never_saved_a_step_pins_nothing(root, tmp_path):
     assert signature["data"] == f"ImageFolderSource(root='{root / 'other'}', num_images=8)"
 
 
+@pytest.mark.slow  # runs the distill command two or three times
 def test_same_inputs_typed_from_another_folder_resume(root, tmp_path):
     """`vit_tiny` typed in work/ and `work/vit_tiny/` typed in its parent are one teacher: the run started from
     work/ resumes from the parent (run.json records resolved paths)."""
@@ -113,6 +115,7 @@ def test_same_inputs_typed_from_another_folder_resume(root, tmp_path):
     assert "distill done at step 4" in resumed.stdout
 
 
+@pytest.mark.slow  # runs the distill command two or three times
 def test_run_json_of_an_older_version_with_a_relative_path(root, tmp_path):
     """A run.json written before paths were resolved holds `vit_tiny` as typed: a resume typed the same way from
     the folder it started in still matches; from elsewhere the record cannot say what it meant, and the resume
@@ -130,3 +133,16 @@ def test_run_json_of_an_older_version_with_a_relative_path(root, tmp_path):
     resumed = _distill(workdir, *argv, "--config.optim.total_steps=4", cwd=root / "work")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"distill: resuming from step 2 of 4 ({workdir})" in resumed.stdout
+
+
+def test_older_records_of_relative_paths_match_from_the_folder_they_were_typed_in(tmp_path, monkeypatch):
+    """A relative path an older run.json holds, alone or in a data source's description, names what it names
+    from the current folder; anything else recorded still has to be equal."""
+    monkeypatch.chdir(tmp_path)
+    shards = f"ArrayRecordSource(paths=['{tmp_path}/d/a.array_record', '{tmp_path}/d/b.array_record'], num_records=9)"
+    assert same_input("ArrayRecordSource(paths=['d/a.array_record', 'd/b.array_record'], num_records=9)", shards)
+    assert not same_input("ArrayRecordSource(paths=['d/a.array_record', 'd/b.array_record'], num_records=8)", shards)
+    assert not same_input("ArrayRecordSource(paths=['a.array_record', 'd/b.array_record'], num_records=9)", shards)
+    assert same_input("vit_tiny", canonical("vit_tiny")) and canonical("vit_tiny") == str(tmp_path / "vit_tiny")
+    assert same_input("gs://bucket/model/", canonical("gs://bucket/model")) and canonical("preset:vit") == "preset:vit"
+    assert not same_input("vit_small", canonical("vit_tiny")) and not same_input(8, 16)

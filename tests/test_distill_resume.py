@@ -340,3 +340,23 @@ def test_sigterm_to_one_host_saves_all_hosts_at_one_step(reference, images, tmp_
     assert 6 <= saved < STEPS and not (tmp_path / "model").exists()
     _run_two_processes(tmp_path, images)
     _assert_close(_final(tmp_path), _final(reference))
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_to_one_host_saves_all_hosts_at_one_step(images, tmp_path):
+    """Ctrl-C to the second of two processes goes through the preemption service as a SIGTERM would: both save
+    one step and stop; the interrupted process exits 130 with its one line, the other 0; the rerun finishes."""
+    procs = _start_two_processes(tmp_path, images)
+    metrics = tmp_path / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, procs[1])
+    procs[1].send_signal(signal.SIGINT)
+    ends = [proc.communicate(timeout=600) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 130], ends[1][1][-3000:]
+    saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert 6 <= saved < STEPS and not (tmp_path / "model").exists()
+    assert f"preempted (SIGTERM): saved step {saved} and stopped" in ends[0][0]
+    assert ends[1][1].splitlines()[-1] == (
+        f"dgmr-jax distill: interrupted (Ctrl-C): saved step {saved} and stopped; run again with the same workdir "
+        "to resume"
+    )
+    assert f"distill done at step {STEPS}" in _finish(_start_two_processes(tmp_path, images))[0]

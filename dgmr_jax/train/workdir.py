@@ -8,6 +8,7 @@ sees mismatched trees, and any saved step becomes a model directory without rebu
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "model"  # workdir/model: the student at the end of the run
 STEP_MODELS = "models"  # workdir/models/step_<N>: students written on request (--export-every, --from-checkpoint)
+_DESCRIPTION = re.compile(r"\w+\(.*\)")  # the repr of a data source, as a signature's "data" records it
 
 
 def signature(config: ml_collections.ConfigDict, source: Any) -> dict[str, Any]:
@@ -51,9 +53,18 @@ def read_record(workdir: PathLike) -> dict[str, Any] | None:
 
 def same_input(old: Any, new: Any) -> bool:
     """Whether a recorded signature value names the input `new` names. Paths are recorded resolved (`canonical`);
-    a record written before that holds a relative path as typed, which is taken as typed or resolved against the
-    current folder: a resume from the folder it started in still matches, one from elsewhere cannot be told."""
-    return old == new or (isinstance(old, str) and isinstance(new, str) and canonical(old) == new)
+    a record written before that may hold relative paths as typed, which are taken as typed or resolved against
+    the current folder: a resume from the folder the run started in still matches, one from elsewhere cannot be
+    told from other inputs."""
+    return old == new or (isinstance(old, str) and isinstance(new, str) and _resolved(old) == new)
+
+
+def _resolved(old: str) -> str:
+    """A recorded value with its relative paths resolved: the value itself, or each quoted path in a data
+    source's description such as ArrayRecordSource(paths=['train.array_record'], num_records=9)."""
+    if _DESCRIPTION.fullmatch(old):
+        return re.sub(r"'([^']*)'", lambda quoted: repr(canonical(quoted.group(1))), old)
+    return canonical(old)
 
 
 def check_resume(workdir: PathLike, sig: dict[str, Any]) -> None:
