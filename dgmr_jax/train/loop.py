@@ -84,6 +84,7 @@ class _Stop:
         self._previous = {signum: signal.signal(signum, self._handle) for signum in handled}
 
     def _handle(self, signum, frame):
+        """Note the request; a second Ctrl-C ends the process here."""
         if signum == signal.SIGINT:
             if self.interrupted:
                 _say(f"{self.desc}: Ctrl-C again: stopped at once; rerun to resume from the last saved step")
@@ -102,9 +103,11 @@ class _Stop:
         return multihost_utils.reached_preemption_sync_point(step) if self._shared else self.requested
 
     def cause(self) -> str:
+        """What stopped the run, as its closing line names it."""
         return "interrupted (Ctrl-C)" if self.interrupted else "preempted (SIGTERM)"
 
     def restore(self):
+        """Hand the signals back to the handlers they had before the loop."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
