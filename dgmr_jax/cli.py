@@ -215,6 +215,7 @@ def _plan(args: argparse.Namespace) -> None:
 
     from dgmr_jax import plan as planner
     from dgmr_jax.core import config_file
+    from dgmr_jax.core.paths import check_writable
 
     if (args.topology is None) == (args.devices is None):
         raise UserError("give exactly one target: --topology v5p:4x4x4 (TPU, needs libtpu) or --devices N (CPU)")
@@ -222,6 +223,8 @@ def _plan(args: argparse.Namespace) -> None:
         raise UserError(f"--mfu must be in (0, 1], got {args.mfu}")
     if args.out and os.path.exists(args.out):
         raise FileExistsError(f"{args.out} already exists; choose another --out")
+    if args.out:
+        check_writable(args.out, "--out")
     config = config_file.apply_overrides(config_file.load(args.config), [o.lstrip("-") for o in args.overrides])
     config, presets = planner.with_presets(config)
     if presets:
@@ -268,10 +271,13 @@ def _clip_eval(args: argparse.Namespace) -> ClipEval | None:
 def _eval(args: argparse.Namespace) -> None:
     import json
 
+    from dgmr_jax.core.paths import check_writable
     from dgmr_jax.eval.run import evaluate
 
     if args.out and Path(args.out).exists():
         raise FileExistsError(f"{args.out} already exists; choose another --out")
+    if args.out:
+        check_writable(args.out, "--out")
     result = evaluate(args.model, args.train, args.test, args.img_size, args.batch, args.l2, _clip_eval(args))
     if "knn" in result:
         knn = ", ".join(f"k={k}: {v:.4f}" for k, v in result["knn"].items())
@@ -527,9 +533,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    """Run a parsed command; the exit status: 0, 2 for a wrong input, 3 for a diverged run (one line each)."""
+    """Run a parsed command; the exit status: 0, 2 for a wrong input, 3 for a diverged run, 130 for Ctrl-C (one
+    line each)."""
     try:
         args.run(args)
+    except KeyboardInterrupt as err:  # a run's Interrupted says which step it saved
+        print(f"dgmr-jax {args.command}: {str(err) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        return 130
     except NonFiniteLoss as err:
         print(f"dgmr-jax {args.command}: error: {err}", file=sys.stderr)
         return 3

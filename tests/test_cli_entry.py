@@ -120,3 +120,23 @@ def test_commands_print_no_libtpu_start_up_errors_on_a_host_without_a_tpu(tmp_pa
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("wrote tiny.safetensors: 152 tensors in the timm layout")
     assert "TPU" not in run.stderr and "libtpu" not in run.stderr, run.stderr
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """Ctrl-C outside a train loop (loading, compiling) prints one line, exit 130; a run that saved its step
+    first (Interrupted) says which."""
+    import dgmr_jax.io.open as opener
+    from dgmr_jax.core.errors import Interrupted
+
+    argv = ["convert", "--checkpoint", str(tmp_path / "x.pth"), "--arch", "vit_tiny_patch16_224"]
+    argv += ["--out", str(tmp_path / "out")]
+    for raised, line in [
+        (KeyboardInterrupt(), "interrupted (Ctrl-C)"),
+        (
+            Interrupted("interrupted (Ctrl-C): saved step 7 and stopped"),
+            "interrupted (Ctrl-C): saved step 7 and stopped",
+        ),
+    ]:
+        monkeypatch.setattr(opener, "open_model", lambda *a, raised=raised, **k: (_ for _ in ()).throw(raised))
+        assert cli.main(argv) == 130
+        assert capsys.readouterr().err == f"dgmr-jax convert: {line}\n"

@@ -214,11 +214,13 @@ def test_bad_arguments_fail_early(folder, kw, match):
         _loader(folder, **kw)
 
 
-def test_array_record_round_trip(tmp_path):
+def test_array_record_round_trip(tmp_path, monkeypatch):
     records = [GOOD["top.png"], GOOD["a/img_00.jpg"], CORRUPT["a/garbage.jpg"], *list(GOOD.values())[:5]]
     assert data.write_array_record(tmp_path / "part-0.array_record", records[:4]) == 4
     data.write_array_record(tmp_path / "part-1.array_record", records[4:])
-    source = data.ArrayRecordSource(str(tmp_path / "part-*.array_record"))
+    monkeypatch.chdir(tmp_path.parent)  # typed relative, held (and recorded by a run) absolute
+    source = data.ArrayRecordSource(f"{tmp_path.name}/part-*.array_record")
+    assert source.paths == [str(tmp_path / "part-0.array_record"), str(tmp_path / "part-1.array_record")]
     assert len(source) == len(records) and [source[i] for i in range(len(source))] == records
     assert sum(data.skipped_total(b) for b in _loader(source)) == 1
     with pytest.raises(ValueError, match="matches no file"):

@@ -508,9 +508,36 @@ def test_cli_errors_are_one_clear_line(files, tmp_path, capsys):
     )
     assert not (tmp_path / "w").exists()  # every refusal came before anything was written
     assert "global batch 12 does not divide" in error(*base, "--config.global_batch=12", "--config.mesh.data=8")
+    blocker = tmp_path / "a_file"  # a workdir inside a file: unwritable for everyone, root included
+    blocker.write_text("not a folder")
+    workdir = base.index("--workdir") + 1
+    assert error(*base[:workdir], str(blocker / "w"), *base[workdir + 1 :]) == (
+        f"dgmr-jax finetune-text: error: --workdir {blocker / 'w'} cannot be written: {blocker} is not a folder; "
+        "choose another --workdir"
+    )
     with pytest.raises(SystemExit):
         main(["finetune-text", "--model", "m"])
     assert "the following arguments are required: --pairs, --workdir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_embeddings_of_a_run_that_never_saved_a_step_are_replaced(files, tmp_path, capsys):
+    """A run that stopped after embedding its images but before its first saved step (here: a zero-shot set
+    that does not exist) pins nothing: a corrected rerun on other pairs embeds those instead of refusing."""
+    workdir = tmp_path / "w"
+    argv = _cli(files, workdir, files / "digits", "--config.optim.total_steps=2")
+    assert main([*argv, f"--config.zeroshot={tmp_path / 'no_such_set'}"]) == 2
+    assert sorted(p.name for p in workdir.iterdir()) == ["image_embeddings.npy", "pairs.json"]
+    fewer = tmp_path / "fewer.jsonl"  # other pairs: the digits 0 to 4 only
+    rows = [
+        {"image": str(p), "captions": [p.with_suffix(".txt").read_text().splitlines()[0]]}
+        for p in sorted((files / "digits").glob("[0-4]_*.png"))
+    ]
+    fewer.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert main(_cli(files, workdir, fewer, "--config.optim.total_steps=2")) == 0
+    assert len(json.loads((workdir / "pairs.json").read_text())["kept"]) == len(rows)
+    assert "reusing the" not in capsys.readouterr().err
 
 
 @pytest.mark.slow

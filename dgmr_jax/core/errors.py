@@ -7,3 +7,7 @@ class UserError(ValueError):
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run after saving its last step: the CLI prints the message in one line and exits 130."""

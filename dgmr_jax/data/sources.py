@@ -123,7 +123,8 @@ def walk_files(root: str) -> Iterable[tuple[str, list[str]]]:
 
 
 def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Expand glob patterns (sorted) and check that every file exists."""
+    """Expand glob patterns (sorted) and check that every file exists; the files as absolute paths or URIs (a
+    run records them: the same files typed from another folder are the same inputs)."""
     if isinstance(paths, str | os.PathLike):
         paths = [paths]
     files = []
@@ -137,7 +138,7 @@ def _expand(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]
         missing = [m for m in matches if not as_path(m).is_file()]
         if not matches or missing:
             raise UserError(f"ArrayRecord path {pattern!r} matches no file ({missing or 'empty glob'})")
-        files.extend(matches)
+        files.extend(str(as_path(m)) for m in matches)
     return files
 
 

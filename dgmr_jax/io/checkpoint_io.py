@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from dgmr_jax.core.errors import UserError
-from dgmr_jax.core.paths import is_uri
+from dgmr_jax.core.paths import check_writable, is_uri
 
 # .tar covers the ImageNet-example convention "checkpoint.pth.tar" (a torch zip file, not a tar archive).
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
@@ -183,11 +183,12 @@ STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def check_state_dict_path(path: str | os.PathLike) -> None:
-    """Raise unless `path` is new and ends in a suffix save_state_dict writes."""
+    """Raise unless `path` is new, can be written and ends in a suffix save_state_dict writes."""
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists; choose another --out or remove it first")
     if os.path.splitext(os.fspath(path))[1] not in STATE_DICT_SUFFIXES:
         raise UserError(f"--out must end in .safetensors, .pth, .pt or .bin, got {os.path.basename(path)}")
+    check_writable(path, "--out")
 
 
 def save_state_dict(path: str | os.PathLike, sd: Mapping[str, np.ndarray]) -> None:

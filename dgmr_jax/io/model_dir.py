@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from dgmr_jax.core.parallel import sync_processes
-from dgmr_jax.core.paths import PathLike, as_path
+from dgmr_jax.core.paths import PathLike, as_path, check_writable
 from dgmr_jax.io.checkpoint_io import CheckpointError
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.tree import Params, flatten, unflatten
@@ -52,11 +52,12 @@ def _groups(params: Params) -> dict[str, Params]:
 
 
 def check_new_dir(directory: PathLike) -> epath.Path:
-    """Fail early (before any long work) if `directory` already holds something, unless it is an incomplete
-    model directory (an interrupted write), which `save_model` replaces."""
+    """Fail early (before any long work) if `directory` already holds something (unless it is an incomplete
+    model directory, an interrupted write, which `save_model` replaces) or cannot be written."""
     path = as_path(directory)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not _replaceable(path):
         raise FileExistsError(f"{path} already exists and is not empty; choose another output or remove it first")
+    check_writable(path)
     return path
 
 

@@ -42,7 +42,7 @@ from dgmr_jax.core.parallel import (
     sync_processes,
     to_host,
 )
-from dgmr_jax.core.paths import PathLike, as_path, is_uri
+from dgmr_jax.core.paths import PathLike, as_path, canonical, is_uri
 from dgmr_jax.data import EvalBatches, Pairs, require_good, warn_bad
 from dgmr_jax.eval.evaluators import Context, Embedded, EvalSpec, Evaluator, RetrievalEval, TextTower, ZeroShotEval
 from dgmr_jax.eval.features import extract_features
@@ -202,7 +202,12 @@ def build_text_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, 
 def signature(config: ml_collections.ConfigDict, model: str, clip_text: str, text_arch: str, pairs: str) -> dict:
     """What a text run's checkpoints and data-iterator state depend on (not the schedule: runs may be extended)."""
     d = config.data
-    sig = {"model": str(model), "clip_text": str(clip_text), "text_arch": text_arch, "pairs": pairs}
+    sig = {
+        "model": canonical(model),
+        "clip_text": canonical(clip_text),
+        "text_arch": text_arch,
+        "pairs": canonical(pairs),
+    }
     if pairs.startswith("tfds:"):
         sig.update({f"data.{k}": d[k] for k in ("split", "data_dir", "image_key", "caption_key")})
     if pairs == "mnist5k":
@@ -245,17 +250,18 @@ def frozen_embeddings(
     batch: int,
 ) -> tuple[Pairs, np.ndarray]:
     """(the pairs whose image decodes, their image embeddings): computed once and kept in the workdir; a
-    resumed run reads them back after checking they belong to the same pairs, model and size."""
-    record = {"fingerprint": pairs.fingerprint(), "model": str(model_spec), "img_size": img_size}
+    resumed run reads them back after checking they belong to the same pairs, model and size (before the run's
+    first saved step, embeddings of other inputs are replaced)."""
+    record = {"fingerprint": pairs.fingerprint(), "model": canonical(model_spec), "img_size": img_size}
     meta_path, emb_path = workdir / PAIRS_FILE, workdir / EMBEDDINGS
-    if meta_path.exists() and emb_path.exists():
-        saved = json.loads(meta_path.read_text())
-        diffs = [k for k in record if saved.get(k) != record[k]]
-        if diffs:
-            raise UserError(
-                f"{meta_path} holds image embeddings of other inputs ({', '.join(diffs)} differ): the pairs changed "
-                "since the run started; use a new --workdir"
-            )
+    saved = json.loads(meta_path.read_text()) if meta_path.exists() and emb_path.exists() else None
+    diffs = [k for k in record if saved and not workdir_lib.same_input(saved.get(k), record[k])]
+    if diffs and workdir_lib.saved_steps(workdir):
+        raise UserError(
+            f"{meta_path} holds image embeddings of other inputs ({', '.join(diffs)} differ): the pairs changed "
+            "since the run started; use a new --workdir"
+        )
+    if saved and not diffs:
         with emb_path.open("rb") as f:
             emb = np.load(f)
         kept = np.asarray(saved["kept"], np.int64)

@@ -1,8 +1,8 @@
 """Orbax CheckpointManager for training: train state plus each host's grain iterator state.
 
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it when the save is
-complete), so a checkpoint cut short by SIGKILL is never restored; restoring places arrays straight into
-their target shardings.
+complete), so a checkpoint cut short by SIGKILL is never restored, and its temporary directory is removed when
+the run starts again; restoring places arrays straight into their target shardings.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ class TrainCheckpointer:
             raise UserError(f"checkpoint every ({every}) and keep ({keep}) must be > 0")
         self.directory = as_path(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            save_interval_steps=every,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,  # a save cut short (SIGKILL, a second Ctrl-C) leaves nothing behind
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 

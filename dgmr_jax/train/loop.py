@@ -1,14 +1,17 @@
 """The train loop every stage shares (distillation, UVC search, text-tower fine-tune): resume from the last
 complete Orbax checkpoint, step, log metrics.jsonl / TensorBoard / the progress bar, evaluate in the loop,
-checkpoint, and stop cleanly on SIGTERM. A stage says what to step and what to feed it in a `Loop`.
+checkpoint, and stop cleanly on SIGTERM or Ctrl-C. A stage says what to step and what to feed it in a `Loop`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +23,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from dgmr_jax import data as data_lib
-from dgmr_jax.core.errors import NonFiniteLoss
+from dgmr_jax.core.errors import Interrupted, NonFiniteLoss
 from dgmr_jax.core.parallel import DevicePrefetch
 from dgmr_jax.train.checkpoint import TrainCheckpointer
 from dgmr_jax.train.logs import JsonlLog, TensorBoard, write_curves
@@ -65,26 +68,55 @@ class LoopResult:
 
 
 class _Stop:
-    """A preemption notice (SIGTERM) ends the loop after a saved step. One process keeps a flag. Several processes
-    use JAX's preemption service instead: it hears SIGTERM on any host and names one step for all of them, so
-    every host takes part in the forced save (a collective) and stops at the same step."""
+    """A request to stop: a preemption notice (SIGTERM) or Ctrl-C (SIGINT) ends the loop after a saved step, and a
+    second Ctrl-C ends the process at once (exit 130; the last complete checkpoint stays). One process keeps a flag.
+    Several processes use JAX's preemption service instead: it hears SIGTERM on any host (Ctrl-C is passed on to
+    it as one) and names one step for all of them, so every host takes part in the forced save (a collective) and
+    stops at the same step."""
 
-    def __init__(self):
+    def __init__(self, desc: str):
+        self.desc = desc
         self.requested = False
+        self.interrupted = False  # this process got a Ctrl-C
         self._shared = jax.process_count() > 1
-        if not self._shared:  # a Python handler would take SIGTERM from the preemption service's own
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        # with several processes a Python handler would take SIGTERM from the preemption service's own
+        handled = (signal.SIGINT,) if self._shared else (signal.SIGINT, signal.SIGTERM)
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in handled}
 
     def _handle(self, signum, frame):
+        """Note the request; a second Ctrl-C ends the process here."""
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                _say(f"{self.desc}: Ctrl-C again: stopped at once; rerun to resume from the last saved step")
+                with contextlib.suppress(Exception):  # what was printed before goes out; nothing else runs
+                    sys.stdout.flush()
+                os._exit(130)
+            self.interrupted = True
+            _say(f"{self.desc}: Ctrl-C: saving the next step, then stopping (Ctrl-C again: stop at once, unsaved)")
+            if self._shared:
+                os.kill(os.getpid(), signal.SIGTERM)  # the preemption service tells every host
+                return
         self.requested = True
 
     def at(self, step: int) -> bool:
         """Whether to save and stop after `step`; every process must ask at every step."""
         return multihost_utils.reached_preemption_sync_point(step) if self._shared else self.requested
 
+    def cause(self) -> str:
+        """What stopped the run, as its closing line names it."""
+        return "interrupted (Ctrl-C)" if self.interrupted else "preempted (SIGTERM)"
+
     def restore(self):
-        if not self._shared:
-            signal.signal(signal.SIGTERM, self._previous)
+        """Hand the signals back to the handlers they had before the loop."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _say(line: str) -> None:
+    """One line on stderr from a signal handler: written straight to the file descriptor, which never raises
+    for a write the handler interrupted (the progress bar's, say), as a print to sys.stderr can."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"\n{line}\n".encode())
 
 
 class _Best:
@@ -112,17 +144,32 @@ def _check_loss(loss: float, done: int, ckpt: TrainCheckpointer) -> None:
 
 
 def run_loop(loop: Loop) -> LoopResult:
-    """Resume from the workdir's last complete checkpoint (or start), then step to loop.total_steps or a SIGTERM."""
+    """Resume from the workdir's last complete checkpoint (or start), then step to loop.total_steps or a stop
+    request: a SIGTERM saves, stops and returns; a Ctrl-C saves, stops and raises Interrupted."""
+    stop = _Stop(loop.desc)  # from here on, Ctrl-C and SIGTERM stop the run after a saved step
+    try:
+        result = _run(loop, stop)
+    finally:
+        stop.restore()
+    if stop.interrupted and result.reason != "done":
+        raise Interrupted(result.reason)
+    return result
+
+
+def _run(loop: Loop, stop: _Stop) -> LoopResult:
+    """The loop of run_loop, stopping where `stop` asks; a finished workdir is restored and left as it is."""
     main_process = jax.process_index() == 0
     iterator = iter(loop.loader)
     ckpt = TrainCheckpointer(loop.workdir, loop.checkpoint_every, loop.keep, loop.async_checkpoint)
     start, state = _resume(loop, ckpt, iterator)
+    if start >= loop.total_steps:  # nothing to train: write nothing (no log, no TensorBoard file)
+        ckpt.close()
+        return LoopResult("done", state, {}, 0)
     step_fn = loop.step_fn
     feed = DevicePrefetch(iterator, loop.mesh, loop.batch_key)
     skipped = data_lib.SkipCounter()
     logs = _Logs(loop, main_process)
     best = _Best(loop.workdir, loop.best_metric, main_process) if loop.evaluate else None
-    stop = _Stop()
     bar = tqdm(total=loop.total_steps, initial=start, desc=loop.desc, unit="step", disable=not main_process)
     last, tick, reason = {}, time.perf_counter(), "done"
     try:
@@ -154,16 +201,15 @@ def run_loop(loop: Loop) -> LoopResult:
             if loop.after_step:
                 loop.after_step(state, done)
             if stopping:
-                reason = "preempted (SIGTERM): saved and stopped; run again with the same workdir to resume"
+                reason = f"{stop.cause()}: saved step {done} and stopped; run again with the same workdir to resume"
                 break
     finally:
         ckpt.close()
-        stop.restore()
         bar.close()
         logs.close()
     if main_process and start < loop.total_steps:  # a finished workdir's rerun draws nothing new
         write_curves(loop.workdir, loop.desc)
-    if main_process and reason != "done":
+    if main_process and reason != "done" and not stop.interrupted:  # an interruption is the caller's to report
         print(reason)
     return LoopResult(reason, state, last, skipped.total)
 
@@ -174,7 +220,9 @@ def _resume(loop: Loop, ckpt: TrainCheckpointer, iterator: Any) -> tuple[int, An
     start = ckpt.latest_step()
     if start is None:
         return 0, loop.state
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and start >= loop.total_steps:
+        print(f"{loop.desc}: already finished: step {start} of {loop.total_steps} is saved in {loop.workdir}")
+    elif jax.process_index() == 0:
         print(f"{loop.desc}: resuming from step {start} of {loop.total_steps} ({loop.workdir})")
     return start, ckpt.restore(start, loop.abstract_state, iterator)
 
