@@ -59,7 +59,7 @@ from dgmr_jax.train.checkpoint import abstract_with_shardings
 from dgmr_jax.train.defaults import loop_settings
 from dgmr_jax.train.logs import JsonlLog, read_rows
 from dgmr_jax.train.loop import Loop, run_loop
-from dgmr_jax.train.run import optim_config
+from dgmr_jax.train.run import optim_config, use_compile_cache
 from dgmr_jax.train.state import (
     OptimConfig,
     TrainState,
@@ -318,6 +318,7 @@ def open_inputs(
     train, held_out = _read_pairs(config, pairs, eval_pairs)
     sig = signature(config, model, clip_text, text_cfg.name, pairs)
     workdir_lib.check_resume(workdir, sig)
+    use_compile_cache(config, workdir)
     raw = open_state_dict(clip_text)
     prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in raw) else ""
     text_cfg, text_params = text_from_torch(raw, text_cfg)
