@@ -147,7 +147,8 @@ def test_the_compile_cache_fills_on_the_first_run_and_serves_the_next(images, tm
     """A run writes its compiled programs to --config.compile_cache; a new run with that cache loads its train step
     from it (JAX logs the hit) and adds nothing."""
     cache = tmp_path / "cache"
-    overrides = ["--config.teacher.random_init=true", f"--config.compile_cache={cache}", "--config.compile_cache_min_s=0"]
+    overrides = ["--config.teacher.random_init=true", f"--config.compile_cache={cache}"]
+    overrides.append("--config.compile_cache_min_s=0")
     first = _cli(*_argv(tmp_path / "a", images, *overrides))
     assert first.returncode == 0, first.stderr[-2000:]
     entries = sorted(p.name for p in cache.iterdir())
