@@ -17,6 +17,8 @@ def get_config():
     # the prune that made student.model_dir (hidden 1536 = 1 x width); `plan` builds the student from it
     c.student.update(model_dir="/ckpt/dinov2_g_prune1", method="diversity", mlp_ratio=1.0)
     c.student.update(dtype="bfloat16", remat=True)
+    # the deep stacks compile as one scanned block each (docs/pod.md, Time to first step)
+    c.teacher.scan_layers = c.student.scan_layers = True
     c.distill.tap = "output"  # class and patch tokens after the final norm
     c.global_batch = 1024
     c.data.img_size = 224

@@ -18,6 +18,8 @@ def get_config():
     # the prune that made student.model_dir; `plan` builds the student from it before the directory exists
     c.student.update(model_dir="/ckpt/eva_e_prune1", method="diversity", mlp_ratio=1.0)
     c.student.update(dtype="bfloat16", param_dtype="bfloat16", remat=True)
+    # the deep stacks compile as one scanned block each (docs/pod.md, Time to first step)
+    c.teacher.scan_layers = c.student.scan_layers = True
     c.distill.tap = "raw"
     c.global_batch = 40 * 64
     c.optim.update(

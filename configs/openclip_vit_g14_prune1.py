@@ -14,6 +14,8 @@ def get_config():
     # the prune that made student.model_dir; `plan` builds the student from it before the directory exists
     c.student.update(model_dir="/ckpt/g14_prune1", method="diversity", mlp_ratio=1.0)
     c.student.update(dtype="bfloat16", remat=True)
+    # the deep stacks compile as one scanned block each (docs/pod.md, Time to first step)
+    c.teacher.scan_layers = c.student.scan_layers = True
     c.distill.tap = "output"  # pooled after ln_post and proj, patch tokens after ln_post
     c.global_batch = 1024
     c.optim.update(

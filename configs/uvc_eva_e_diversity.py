@@ -21,6 +21,7 @@ def get_config():
     c = with_search(base_config())
     c.teacher.update(family="eva_clip", arch="eva02_enormous_patch14_clip_224", dtype="bfloat16")
     c.student.update(dtype="bfloat16", remat=True)
+    c.teacher.scan_layers = True  # the searched student masks per-layer units and runs unscanned
     c.global_batch = 1024
     c.optim.update(base_lr=6e-5, min_lr=1e-6, warmup_steps=steps(0.2, 1024), total_steps=steps(4, 1024))
     c.uvc.update(warmup_steps=steps(0.2, 1024), select="diversity", search_blocks=False)

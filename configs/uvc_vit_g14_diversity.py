@@ -14,6 +14,7 @@ def get_config():
     c = with_search(base_config())
     c.teacher.update(family="open_clip", arch="ViT-g-14", dtype="bfloat16")
     c.student.update(dtype="bfloat16", remat=True)
+    c.teacher.scan_layers = True  # the searched student masks per-layer units and runs unscanned
     c.global_batch = 1024
     c.optim.update(base_lr=1e-4, min_lr=1e-6, warmup_steps=steps(0.5, 1024), total_steps=steps(5, 1024))
     c.uvc.update(warmup_steps=steps(0.5, 1024), select="diversity", search_blocks=False)

@@ -24,9 +24,13 @@ def base_config() -> ml_collections.ConfigDict:
     # benchmarks); a forgotten model_dir is an error, not a run against noise
     c.teacher.random_init = False
     c.teacher.arch_overrides = ml_collections.ConfigDict()  # ModelConfig fields for a random-init teacher
+    # one nn.scan over the layer stack instead of `depth` unrolled blocks: compiles in a fraction of the time for
+    # deep models; whatever the model directory's layout (docs/pod.md, Time to first step)
+    c.teacher.scan_layers = False
     c.student = ml_collections.ConfigDict(
         dict(model_dir="", method="diversity", mlp_ratio=1.0, dtype="bfloat16", param_dtype="float32", remat=False)
     )
+    c.student.scan_layers = False  # needs the same widths in every layer
     c.distill = ml_collections.ConfigDict(dict(tap="output", cls_coef=1.0, feat_coef=1.0))
     c.optim = ml_collections.ConfigDict(
         dict(

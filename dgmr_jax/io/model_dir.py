@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -36,6 +36,7 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 COMPLETE_FILE = "COMPLETE.json"  # written last: {"files": {relative path: size in bytes}} of every other file
 _REST = "rest"
+_SCANNED = "blocks"  # the scanned stack's top-level key (models.vit: nn.scan named "blocks")
 _RERUN = "rerun the command that wrote it (it replaces an incomplete directory)"
 
 
@@ -43,12 +44,18 @@ def _group_of(key: str) -> str:
     return key if key.startswith("blocks_") else _REST
 
 
-def _groups(params: Params) -> dict[str, Params]:
-    """Top-level params split into one group per unscanned block and one for the rest."""
-    groups: dict[str, Params] = {}
-    for key, value in params.items():
-        groups.setdefault(_group_of(key), {})[key] = value
-    return groups
+def _groups(params: Params) -> Iterator[tuple[str, Params]]:
+    """Top-level params split into one group per block and one for the rest; a scanned stack is sliced into its
+    blocks one at a time (a model directory is always written per layer, whatever layout the run used)."""
+    rest = {k: v for k, v in params.items() if k != _SCANNED}
+    for key, value in rest.items():
+        if key.startswith("blocks_"):
+            yield key, {key: value}
+    if _SCANNED in params:
+        stack = params[_SCANNED]["block"]
+        for i in range(jax.tree_util.tree_leaves(stack)[0].shape[0]):
+            yield f"blocks_{i}", {f"blocks_{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], stack)}
+    yield _REST, {k: v for k, v in rest.items() if not k.startswith("blocks_")}
 
 
 def check_new_dir(directory: PathLike) -> epath.Path:
@@ -127,7 +134,8 @@ def _host_or_global(value: Any) -> Any:
 
 
 def save_model(directory: PathLike, cfg: ModelConfig, params: Params, **meta: Any) -> epath.Path:
-    """Write cfg and params to a new directory; `meta` (e.g. family, source) goes into config.json."""
+    """Write cfg and params to a new directory; `meta` (e.g. family, source) goes into config.json. Scanned params
+    are written per layer with scan_layers=False: each run stacks them as it chooses (models.tree.in_layout)."""
     path = check_new_dir(directory)
     tmp = path.with_name(f".{path.name}.partial")
     primary = jax.process_index() == 0
@@ -137,11 +145,11 @@ def save_model(directory: PathLike, cfg: ModelConfig, params: Params, **meta: An
         tmp.mkdir(parents=True)
     sync_processes(f"dgmr_jax.save_model:{tmp}:start")
     with ocp.PyTreeCheckpointer() as ckpt:
-        for group, subtree in _groups(params).items():
+        for group, subtree in _groups(params):
             leaves = unflatten({k: _host_or_global(v) for k, v in flatten(subtree).items()})
             ckpt.save(tmp / PARAMS_DIR / group, leaves)
     if primary:  # Orbax's save returns once every process has written its shards
-        config = {"config": json.loads(cfg.to_json()), "meta": meta}
+        config = {"config": json.loads(cfg.replace(scan_layers=False).to_json()), "meta": meta}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         _write_marker(tmp)
         if path.exists():  # empty, or an incomplete model directory (checked above)

@@ -70,3 +70,13 @@ def unstack_blocks(params: Params) -> Params:
         else:
             out[path] = value
     return unflatten(out)
+
+
+def in_layout(params: Params, scanned: bool) -> Params:
+    """`params` stacked for a scanned model (scanned=True) or per layer, whichever layout they arrive in: a model
+    file's layout is independent of the run that reads it."""
+    if scanned and not is_scanned(params):
+        return stack_blocks(params)
+    if not scanned and is_scanned(params):
+        return unstack_blocks(params)
+    return params

@@ -59,7 +59,7 @@ from dgmr_jax.train.checkpoint import abstract_with_shardings
 from dgmr_jax.train.defaults import loop_settings
 from dgmr_jax.train.logs import JsonlLog, read_rows
 from dgmr_jax.train.loop import Loop, run_loop
-from dgmr_jax.train.run import optim_config
+from dgmr_jax.train.run import optim_config, use_compile_cache
 from dgmr_jax.train.state import (
     OptimConfig,
     TrainState,
@@ -328,6 +328,7 @@ def open_inputs(
         clip_text = f"random init of {text_cfg.name} (seed {config.text.seed})"
     sig = signature(config, model, clip_text, text_cfg.name, pairs)
     workdir_lib.check_resume(workdir, sig)
+    use_compile_cache(config, workdir)
     if config.text.random_init:
         prefix, text_params = "", init_text_params(text_cfg, config.text.seed)
     else:

@@ -17,6 +17,10 @@ def loop_defaults(**overrides: Any) -> ml_collections.ConfigDict:
     c.async_checkpoint = True
     c.log_every = 10
     c.eval_every = 0  # evaluate every N steps (0: at the end only)
+    # JAX's persistent compilation cache (train.run.use_compile_cache): local or gs://, "{workdir}" the run's
+    # workdir, "" none; compiles shorter than compile_cache_min_s seconds are not stored
+    c.compile_cache = "{workdir}/compile_cache"
+    c.compile_cache_min_s = 1.0
     unknown = set(overrides) - set(c.keys())
     if unknown:
         raise KeyError(f"not loop settings: {sorted(unknown)}")

@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 from etils import epath
+from jax.experimental.compilation_cache import compilation_cache
 
 from dgmr_jax import data as data_lib
 from dgmr_jax.core.errors import UserError
@@ -31,7 +32,7 @@ from dgmr_jax.io.open import LayerSource, open_model
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.cost import count_flops
 from dgmr_jax.models.preprocess import Preprocess
-from dgmr_jax.models.tree import Params
+from dgmr_jax.models.tree import Params, in_layout
 from dgmr_jax.models.vit import logical_axes, param_shapes
 from dgmr_jax.train import workdir as workdir_lib
 from dgmr_jax.train.checkpoint import abstract_with_shardings
@@ -56,6 +57,30 @@ def open_teacher(tc: ml_collections.ConfigDict, weights: bool = True) -> LayerSo
             f"{tc.arch} (tests, benchmarks)"
         )
     return open_model(f"preset:{tc.arch}", family=tc.family, seed=tc.seed, **dict(tc.arch_overrides))
+
+
+def scan_layout(cfg: ModelConfig, config: ml_collections.ConfigDict, who: str) -> ModelConfig:
+    """`cfg` in the layer layout `config.<who>.scan_layers` asks for (who: "teacher" or "student"); a stack whose
+    layers differ (per-layer widths or heads) cannot be scanned, which is said in one line."""
+    scan = bool(config[who].get("scan_layers", False))
+    if scan and not cfg.uniform:
+        raise UserError(
+            f"--config.{who}.scan_layers=true needs the same heads, value widths and MLP width in every layer, and "
+            f"the {who} ({cfg.name}) has per-layer widths: set --config.{who}.scan_layers=false"
+        )
+    return cfg.replace(scan_layers=scan)
+
+
+def use_compile_cache(config: ml_collections.ConfigDict, workdir: epath.Path) -> str:
+    """Point JAX's persistent compilation cache at `config.compile_cache` ("{workdir}" is the run's workdir; "":
+    no cache) before the run's first compile, so a restarted or resumed run loads its compiled step instead of
+    compiling it again. Local or gs:// (JAX writes it through etils.epath); only process 0 writes entries, every
+    process reads them, so a multi-host run wants a directory all hosts see. Returns the directory ("" if off)."""
+    path = str(config.get("compile_cache", "")).replace("{workdir}", str(workdir))
+    jax.config.update("jax_compilation_cache_dir", path or None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(config.get("compile_cache_min_s", 1.0)))
+    compilation_cache.reset_cache()  # the cache is set up at the next compile, with this directory
+    return path
 
 
 def make_source(dc: ml_collections.ConfigDict) -> Any:
@@ -111,10 +136,10 @@ def build_step(
     model_cfg: ModelConfig,
 ) -> Step:
     """The task's step, sharded and jitted for these configs; shared by `run_task` and `dgmr-jax plan`."""
-    student_cfg = model_cfg.replace(
+    student_cfg = scan_layout(model_cfg, config, "student").replace(
         dtype=config.student.dtype, param_dtype=config.student.param_dtype, remat=config.student.remat
     )
-    teacher_cfg = teacher_cfg.replace(dtype=config.teacher.dtype)
+    teacher_cfg = scan_layout(teacher_cfg, config, "teacher").replace(dtype=config.teacher.dtype)
     student_shapes = _shapes(param_shapes(student_cfg), config.student.param_dtype)
     teacher_shapes = _shapes(param_shapes(teacher_cfg), config.teacher.dtype)
     teacher_sh = tree_shardings(logical_axes(teacher_cfg), teacher_shapes, mesh, "teacher params")
@@ -144,7 +169,7 @@ class Run:
     loader: Any
     step: Step
     teacher: Params  # on the mesh
-    model_cfg: ModelConfig  # as the student is saved (its model directory's config)
+    model_cfg: ModelConfig  # the student's config in the run's layer layout (saved per layer: io.model_dir)
     student_meta: dict[str, Any]
     state: Any  # fresh, on the mesh
     img_size: int
@@ -179,10 +204,15 @@ def build_run(task: Task, config: ml_collections.ConfigDict, workdir: PathLike) 
     source = make_source(config.data)  # bad data paths fail before the (possibly huge) models load
     sig = {**workdir_lib.signature(config, source), **task.signature(config)}
     workdir_lib.check_resume(workdir, sig)
+    use_compile_cache(config, workdir)
 
     teacher_source = open_teacher(config.teacher)
+    scan_layout(task.student_config(config, teacher_source.cfg), config, "student")  # before the weights load
     teacher_cfg, teacher = teacher_source.cfg, teacher_source.load()
     model_cfg, student, student_meta = task.student(config, teacher_source, teacher)
+    model_cfg = scan_layout(model_cfg, config, "student")
+    student = in_layout(student, model_cfg.scan_layers)
+    teacher = in_layout(teacher, bool(config.teacher.get("scan_layers", False)))
     img_size = config.data.img_size or model_cfg.img_size
     preprocess = Preprocess.from_meta(teacher_source.meta, teacher_cfg.name)
     student_meta = {**student_meta, "preprocess": preprocess.to_meta(img_size)}

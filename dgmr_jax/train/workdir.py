@@ -42,6 +42,8 @@ def signature(config: ml_collections.ConfigDict, source: Any) -> dict[str, Any]:
         "data.seed": dc.seed,
         "global_batch": config.global_batch,
     }
+    if sc.get("scan_layers"):  # the checkpointed student is stacked: an unscanned run cannot resume it
+        sig["student.scan_layers"] = True
     return sig
 
 

@@ -66,6 +66,11 @@ class SearchTask:
             )
         if config.evals or config.eval_every or config.eval_best:
             raise UserError("a UVC search has no student to evaluate in the loop: evaluate the extracted model instead")
+        if config.student.get("scan_layers"):
+            raise UserError(
+                "a UVC search masks each layer's units of its student, which runs unscanned: drop "
+                "--config.student.scan_layers (--config.teacher.scan_layers=true still scans the teacher)"
+            )
 
     def signature(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
         """A search's state holds counts and duals of its settings: another budget cannot resume it."""
