@@ -117,9 +117,8 @@ def uvc_student(
     selection) in workdir and write the extracted slim model as the directory `student`; returns its (config,
     params)."""
     select = method.split("+")[1] if "+" in method else "uvc"
-    config = run_config(teacher, teacher, run)
-    config.uvc.update(warmup_steps=max(run.steps // 10, 1))
-    config = uvc_config(config, str(teacher), budget, "mnist5k", run.steps, select)
+    config = uvc_config(run_config(teacher, teacher, run), str(teacher), budget, "mnist5k", run.steps, select)
+    config.uvc.warmup_steps = max(run.steps // 10, 1)
     if run_uvc(config, workdir, student) is None:  # stopped early (SIGTERM); the trainer has saved and said so
         raise SystemExit(f"UVC search stopped before step {run.steps}; rerun with the same workdir to resume")
     source = open_model(student)
