@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import dgmr_jax as dj
 from dgmr_jax.cli import main
-from dgmr_jax.model_dir import load_config, load_model
+from dgmr_jax.model_dir import load_config, load_model, save_model
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "cpu_tiny.py")
 
@@ -50,16 +51,55 @@ def test_bad_settings_fail_early(images, tmp_path, capsys, overrides, message):
     assert message in capsys.readouterr().err
 
 
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    """`dgmr-jax ARGV` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True)
+
+
 def test_a_forgotten_teacher_is_an_error_not_a_random_teacher(images, tmp_path):
     """The tests' recipe names no teacher weights: without --config.teacher.random_init=true the command says what
     to set, in one line, before anything is written."""
-    argv = ["distill", "--config", CONFIG, "--workdir", str(tmp_path / "run"), f"--config.data.path={images}"]
-    run = subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True)
+    run = _cli("distill", "--config", CONFIG, "--workdir", str(tmp_path / "run"), f"--config.data.path={images}")
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.splitlines()[-1] == (
         "dgmr-jax distill: error: config.teacher has no weights: set --config.teacher.model_dir=DIR (a `dgmr-jax "
         "convert` output), or --config.teacher.random_init=true to distill from a random init of "
         "vit_tiny_patch16_224 (tests, benchmarks)"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "arch, overrides, differs",
+    [
+        ("vit_small_patch16_224", {}, "token width 192 vs 384, pooled width 192 vs 384"),
+        ("vit_tiny_patch16_224", dict(patch_size=8), "patch size 16 vs 8"),
+    ],
+)
+def test_a_student_of_another_model_is_refused_before_anything_is_written(images, tmp_path, arch, overrides, differs):
+    """A student that is not a pruned copy of the teacher (another width or patch grid) stops in one line naming both
+    models and what differs, and leaves no workdir behind to refuse the corrected rerun."""
+    cfg = dj.models.preset(arch, depth=2, img_size=32, **overrides)
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), dj.models.param_shapes(cfg))  # no init to compile
+    save_model(tmp_path / "student", cfg, zeros, family="timm")
+    workdir = tmp_path / "run"
+    argv = [f"--config.data.path={images}", f"--config.student.model_dir={tmp_path}/student"]
+    run = _cli("distill", "--config", CONFIG, "--workdir", str(workdir), "--config.teacher.random_init=true", *argv)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr == (
+        f"dgmr-jax distill: error: teacher vit_tiny_patch16_224 (random init) and student {arch} ({tmp_path}/student) "
+        f"do not fit one distillation loss (tap 'output'): {differs}; the loss compares their tokens as they are, so "
+        "distil a student pruned from this teacher (`dgmr-jax prune --model TEACHER`, or leave "
+        "config.student.model_dir empty to prune at start) or a teacher of the student's patch size and widths\n"
+    )
+    assert not workdir.exists()
+
+
+def test_an_image_size_off_the_patch_grid_is_refused_before_anything_is_written(images, tmp_path, capsys):
+    assert _distill(tmp_path / "run", f"--config.data.path={images}", "--config.data.img_size=40") == 2
+    assert capsys.readouterr().err == (
+        "dgmr-jax distill: error: data.img_size 40 is not a multiple of the teacher's patch size 16 "
+        "(vit_tiny_patch16_224): set --config.data.img_size to a multiple of it (0: the student's 32)\n"
     )
     assert not (tmp_path / "run").exists()
 

@@ -58,6 +58,11 @@ def open_teacher(tc: ml_collections.ConfigDict, weights: bool = True) -> LayerSo
     return open_model(f"preset:{tc.arch}", family=tc.family, seed=tc.seed, **dict(tc.arch_overrides))
 
 
+def teacher_spec(tc: ml_collections.ConfigDict) -> str:
+    """How messages name the teacher of `config.teacher`: its model directory or checkpoint, else "random init"."""
+    return tc.model_dir or tc.checkpoint or "random init"
+
+
 def make_source(dc: ml_collections.ConfigDict) -> Any:
     """The unlabeled images of `config.data` (data.kind says how to read data.path; see data.open_images)."""
     if dc.kind not in data_lib.KINDS:
@@ -169,6 +174,18 @@ def _loader(config: ml_collections.ConfigDict, source: Any, preprocess: Preproce
     )
 
 
+def _img_size(config: ml_collections.ConfigDict, teacher_cfg: ModelConfig, student_cfg: ModelConfig) -> int:
+    """The run's image size (config.data.img_size, else the student's), which both models must cut into patches."""
+    img_size = config.data.img_size or student_cfg.img_size
+    for who, cfg in (("teacher", teacher_cfg), ("student", student_cfg)):
+        if img_size % cfg.patch_size:
+            raise UserError(
+                f"data.img_size {img_size} is not a multiple of the {who}'s patch size {cfg.patch_size} ({cfg.name}): "
+                f"set --config.data.img_size to a multiple of it (0: the student's {student_cfg.img_size})"
+            )
+    return img_size
+
+
 def build_run(task: Task, config: ml_collections.ConfigDict, workdir: PathLike) -> Run:
     """Mesh, data, models, sharded fresh state and the jitted step; inputs are checked (and a resumed
     workdir's record compared) before the models load."""
@@ -181,9 +198,10 @@ def build_run(task: Task, config: ml_collections.ConfigDict, workdir: PathLike) 
     workdir_lib.check_resume(workdir, sig)
 
     teacher_source = open_teacher(config.teacher)
+    # configs alone: a student the teacher cannot teach fails here, before weights load or anything is written
+    img_size = _img_size(config, teacher_source.cfg, task.student_config(config, teacher_source.cfg))
     teacher_cfg, teacher = teacher_source.cfg, teacher_source.load()
     model_cfg, student, student_meta = task.student(config, teacher_source, teacher)
-    img_size = config.data.img_size or model_cfg.img_size
     preprocess = Preprocess.from_meta(teacher_source.meta, teacher_cfg.name)
     student_meta = {**student_meta, "preprocess": preprocess.to_meta(img_size)}
     workdir_lib.record_run(workdir, sig, model_cfg, student_meta)
