@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,47 @@ def test_data_path_is_required(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "data.path is empty: set --config.data.path= to an image folder (data.kind=folder)" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_an_image_over_the_pixel_limit_is_named_once_counted_once_and_read_once_the_limit_is_raised(tmp_path):
+    """A 100x100 image over a lowered limit (DGMR_MAX_IMAGE_PIXELS=5000; the default is Pillow's 178,956,970) is
+    sampled twice in 5 steps: one warning, one skipped file. Resumed with --config.data.max_image_pixels raised, it
+    is read."""
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray((rng.random((36, 36, 3)) * 255).astype("uint8")).save(root / f"{i}.png")
+    Image.fromarray((rng.random((100, 100, 3)) * 255).astype("uint8")).save(root / "huge.png")  # record 16
+    workdir = tmp_path / "run"
+    argv = ["distill", "--config", CONFIG, "--workdir", str(workdir), "--config.teacher.random_init=true"]
+    argv += [f"--config.data.path={root}", "--config.log_indices=true"]
+    env = {**os.environ, "DGMR_MAX_IMAGE_PIXELS": "5000"}
+    run = subprocess.run(
+        [sys.executable, "-m", "dgmr_jax.cli", *argv, "--config.optim.total_steps=5"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    warning = (
+        f"skipping unreadable image {root / 'huge.png'} of ImageFolderSource(root='{root}', num_images=17): 100x100 "
+        "is 10,000 pixels, over the limit of 5,000: raise it with DGMR_MAX_IMAGE_PIXELS=N (or a recipe's "
+        "config.data.max_image_pixels) to read this image\n"
+    )
+    assert run.stderr.count(warning) == 1 and run.stderr.count("skipping") == 1
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    seen = [i for line in (workdir / "seen.jsonl").read_text().splitlines() for i in json.loads(line)["index"]]
+    assert seen.count(16) >= 2 and rows[-1]["step"] == 5 and rows[-1]["skipped_files"] == 1
+
+    raised = [*argv, "--config.optim.total_steps=8", "--config.data.max_image_pixels=10000"]
+    run = subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *raised], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and "skipping" not in run.stderr, run.stderr
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    seen = [json.loads(line) for line in (workdir / "seen.jsonl").read_text().splitlines()]
+    assert 16 in [i for row in seen if row["step"] > 5 for i in row["index"]]
+    assert rows[-1]["step"] == 8 and rows[-1]["skipped_files"] == 0
 
 
 @pytest.mark.slow

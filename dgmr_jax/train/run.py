@@ -171,6 +171,7 @@ def _loader(config: ml_collections.ConfigDict, source: Any, preprocess: Preproce
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
         worker_count=dc.workers,
+        max_image_pixels=dc.max_image_pixels,
     )
 
 
