@@ -141,6 +141,29 @@ def test_a_file_skipped_often_is_warned_about_and_counted_once(folder, caplog):
     assert warned == sorted(2 * [f"skipping unreadable image {folder.root}/{rel}" for rel in CORRUPT])
 
 
+def test_a_failed_read_is_tried_again_bytes_that_do_not_decode_are_not():
+    class Flaky:
+        """Record 0 fails its first read (a passing storage error); record 1 never decodes."""
+
+        def __init__(self):
+            self.reads = {0: 0, 1: 0, 2: 0}
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            self.reads[i] += 1
+            if i == 0 and self.reads[0] == 1:
+                raise OSError("connection reset")
+            return b"not an image" if i == 1 else GOOD["top.png"]
+
+    source = Flaky()
+    decode = data.DecodeOrSkip(source)
+    assert [int(decode.map(0)["record"]) for _ in range(3)] == [2, 0, 0]
+    assert [int(decode.map(1)["record"]) for _ in range(3)] == [2, 2, 2]
+    assert source.reads == {0: 3, 1: 1, 2: 4}
+
+
 def test_passed_over_records_wrap_around_the_source():
     assert data.transforms.passed_over(2, 2, 4) == [2, 3]
     assert data.transforms.passed_over(8, 3, 1) == [8, 9, 0]  # a source of 10 records

@@ -149,9 +149,10 @@ class DecodeOrSkip(grain.transforms.Map):
     When record i fails, records i+1, i+2, ... (mod len) are tried in turn, so the replacement is deterministic
     and the batch shape stays fixed. "skipped" is the number of records passed over for this example, "record"
     the one decoded, "index" the sampled key i (so the records passed over run from "index" up to "record",
-    wrapping around after the last). A record that failed is remembered: it is named in one warning and then
-    passed over without being read again. The loader feeds record keys instead of bytes precisely so that this
-    transform can read the replacement records itself.
+    wrapping around after the last). A record whose bytes do not decode (or are over the limit) is named in one
+    warning and then passed over without being read again; a read that fails is tried again when sampled again.
+    The loader feeds record keys instead of bytes precisely so that this transform can read the replacement
+    records itself.
     """
 
     def __init__(self, source: Any, max_pixels: int = 0) -> None:
@@ -164,14 +165,23 @@ class DecodeOrSkip(grain.transforms.Map):
             i = (key + skipped) % n
             if i in self.unreadable:
                 continue
-            try:
-                image = decode_rgb(self.source[i], self.max_pixels)
-            except Exception as err:  # any failure of one file (read, format, truncation) must not stop training
-                _log.warning("skipping unreadable image %s of %r: %s", record_name(self.source, i), self.source, err)
-                self.unreadable.add(i)
-                continue
-            return {"image": image, "index": np.int64(key), "skipped": np.int32(skipped), "record": np.int64(i)}
+            image = self._decode(i)
+            if image is not None:
+                return {"image": image, "index": np.int64(key), "skipped": np.int32(skipped), "record": np.int64(i)}
         raise UserError(f"none of the {n} records of {self.source!r} decodes as an image; check the data path")
+
+    def _decode(self, i: int) -> Image.Image | None:
+        """Record i as RGB, or None (warned) when it fails: any failure of one file must not stop training."""
+        try:
+            data = self.source[i]  # a failed read may be a passing storage error: tried again when sampled again
+            try:
+                return decode_rgb(data, self.max_pixels)
+            except Exception:
+                self.unreadable.add(i)  # bytes that do not decode (or are too large) never will
+                raise
+        except Exception as err:
+            _log.warning("skipping unreadable image %s of %r: %s", record_name(self.source, i), self.source, err)
+            return None
 
 
 def passed_over(key: int, skipped: int, record: int) -> list[int]:
