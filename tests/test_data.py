@@ -279,6 +279,7 @@ def test_resume_continues_exactly(folder):
         (dict(shard_count=5), "fewer than one batch of 4: lower batch_size or shard_count"),
         (dict(batch_size=17), "fewer than one batch of 17"),
         (dict(scale=(1.0, 0.5)), "scale must satisfy"),
+        (dict(max_image_pixels=-1), r"max_image_pixels must be >= 0 \(0: \$DGMR_MAX_IMAGE_PIXELS or the default\)"),
     ],
 )
 def test_bad_arguments_fail_early(folder, kw, match):

@@ -55,6 +55,7 @@ def _check_args(
     shard_count: int,
     num_epochs: int | None,
     resize_size: int | None,
+    max_image_pixels: int,
 ) -> None:
     """Raise ValueError, saying what to change, before any record is read."""
     if batch_size <= 0:
@@ -80,6 +81,10 @@ def _check_args(
         raise UserError(f"num_epochs must be positive or None (repeat forever), got {num_epochs}")
     if resize_size is not None and resize_size < img_size:
         raise UserError(f"resize_size must be >= img_size ({img_size}), got {resize_size}")
+    if max_image_pixels < 0:
+        raise UserError(
+            f"max_image_pixels must be >= 0 (0: $DGMR_MAX_IMAGE_PIXELS or the default), got {max_image_pixels}"
+        )
 
 
 def make_loader(
@@ -127,6 +132,7 @@ def make_loader(
         shard_count=shard_count,
         num_epochs=num_epochs,
         resize_size=resize_size,
+        max_image_pixels=max_image_pixels,
     )
     _mark_flags_parsed(worker_count)
     # The sampler defines one global stream (independent of the host count); the DataLoader gives host h the
