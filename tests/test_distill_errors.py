@@ -105,6 +105,36 @@ def test_an_image_size_off_the_patch_grid_is_refused_before_anything_is_written(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "few, override, message",
+    [
+        (
+            False,
+            "--config.data.max_image_pixels=-1",
+            "max_image_pixels must be >= 0 (0: $DGMR_MAX_IMAGE_PIXELS or the default), got -1",
+        ),
+        (
+            True,
+            "--config.data.seed=0",
+            "each of the 1 shards holds 3 of the 3 records, fewer than one batch of 8: "
+            "lower batch_size or shard_count, or add images",
+        ),
+    ],
+)
+def test_bad_loader_settings_are_refused_before_anything_is_written(images, tmp_path, capsys, few, override, message):
+    """What the loader refuses (settings, too few images for a batch) stops the run before run.json is written, so
+    the corrected rerun starts in the same workdir."""
+    path = images
+    if few:
+        path = tmp_path / "few"
+        path.mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((36, 36, 3), 40 * i, np.uint8)).save(path / f"{i}.png")
+    assert _distill(tmp_path / "run", f"--config.data.path={path}", override) == 2
+    assert capsys.readouterr().err == f"dgmr-jax distill: error: {message}\n"
+    assert not (tmp_path / "run").exists()
+
+
 def test_data_path_is_required(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # never an implicit current directory, even one full of images
     assert _distill(tmp_path / "run") == 2

@@ -201,9 +201,10 @@ def build_run(task: Task, config: ml_collections.ConfigDict, workdir: PathLike) 
     teacher_source = open_teacher(config.teacher)
     # configs alone: a student the teacher cannot teach fails here, before weights load or anything is written
     img_size = _img_size(config, teacher_source.cfg, task.student_config(config, teacher_source.cfg))
+    preprocess = Preprocess.from_meta(teacher_source.meta, teacher_source.cfg.name)
+    loader = _loader(config, source, preprocess, img_size)  # reads nothing yet; its settings are checked here
     teacher_cfg, teacher = teacher_source.cfg, teacher_source.load()
     model_cfg, student, student_meta = task.student(config, teacher_source, teacher)
-    preprocess = Preprocess.from_meta(teacher_source.meta, teacher_cfg.name)
     student_meta = {**student_meta, "preprocess": preprocess.to_meta(img_size)}
     workdir_lib.record_run(workdir, sig, model_cfg, student_meta)
     step = build_step(task, config, mesh, teacher_cfg, model_cfg)
@@ -214,7 +215,7 @@ def build_run(task: Task, config: ml_collections.ConfigDict, workdir: PathLike) 
         workdir=workdir,
         mesh=mesh,
         opt=optim_config(config),
-        loader=_loader(config, source, preprocess, img_size),
+        loader=loader,
         step=step,
         teacher=jax.device_put(teacher, step.teacher_sh),
         model_cfg=model_cfg,
