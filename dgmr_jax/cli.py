@@ -47,7 +47,7 @@ def _convert(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from dgmr_jax.io.checkpoint_io import check_state_dict_path, save_state_dict
-    from dgmr_jax.io.convert import to_torch
+    from dgmr_jax.io.convert import check_layout, to_torch
     from dgmr_jax.io.open import open_model
     from dgmr_jax.io.torch_export import export_package, padding_note
 
@@ -62,6 +62,7 @@ def _export(args: argparse.Namespace) -> None:
     check_state_dict_path(out)  # before the weights are read
     model = open_model(args.model)
     cfg, family = model.cfg, args.family or model.meta.get("family", "timm")
+    check_layout(cfg, family, model.meta.get("family", "timm"))  # before the weights are read
     sd = to_torch(cfg, model.load(), family=family, prefix=args.prefix)
     save_state_dict(out, sd)
     print(f"wrote {out}: {len(sd)} tensors in the {family} layout (MLP widths {sorted(set(cfg.mlp_hidden))})")

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import jax
 import numpy as np
 import pytest
-from reference import small_timm, state_dict_numpy, torch
+from reference import small_timm, state_dict_numpy, timm, torch
+from safetensors.torch import load_file
 
 import dgmr_jax as dj
+from dgmr_jax.cli import main
 from dgmr_jax.convert import CheckpointError
+from dgmr_jax.io.convert import resolve_config
+from dgmr_jax.io.keymaps import export_families
+from dgmr_jax.model_dir import save_model
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +101,57 @@ def test_bfloat16_checkpoint_round_trips_bit_exact(tiny):
     for k, v in bf16.items():
         assert back[k].dtype.name == "bfloat16"
         assert torch.equal(torch.from_numpy(back[k].view(np.int16)).view(torch.bfloat16), v), k
+
+
+def _zeros_model(path, cfg, family: str) -> None:
+    """A model directory of cfg with all-zero weights (no init to compile): what export reads."""
+    save_model(
+        path, cfg, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), dj.models.param_shapes(cfg)), family=family
+    )
+
+
+def test_export_refuses_a_layout_the_model_does_not_have(tmp_path, capsys):
+    """A timm ViT written as open_clip (or a CLIP tower as timm) would load into neither library: export stops in one
+    line naming the model's family and the families it exports as, and writes nothing; its own layout still works."""
+    vit = dj.models.preset("vit_tiny_patch16_224", depth=2, img_size=32)
+    _zeros_model(tmp_path / "vit", vit, "timm")
+    out = tmp_path / "vit.safetensors"
+    argv = ["export", "--model", str(tmp_path / "vit"), "--family", "open_clip", "--out", str(out)]
+    run = subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr == (
+        "dgmr-jax export: error: model vit_tiny_patch16_224 (family timm) cannot be written in the open_clip layout: "
+        "it has a patch-embedding bias, a classification head, which open_clip's PyTorch model cannot hold; it "
+        "exports as timm (--family timm)\n"
+    )
+    assert not out.exists()
+    assert main(["export", "--model", str(tmp_path / "vit"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {out}: 32 tensors in the timm layout (MLP widths [768])\n"
+    timm.create_model(vit.name, depth=2, img_size=32).load_state_dict(load_file(out))  # strict
+
+    clip = dj.models.preset("ViT-B-16", depth=2, img_size=32, width=64, num_heads=2, hidden=128, proj_dim=16)
+    _zeros_model(tmp_path / "clip", clip, "open_clip")
+    assert (
+        main(["export", "--model", str(tmp_path / "clip"), "--family", "timm", "--out", str(tmp_path / "c.pth")]) == 2
+    )
+    assert capsys.readouterr().err == (
+        "dgmr-jax export: error: model ViT-B-16 (family open_clip) cannot be written in the timm layout: it has a "
+        "bias-free projection (proj), which timm's PyTorch model cannot hold; it exports as open_clip "
+        "(--family open_clip)\n"
+    )
+    assert not (tmp_path / "c.pth").exists()
+
+
+# each family's presets as that family converts them: every one exports back to it
+OWN_FAMILY = {
+    "timm": [n for n in dj.models.PRESETS if n.startswith(("vit_", "deit_", "eva"))],
+    "open_clip": ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-g-14", "ViT-bigG-14"],
+    "eva_clip": [n for n in dj.models.PRESETS if n.startswith(("eva", "EVA-CLIP"))],
+    "dinov2": [n for n in dj.models.PRESETS if n.endswith("dinov2")],
+    "internvit": [n for n in dj.models.PRESETS if n.startswith("InternViT")],
+}
+
+
+@pytest.mark.parametrize("family", sorted(OWN_FAMILY))
+def test_every_preset_exports_to_the_family_it_converts_from(family):
+    for name in OWN_FAMILY[family]:
+        assert family in export_families(resolve_config(name, family)), name

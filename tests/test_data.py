@@ -2,6 +2,8 @@
 
 import io
 import os
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -124,6 +126,77 @@ def test_full_epoch_batches_and_exact_skip_count(folder):
     assert str(counter) == f"{len(CORRUPT)} corrupt/unreadable files skipped so far"
 
 
+def test_a_file_skipped_often_is_warned_about_and_counted_once(folder, caplog):
+    """Over three epochs each corrupt file is passed over three times, but named in one warning and counted once;
+    so is it by an eval set read three times."""
+    batches = list(_loader(folder, seed=3, num_epochs=3))
+    counter = data.SkipCounter()
+    for batch in batches:
+        counter.update(batch)
+    assert sum(data.skipped_total(b) for b in batches) == 3 * len(CORRUPT)
+    assert counter.total == len(CORRUPT) and counter.records == {folder.relpaths.index(rel) for rel in CORRUPT}
+    evals = data.EvalBatches(folder, batch_size=BATCH, img_size=SIZE, mean=MEAN, std=STD)
+    for _ in range(3):
+        assert sum(len(b["index"]) for b in evals) == len(GOOD)
+    warned = sorted(r.getMessage().split(" of ")[0] for r in caplog.records if r.levelname == "WARNING")
+    assert warned == sorted(2 * [f"skipping unreadable image {folder.root}/{rel}" for rel in CORRUPT])
+
+
+def test_a_failed_read_is_tried_again_bytes_that_do_not_decode_are_not():
+    class Flaky:
+        """Record 0 fails its first read (a passing storage error); record 1 never decodes."""
+
+        def __init__(self):
+            self.reads = {0: 0, 1: 0, 2: 0}
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            self.reads[i] += 1
+            if i == 0 and self.reads[0] == 1:
+                raise OSError("connection reset")
+            return b"not an image" if i == 1 else GOOD["top.png"]
+
+    source = Flaky()
+    decode = data.DecodeOrSkip(source)
+    assert [int(decode.map(0)["record"]) for _ in range(3)] == [2, 0, 0]
+    assert [int(decode.map(1)["record"]) for _ in range(3)] == [2, 2, 2]
+    assert source.reads == {0: 3, 1: 1, 2: 4}
+
+
+def test_passed_over_records_wrap_around_the_source():
+    assert data.transforms.passed_over(2, 2, 4) == [2, 3]
+    assert data.transforms.passed_over(8, 3, 1) == [8, 9, 0]  # a source of 10 records
+    assert data.transforms.passed_over(9, 2, 1) == [9, 0]
+    assert data.transforms.passed_over(5, 0, 5) == []
+
+
+def test_the_pixel_limit_is_ours_and_can_be_raised(monkeypatch):
+    """decode_rgb refuses an image over its limit from the header, says how to raise it, and reads it once raised,
+    even past Pillow's own guard (which neither warns nor refuses then, on decode or crop)."""
+    png = _encode(_noise(0, 40, 50), "PNG")
+    message = (
+        "50x40 is 2,000 pixels, over the limit of 1,999: raise it with DGMR_MAX_IMAGE_PIXELS=N (or a recipe's "
+        "config.data.max_image_pixels) to read this image"
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        data.decode_rgb(png, 1999)
+    monkeypatch.setenv("DGMR_MAX_IMAGE_PIXELS", "1999")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        data.decode_rgb(png)
+    monkeypatch.setenv("DGMR_MAX_IMAGE_PIXELS", "2000")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow's guard would refuse 2,000 pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        img = data.decode_rgb(png)
+        assert img.size == (50, 40)
+        data.random_resized_crop(img, 8, (0.9, 1.0), (3 / 4, 4 / 3), np.random.default_rng(0))
+    monkeypatch.setenv("DGMR_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="DGMR_MAX_IMAGE_PIXELS='lots': set it to a positive number of pixels"):
+        data.decode_rgb(png)
+
+
 def test_corrupt_record_is_replaced_by_the_next_one(folder):
     batches = list(_loader(folder, train=False))
     images = np.concatenate([b["images"] for b in batches])
@@ -207,6 +280,7 @@ def test_resume_continues_exactly(folder):
         (dict(shard_count=5), "fewer than one batch of 4: lower batch_size or shard_count"),
         (dict(batch_size=17), "fewer than one batch of 17"),
         (dict(scale=(1.0, 0.5)), "scale must satisfy"),
+        (dict(max_image_pixels=-1), r"max_image_pixels must be >= 0 \(0: \$DGMR_MAX_IMAGE_PIXELS or the default\)"),
     ],
 )
 def test_bad_arguments_fail_early(folder, kw, match):

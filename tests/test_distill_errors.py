@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import dgmr_jax as dj
 from dgmr_jax.cli import main
-from dgmr_jax.model_dir import load_config, load_model
+from dgmr_jax.model_dir import load_config, load_model, save_model
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "cpu_tiny.py")
 
@@ -50,11 +52,15 @@ def test_bad_settings_fail_early(images, tmp_path, capsys, overrides, message):
     assert message in capsys.readouterr().err
 
 
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    """`dgmr-jax ARGV` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True)
+
+
 def test_a_forgotten_teacher_is_an_error_not_a_random_teacher(images, tmp_path):
     """The tests' recipe names no teacher weights: without --config.teacher.random_init=true the command says what
     to set, in one line, before anything is written."""
-    argv = ["distill", "--config", CONFIG, "--workdir", str(tmp_path / "run"), f"--config.data.path={images}"]
-    run = subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True)
+    run = _cli("distill", "--config", CONFIG, "--workdir", str(tmp_path / "run"), f"--config.data.path={images}")
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.splitlines()[-1] == (
         "dgmr-jax distill: error: config.teacher has no weights: set --config.teacher.model_dir=DIR (a `dgmr-jax "
@@ -64,12 +70,118 @@ def test_a_forgotten_teacher_is_an_error_not_a_random_teacher(images, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "arch, overrides, differs",
+    [
+        ("vit_small_patch16_224", {}, "token width 192 vs 384, pooled width 192 vs 384"),
+        ("vit_tiny_patch16_224", dict(patch_size=8), "patch size 16 vs 8"),
+    ],
+)
+def test_a_student_of_another_model_is_refused_before_anything_is_written(images, tmp_path, arch, overrides, differs):
+    """A student that is not a pruned copy of the teacher (another width or patch grid) stops in one line naming both
+    models and what differs, and leaves no workdir behind to refuse the corrected rerun."""
+    cfg = dj.models.preset(arch, depth=2, img_size=32, **overrides)
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), dj.models.param_shapes(cfg))  # no init to compile
+    save_model(tmp_path / "student", cfg, zeros, family="timm")
+    workdir = tmp_path / "run"
+    argv = [f"--config.data.path={images}", f"--config.student.model_dir={tmp_path}/student"]
+    run = _cli("distill", "--config", CONFIG, "--workdir", str(workdir), "--config.teacher.random_init=true", *argv)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr == (
+        f"dgmr-jax distill: error: teacher vit_tiny_patch16_224 (random init) and student {arch} ({tmp_path}/student) "
+        f"do not fit one distillation loss (tap 'output'): {differs}; the loss compares their tokens as they are, so "
+        "distil a student pruned from this teacher (`dgmr-jax prune --model TEACHER`, or leave "
+        "config.student.model_dir empty to prune at start) or a teacher of the student's patch size and widths\n"
+    )
+    assert not workdir.exists()
+
+
+def test_an_image_size_off_the_patch_grid_is_refused_before_anything_is_written(images, tmp_path, capsys):
+    assert _distill(tmp_path / "run", f"--config.data.path={images}", "--config.data.img_size=40") == 2
+    assert capsys.readouterr().err == (
+        "dgmr-jax distill: error: data.img_size 40 is not a multiple of the teacher's patch size 16 "
+        "(vit_tiny_patch16_224): set --config.data.img_size to a multiple of it (0: the student's 32)\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "few, override, message",
+    [
+        (
+            False,
+            "--config.data.max_image_pixels=-1",
+            "max_image_pixels must be >= 0 (0: $DGMR_MAX_IMAGE_PIXELS or the default), got -1",
+        ),
+        (
+            True,
+            "--config.data.seed=0",
+            "each of the 1 shards holds 3 of the 3 records, fewer than one batch of 8: "
+            "lower batch_size or shard_count, or add images",
+        ),
+    ],
+)
+def test_bad_loader_settings_are_refused_before_anything_is_written(images, tmp_path, capsys, few, override, message):
+    """What the loader refuses (settings, too few images for a batch) stops the run before run.json is written, so
+    the corrected rerun starts in the same workdir."""
+    path = images
+    if few:
+        path = tmp_path / "few"
+        path.mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((36, 36, 3), 40 * i, np.uint8)).save(path / f"{i}.png")
+    assert _distill(tmp_path / "run", f"--config.data.path={path}", override) == 2
+    assert capsys.readouterr().err == f"dgmr-jax distill: error: {message}\n"
+    assert not (tmp_path / "run").exists()
+
+
 def test_data_path_is_required(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # never an implicit current directory, even one full of images
     assert _distill(tmp_path / "run") == 2
     err = capsys.readouterr().err
     assert "data.path is empty: set --config.data.path= to an image folder (data.kind=folder)" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_an_image_over_the_pixel_limit_is_named_once_counted_once_and_read_once_the_limit_is_raised(tmp_path):
+    """A 100x100 image over a lowered limit (DGMR_MAX_IMAGE_PIXELS=5000; the default is Pillow's 178,956,970) is
+    sampled twice in 5 steps: one warning, one skipped file. Resumed with --config.data.max_image_pixels raised, it
+    is read."""
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray((rng.random((36, 36, 3)) * 255).astype("uint8")).save(root / f"{i}.png")
+    Image.fromarray((rng.random((100, 100, 3)) * 255).astype("uint8")).save(root / "huge.png")  # record 16
+    workdir = tmp_path / "run"
+    argv = ["distill", "--config", CONFIG, "--workdir", str(workdir), "--config.teacher.random_init=true"]
+    argv += [f"--config.data.path={root}", "--config.log_indices=true"]
+    env = {**os.environ, "DGMR_MAX_IMAGE_PIXELS": "5000"}
+    run = subprocess.run(
+        [sys.executable, "-m", "dgmr_jax.cli", *argv, "--config.optim.total_steps=5"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    warning = (
+        f"skipping unreadable image {root / 'huge.png'} of ImageFolderSource(root='{root}', num_images=17): 100x100 "
+        "is 10,000 pixels, over the limit of 5,000: raise it with DGMR_MAX_IMAGE_PIXELS=N (or a recipe's "
+        "config.data.max_image_pixels) to read this image\n"
+    )
+    assert run.stderr.count(warning) == 1 and run.stderr.count("skipping") == 1
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    seen = [i for line in (workdir / "seen.jsonl").read_text().splitlines() for i in json.loads(line)["index"]]
+    assert seen.count(16) >= 2 and rows[-1]["step"] == 5 and rows[-1]["skipped_files"] == 1
+
+    raised = [*argv, "--config.optim.total_steps=8", "--config.data.max_image_pixels=10000"]
+    run = subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *raised], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and "skipping" not in run.stderr, run.stderr
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    seen = [json.loads(line) for line in (workdir / "seen.jsonl").read_text().splitlines()]
+    assert 16 in [i for row in seen if row["step"] > 5 for i in row["index"]]
+    assert rows[-1]["step"] == 8 and rows[-1]["skipped_files"] == 0
 
 
 @pytest.mark.slow

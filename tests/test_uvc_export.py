@@ -60,6 +60,8 @@ def test_timm_export_of_a_slim_model(name):
     with pytest.raises(CheckpointError, match=r"padding .* is not zero[\s\S]*blocks_1/attn/proj/bias"):
         dj.convert.from_torch(trained, family="timm", arch=slim_cfg)
     with pytest.raises(CheckpointError, match="only family='timm' converts"):
+        dj.convert.from_torch(sd, family="open_clip", arch=slim_cfg)
+    with pytest.raises(CheckpointError, match=r"it has per-layer attention units \(a UVC slim model\), .*as timm "):
         dj.convert.to_torch(slim_cfg, slim_params, family="open_clip")
 
 

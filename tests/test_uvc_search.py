@@ -384,8 +384,11 @@ def test_input_checks(tiny):
     with pytest.raises(ValueError, match="budget"):
         make_search_step(cfg, SearchConfig(budget=1.2), make_optimizers(cfg, SearchConfig(budget=0.5)))
     other = dj.models.preset("vit_small_patch16_224", depth=2, img_size=32)
-    with pytest.raises(ValueError, match="different shapes"):
+    with pytest.raises(ValueError, match="teacher vit_small_patch16_224 .* token width 384 vs 192, pooled width 3"):
         make_search_step(cfg, SearchConfig(budget=0.5), make_optimizers(cfg, SearchConfig(budget=0.5)), other)
+    kd = SearchConfig(budget=0.5, kd_coef=1.0)
+    with pytest.raises(ValueError, match=r"same classes on both sides: vit_tiny_patch16_224 \(searched\) has 1000,"):
+        make_search_step(cfg, kd, make_optimizers(cfg, kd), cfg.replace(num_classes=10))
     svars = SearchVars(Counts(jnp.zeros(2), jnp.zeros((2, 3)), jnp.zeros(2)), jnp.zeros((2, 2)))
     with pytest.raises(ValueError, match="teacher_params"):
         extract(cfg, params, svars, 0.5, select="diversity")

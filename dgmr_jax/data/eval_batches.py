@@ -40,6 +40,7 @@ class EvalBatches:
         if batch_size <= 0 or len(source) == 0:
             raise UserError(f"need batch_size > 0 and a non-empty source, got {batch_size} and {len(source)} records")
         self.source, self.batch_size, self.img_size = source, batch_size, img_size
+        self._decode = DecodeOrSkip(source)  # one per set: an unreadable record is warned about once, not every pass
         self.mean, self.std, self.resize_size, self.interpolation = mean, std, resize_size, interpolation
 
     def __len__(self) -> int:
@@ -47,14 +48,14 @@ class EvalBatches:
 
     def _readable(self) -> Iterator[tuple[int, Any]]:
         """(record index, RGB image) of each readable record, in order, each record decoded once."""
-        decode, i, n = DecodeOrSkip(self.source), 0, len(self.source)
-        while i < n:
-            element = decode.map(i)  # the first readable record from i on, wrapping around to 0
-            i += int(element["skipped"])
-            if i >= n:  # records from the first i on were all unreadable
+        i = 0
+        while i < len(self.source):
+            element = self._decode.map(i)  # the first readable record from i on, wrapping around to 0
+            record = int(element["record"])
+            if record < i:  # wrapped: the records from i on were all unreadable
                 return
-            yield i, element["image"]
-            i += 1
+            yield record, element["image"]
+            i = record + 1
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         index, images = [], []

@@ -7,7 +7,8 @@ Each host passes its own `shard_index`/`shard_count` (e.g. `jax.process_index()`
 Every batch is a dict:
   "images":  float32 (batch, img_size, img_size, 3), channels-last, normalized with mean/std;
   "skipped": int32 (batch,), unreadable records passed over to fill each slot (see DecodeOrSkip);
-  "index":   int64 (batch,), the sampled global record index of each slot.
+  "index":   int64 (batch,), the sampled global record index of each slot;
+  "record":  int64 (batch,), the record decoded into each slot (the index, unless records were passed over).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from absl import flags
 
 from dgmr_jax.core.errors import UserError
-from dgmr_jax.data.transforms import DecodeOrSkip, EvalTransform, TrainTransform
+from dgmr_jax.data.transforms import DecodeOrSkip, EvalTransform, TrainTransform, passed_over
 
 
 class _RecordKeys:
@@ -54,6 +55,7 @@ def _check_args(
     shard_count: int,
     num_epochs: int | None,
     resize_size: int | None,
+    max_image_pixels: int,
 ) -> None:
     """Raise ValueError, saying what to change, before any record is read."""
     if batch_size <= 0:
@@ -79,6 +81,10 @@ def _check_args(
         raise UserError(f"num_epochs must be positive or None (repeat forever), got {num_epochs}")
     if resize_size is not None and resize_size < img_size:
         raise UserError(f"resize_size must be >= img_size ({img_size}), got {resize_size}")
+    if max_image_pixels < 0:
+        raise UserError(
+            f"max_image_pixels must be >= 0 (0: $DGMR_MAX_IMAGE_PIXELS or the default), got {max_image_pixels}"
+        )
 
 
 def make_loader(
@@ -99,6 +105,7 @@ def make_loader(
     train: bool = True,
     resize_size: int | None = None,
     interpolation: str = "bicubic",
+    max_image_pixels: int = 0,
 ) -> grain.DataLoader:
     """Batches of normalized images from `source` for this host (layout in the module docstring).
 
@@ -109,7 +116,8 @@ def make_loader(
     `shard_count * (len(source) // shard_count)`. An example's crop/flip depends only on
     (seed, its global position in the sampled stream); which examples share a batch also depends
     on worker_count (grain batches inside each worker). Batches depend on nothing else, so
-    `restore_loader` on a loader built with the same arguments continues exactly.
+    `restore_loader` on a loader built with the same arguments continues exactly. Images over
+    `max_image_pixels` (0: transforms.max_image_pixels()) are passed over like unreadable ones.
     """
     _check_args(
         num_records=len(source),
@@ -124,6 +132,7 @@ def make_loader(
         shard_count=shard_count,
         num_epochs=num_epochs,
         resize_size=resize_size,
+        max_image_pixels=max_image_pixels,
     )
     _mark_flags_parsed(worker_count)
     # The sampler defines one global stream (independent of the host count); the DataLoader gives host h the
@@ -140,7 +149,11 @@ def make_loader(
     return grain.DataLoader(
         data_source=_RecordKeys(source),
         sampler=sampler,
-        operations=[DecodeOrSkip(source), transform, grain.transforms.Batch(batch_size, drop_remainder=True)],
+        operations=[
+            DecodeOrSkip(source, max_image_pixels),
+            transform,
+            grain.transforms.Batch(batch_size, drop_remainder=True),
+        ],
         worker_count=worker_count,
         shard_options=shard,
     )
@@ -176,17 +189,23 @@ def skipped_total(batch: Mapping[str, np.ndarray]) -> int:
 
 @dataclasses.dataclass
 class SkipCounter:
-    """Running count of unreadable records this host's loader skipped, for the training log.
+    """The unreadable records this host's loader passed over, each counted once however often it was sampled,
+    for the training log.
 
-    Per host: sum across hosts for a global count. Save `total` beside the loader state to keep
-    counting across restarts.
+    Per host: hosts may pass over the same file. A restarted run counts afresh.
     """
 
-    total: int = 0
+    records: set[int] = dataclasses.field(default_factory=set)
+
+    @property
+    def total(self) -> int:
+        """Distinct unreadable records seen so far."""
+        return len(self.records)
 
     def update(self, batch: Mapping[str, np.ndarray]) -> int:
-        """Add a batch's skips; return the new total."""
-        self.total += skipped_total(batch)
+        """Add a batch's passed-over records; return the new total."""
+        for slot in np.flatnonzero(batch["skipped"]):
+            self.records.update(passed_over(*(int(batch[k][slot]) for k in ("index", "skipped", "record"))))
         return self.total
 
     def __str__(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,16 +27,39 @@ _FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}
 
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit (and 32-bit integer) single-channel images
 _WHITE = (255, 255, 255, 255)
+# The decompression-bomb guard: images with more pixels are not decoded. The default is the size Pillow refuses
+# outright (2 x Image.MAX_IMAGE_PIXELS); the environment variable changes it for every decode in every process.
+PIXELS_ENV = "DGMR_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 178_956_970
 
 
-def decode_rgb(data: bytes) -> Image.Image:
+def max_image_pixels() -> int:
+    """The pixel limit of decode_rgb when none is given: $DGMR_MAX_IMAGE_PIXELS, else DEFAULT_MAX_PIXELS."""
+    text = os.environ.get(PIXELS_ENV, "")
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    if not text.isdigit() or int(text) <= 0:
+        raise UserError(f"{PIXELS_ENV}={text!r}: set it to a positive number of pixels, e.g. {DEFAULT_MAX_PIXELS}")
+    return int(text)
+
+
+def decode_rgb(data: bytes, max_pixels: int = 0) -> Image.Image:
     """Decode encoded image bytes to the 8-bit RGB picture a viewer shows (first frame of animations).
 
     EXIF orientation is applied (camera JPEGs store rotation as a tag), 16-bit images are scaled to 8 bits
     (PIL's own conversion clips them to white), and transparency is composited on white. The full decode
-    happens here, so truncated files fail here rather than later.
+    happens here, so truncated files fail here rather than later. An image of more than `max_pixels` pixels
+    (0: `max_image_pixels()`) is refused from its header, before its pixels are decoded. This is the guard:
+    Pillow's own process-wide one is turned off, as it warns on every read and crop and cannot be raised per call.
     """
+    limit = max_pixels or max_image_pixels()
+    Image.MAX_IMAGE_PIXELS = None
     with Image.open(io.BytesIO(data)) as img:
+        if img.width * img.height > limit:
+            raise UserError(
+                f"{img.width}x{img.height} is {img.width * img.height:,} pixels, over the limit of {limit:,}: raise "
+                f"it with {PIXELS_ENV}=N (or a recipe's config.data.max_image_pixels) to read this image"
+            )
         return to_rgb(ImageOps.exif_transpose(img))
 
 
@@ -119,34 +143,57 @@ def record_name(source: Any, i: int) -> str:
 
 
 class DecodeOrSkip(grain.transforms.Map):
-    """Record key -> {"image": PIL RGB, "index", "skipped"}, passing over records that fail to read or decode.
+    """Record key -> {"image": PIL RGB, "index", "skipped", "record"}, passing over records that fail to read or
+    decode (`max_pixels`: decode_rgb's limit).
 
-    When record i fails, records i+1, i+2, ... (mod len) are tried in turn, so the replacement
-    is deterministic and the batch shape stays fixed. "skipped" is the number of records passed
-    over for this example (a corrupt record counts each time it is sampled or passed over);
-    "index" is the sampled key i. The loader feeds record keys instead of bytes precisely so that
-    this transform can read the replacement records itself.
+    When record i fails, records i+1, i+2, ... (mod len) are tried in turn, so the replacement is deterministic
+    and the batch shape stays fixed. "skipped" is the number of records passed over for this example, "record"
+    the one decoded, "index" the sampled key i (so the records passed over run from "index" up to "record",
+    wrapping around after the last). A record whose bytes do not decode (or are over the limit) is named in one
+    warning and then passed over without being read again; a read that fails is tried again when sampled again.
+    The loader feeds record keys instead of bytes precisely so that this transform can read the replacement
+    records itself.
     """
 
-    def __init__(self, source: Any) -> None:
-        self.source = source
+    def __init__(self, source: Any, max_pixels: int = 0) -> None:
+        self.source, self.max_pixels = source, max_pixels
+        self.unreadable: set[int] = set()
 
     def map(self, key: int) -> dict[str, Any]:
         n = len(self.source)
         for skipped in range(n):
             i = (key + skipped) % n
-            try:
-                image = decode_rgb(self.source[i])
-            except Exception as err:  # any failure of one file (read, format, truncation) must not stop training
-                _log.warning("skipping unreadable image %s of %r: %s", record_name(self.source, i), self.source, err)
+            if i in self.unreadable:
                 continue
-            return {"image": image, "index": np.int64(key), "skipped": np.int32(skipped)}
+            image = self._decode(i)
+            if image is not None:
+                return {"image": image, "index": np.int64(key), "skipped": np.int32(skipped), "record": np.int64(i)}
         raise UserError(f"none of the {n} records of {self.source!r} decodes as an image; check the data path")
+
+    def _decode(self, i: int) -> Image.Image | None:
+        """Record i as RGB, or None (warned) when it fails: any failure of one file must not stop training."""
+        try:
+            data = self.source[i]  # a failed read may be a passing storage error: tried again when sampled again
+            try:
+                return decode_rgb(data, self.max_pixels)
+            except Exception:
+                self.unreadable.add(i)  # bytes that do not decode (or are too large) never will
+                raise
+        except Exception as err:
+            _log.warning("skipping unreadable image %s of %r: %s", record_name(self.source, i), self.source, err)
+            return None
+
+
+def passed_over(key: int, skipped: int, record: int) -> list[int]:
+    """The records DecodeOrSkip passed over to fill a slot: from the sampled `key` up to the decoded `record`,
+    wrapping around to record 0 after the source's last (then `record` < `key`)."""
+    wrapped = record if record < key else 0
+    return [*range(key, key + skipped - wrapped), *range(wrapped)]
 
 
 def _with_images(element: dict[str, Any], images: np.ndarray) -> dict[str, Any]:
     """The loader's example layout: the PIL image replaced by the normalized array under "images"."""
-    return {"images": images, "index": element["index"], "skipped": element["skipped"]}
+    return {"images": images, **{k: element[k] for k in ("index", "skipped", "record")}}
 
 
 class TrainTransform(grain.transforms.RandomMap):

@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
             flip=False,
             workers=0,
             seed=0,
+            max_image_pixels=0,  # images with more pixels are skipped (0: $DGMR_MAX_IMAGE_PIXELS or 178,956,970)
         )
     )
     c.export_every = 0  # also write the student as workdir/models/step_<N> every N steps (0: only at the end)

@@ -28,6 +28,29 @@ def tap_config(cfg: ModelConfig, tap: str) -> ModelConfig:
     return cfg
 
 
+def check_pair(student: ModelConfig, teacher: ModelConfig, tap: str, names: tuple[str, str]) -> None:
+    """Refuse a student and teacher whose distilled tensors (tap configs) differ in shape, before anything is
+    written: the loss compares them element by element and has no projection between them. `names` says
+    which (student, teacher) models these are, for the message."""
+    s, t = tap_config(student, tap), tap_config(teacher, tap)
+    diffs = [
+        f"{what} {of_teacher} vs {of_student}"
+        for what, of_teacher, of_student in (
+            ("patch size", t.patch_size, s.patch_size),  # another patch grid: another number of patch tokens
+            ("token width", t.width, s.width),
+            ("pooled width", t.proj_dim or t.width, s.proj_dim or s.width),
+        )
+        if of_teacher != of_student
+    ]
+    if diffs:
+        raise UserError(
+            f"teacher {teacher.name} ({names[1]}) and student {student.name} ({names[0]}) do not fit one "
+            f"distillation loss (tap {tap!r}): {', '.join(diffs)}; the loss compares their tokens as they are, so "
+            "distil a student pruned from this teacher (`dgmr-jax prune --model TEACHER`, or leave "
+            "config.student.model_dir empty to prune at start) or a teacher of the student's patch size and widths"
+        )
+
+
 def features(cfg: ModelConfig, params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(pooled (B, E), patch tokens (B, N, D)) of cfg, a tap_config; unused params (head, norm) are ignored."""
     out = VisionTransformer(cfg).apply({"params": params}, images)

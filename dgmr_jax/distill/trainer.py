@@ -17,7 +17,7 @@ from etils import epath
 
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.parallel import sync_processes
-from dgmr_jax.distill.loss import tap_config
+from dgmr_jax.distill.loss import check_pair, tap_config
 from dgmr_jax.distill.step import make_step
 from dgmr_jax.eval.in_loop import EvalSpec, InLoopEval, parse_evals, primary_metric
 from dgmr_jax.io.model_dir import incomplete, load_config
@@ -80,10 +80,13 @@ class DistillTask:
         return cfg, params, {**teacher.meta, "pruned": {"method": sc.method, "mlp_ratio": sc.mlp_ratio}}
 
     def student_config(self, config: ml_collections.ConfigDict, teacher_cfg: ModelConfig) -> ModelConfig:
-        """A student pruned at start gets the widths `prune_mlp` would give it."""
+        """A student pruned at start gets the widths `prune_mlp` would give it; a model directory must fit the
+        teacher's distillation tensors."""
         sc = config.student
         if sc.model_dir:
-            return open_model(sc.model_dir).cfg
+            cfg = open_model(sc.model_dir).cfg
+            check_pair(cfg, teacher_cfg, config.distill.tap, (sc.model_dir, run_lib.teacher_spec(config.teacher)))
+            return cfg
         return teacher_cfg.replace(mlp_hidden=target_widths(teacher_cfg, sc.mlp_ratio))
 
     def make_step(

@@ -13,7 +13,7 @@ import numpy as np
 
 from dgmr_jax.io.checkpoint_io import CheckpointError, open_state_dict
 from dgmr_jax.io.hooks import HOOKS
-from dgmr_jax.io.keymaps import DERIVED, FAMILIES, Rule, rules, torch_prefix
+from dgmr_jax.io.keymaps import DERIVED, FAMILIES, Rule, export_families, foreign_parts, rules, torch_prefix
 from dgmr_jax.io.source import LayerSource
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import preset
@@ -260,14 +260,28 @@ def to_torch(cfg: ModelConfig, params: Params, family: str = "timm", prefix: str
     written as an all-zero 1-head attention / width-1 MLP (norm and layer scale zero too), so the timm model
     computes the slim model's function; its config is dgmr_jax.models.slim.padded_config(cfg)[0].
     """
-    if family not in FAMILIES:
-        raise CheckpointError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    if not cfg.full_units:
-        _check_unit_family(cfg, family)
-        if needs_padding(cfg):
-            cfg, params, _ = pad_units(cfg, params)
+    check_layout(cfg, family)
+    if needs_padding(cfg):
+        cfg, params, _ = pad_units(cfg, params)
     flat = flatten(unstack_blocks(params) if is_scanned(params) else params)
     return {prefix + name: value for name, value in export_rules(flat, rules(cfg, family), cfg.name).items()}
+
+
+def check_layout(cfg: ModelConfig, family: str, model_family: str = "") -> None:
+    """Refuse to write cfg in a family's layout whose PyTorch model cannot hold all of it (a file that would load
+    into neither library), in one line naming the families it does export to; `model_family` is the family the
+    model came from, for the message."""
+    if family not in FAMILIES:
+        raise CheckpointError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    foreign = foreign_parts(cfg, family)
+    if foreign:
+        origin = f" (family {model_family})" if model_family else ""
+        fits = export_families(cfg)
+        exports = f"it exports as {', '.join(fits)} (--family {fits[0]})" if fits else "no family's layout holds it"
+        raise CheckpointError(
+            f"model {cfg.name}{origin} cannot be written in the {family} layout: it has {', '.join(foreign)}, which "
+            f"{family}'s PyTorch model cannot hold; {exports}"
+        )
 
 
 def _check_unit_family(cfg: ModelConfig, family: str) -> None:

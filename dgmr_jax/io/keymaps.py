@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.config import ModelConfig
@@ -105,6 +106,47 @@ _NAMES = {
         ls2="ls2",
     ),
 }
+
+# Parts of a ViT that only some families' PyTorch models have: (what the model has, whether cfg has it, the
+# families whose model holds it). Written in another family's layout, such a model loads into neither library.
+_PARTS: tuple[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...]], ...] = (
+    ("per-layer attention units (a UVC slim model)", lambda c: not c.full_units, ("timm",)),
+    ("a patch-embedding bias", lambda c: c.patch_bias, ("timm", "eva_clip", "dinov2", "internvit")),
+    ("no class token", lambda c: not c.class_token, ("timm",)),
+    ("a distillation token", lambda c: c.dist_token, ("timm",)),
+    ("register tokens", lambda c: c.reg_tokens > 0, ("timm", "dinov2")),
+    ("position embeddings on other prefix tokens than the class token", lambda c: c.pos_embed_prefix != 1, ("timm",)),
+    ("a norm after the embeddings (ln_pre)", lambda c: c.pre_norm, ("timm", "open_clip")),
+    ("a final norm", lambda c: c.final_norm, ("timm", "open_clip", "eva_clip", "dinov2")),
+    ("no final norm", lambda c: not c.final_norm, ("timm", "eva_clip", "internvit")),
+    ("a norm of the pooled vector (fc_norm)", lambda c: c.fc_norm, ("timm", "eva_clip")),
+    ("average pooling", lambda c: c.global_pool == "avg", ("timm", "open_clip", "eva_clip")),
+    ("a classification head", lambda c: c.num_classes > 0, ("timm", "eva_clip")),
+    ("a bias-free projection (proj)", lambda c: c.proj_dim > 0, ("open_clip",)),
+    ("a q/k/v bias", lambda c: c.qkv_bias == "full", ("timm", "open_clip", "dinov2", "internvit")),
+    ("q and v biases only", lambda c: c.qkv_bias == "qv", ("timm", "eva_clip")),
+    ("no q/k/v bias", lambda c: c.qkv_bias == "none", ("timm", "eva_clip", "internvit")),
+    ("q/k norms", lambda c: bool(c.qk_norm), ("internvit",)),
+    ("an attention-output norm", lambda c: c.attn_norm, ("timm", "eva_clip")),
+    ("no layer scale", lambda c: not c.layer_scale, ("timm", "open_clip", "eva_clip", "dinov2")),
+    ("post-norm blocks", lambda c: c.post_norm, ("timm", "eva_clip")),
+    ("RMSNorm", lambda c: c.norm == "rmsnorm", ("timm", "eva_clip", "internvit")),
+    ("QuickGELU", lambda c: c.mlp_type == "quick_gelu", ("timm", "open_clip")),
+    ("a SwiGLU MLP", lambda c: c.gated, ("timm", "eva_clip", "dinov2")),
+    ("an MLP norm", lambda c: c.mlp_norm, ("timm", "eva_clip")),
+    ("rotary position embeddings", lambda c: c.rope, ("timm", "eva_clip")),
+)
+
+
+def foreign_parts(cfg: ModelConfig, family: str) -> list[str]:
+    """What cfg has that family's PyTorch model cannot hold (empty: cfg exports to that layout)."""
+    return [what for what, has, holders in _PARTS if has(cfg) and family not in holders]
+
+
+def export_families(cfg: ModelConfig) -> list[str]:
+    """The families whose PyTorch model holds every part of cfg."""
+    return [family for family in FAMILIES if not foreign_parts(cfg, family)]
+
 
 # Buffers that some checkpoints carry but that are recomputed from the config (never learned).
 DERIVED = {"eva_clip": re.compile(r"(^|\.)rope\.freqs_(cos|sin)$")}

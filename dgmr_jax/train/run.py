@@ -83,6 +83,11 @@ def use_compile_cache(config: ml_collections.ConfigDict, workdir: epath.Path) ->
     return path
 
 
+def teacher_spec(tc: ml_collections.ConfigDict) -> str:
+    """How messages name the teacher of `config.teacher`: its model directory or checkpoint, else "random init"."""
+    return tc.model_dir or tc.checkpoint or "random init"
+
+
 def make_source(dc: ml_collections.ConfigDict) -> Any:
     """The unlabeled images of `config.data` (data.kind says how to read data.path; see data.open_images)."""
     if dc.kind not in data_lib.KINDS:
@@ -191,7 +196,20 @@ def _loader(config: ml_collections.ConfigDict, source: Any, preprocess: Preproce
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
         worker_count=dc.workers,
+        max_image_pixels=dc.max_image_pixels,
     )
+
+
+def _img_size(config: ml_collections.ConfigDict, teacher_cfg: ModelConfig, student_cfg: ModelConfig) -> int:
+    """The run's image size (config.data.img_size, else the student's), which both models must cut into patches."""
+    img_size = config.data.img_size or student_cfg.img_size
+    for who, cfg in (("teacher", teacher_cfg), ("student", student_cfg)):
+        if img_size % cfg.patch_size:
+            raise UserError(
+                f"data.img_size {img_size} is not a multiple of the {who}'s patch size {cfg.patch_size} ({cfg.name}): "
+                f"set --config.data.img_size to a multiple of it (0: the student's {student_cfg.img_size})"
+            )
+    return img_size
 
 
 def build_run(task: Task, config: ml_collections.ConfigDict, workdir: PathLike) -> Run:
@@ -204,19 +222,21 @@ def build_run(task: Task, config: ml_collections.ConfigDict, workdir: PathLike) 
     source = make_source(config.data)  # bad data paths fail before the (possibly huge) models load
     sig = {**workdir_lib.signature(config, source), **task.signature(config)}
     workdir_lib.check_resume(workdir, sig)
-    use_compile_cache(config, workdir)
 
     teacher_source = open_teacher(config.teacher)
-    scan_layout(task.student_config(config, teacher_source.cfg), config, "student")  # before the weights load
+    # configs alone: a student the teacher cannot teach fails here, before weights load or anything is written
+    student_cfg = scan_layout(task.student_config(config, teacher_source.cfg), config, "student")
+    img_size = _img_size(config, teacher_source.cfg, student_cfg)
+    preprocess = Preprocess.from_meta(teacher_source.meta, teacher_source.cfg.name)
+    loader = _loader(config, source, preprocess, img_size)  # reads nothing yet; its settings are checked here
     teacher_cfg, teacher = teacher_source.cfg, teacher_source.load()
     model_cfg, student, student_meta = task.student(config, teacher_source, teacher)
     model_cfg = scan_layout(model_cfg, config, "student")
     student = in_layout(student, model_cfg.scan_layers)
     teacher = in_layout(teacher, bool(config.teacher.get("scan_layers", False)))
-    img_size = config.data.img_size or model_cfg.img_size
-    preprocess = Preprocess.from_meta(teacher_source.meta, teacher_cfg.name)
     student_meta = {**student_meta, "preprocess": preprocess.to_meta(img_size)}
     workdir_lib.record_run(workdir, sig, model_cfg, student_meta)
+    use_compile_cache(config, workdir)  # after the checks: a refused run leaves no cache folder behind
     step = build_step(task, config, mesh, teacher_cfg, model_cfg)
     student = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.student.param_dtype), student)
     teacher = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.teacher.dtype), teacher)
@@ -225,7 +245,7 @@ def build_run(task: Task, config: ml_collections.ConfigDict, workdir: PathLike) 
         workdir=workdir,
         mesh=mesh,
         opt=optim_config(config),
-        loader=_loader(config, source, preprocess, img_size),
+        loader=loader,
         step=step,
         teacher=jax.device_put(teacher, step.teacher_sh),
         model_cfg=model_cfg,

@@ -57,7 +57,8 @@ class Task(Protocol):
         """(config, params, meta) of the student the run starts from."""
 
     def student_config(self, config: ml_collections.ConfigDict, teacher_cfg: ModelConfig) -> ModelConfig:
-        """The student's config from configs alone, no weights read (what `plan` compiles)."""
+        """The student's config from configs alone, no weights read (what `plan` compiles); a student this teacher
+        cannot teach (other patch grid or widths) is refused here, before anything loads or is written."""
 
     def make_step(
         self, config: ml_collections.ConfigDict, teacher_cfg: ModelConfig, student_cfg: ModelConfig

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import optax
 
 from dgmr_jax.core.errors import UserError
-from dgmr_jax.distill.loss import distill_loss, tap_config
+from dgmr_jax.distill.loss import check_pair, distill_loss, tap_config
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.slim import masked_norm_statistics
 from dgmr_jax.models.tree import Params
-from dgmr_jax.models.vit import forward, param_shapes
+from dgmr_jax.models.vit import forward
 from dgmr_jax.train.state import lr_schedule, make_optimizer
 from dgmr_jax.uvc.config import SearchConfig
 from dgmr_jax.uvc.flops import masks_ratio
@@ -138,16 +138,16 @@ def _norm_statistics(cfg: ModelConfig, masks: Masks) -> contextlib.AbstractConte
     return masked_norm_statistics(cfg, masks.heads, masks.dims, masks.neurons)
 
 
-def _check_teacher(student: ModelConfig, teacher: ModelConfig) -> None:
-    """The distilled tensors of student and teacher (tap configs) must have the same shapes (abstract trace)."""
-    images = jax.ShapeDtypeStruct((1, student.img_size, student.img_size, 3), jnp.float32)
-    shapes = [
-        jax.eval_shape(lambda p, x, c=c: _features(c, p, x, None), param_shapes(c), images) for c in (student, teacher)
-    ]
-    if [x.shape for x in shapes[0]] != [x.shape for x in shapes[1]]:
+def check_teacher(
+    cfg: ModelConfig, teacher_cfg: ModelConfig, scfg: SearchConfig, names: tuple[str, str] = ("searched", "teacher")
+) -> None:
+    """A teacher other than the searched model must give the distilled tensors their shapes (distill.loss.check_pair),
+    and with kd_coef its logits too; `names` says which (searched, teacher) models these are."""
+    check_pair(cfg, teacher_cfg, scfg.tap, names)
+    if scfg.kd_coef and cfg.num_classes != teacher_cfg.num_classes:
         raise UserError(
-            f"student {student.name!r} and teacher {teacher.name!r} distil tensors of different shapes (pooled, "
-            f"patch tokens): {[x.shape for x in shapes[0]]} vs {[x.shape for x in shapes[1]]}"
+            f"logit distillation (kd_coef > 0) needs the same classes on both sides: {cfg.name} ({names[0]}) has "
+            f"{cfg.num_classes}, teacher {teacher_cfg.name} ({names[1]}) {teacher_cfg.num_classes}; set kd_coef=0"
         )
 
 
@@ -170,7 +170,7 @@ def make_search_step(
     teacher_cfg = teacher_cfg or cfg
     student_tap, teacher_tap = tap_config(cfg, scfg.tap), tap_config(teacher_cfg, scfg.tap)
     if teacher_cfg != cfg:
-        _check_teacher(student_tap, teacher_tap)
+        check_teacher(cfg, teacher_cfg, scfg)
     weight_lr = lr_schedule(scfg.weights)
     flags = Counts(
         heads=float(bool(scfg.search_heads)), dims=float(scfg.search_dims), neurons=float(scfg.search_neurons)

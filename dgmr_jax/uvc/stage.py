@@ -34,7 +34,7 @@ from dgmr_jax.train.logs import read_rows
 from dgmr_jax.train.task import LoopHooks, TaskStep
 from dgmr_jax.uvc.config import SearchConfig, check_budget, with_search
 from dgmr_jax.uvc.extract import SELECT, Extraction, extract
-from dgmr_jax.uvc.search import init_search_state, make_optimizers, make_search_step
+from dgmr_jax.uvc.search import check_teacher, init_search_state, make_optimizers, make_search_step
 
 
 def search_config(config: ml_collections.ConfigDict) -> SearchConfig:
@@ -84,7 +84,10 @@ class SearchTask:
         return source.cfg, source.load(), source.meta
 
     def student_config(self, config: ml_collections.ConfigDict, teacher_cfg: ModelConfig) -> ModelConfig:
-        return open_model(config.student.model_dir).cfg
+        """The searched model directory's config, which must fit the teacher's distillation tensors."""
+        cfg, model_dir = open_model(config.student.model_dir).cfg, config.student.model_dir
+        check_teacher(cfg, teacher_cfg, search_config(config), (model_dir, run_lib.teacher_spec(config.teacher)))
+        return cfg
 
     def make_step(
         self, config: ml_collections.ConfigDict, teacher_cfg: ModelConfig, student_cfg: ModelConfig
