@@ -28,8 +28,8 @@ _BLOCK = re.compile(r"^blocks_(\d+)/")
 def resolve_config(arch: str | ModelConfig, family: str) -> ModelConfig:
     """The config for arch (preset name, config .json path or ModelConfig) as stored in family's layout.
 
-    DINOv2's own layout keeps the mask token and gives the class token, not the registers, a position
-    embedding."""
+    DINOv2's own layouts (facebookresearch's and transformers') keep the mask token and give the class token, not
+    the registers, a position embedding."""
     if family not in FAMILIES:
         raise CheckpointError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     if isinstance(arch, ModelConfig):
@@ -38,7 +38,7 @@ def resolve_config(arch: str | ModelConfig, family: str) -> ModelConfig:
         cfg = ModelConfig.from_json(Path(arch).read_text())
     else:
         cfg = preset(arch)
-    if family == "dinov2":
+    if family in ("dinov2", "hf_dinov2"):
         cfg = cfg.replace(mask_token=True, pos_embed_prefix=1)
     return cfg
 
