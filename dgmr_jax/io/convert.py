@@ -13,7 +13,7 @@ import numpy as np
 
 from dgmr_jax.io.checkpoint_io import CheckpointError, open_state_dict
 from dgmr_jax.io.hooks import HOOKS
-from dgmr_jax.io.keymaps import DERIVED, FAMILIES, Rule, rules, torch_prefix
+from dgmr_jax.io.keymaps import DERIVED, FAMILIES, Rule, rules, torch_beside, torch_prefix
 from dgmr_jax.io.source import LayerSource
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import preset
@@ -61,7 +61,8 @@ class RenamedEntries(Mapping):
 
 
 class VisionEntries(RenamedEntries):
-    """The vision tower's entries of a checkpoint: family prefix removed, derived buffers dropped."""
+    """The vision tower's entries of a checkpoint: family prefix removed, derived buffers dropped, the entries that
+    sit beside the prefix (torch_beside) kept under their own names."""
 
     def __init__(self, sd: Mapping[str, np.ndarray], family: str):
         prefix = torch_prefix(family)
@@ -73,6 +74,7 @@ class VisionEntries(RenamedEntries):
             for k in sd
             if k.startswith(prefix) and not (derived and derived.search(k[len(prefix) :]))
         }
+        names |= {k: k for k in torch_beside(family) if prefix and k in sd}
         super().__init__(sd, names)
 
 

@@ -132,20 +132,22 @@ _NAMES = {
         packed_fc1="mlp.weights_in",
         gated_fc2="mlp.weights_out",
     ),
-    # transformers' CLIPVisionModel / CLIPVisionModelWithProjection / CLIPModel: the tower under "vision_model.",
-    # its projection beside it
+    # transformers' CLIPVisionModel / CLIPVisionModelWithProjection / CLIPModel: the tower under "vision_model."
+    # (transformers 5 saves a bare CLIPVisionModel without it), its projection beside it
     "hf_clip": dict(
         _TIMM,
+        prefix="vision_model.",
+        beside=("visual_projection.weight",),
         fused=False,
         cls_hook="vector",
         pos_hook="rows",
         proj_hook="linear",
-        block="vision_model.encoder.layers.{i}.",
-        patch="vision_model.embeddings.patch_embedding",
-        cls="vision_model.embeddings.class_embedding",
-        pos="vision_model.embeddings.position_embedding.weight",
-        norm_pre="vision_model.pre_layrnorm",
-        norm="vision_model.post_layernorm",
+        block="encoder.layers.{i}.",
+        patch="embeddings.patch_embedding",
+        cls="embeddings.class_embedding",
+        pos="embeddings.position_embedding.weight",
+        norm_pre="pre_layrnorm",
+        norm="post_layernorm",
         norm1="layer_norm1",
         norm2="layer_norm2",
         q_w="self_attn.q_proj.weight",
@@ -159,17 +161,21 @@ _NAMES = {
     ),
 }
 
-# Entries beside the vision tower that are not its params: buffers recomputed from the config (never learned),
-# and a whole CLIPModel's text tower, text projection and logit scale.
+# Buffers that some checkpoints carry but that are recomputed from the config (never learned).
 DERIVED = {
     "eva_clip": re.compile(r"(^|\.)rope\.freqs_(cos|sin)$"),
-    "hf_clip": re.compile(r"(^|\.)position_ids$|^text_model\.|^text_projection\.|^logit_scale$"),
+    "hf_clip": re.compile(r"(^|\.)position_ids$"),  # transformers 4 saved CLIP's position index buffer
 }
 
 
 def torch_prefix(family: str) -> str:
     """Prefix of the vision tower inside a full checkpoint ("visual." for CLIP layouts)."""
     return _NAMES[family].get("prefix", "")
+
+
+def torch_beside(family: str) -> tuple[str, ...]:
+    """Entries of the vision tower that sit beside its prefix, not under it (CLIPModel's visual_projection)."""
+    return _NAMES[family].get("beside", ())
 
 
 def family_names(cfg: ModelConfig, family: str) -> dict[str, str]:
