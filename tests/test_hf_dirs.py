@@ -110,7 +110,7 @@ def assert_parity(label: str, cfg, params, model) -> None:
         assert err <= TOL, (label, key, err)
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("fmt", ["safetensors", pytest.param("bin", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("label", sorted(MODELS))
 def test_sharded_directory_opens_without_family_or_arch_at_parity(label, fmt, tmp_path):
     model, folder = saved(label, tmp_path, fmt)
@@ -147,6 +147,7 @@ def test_shards_open_only_when_a_layer_needs_them(tmp_path, monkeypatch):
     assert set(opened) == wanted and len(wanted) < len(set(index.values()))
 
 
+@pytest.mark.slow
 def test_convert_without_family_or_arch_through_the_cli(tmp_path):
     """A user's `dgmr-jax convert --checkpoint DIR`: the .bin shards and config.json give everything, the image
     processor's preprocessor_config.json the preprocessing; the model directory computes what transformers does."""
@@ -173,12 +174,13 @@ def test_convert_without_family_or_arch_through_the_cli(tmp_path):
         [*argv[:5], str(bare), "--out", str(tmp_path / "never")], capture_output=True, text=True, env=env
     )
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
-        f"dgmr-jax convert: error: {bare} has no config.json naming its class: pass --family and --arch (family= and arch=) for "
-        "its layout and architecture"
+        f"dgmr-jax convert: error: {bare} has no config.json naming its class: pass --family and --arch "
+        "(family= and arch=) for its layout and architecture"
     ]
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_prune_a_sharded_directory_equals_pruning_in_memory(tmp_path):
     """`prune --checkpoint DIR` streams the shards; the result equals prune_mlp on the whole converted model and
     loads into transformers' class built with the pruned width (64 -> 32 neurons: DINOv2's mlp_ratio 2 -> 1)."""
