@@ -20,12 +20,17 @@ if TYPE_CHECKING:
 USER_ERRORS = (UserError, FileExistsError, FileNotFoundError)
 
 
-def _preprocess(args: argparse.Namespace, name: str):
-    """The --mean/--std/--crop-pct/--interpolation overrides of `convert` on the published settings of `name`."""
-    from dgmr_jax.models.preprocess import for_model, parse_triple
+def _preprocess(args: argparse.Namespace, source: Any):
+    """The --mean/--std/--crop-pct/--interpolation overrides of `convert` on the settings the source records (the
+    arch's published ones, or a Hugging Face image processor's), else on the published settings of its arch."""
+    from dgmr_jax.models.preprocess import Preprocess, for_model, parse_triple
 
     mean, std = parse_triple(args.mean, "--mean"), parse_triple(args.std, "--std")
-    return for_model(name, mean, std, crop_pct=args.crop_pct, interpolation=args.interpolation)
+    if source.meta.get("preprocess"):
+        return Preprocess.from_meta(source.meta).replace(
+            mean=mean, std=std, crop_pct=args.crop_pct, interpolation=args.interpolation
+        )
+    return for_model(source.cfg.name, mean, std, crop_pct=args.crop_pct, interpolation=args.interpolation)
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -35,7 +40,7 @@ def _convert(args: argparse.Namespace) -> None:
 
     check_new_dir(args.out)
     source = open_model(args.checkpoint, family=args.family, arch=args.arch)
-    preprocess = _preprocess(args, source.cfg.name)  # before the weights are read
+    preprocess = _preprocess(args, source)  # before the weights are read
     cfg, meta = source.cfg, {**source.meta, "preprocess": preprocess.to_meta(source.cfg.img_size)}
     save_model(args.out, cfg, source.load(), **meta)
     print(
@@ -102,8 +107,6 @@ def _prune(args: argparse.Namespace) -> None:
     if (args.model is None) == (args.checkpoint is None):
         raise UserError("give exactly one of --model DIR (from `dgmr-jax convert`) or --checkpoint PATH")
     if args.checkpoint is not None:
-        if not args.arch:
-            raise UserError("--checkpoint needs --arch (a preset name, e.g. eva02_enormous_patch14_clip_224)")
         source = open_model(args.checkpoint, family=args.family, arch=args.arch)
     else:
         source = open_model(args.model)
@@ -340,8 +343,13 @@ def _recipe_parser(sub: Any, name: str, help: str, example: str) -> argparse.Arg
 def _add_convert(sub: Any) -> None:
     p = sub.add_parser("convert", help="PyTorch checkpoint -> model directory (config.json + Orbax params)")
     p.add_argument("--family", choices=FAMILIES, default="timm")
-    p.add_argument("--arch", required=True, help="preset name (e.g. vit_small_patch16_224, ViT-g-14) or a config .json")
-    p.add_argument("--checkpoint", required=True, help=".safetensors, .pth, .pt, .bin, .ckpt or .pth.tar")
+    p.add_argument("--arch", help="preset name (e.g. vit_small_patch16_224, ViT-g-14) or a config .json")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help=".safetensors, .pth, .pt, .bin, .ckpt or .pth.tar; or a Hugging Face directory or *.index.json, whose "
+        "config.json gives --family and --arch",
+    )
     p.add_argument("--out", required=True, help="new model directory")
     p.add_argument("--mean", help="R,G,B input mean (default: the arch's published preprocessing)")
     p.add_argument("--std", help="R,G,B input std (default: the arch's published preprocessing)")
@@ -371,9 +379,9 @@ def _add_export(sub: Any) -> None:
 def _add_prune(sub: Any) -> None:
     p = sub.add_parser("prune", help="DGMR MLP pruning, one layer at a time, with a report")
     p.add_argument("--model", help="model directory from `dgmr-jax convert`")
-    p.add_argument("--checkpoint", help="or a PyTorch checkpoint (.safetensors is read lazily)")
+    p.add_argument("--checkpoint", help="or a PyTorch checkpoint or Hugging Face directory (read layer by layer)")
     p.add_argument("--family", choices=FAMILIES, default="timm", help="with --checkpoint")
-    p.add_argument("--arch", help="with --checkpoint: preset name or config .json")
+    p.add_argument("--arch", help="with --checkpoint: preset name or config .json (not for a HF config.json)")
     p.add_argument("--method", choices=("diversity", "l2", "random", "taylor"), default="diversity")
     p.add_argument("--mlp-ratio", type=float, help="kept width = int(ratio * width); default 1.0")
     p.add_argument("--hidden", help="kept width: one int, or comma-separated per layer")

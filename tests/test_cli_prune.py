@@ -102,7 +102,7 @@ def test_cli_errors_are_one_line_and_keep_existing_output(checkpoint, tmp_path, 
             ["prune", "--checkpoint", str(path), "--arch", cfg.name, "--out", str(keep)],
             "already exists and is not empty",
         ),
-        (["prune", "--checkpoint", str(path), "--out", str(tmp_path / "a")], "--checkpoint needs --arch"),
+        (["prune", "--checkpoint", str(path), "--out", str(tmp_path / "a")], "needs both family= and arch="),
         (
             ["prune", "--checkpoint", str(path), "--arch", cfg.name, "--mlp-ratio", "9", "--out", str(tmp_path / "b")],
             "exceeds the current width 768",

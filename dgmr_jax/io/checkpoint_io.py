@@ -1,5 +1,6 @@
 """Read PyTorch-style checkpoints (.safetensors with numpy only; .pth/.pt/.bin/.ckpt/.pth.tar through torch) as
-numpy, unwrapping the training-checkpoint structures around the weights."""
+numpy, unwrapping the training-checkpoint structures around the weights; Hugging Face directories and sharded
+checkpoints (an index .json naming each tensor's shard) are read one shard at a time."""
 
 from __future__ import annotations
 
@@ -252,8 +253,64 @@ def _load_torch(path: str) -> Any:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
 
 
+# What a Hugging Face directory holds, in order of preference: a shard index, else one weights file.
+HF_WEIGHTS = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+class ShardedCheckpoint(Mapping):
+    """Lazy view of a sharded checkpoint through its index (transformers' "weight_map": name -> shard file): key
+    names come from the index alone; a tensor opens only its own shard (.safetensors: that tensor's bytes;
+    .bin: the shard memory-mapped, one shard kept open at a time), so a 6B model is never read whole."""
+
+    def __init__(self, index: str):
+        self.path, folder = index, os.path.dirname(index)
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            self._shard = {str(k): os.path.join(folder, str(v)) for k, v in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a shard index (a JSON object with a weight_map): {err}") from err
+        absent = sorted({f for f in self._shard.values() if not os.path.isfile(f)})
+        if absent:
+            raise CheckpointError(f"{index} names shards that are not there: {', '.join(absent[:4])}")
+        self._open: tuple[str, Mapping[str, Any]] | None = None
+
+    def _file(self, shard: str) -> Mapping[str, Any]:
+        """The shard's tensors; the last shard stays open, so a layer's entries usually open one file once."""
+        if self._open is None or self._open[0] != shard:
+            self._open = None  # drop the previous shard before the next is mapped
+            self._open = (shard, open_state_dict(shard))
+        return self._open[1]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            return self._file(self._shard[key])[key]
+        except KeyError as err:  # the index is read first; a shard that lacks its entry is a broken download
+            raise CheckpointError(f"{self.path} places {key} in {self._shard[key]}, which does not hold it") from err
+
+    def __iter__(self):
+        return iter(self._shard)
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+
+def weights_in(directory: str) -> str:
+    """The checkpoint file of a Hugging Face directory (HF_WEIGHTS), or a CheckpointError listing what it needs."""
+    for name in HF_WEIGHTS:
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    raise CheckpointError(f"{directory} holds no checkpoint: expected one of {', '.join(HF_WEIGHTS)}")
+
+
 def open_state_dict(src: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, np.ndarray]:
-    """A state dict {name: numpy array} from a path or a mapping; safetensors entries load lazily.
+    """A state dict {name: numpy array} from a path or a mapping; safetensors entries load lazily. A path may be
+    a directory (Hugging Face layout, HF_WEIGHTS) or a shard index (*.index.json), read shard by shard.
 
     Training checkpoints are unwrapped: the weights may sit under a wrapper key (state_dict, model, module,
     params, model_ema, state_dict_ema; the first that holds tensors wins) beside epochs, optimizer state or an
@@ -266,12 +323,19 @@ def open_state_dict(src: str | os.PathLike | Mapping[str, Any]) -> Mapping[str, 
             raise CheckpointError(
                 f"{path}: PyTorch checkpoints are read from local disk; copy it first (gcloud storage cp)"
             )
+        if os.path.isdir(path):
+            path = weights_in(path)
         if not os.path.isfile(path):
             raise CheckpointError(f"checkpoint {path} does not exist")
+        if path.endswith(".index.json"):
+            return ShardedCheckpoint(path)
         if path.endswith(".safetensors"):
             return SafetensorsFile(path)
         if not path.endswith(TORCH_SUFFIXES):
-            raise CheckpointError(f"{path}: unknown checkpoint type; expected .safetensors or one of {TORCH_SUFFIXES}")
+            raise CheckpointError(
+                f"{path}: unknown checkpoint type; expected a directory, a shard index (*.index.json), "
+                f".safetensors or one of {TORCH_SUFFIXES}"
+            )
         src = _unwrap(_load_torch(path), path)
     else:
         src = _unwrap(src, "the given mapping")

@@ -13,7 +13,16 @@ import numpy as np
 
 from dgmr_jax.io.checkpoint_io import CheckpointError, open_state_dict
 from dgmr_jax.io.hooks import HOOKS
-from dgmr_jax.io.keymaps import DERIVED, FAMILIES, Rule, export_families, foreign_parts, rules, torch_prefix
+from dgmr_jax.io.keymaps import (
+    DERIVED,
+    FAMILIES,
+    Rule,
+    export_families,
+    foreign_parts,
+    rules,
+    torch_beside,
+    torch_prefix,
+)
 from dgmr_jax.io.source import LayerSource
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.presets import preset
@@ -28,8 +37,8 @@ _BLOCK = re.compile(r"^blocks_(\d+)/")
 def resolve_config(arch: str | ModelConfig, family: str) -> ModelConfig:
     """The config for arch (preset name, config .json path or ModelConfig) as stored in family's layout.
 
-    DINOv2's own layout keeps the mask token and gives the class token, not the registers, a position
-    embedding."""
+    DINOv2's own layouts (facebookresearch's and transformers') keep the mask token and give the class token, not
+    the registers, a position embedding."""
     if family not in FAMILIES:
         raise CheckpointError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     if isinstance(arch, ModelConfig):
@@ -38,7 +47,7 @@ def resolve_config(arch: str | ModelConfig, family: str) -> ModelConfig:
         cfg = ModelConfig.from_json(Path(arch).read_text())
     else:
         cfg = preset(arch)
-    if family == "dinov2":
+    if family in ("dinov2", "hf_dinov2"):
         cfg = cfg.replace(mask_token=True, pos_embed_prefix=1)
     return cfg
 
@@ -61,7 +70,8 @@ class RenamedEntries(Mapping):
 
 
 class VisionEntries(RenamedEntries):
-    """The vision tower's entries of a checkpoint: family prefix removed, derived buffers dropped."""
+    """The vision tower's entries of a checkpoint: family prefix removed, derived buffers dropped, the entries that
+    sit beside the prefix (torch_beside) kept under their own names."""
 
     def __init__(self, sd: Mapping[str, np.ndarray], family: str):
         prefix = torch_prefix(family)
@@ -73,6 +83,7 @@ class VisionEntries(RenamedEntries):
             for k in sd
             if k.startswith(prefix) and not (derived and derived.search(k[len(prefix) :]))
         }
+        names |= {k: k for k in torch_beside(family) if prefix and k in sd}
         super().__init__(sd, names)
 
 

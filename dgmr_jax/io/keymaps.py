@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.config import ModelConfig
 
-FAMILIES = ("timm", "open_clip", "eva_clip", "dinov2", "internvit")
+FAMILIES = ("timm", "open_clip", "eva_clip", "dinov2", "internvit", "hf_dinov2", "hf_clip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,9 @@ class Rule:
     hook: str = "copy"
 
 
-# Torch names of each part; "{b}" is the block prefix. Entries absent from a family fall back to _TIMM.
+# Torch names of each part; "{b}" is the block prefix. Entries absent from a family fall back to _TIMM. Layout
+# switches: fused (one qkv Linear, else cfg.qkv_fused decides), q_b/k_b/v_b (separate q/k/v biases), the hooks
+# of the class token, position table and projection (cls_hook, pos_hook, proj_hook; "copy" when absent).
 _TIMM = dict(
     block="blocks.{i}.",
     patch="patch_embed.proj",
@@ -66,6 +68,9 @@ _NAMES = {
     "open_clip": dict(
         _TIMM,
         prefix="visual.",
+        fused=True,
+        cls_hook="vector",
+        pos_hook="rows",
         block="transformer.resblocks.{i}.",
         patch="conv1",
         cls="class_embedding",
@@ -104,6 +109,56 @@ _NAMES = {
         pos="embeddings.position_embedding",
         ls1="ls1",
         ls2="ls2",
+    ),
+    # transformers' Dinov2Model / Dinov2WithRegistersModel, as save_pretrained writes them (the Hub layout)
+    "hf_dinov2": dict(
+        _TIMM,
+        fused=False,
+        block="encoder.layer.{i}.",
+        patch="embeddings.patch_embeddings.projection",
+        cls="embeddings.cls_token",
+        reg="embeddings.register_tokens",
+        pos="embeddings.position_embeddings",
+        mask="embeddings.mask_token",
+        norm="layernorm",
+        q_w="attention.attention.query.weight",
+        k_w="attention.attention.key.weight",
+        v_w="attention.attention.value.weight",
+        q_b="attention.attention.query.bias",
+        k_b="attention.attention.key.bias",
+        v_b="attention.attention.value.bias",
+        proj="attention.output.dense",
+        ls1="layer_scale1.lambda1",
+        ls2="layer_scale2.lambda1",
+        packed_fc1="mlp.weights_in",
+        gated_fc2="mlp.weights_out",
+    ),
+    # transformers' CLIPVisionModel / CLIPVisionModelWithProjection / CLIPModel: the tower under "vision_model."
+    # (transformers 5 saves a bare CLIPVisionModel without it), its projection beside it
+    "hf_clip": dict(
+        _TIMM,
+        prefix="vision_model.",
+        beside=("visual_projection.weight",),
+        fused=False,
+        cls_hook="vector",
+        pos_hook="rows",
+        proj_hook="linear",
+        block="encoder.layers.{i}.",
+        patch="embeddings.patch_embedding",
+        cls="embeddings.class_embedding",
+        pos="embeddings.position_embedding.weight",
+        norm_pre="pre_layrnorm",
+        norm="post_layernorm",
+        norm1="layer_norm1",
+        norm2="layer_norm2",
+        q_w="self_attn.q_proj.weight",
+        k_w="self_attn.k_proj.weight",
+        v_w="self_attn.v_proj.weight",
+        q_b="self_attn.q_proj.bias",
+        k_b="self_attn.k_proj.bias",
+        v_b="self_attn.v_proj.bias",
+        proj="self_attn.out_proj",
+        visual_proj="visual_projection.weight",
     ),
 }
 
@@ -149,12 +204,20 @@ def export_families(cfg: ModelConfig) -> list[str]:
 
 
 # Buffers that some checkpoints carry but that are recomputed from the config (never learned).
-DERIVED = {"eva_clip": re.compile(r"(^|\.)rope\.freqs_(cos|sin)$")}
+DERIVED = {
+    "eva_clip": re.compile(r"(^|\.)rope\.freqs_(cos|sin)$"),
+    "hf_clip": re.compile(r"(^|\.)position_ids$"),  # transformers 4 saved CLIP's position index buffer
+}
 
 
 def torch_prefix(family: str) -> str:
     """Prefix of the vision tower inside a full checkpoint ("visual." for CLIP layouts)."""
     return _NAMES[family].get("prefix", "")
+
+
+def torch_beside(family: str) -> tuple[str, ...]:
+    """Entries of the vision tower that sit beside its prefix, not under it (CLIPModel's visual_projection)."""
+    return _NAMES[family].get("beside", ())
 
 
 def family_names(cfg: ModelConfig, family: str) -> dict[str, str]:
@@ -182,13 +245,15 @@ def _norm(cfg: ModelConfig, flax: str, torch: str) -> list[Rule]:
     return norm_rules(flax, torch, bias=cfg.norm == "layernorm")
 
 
-def _attention(cfg: ModelConfig, n: dict[str, str], f: str, t: str, family: str) -> list[Rule]:
-    fused = cfg.qkv_fused or family == "open_clip"
+def _attention(cfg: ModelConfig, n: dict[str, str], f: str, t: str) -> list[Rule]:
+    fused = n.get("fused", cfg.qkv_fused)
     if fused:
         rules = [Rule((f"{f}/qkv/kernel",), (t + n["qkv_w"],), "linear")]
     else:
         rules = [Rule((f"{f}/qkv/kernel",), (t + n["q_w"], t + n["k_w"], t + n["v_w"]), "qkv")]
-    if cfg.qkv_bias == "full":
+    if cfg.qkv_bias == "full" and not fused and "q_b" in n:
+        rules.append(Rule((f"{f}/qkv/bias",), (t + n["q_b"], t + n["k_b"], t + n["v_b"]), "qkv"))
+    elif cfg.qkv_bias == "full":
         rules.append(Rule((f"{f}/qkv/bias",), (t + n["qkv_b"],)))
     elif cfg.qkv_bias == "qv":
         if not fused and n.get("q_proj_bias"):  # timm Eva unfused: biases live on q_proj / v_proj
@@ -221,12 +286,12 @@ def _mlp(cfg: ModelConfig, n: dict[str, str], f: str, t: str) -> list[Rule]:
     return rules + linear_rules(f"{f}/fc2", t + fc2)
 
 
-def _block(cfg: ModelConfig, n: dict[str, str], i: int, family: str) -> list[Rule]:
+def _block(cfg: ModelConfig, n: dict[str, str], i: int) -> list[Rule]:
     """Block i's rules; a branch a UVC slim layer does not have (0 heads, 0 MLP neurons) has none."""
     f, t = f"blocks_{i}", n["block"].format(i=i)
     rules = []
     if cfg.heads(i):
-        rules += _norm(cfg, f"{f}/norm1", t + n["norm1"]) + _attention(cfg, n, f"{f}/attn", t, family)
+        rules += _norm(cfg, f"{f}/norm1", t + n["norm1"]) + _attention(cfg, n, f"{f}/attn", t)
     if cfg.mlp_hidden[i]:
         rules += _norm(cfg, f"{f}/norm2", t + n["norm2"]) + _mlp(cfg, n, f"{f}/mlp", t)
     if cfg.layer_scale:
@@ -238,23 +303,22 @@ def _block(cfg: ModelConfig, n: dict[str, str], i: int, family: str) -> list[Rul
 def rules(cfg: ModelConfig, family: str) -> list[Rule]:
     """All rules for cfg in one family's layout, in unscanned form (blocks_0 ... blocks_{depth-1})."""
     n = family_names(cfg, family)
-    clip = family == "open_clip"
     out = [Rule(("patch_embed/kernel",), (f"{n['patch']}.weight",), "conv")]
     if cfg.patch_bias:
         out.append(Rule(("patch_embed/bias",), (f"{n['patch']}.bias",)))
     if cfg.class_token:
-        out.append(Rule(("cls_token",), (n["cls"],), "vector" if clip else "copy"))
+        out.append(Rule(("cls_token",), (n["cls"],), n.get("cls_hook", "copy")))
     if cfg.dist_token:
         out.append(Rule(("dist_token",), (n["dist"],)))
     if cfg.reg_tokens:
         out.append(Rule(("reg_token",), (n["reg"],)))
     if cfg.mask_token:
         out.append(Rule(("mask_token",), (n["mask"],)))
-    out.append(Rule(("pos_embed",), (n["pos"],), "rows" if clip else "copy"))
+    out.append(Rule(("pos_embed",), (n["pos"],), n.get("pos_hook", "copy")))
     if cfg.pre_norm:
         out += _norm(cfg, "norm_pre", n["norm_pre"])
     for i in range(cfg.depth):
-        out += _block(cfg, n, i, family)
+        out += _block(cfg, n, i)
     if cfg.final_norm:
         out += _norm(cfg, "norm", n["norm"])
     if cfg.fc_norm:
@@ -264,5 +328,5 @@ def rules(cfg: ModelConfig, family: str) -> list[Rule]:
         if cfg.dist_token:
             out += linear_rules("head_dist", n["head_dist"], bias=cfg.head_bias)
     if cfg.proj_dim:
-        out.append(Rule(("proj/kernel",), ("proj",)))
+        out.append(Rule(("proj/kernel",), (n.get("visual_proj", "proj"),), n.get("proj_hook", "copy")))
     return out

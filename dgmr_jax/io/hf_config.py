@@ -1,0 +1,168 @@
+"""Hugging Face checkpoints as people download them: a directory (or a shard index) whose transformers config.json
+names the class and its sizes, read as a family and a ModelConfig so no family= / arch= is needed; the image
+processor's preprocessor_config.json, when there, gives the preprocessing."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from dgmr_jax.core.errors import UserError
+from dgmr_jax.io.checkpoint_io import HF_WEIGHTS, CheckpointError
+from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.preprocess import Preprocess
+from dgmr_jax.models.presets import preset
+
+CONFIG_FILE = "config.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+# transformers' defaults of the fields read below, for config.json files (nested vision_config) that omit them
+_DINOV2 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, image_size=224)
+_DINOV2 |= dict(patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, use_swiglu_ffn=False, hidden_act="gelu")
+_CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224)
+_CLIP |= dict(patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=512)
+_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu"}
+_RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL filter numbers of an image processor's "resample"
+
+
+def is_hf_checkpoint(spec: str) -> bool:
+    """A shard index, or a local directory holding transformers weights (HF_WEIGHTS)."""
+    if spec.endswith(".index.json"):
+        return True
+    return os.path.isdir(spec) and any(os.path.isfile(os.path.join(spec, name)) for name in HF_WEIGHTS)
+
+
+def _sizes(c: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a (vision) config with transformers' defaults filled in; an unread activation is refused."""
+    c = {**defaults, **c}
+    if c["hidden_act"] not in _ACTIVATIONS:
+        raise UserError(f"hidden_act {c['hidden_act']!r} is not supported; known: {', '.join(_ACTIVATIONS)}")
+    return c
+
+
+def _common(c: dict[str, Any]) -> dict[str, Any]:
+    """The sizes every transformers vision config names alike, as ModelConfig fields."""
+    return dict(
+        img_size=c["image_size"],
+        patch_size=c["patch_size"],
+        width=c["hidden_size"],
+        depth=c["num_hidden_layers"],
+        num_heads=c["num_attention_heads"],
+        norm_eps=c["layer_norm_eps"],
+    )
+
+
+def _dinov2(c: dict[str, Any]) -> ModelConfig:
+    """Dinov2Model / Dinov2WithRegistersModel; a SwiGLU MLP is sized as transformers' Dinov2SwiGLUFFN sizes it."""
+    c = _sizes(c, _DINOV2)
+    hidden = int(c["hidden_size"] * c["mlp_ratio"])
+    swiglu = dict(mlp_type="swiglu", mlp_packed=True) if c["use_swiglu_ffn"] else {}
+    if swiglu:
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+    return preset(
+        "vit_base_patch14_dinov2",
+        **_common(c),
+        hidden=hidden,
+        qkv_bias="full" if c["qkv_bias"] else "none",
+        reg_tokens=c.get("num_register_tokens", 0),
+        **swiglu,
+    )
+
+
+def _clip(c: dict[str, Any], projection: bool) -> ModelConfig:
+    """CLIPVisionModel (no projection), CLIPVisionModelWithProjection and CLIPModel's vision tower."""
+    c = _sizes(c, _CLIP)
+    return preset(
+        "ViT-B-16",
+        **_common(c),
+        hidden=c["intermediate_size"],
+        mlp_type=_ACTIVATIONS[c["hidden_act"]],
+        proj_dim=c["projection_dim"] if projection else 0,
+    )
+
+
+def _internvit(c: dict[str, Any]) -> ModelConfig:
+    """OpenGVLab's InternVisionModel (remote code), alone or as an InternVLChatModel's vision_config."""
+    rms = c.get("norm_type", "rms_norm") == "rms_norm"
+    return preset(
+        "InternViT-300M-448px-V2_5",
+        **_common({"layer_norm_eps": 1e-6, "image_size": 448, "patch_size": 14, **c}),
+        hidden=c["intermediate_size"],
+        norm="rmsnorm" if rms else "layernorm",
+        qk_norm="full" if c.get("qk_normalization") else "",
+        qkv_bias="full" if c.get("qkv_bias", True) else "none",
+    )
+
+
+# architectures[0] -> (family, ModelConfig from the whole config.json)
+CLASSES: dict[str, tuple[str, Callable[[dict[str, Any]], ModelConfig]]] = {
+    "Dinov2Model": ("hf_dinov2", _dinov2),
+    "Dinov2WithRegistersModel": ("hf_dinov2", _dinov2),
+    "CLIPVisionModel": ("hf_clip", lambda c: _clip(c, projection=False)),
+    "CLIPVisionModelWithProjection": ("hf_clip", lambda c: _clip(c, projection=True)),
+    "CLIPModel": (
+        "hf_clip",
+        lambda c: _clip({**c.get("vision_config", {}), "projection_dim": c.get("projection_dim", 512)}, True),
+    ),
+    "InternVisionModel": ("internvit", _internvit),
+    "InternVLChatModel": ("internvit", lambda c: _internvit(c.get("vision_config", {}))),
+}
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not readable JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return data
+
+
+def _folder(spec: str) -> str:
+    return spec if os.path.isdir(spec) else os.path.dirname(spec) or "."
+
+
+def has_hf_config(spec: str) -> bool:
+    """The config.json beside the weights names a class this tool reads (it then wins over family= / arch=)."""
+    path = os.path.join(_folder(spec), CONFIG_FILE)
+    return os.path.isfile(path) and (_read_json(path).get("architectures") or [""])[0] in CLASSES
+
+
+def hf_layout(spec: str) -> tuple[str, ModelConfig]:
+    """(family, ModelConfig) of a transformers checkpoint from the config.json beside its weights; a one-line
+    CheckpointError saying what to pass when there is none or it names a class that is not read."""
+    path = os.path.join(_folder(spec), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{spec} has no {CONFIG_FILE} naming its class: pass --family and --arch (family= and arch=) "
+            "for its layout and architecture"
+        )
+    config = _read_json(path)
+    name = (config.get("architectures") or [""])[0]
+    if name not in CLASSES:
+        raise CheckpointError(
+            f"{path} names {name or 'no class'!r} (model_type {config.get('model_type')!r}), which is not read: "
+            f"known {', '.join(CLASSES)}; or pass --family and --arch for a layout this tool reads"
+        )
+    family, build = CLASSES[name]
+    return family, build(config).replace(name=os.path.basename(os.path.abspath(_folder(spec))))
+
+
+def hf_preprocess(spec: str) -> Preprocess | None:
+    """The image processor's mean, std, crop fraction and filter (preprocessor_config.json), or None without one."""
+    path = os.path.join(_folder(spec), PREPROCESSOR_FILE)
+    if not os.path.isfile(path):
+        return None
+    p = _read_json(path)
+    size, crop = p.get("size") or {}, p.get("crop_size") or {}
+    short = size.get("shortest_edge") if isinstance(size, dict) else size
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    crop_pct = crop / short if p.get("do_center_crop") and crop and short else 1.0
+    interpolation = _RESAMPLE.get(p.get("resample"), "bicubic")
+    try:
+        return Preprocess(p["image_mean"], p["image_std"], crop_pct=crop_pct, interpolation=interpolation)
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} has no usable image_mean / image_std ({err})") from err

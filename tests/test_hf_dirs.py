@@ -1,0 +1,265 @@
+"""Hugging Face directories in: tiny transformers models saved by save_pretrained with a small max_shard_size (really
+sharded, .safetensors, and .bin as transformers 4 wrote it), opened without family/arch, at parity with
+transformers' own classes (<= 1e-5, pooled and tokens), converted and pruned through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from reference import images, randomize, to_nhwc, torch
+
+import dgmr_jax as dj
+from dgmr_jax.cli import main
+from dgmr_jax.io.checkpoint_io import SafetensorsFile, ShardedCheckpoint, save_safetensors
+from dgmr_jax.io.hf_config import CLASSES, hf_layout
+from dgmr_jax.io.open import open_model
+from dgmr_jax.model_dir import load_model
+from dgmr_jax.models.tree import flatten
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5
+SHARD = "20KB"  # a 2-layer, 32-wide tower is ~60 KB: several shards
+_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14)
+_TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+_TEXT |= dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+# label -> (class name, config class, config kwargs)
+MODELS = {
+    "Dinov2Model": ("Dinov2Model", "Dinov2Config", dict(_VISION, mlp_ratio=2)),
+    "Dinov2Model-swiglu": ("Dinov2Model", "Dinov2Config", dict(_VISION, mlp_ratio=4, use_swiglu_ffn=True)),
+    "Dinov2WithRegistersModel": (
+        "Dinov2WithRegistersModel",
+        "Dinov2WithRegistersConfig",
+        dict(_VISION, mlp_ratio=2, num_register_tokens=2),
+    ),
+    "CLIPVisionModel": ("CLIPVisionModel", "CLIPVisionConfig", dict(_VISION, intermediate_size=64)),
+    "CLIPVisionModelWithProjection": (
+        "CLIPVisionModelWithProjection",
+        "CLIPVisionConfig",
+        dict(_VISION, intermediate_size=64, projection_dim=16, hidden_act="gelu"),
+    ),
+    "CLIPModel": (
+        "CLIPModel",
+        "CLIPConfig",
+        dict(vision_config=dict(_VISION, intermediate_size=64), text_config=_TEXT, projection_dim=16),
+    ),
+}
+
+
+def build(label: str, seed: int = 0):
+    """The transformers model of `label` from its small config, with seeded weights."""
+    cls, config_cls, kwargs = MODELS[label]
+    config = getattr(transformers, config_cls)(**kwargs)
+    config._attn_implementation = "eager"
+    return randomize(getattr(transformers, cls)(config), seed)
+
+
+def as_bin_shards(folder: Path) -> None:
+    """Rewrite save_pretrained's safetensors shards as transformers 4's sharded .bin (pytorch_model-*.bin and
+    pytorch_model.bin.index.json; transformers 5 writes only safetensors)."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    names = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        new = shard.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+        tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in dj.convert.load_state_dict(folder / shard).items()}
+        torch.save(tensors, folder / new)
+        (folder / shard).unlink()
+        names[shard] = new
+    index["weight_map"] = {k: names[v] for k, v in index["weight_map"].items()}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (folder / "model.safetensors.index.json").unlink()
+
+
+def saved(label: str, root: Path, fmt: str = "safetensors", seed: int = 0):
+    """(model, its sharded save_pretrained directory in `fmt`)."""
+    model, folder = build(label, seed), root / f"{label}-{fmt}"
+    model.save_pretrained(folder, max_shard_size=SHARD)
+    if fmt == "bin":
+        as_bin_shards(folder)
+    return model, folder
+
+
+def reference_outputs(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Tokens and pooled vector as this tool defines them: DINOv2's last_hidden_state (after its final norm) and
+    pooler_output; CLIP's tokens after post_layernorm (transformers applies it to the class token only) and
+    pooler_output, projected by visual_projection where the class has one."""
+    tower = getattr(model, "vision_model", model)  # transformers 5's CLIPVisionModel is the tower itself
+    with torch.no_grad():
+        out = tower(pixel_values=x)
+        if not hasattr(tower, "post_layernorm"):
+            return {"tokens": out.last_hidden_state, "pooled": out.pooler_output}
+        pooled = out.pooler_output
+        if hasattr(model, "visual_projection"):
+            pooled = model.visual_projection(pooled)
+        return {"tokens": tower.post_layernorm(out.last_hidden_state), "pooled": pooled}
+
+
+def assert_parity(label: str, cfg, params, model) -> None:
+    x = images(28)
+    ours = dj.models.forward(cfg, params, to_nhwc(x))
+    for key, ref in reference_outputs(model, x).items():
+        err = float(np.abs(np.asarray(ours[key], np.float64) - ref.numpy()).max())
+        print(f"PARITY {label:30s} {key:7s} max_abs={err:.2e}")
+        assert err <= TOL, (label, key, err)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", pytest.param("bin", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("label", sorted(MODELS))
+def test_sharded_directory_opens_without_family_or_arch_at_parity(label, fmt, tmp_path):
+    model, folder = saved(label, tmp_path, fmt)
+    index = folder / ("model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json")
+    shards = {f for f in os.listdir(folder) if f.endswith(f".{fmt}")}
+    assert len(shards) >= 3 and len(set(json.loads(index.read_text())["weight_map"].values())) == len(shards)
+    if fmt == "bin":  # the rewritten shards are what transformers itself reads as a sharded .bin checkpoint
+        again = type(model).from_pretrained(folder)
+        mine, theirs = model.state_dict(), again.state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    source = open_model(folder)  # the directory, or the index file alone
+    assert source.meta["family"] == CLASSES[MODELS[label][0]][0] and source.cfg.name == folder.name
+    assert open_model(index).cfg == source.cfg
+    assert_parity(f"{label} ({fmt})", source.cfg, source.load(), model)
+
+
+def test_shards_open_only_when_a_layer_needs_them(tmp_path, monkeypatch):
+    """Key names come from the index; reading block 0 opens only the shards that hold block 0's tensors."""
+    _, folder = saved("Dinov2Model", tmp_path)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    opened = []
+    real = SafetensorsFile.__init__
+
+    def recording(self, path):
+        opened.append(os.path.basename(path))
+        real(self, path)
+
+    monkeypatch.setattr(SafetensorsFile, "__init__", recording)
+    source = open_model(folder)  # reads the position table alone, for the image size it was trained at
+    assert opened == [index["embeddings.position_embeddings"]] and source.key_problems() == []
+    opened.clear()
+    source.block(0)
+    wanted = {v for k, v in index.items() if k.startswith("encoder.layer.0.")}
+    assert set(opened) == wanted and len(wanted) < len(set(index.values()))
+
+
+@pytest.mark.slow
+def test_convert_without_family_or_arch_through_the_cli(tmp_path):
+    """A user's `dgmr-jax convert --checkpoint DIR`: the .bin shards and config.json give everything, the image
+    processor's preprocessor_config.json the preprocessing; the model directory computes what transformers does."""
+    model, folder = saved("CLIPVisionModelWithProjection", tmp_path, "bin")
+    processor = dict(image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4], resample=3, do_center_crop=True)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(processor | dict(size={"shortest_edge": 32}, crop_size=28))
+    )
+    out = tmp_path / "model"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    argv = [sys.executable, "-m", "dgmr_jax.cli", "convert", "--checkpoint", str(folder), "--out", str(out)]
+    run = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith(f"wrote {out}: {folder.name}, ")
+    assert "preprocess mean (0.4, 0.5, 0.6), std (0.2, 0.3, 0.4), crop_pct 0.875, bicubic" in run.stdout
+    cfg, params = load_model(out)
+    assert cfg.proj_dim == 16 and cfg.mlp_type == "gelu"
+    assert_parity("CLIPVisionModelWithProjection (cli)", cfg, params, model)
+
+    bare = tmp_path / "bare"  # weights without a config.json: one line naming what to pass, nothing written
+    bare.mkdir()
+    save_safetensors(bare / "model.safetensors", {"w": np.zeros(2, np.float32)})
+    run = subprocess.run(
+        [*argv[:5], str(bare), "--out", str(tmp_path / "never")], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        f"dgmr-jax convert: error: {bare} has no config.json naming its class: pass --family and --arch "
+        "(family= and arch=) for its layout and architecture"
+    ]
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_prune_a_sharded_directory_equals_pruning_in_memory(tmp_path):
+    """`prune --checkpoint DIR` streams the shards; the result equals prune_mlp on the whole converted model and
+    loads into transformers' class built with the pruned width (64 -> 32 neurons: DINOv2's mlp_ratio 2 -> 1)."""
+    _, folder = saved("Dinov2Model", tmp_path)
+    out = tmp_path / "pruned"
+    assert main(["prune", "--checkpoint", str(folder), "--hidden", "32", "--out", str(out)]) == 0
+    streamed_cfg, streamed = load_model(out)
+    full = open_model(folder)
+    mem_cfg, mem = dj.prune.prune_mlp(full.cfg, full.load(), hidden=32)
+    assert streamed_cfg == mem_cfg and mem_cfg.mlp_hidden == (32, 32)
+    a, b = flatten(streamed), flatten(mem)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    slim = transformers.Dinov2Model(transformers.Dinov2Config(**{**MODELS["Dinov2Model"][2], "mlp_ratio": 1}))
+    sd = dj.convert.to_torch(mem_cfg, mem, "hf_dinov2")
+    slim.save_pretrained(tmp_path / "slim")  # the Hub names of this class, to load the export under
+    hub = set(dj.convert.load_state_dict(tmp_path / "slim" / "model.safetensors"))
+    assert set(sd) == hub
+    save_safetensors(tmp_path / "slim" / "model.safetensors", sd)
+    assert_parity("Dinov2Model pruned", mem_cfg, mem, type(slim).from_pretrained(tmp_path / "slim").eval())
+
+
+def test_teacher_and_explicit_flags_meet_a_config_json(tmp_path):
+    """A recognized config.json wins over family=/arch= (the teacher's defaults); without one they are used; a
+    config.json naming a class this tool does not read says so and what to pass."""
+    from ml_collections import ConfigDict
+
+    from dgmr_jax.train.run import open_teacher
+
+    _, folder = saved("Dinov2WithRegistersModel", tmp_path)
+    teacher = ConfigDict(dict(model_dir="", checkpoint=str(folder), family="timm", arch="vit_tiny_patch16_224"))
+    assert open_teacher(teacher).cfg.reg_tokens == 2
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["Dinov2ForImageClassification"]}))
+    with pytest.raises(dj.convert.CheckpointError, match="names 'Dinov2ForImageClassification' .* which is not read"):
+        open_model(folder)
+    (folder / "config.json").unlink()  # without a config.json, family= and arch= say it all
+    with pytest.raises(dj.convert.CheckpointError, match="has no config.json naming its class: pass --family"):
+        open_model(folder)
+    small = dict(img_size=28, width=32, depth=2, num_heads=2, hidden=64, reg_tokens=2)
+    cfg = dj.models.preset("vit_small_patch14_reg4_dinov2", **small)
+    assert open_model(folder, family="hf_dinov2", arch=cfg).cfg.reg_tokens == 2
+
+
+@pytest.mark.parametrize("name", ["InternViT-6B-448px-V2_5", "InternViT-300M-448px-V2_5"])
+def test_internvit_config_json_gives_the_preset(name, tmp_path):
+    """OpenGVLab's remote-code config.json (InternVisionModel, and an InternVLChatModel's vision_config) reads as
+    the preset, without building anything."""
+    big = name.startswith("InternViT-6B")
+    vision = dict(
+        architectures=["InternVisionModel"],
+        model_type="intern_vit_6b",
+        hidden_size=3200 if big else 1024,
+        num_hidden_layers=45 if big else 24,
+        num_attention_heads=25 if big else 16,
+        intermediate_size=12800 if big else 4096,
+        qkv_bias=not big,
+        qk_normalization=big,
+        norm_type="rms_norm" if big else "layer_norm",
+        layer_norm_eps=1e-6,
+        image_size=448,
+        patch_size=14,
+        hidden_act="gelu",
+    )
+    chat = dict(architectures=["InternVLChatModel"], model_type="internvl_chat", vision_config=vision)
+    for i, config in enumerate([vision, chat]):
+        folder = tmp_path / f"m{i}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        family, cfg = hf_layout(str(folder / "model.safetensors.index.json"))
+        assert family == "internvit" and cfg == dj.models.preset(name).replace(name=f"m{i}"), name
+
+
+def test_a_sharded_index_that_lies_is_one_error(tmp_path):
+    save_safetensors(tmp_path / "a.safetensors", {"x": np.ones(2, ml_dtypes.bfloat16)})
+    (tmp_path / "m.index.json").write_text(json.dumps({"weight_map": {"x": "a.safetensors", "y": "a.safetensors"}}))
+    sd = ShardedCheckpoint(str(tmp_path / "m.index.json"))
+    assert sorted(sd) == ["x", "y"] and sd["x"].dtype == ml_dtypes.bfloat16
+    with pytest.raises(dj.convert.CheckpointError, match="places y in .*a.safetensors, which does not hold it"):
+        sd["y"]
+    (tmp_path / "n.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
+    with pytest.raises(dj.convert.CheckpointError, match="names shards that are not there: .*gone.safetensors"):
+        ShardedCheckpoint(str(tmp_path / "n.index.json"))
