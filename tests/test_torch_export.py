@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dgmr_jax as dj
 from dgmr_jax.cli import main
 from dgmr_jax.io import torch_export
-from dgmr_jax.io.model_dir import save_model
+from dgmr_jax.io.model_dir import COMPLETE_FILE, save_model
 from dgmr_jax.io.source import InMemorySource
 from dgmr_jax.models import config as config_lib
 from dgmr_jax.models import slim
@@ -265,7 +265,10 @@ def _config_only_dir(root: Path) -> Path:
     weight is read."""
     cfg = dj.models.preset("eva02_small_patch14_224", depth=1, img_size=28, width=32, num_heads=2, hidden=64)
     (root / "model").mkdir()
-    (root / "model" / "config.json").write_text(json.dumps({"config": json.loads(cfg.to_json()), "meta": {}}))
+    config = json.dumps({"config": json.loads(cfg.to_json()), "meta": {}})
+    (root / "model" / "config.json").write_text(config)
+    # complete as far as readers can tell (no params: nothing can be read by mistake)
+    (root / "model" / COMPLETE_FILE).write_text(json.dumps({"files": {"config.json": len(config.encode())}}))
     return root / "model"
 
 
