@@ -177,7 +177,8 @@ _PARTS: tuple[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...]], ...] =
     ("a norm of the pooled vector (fc_norm)", lambda c: c.fc_norm, ("timm", "eva_clip")),
     ("average pooling", lambda c: c.global_pool == "avg", ("timm", "open_clip", "eva_clip")),
     ("a classification head", lambda c: c.num_classes > 0, ("timm", "eva_clip")),
-    ("a bias-free projection (proj)", lambda c: c.proj_dim > 0, ("open_clip", "hf_clip")),
+    # not hf_clip: its export writes no visual_projection yet
+    ("a bias-free projection (proj)", lambda c: c.proj_dim > 0, ("open_clip",)),
     (
         "a q/k/v bias",
         lambda c: c.qkv_bias == "full",
