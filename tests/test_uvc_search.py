@@ -30,7 +30,7 @@ from dgmr_jax.uvc.objective import (
     prox_shrink,
     z_lr_at,
 )
-from dgmr_jax.uvc.search import deterministic_ratio, init_search_state, make_optimizers, make_search_step
+from dgmr_jax.uvc.search import deterministic_ratio, freeze_step, init_search_state, make_optimizers, make_search_step
 from dgmr_jax.uvc.state import Counts, Duals, SearchState, SearchVars
 
 FROZEN = OptimConfig(base_lr=0.0, min_lr=0.0, total_steps=100, global_batch=256)
@@ -211,6 +211,17 @@ def test_duals_projected_nonnegative():
     assert all(float(jnp.min(x)) >= 0 for x in jax.tree_util.tree_leaves(neg))
 
 
+def test_multiplicative_z_ascent_scales_z_both_ways():
+    duals = Duals(jnp.zeros(2), jnp.zeros(2), jnp.zeros((2, 3)), jnp.float32(2.0))
+    terms = Counts(jnp.zeros(2), jnp.zeros((2, 3)), jnp.zeros(2))
+    up, down = (
+        ascend_duals(duals, terms, jnp.float32(r), 0.5, 0.0, 0.0, jnp.float32(3.0), multiplicative=True)
+        for r in (0.7, 0.3)
+    )
+    assert float(up.z) == pytest.approx(2.0 * np.exp(0.6), rel=1e-6)
+    assert float(down.z) == pytest.approx(2.0 * np.exp(-0.6), rel=1e-6)  # under budget: falls, stays > 0
+
+
 def test_prox_shrinks_only_groups_about_to_go(tiny):
     cfg, params, _ = tiny
     norms = group_norms(cfg, params)
@@ -293,6 +304,24 @@ def test_z_schedule_changes_z_step_across_boundary(tiny):
     for dz, viol, lr in deltas[1:]:
         assert dz == pytest.approx(lr * viol, rel=1e-5)
     assert deltas[3][0] / deltas[3][1] == pytest.approx(10 * deltas[2][0] / deltas[2][1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_frozen_gate_phase_runs_hard_gates_and_holds_logits(tiny):
+    """The last gate_freeze of the search steps: argmax gates in the forward (R is the hard ratio), logits held."""
+    cfg, params, images = tiny
+    weights = dataclasses.replace(FROZEN, total_steps=5)
+    scfg, state, step = _setup(cfg, params, weights=weights, warmup_steps=1, gate_freeze=0.5, gate_init=(0.3, 0.2))
+    assert freeze_step(scfg) == 3  # 4 search steps, the last 2 frozen
+    seen = []
+    for t in range(5):
+        before = np.asarray(state.vars.gate_logits)
+        state, m = step(state, params, images, jax.random.PRNGKey(t))
+        moved = not np.array_equal(before, np.asarray(state.vars.gate_logits))
+        seen.append((float(m["gates_frozen"]), moved))
+        if t >= 3:
+            assert float(m["ratio"]) == pytest.approx(float(m["ratio_hard"]), abs=1e-6)
+    assert seen == [(0.0, False), (0.0, True), (0.0, True), (1.0, False), (1.0, False)]
 
 
 @pytest.mark.slow
@@ -381,6 +410,12 @@ def test_input_checks(tiny):
         check_search(cfg.replace(mlp_hidden=(768, 700)), SearchConfig(budget=0.5))
     with pytest.raises(ValueError, match="tau"):
         check_search(cfg, SearchConfig(budget=0.5, tau=0.0))
+    with pytest.raises(ValueError, match=r"gate_freeze is a fraction of the search steps in \[0, 1\), got 1.0"):
+        check_search(cfg, SearchConfig(budget=0.5, gate_freeze=1.0))
+    with pytest.raises(ValueError, match="z_init must be > 0, got 0.0"):
+        check_search(cfg, SearchConfig(budget=0.5, z_ascent="multiplicative", z_init=0.0))
+    with pytest.raises(ValueError, match="z_ascent must be one of"):
+        check_search(cfg, SearchConfig(budget=0.5, z_ascent="pid"))
     with pytest.raises(ValueError, match="budget"):
         make_search_step(cfg, SearchConfig(budget=1.2), make_optimizers(cfg, SearchConfig(budget=0.5)))
     other = dj.models.preset("vit_small_patch16_224", depth=2, img_size=32)

@@ -14,6 +14,7 @@ from dgmr_jax.train.state import OptimConfig
 from dgmr_jax.uvc.masks import MASK_MODES
 
 OPTIMIZERS = ("adam", "sgd")
+Z_ASCENTS = ("additive", "multiplicative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,12 @@ class SearchConfig:
     # z's step size: ((first search step, lr), ...) sorted by step, the first at step 0; search steps count from
     # the end of the warm-up
     z_lr: tuple[tuple[int, float], ...] = ((0, 1.0),)
+    # "additive": z += z_lr * (R - budget), projected at 0 (the official ascent); "multiplicative": z *= exp(z_lr *
+    # (R - budget)), scale-free, so z reaches the size the counts need and falls as fast when under budget
+    z_ascent: str = "additive"
+    # the last gate_freeze of the search steps (a fraction) run the blocks at their argmax gates, logits frozen, so R
+    # and z see the hard ratio and the counts alone close the remaining gap
+    gate_freeze: float = 0.0
     # distillation loss (dgmr_jax.distill.loss)
     tap: str = "output"
     cls_coef: float = 1.0
@@ -126,6 +133,12 @@ def check_search(cfg: ModelConfig, scfg: SearchConfig) -> None:
     for name, v in nonneg.items():
         if not (math.isfinite(v) and v >= 0):
             raise UserError(f"{name} must be a finite number >= 0, got {v}")
+    if scfg.z_ascent not in Z_ASCENTS:
+        raise UserError(f"z_ascent must be one of {Z_ASCENTS}, got {scfg.z_ascent!r}")
+    if scfg.z_ascent == "multiplicative" and not scfg.z_init > 0:
+        raise UserError(f"z_ascent='multiplicative' scales z, so z_init must be > 0, got {scfg.z_init}")
+    if not (math.isfinite(scfg.gate_freeze) and 0 <= scfg.gate_freeze < 1):
+        raise UserError(f"gate_freeze is a fraction of the search steps in [0, 1), got {scfg.gate_freeze}")
     if not 0 <= scfg.warmup_gate <= 1:
         raise UserError(f"warmup_gate is a block gate in [0, 1], got {scfg.warmup_gate}")
     if len(scfg.gate_init) != 2 or not all(math.isfinite(v) for v in scfg.gate_init):

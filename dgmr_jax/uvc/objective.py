@@ -99,14 +99,17 @@ def ascend_duals(
     y_lr: float,
     p_lr: float,
     z_lr: jax.Array,
+    multiplicative: bool = False,
 ) -> Duals:
-    """One projected gradient-ascent step: dL/dy = least-k sums, dL/dp likewise, dL/dz = R - budget."""
+    """One projected gradient-ascent step: dL/dy = least-k sums, dL/dp likewise, dL/dz = R - budget; z's step is
+    additive, or multiplicative (exponentiated gradient: z * exp(z_lr * (R - budget)), positive, scale-free)."""
     t = jax.lax.stop_gradient(terms)
+    gap = jax.lax.stop_gradient(ratio) - budget
     new = Duals(
         y_heads=duals.y_heads + y_lr * t.heads,
         y_neurons=duals.y_neurons + y_lr * t.neurons,
         p_dims=duals.p_dims + p_lr * t.dims,
-        z=duals.z + z_lr * (jax.lax.stop_gradient(ratio) - budget),
+        z=duals.z * jnp.exp(z_lr * gap) if multiplicative else duals.z + z_lr * gap,
     )
     return project_duals(new)
 

@@ -109,6 +109,12 @@ def current_masks(cfg: ModelConfig, params: Params, svars: SearchVars, mode: str
     return masks_from_counts(c.heads, c.dims, c.neurons, group_norms(cfg, params), mode)
 
 
+def freeze_step(scfg: SearchConfig) -> int:
+    """The first step of the frozen-gate phase: the last gate_freeze of the search steps (never, at 0)."""
+    total = scfg.weights.total_steps
+    return total - round(scfg.gate_freeze * max(total - scfg.warmup_steps, 0)) if scfg.gate_freeze else total + 1
+
+
 def deterministic_ratio(cfg: ModelConfig, params: Params, svars: SearchVars, search_blocks: bool = True) -> jax.Array:
     """The FLOPs ratio of what extraction (before repair) would keep: rounded counts, argmax gates."""
     m = current_masks(cfg, params, svars, "hard")
@@ -177,20 +183,23 @@ def make_search_step(
     )
     kd = scfg.kd_coef > 0
 
+    freeze = freeze_step(scfg)
+
     def step(state: SearchState, teacher_params: Params, images: jax.Array, rng: jax.Array):
         warm = state.step < scfg.warmup_steps
+        frozen = state.step >= freeze
         target = _features(teacher_tap, teacher_params, images.astype(teacher_cfg.dtype), None, kd)
         target = jax.lax.stop_gradient(target)
         gumbel = jax.random.gumbel(rng, (cfg.depth, 2), jnp.float32)
-        objective = _objective(cfg, scfg, student_tap, state, images, target, gumbel, warm)
+        objective = _objective(cfg, scfg, student_tap, state, images, target, gumbel, warm, frozen)
         grad_fn = jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True)
         (loss, aux), (g_params, g_counts, g_logits) = grad_fn(state.params, state.vars.counts, state.vars.gate_logits)
         g_counts = jax.tree_util.tree_map(lambda g, f: g * f, g_counts, flags)
         if not scfg.search_blocks:
             g_logits = jnp.zeros_like(g_logits)
         grads = (g_params, g_counts, g_logits)
-        new_state, lr, z_lr = _apply_updates(cfg, scfg, optimizers, weight_lr, state, grads, aux, warm)
-        return new_state, _metrics(cfg, scfg, state, loss, aux, lr, z_lr, warm)
+        new_state, lr, z_lr = _apply_updates(cfg, scfg, optimizers, weight_lr, state, grads, aux, warm, frozen)
+        return new_state, {**_metrics(cfg, scfg, state, loss, aux, lr, z_lr, warm), "gates_frozen": 1.0 * frozen}
 
     return step
 
@@ -204,6 +213,7 @@ def _objective(
     target: Any,
     gumbel: jax.Array,
     warm: jax.Array,
+    frozen: jax.Array,
 ) -> Callable[[Params, Counts, jax.Array], tuple[jax.Array, dict[str, Any]]]:
     """The Lagrangian of one step as a function of (weights, counts, gate logits): distillation loss of the
     masked, gated student against the teacher's `target`, sparsity penalty and the FLOPs constraint term."""
@@ -214,7 +224,8 @@ def _objective(
     def objective(params: Params, counts: Counts, logits: jax.Array):
         masks = masks_from_counts(counts.heads, counts.dims, counts.neurons, norms, scfg.mask_mode)
         if scfg.search_blocks:
-            pi = jnp.where(warm, scfg.warmup_gate, gumbel_gates(logits, gumbel, scfg.tau))
+            sample = jnp.where(frozen, hard_gates(logits), gumbel_gates(logits, gumbel, scfg.tau))
+            pi = jnp.where(warm, scfg.warmup_gate, sample)
             gates = pi
         else:
             pi, gates = jnp.ones((depth,), jnp.float32), None
@@ -244,8 +255,10 @@ def _apply_updates(
     grads: tuple[Params, Counts, jax.Array],
     aux: dict[str, Any],
     warm: jax.Array,
+    frozen: jax.Array,
 ) -> tuple[SearchState, jax.Array, jax.Array]:
-    """The next state from the gradients of (weights, counts, gate logits); (state, weights' lr, z's lr)."""
+    """The next state from the gradients of (weights, counts, gate logits); (state, weights' lr, z's lr).
+    Warm-up: weights only; frozen gates: everything but the gate logits."""
     g_params, g_counts, g_logits = grads
     t, duals = state.step, state.duals
     # weights: AdamW, then the proximal shrink of the groups the current counts remove
@@ -262,18 +275,20 @@ def _apply_updates(
 
     # duals: projected ascent
     z_lr = z_lr_at(scfg.z_lr, jnp.maximum(t - scfg.warmup_steps, 0))
-    new_duals = ascend_duals(duals, aux["least"], aux["ratio"], scfg.budget, scfg.y_lr, scfg.p_lr, z_lr)
+    multiplicative = scfg.z_ascent == "multiplicative"
+    new_duals = ascend_duals(duals, aux["least"], aux["ratio"], scfg.budget, scfg.y_lr, scfg.p_lr, z_lr, multiplicative)
 
     # the warm-up trains the weights only
-    keep = lambda old, new: jax.tree_util.tree_map(lambda o, n: jnp.where(warm, o, n), old, new)  # noqa: E731
+    keep = lambda old, new, hold=warm: jax.tree_util.tree_map(lambda o, n: jnp.where(hold, o, n), old, new)  # noqa: E731
+    hold_gates = warm | frozen
     new_state = SearchState(
         step=t + 1,
         params=params,
-        vars=keep(state.vars, SearchVars(counts, logits)),
+        vars=SearchVars(keep(state.vars.counts, counts), keep(state.vars.gate_logits, logits, hold_gates)),
         duals=keep(duals, new_duals),
         opt_weights=opt_weights,
         opt_counts=keep(state.opt_counts, opt_counts),
-        opt_gates=keep(state.opt_gates, opt_gates),
+        opt_gates=keep(state.opt_gates, opt_gates, hold_gates),
     )
     return new_state, lr, z_lr
 
