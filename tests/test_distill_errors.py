@@ -15,6 +15,7 @@ from PIL import Image
 
 import dgmr_jax as dj
 from dgmr_jax.cli import main
+from dgmr_jax.io.model_dir import restore_numpy
 from dgmr_jax.model_dir import load_config, load_model, save_model
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "cpu_tiny.py")
@@ -276,6 +277,23 @@ def test_corrupt_files_are_counted_not_fatal(images, tmp_path):
     assert (tmp_path / "run" / "tensorboard").is_dir()
 
 
+def _cli(workdir: Path, images: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The tests' recipe run as a user runs it: `dgmr-jax distill` in a fresh process."""
+    argv = ["distill", "--config", CONFIG, "--workdir", str(workdir), "--config.teacher.random_init=true"]
+    argv += [f"--config.data.path={images}", *overrides]
+    return subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True, timeout=600)
+
+
+def _saved(workdir: Path) -> dict[int, dict]:
+    """Step -> params of every checkpoint left in the workdir."""
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    return {s: restore_numpy(workdir / "checkpoints" / str(s) / "state", ["params"])["params"] for s in steps}
+
+
+def _sane(params: dict) -> bool:
+    return all(np.isfinite(x).all() and np.abs(x).max() < 100 for x in jax.tree.leaves(params))
+
+
 @pytest.mark.slow
 def test_a_run_draws_its_curves_and_a_finished_rerun_draws_nothing_new(images, tmp_path):
     """WORKDIR/curves.png (loss per logged step) is a PNG at the end of a run; rerunning the finished workdir
@@ -290,22 +308,45 @@ def test_a_run_draws_its_curves_and_a_finished_rerun_draws_nothing_new(images, t
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, capsys):
+def test_a_diverged_state_is_never_kept_and_the_advice_works(images, tmp_path):
+    """A step whose own params give a NaN loss is deleted, not kept as "the last good checkpoint"; the message
+    names the step a rerun starts from, and the rerun it advises (a lower lr, or clipping) works."""
     workdir = tmp_path / "run"
-    assert _distill(workdir, f"--config.data.path={images}", "--config.optim.total_steps=8") == 0
-    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-    # same run extended with an absurd learning rate: the loss blows up after step 8
-    code = _distill(
-        workdir,
-        f"--config.data.path={images}",
-        "--config.optim.total_steps=16",
-        "--config.optim.base_lr=1e30",
-        "--config.optim.warmup_steps=0",
+    # a fresh run also saves step 1 (Orbax's first save): its params are already 1e33 here
+    run = _cli(
+        workdir, images, "--config.optim.total_steps=8", "--config.optim.base_lr=1e35", "--config.optim.warmup_steps=0"
     )
-    assert code == 3
-    err = capsys.readouterr().err
-    assert "stopped without saving" in err and "The last good checkpoint (step 8) is kept" in err
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+    assert run.returncode == 3 and "Traceback" not in run.stderr
+    assert run.stderr.splitlines()[-1] == (
+        "dgmr-jax distill: error: loss is nan at step 2 (the loss of the params saved at step 1: that checkpoint "
+        "is deleted); stopped, no checkpoint is left. Lower optim.base_lr (or set optim.clip_norm) and rerun with "
+        "the same --workdir: it starts from step 0"
+    )
+    assert _saved(workdir) == {}
+
+    run = _cli(workdir, images, "--config.optim.total_steps=8")  # the recipe's lr
+    assert run.returncode == 0 and "resuming" not in run.stdout
+    assert list(_saved(workdir)) == [1, 4, 8]
+
+    # extended with an absurd lr and a save every step: step 9 is saved, and its params' loss is read at step 10
+    lr = ["--config.optim.base_lr=1e30", "--config.optim.warmup_steps=0", "--config.checkpoint_every=1"]
+    run = _cli(workdir, images, "--config.optim.total_steps=16", *lr)
+    assert run.returncode == 3
+    assert run.stderr.splitlines()[-1] == (
+        "dgmr-jax distill: error: loss is nan at step 10 (the loss of the params saved at step 9: that checkpoint "
+        "is deleted); stopped, the last good checkpoint is step 8. Lower optim.base_lr (or set optim.clip_norm) "
+        "and rerun with the same --workdir: it resumes from step 8"
+    )
+    saved = _saved(workdir)
+    assert list(saved) == [4, 8] and all(_sane(params) for params in saved.values())  # 1 went to keep=3
+
+    run = _cli(workdir, images, "--config.optim.total_steps=16", "--config.optim.clip_norm=1.0")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "distill: resuming from step 8 of 16" in run.stdout
+    saved = _saved(workdir)
+    assert list(saved) == [8, 12, 16] and all(_sane(params) for params in saved.values())
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(2, 17, 2))
 
 
 DISTILL_RECIPES = sorted(p.name for p in Path(CONFIG).parent.glob("*.py") if not p.name.startswith("text_"))

@@ -6,7 +6,7 @@ class UserError(ValueError):
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
+    """The loss or the state became NaN or inf; only checkpoints whose own params give a finite loss are kept."""
 
 
 class Interrupted(KeyboardInterrupt):

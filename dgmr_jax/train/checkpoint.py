@@ -1,20 +1,48 @@
-"""Orbax CheckpointManager for training: train state plus each host's grain iterator state.
+"""Orbax CheckpointManager for training: train state, each host's grain iterator state, and a record that lets a
+restore prove the state is the one saved.
 
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it when the save is
 complete), so a checkpoint cut short by SIGKILL is never restored, and its temporary directory is removed when
 the run starts again; restoring places arrays straight into their target shardings.
+
+Each step also holds `record` (JSON, written by process 0): a checksum of every array of the state, computed on
+device at save time (`train.verify`), and the loop's count of skipped files. A restore recomputes the checksums
+on the restored arrays. A step that fails to restore or to verify is skipped with a one-line warning and the
+next older one is tried; the skipped (newer) steps are deleted once an older one restores, since the resumed
+run saves those steps again. A step without a record (written before records existed) restores unverified,
+with a warning. A state counts as good only when it is finite and the loss of its own params is finite: that
+loss is the next step's (the metrics of step N+1 are computed from the params saved at N), so the loop reads it
+and `check_loss` deletes a step whose params diverged.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
+import sys
 from typing import Any
 
 import grain.checkpoint
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from dgmr_jax.core.errors import UserError
+from dgmr_jax.core.errors import NonFiniteLoss, UserError
 from dgmr_jax.core.paths import PathLike, as_path
+from dgmr_jax.train.verify import fingerprint
+
+RECORD = "record"  # the item of each step holding its checksums and counters
+
+
+@dataclasses.dataclass
+class Restored:
+    """A step restored and verified: where the run resumes."""
+
+    step: int
+    state: Any
+    skipped_files: int  # the loop's count of unreadable files at that step (process 0's)
 
 
 class TrainCheckpointer:
@@ -31,32 +59,139 @@ class TrainCheckpointer:
             create=True,
             cleanup_tmp_directories=True,  # a save cut short (SIGKILL, a second Ctrl-C) leaves nothing behind
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._state_handler = ocp.StandardCheckpointHandler()
+        handlers = {
+            "state": self._state_handler,
+            "data": grain.checkpoint.CheckpointHandler(),
+            RECORD: ocp.JsonCheckpointHandler(),
+        }
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.unchecked: int | None = None  # a step saved or restored whose params' loss is not known yet
+        self._aborted_reads = _AbortedReads()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any, force: bool = False) -> bool:
-        """Save if `step` is on the interval (or force); returns whether a save started."""
+    def save(self, step: int, state: Any, data_iterator: Any, skipped_files: int = 0, force: bool = False) -> bool:
+        """Save if `step` is on the interval (or force), with its checksums; returns whether a save started.
+        A state holding NaN or inf is never saved: the run stops (NonFiniteLoss)."""
+        if not (force or self.manager.should_save(step)):
+            return False
+        checksums, finite = fingerprint(state)
+        if not finite:
+            self._stop(f"the state after step {step} holds NaN or inf values (not saved)")
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            **{RECORD: ocp.args.JsonSave({"checksums": checksums, "skipped_files": skipped_files})},
         )
-        return self.manager.save(step, args=args, force=force)
+        saved = self.manager.save(step, args=args, force=force)
+        if saved:
+            self.unchecked = step
+        return saved
 
-    def restore(self, step: int, target: Any, data_iterator: Any) -> Any:
-        """The train state of `step`, placed like `target` (a tree of ShapeDtypeStruct with shardings);
-        the data iterator is moved to where that step left it."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iterator)
+    def awaits_loss(self, step: int) -> bool:
+        """Whether the loss of `step` must be read: it is the loss of the params saved (or restored) at step - 1."""
+        return self.unchecked == step - 1
+
+    def check_loss(self, loss: float, step: int) -> None:
+        """A finite loss at `step` accepts the state saved at step - 1; a NaN/inf one deletes that state (its own
+        params diverged) and stops the run, naming the last good step."""
+        if math.isfinite(loss):
+            if self.unchecked is not None and self.unchecked < step:
+                self.unchecked = None
+            return
+        what = f"loss is {loss} at step {step}"
+        if self.unchecked == step - 1:
+            self.wait()
+            self.manager.delete(step - 1)
+            self.unchecked = None
+            what += f" (the loss of the params saved at step {step - 1}: that checkpoint is deleted)"
+        self._stop(what)
+
+    def _stop(self, what: str) -> None:
+        """Raise NonFiniteLoss: what went wrong, which checkpoint is kept, and a rerun that works."""
+        good = self.latest_step()
+        kept = f"the last good checkpoint is step {good}" if good is not None else "no checkpoint is left"
+        rerun = f"resumes from step {good}" if good is not None else "starts from step 0"
+        raise NonFiniteLoss(
+            f"{what}; stopped, {kept}. Lower optim.base_lr (or set optim.clip_norm) and rerun with the same "
+            f"--workdir: it {rerun}"
         )
+
+    def restore_latest(self, target: Any, data_iterator: Any) -> Restored | None:
+        """The newest step that restores and verifies, placed like `target` (a tree of ShapeDtypeStruct with
+        shardings), with the data iterator moved to where that step left it; None when there is no checkpoint.
+        Damaged newer steps are warned about, skipped and, once an older one restores, deleted."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            state, problem = self._attempt(step, target, data_iterator)
+            if problem is None:
+                for newer in steps[:i]:
+                    self.manager.delete(newer)
+                self.unchecked = step
+                return Restored(step, state["state"], self._skipped_files(state))
+            _say(f"warning: checkpoint {self.directory / str(step)} is damaged ({problem}); skipped")
+        if not steps:
+            return None
+        raise UserError(
+            f"no checkpoint in {self.directory} can be restored: steps {', '.join(map(str, steps))} are all damaged "
+            f"(see the warnings above); start fresh with a new --workdir, or move {self.directory} away to rerun "
+            "this workdir from step 0"
+        )
+
+    def _attempt(self, step: int, target: Any, data_iterator: Any) -> tuple[Any, str | None]:
+        """(the restored items, None), or (None, why step is not good); the same answer on every process."""
+        restored, problem = None, None
+        self._aborted_reads.quiet()  # before the restore: a failed read's siblings report while it still unwinds
         try:
-            return self.manager.restore(step, args=args)["state"]
-        except (ValueError, KeyError, TypeError) as err:  # Orbax/grain dump whole trees: keep the first line
-            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-            raise UserError(
-                f"cannot resume from {self.directory / str(step)}: the saved state does not fit this run ({first}); "
-                "start fresh with a new --workdir"
-            ) from err
+            self._check_fits(step, target)
+            items = {
+                "state": ocp.args.StandardRestore(target),
+                "data": grain.checkpoint.CheckpointRestore(data_iterator),
+            }
+            if (self.directory / str(step) / RECORD).exists():
+                items[RECORD] = ocp.args.JsonRestore()
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except UserError:
+            raise
+        except Exception as err:  # damage raises anything: TensorStore's ValueError wrapped in a bare Exception by
+            problem = _first_line(err)  # Orbax, FileNotFoundError, KeyError, grain's and json's errors
+        if not _everywhere(problem is None):
+            return None, problem or "unreadable on another process"
+        if restored.get(RECORD) is None:
+            _say(
+                f"warning: checkpoint {self.directory / str(step)} has no checksums (saved by an older dgmr-jax); "
+                "restored unverified"
+            )
+        return restored, _verify(restored["state"], restored.get(RECORD))
+
+    def _check_fits(self, step: int, target: Any) -> None:
+        """Refuse, in one line, a saved state whose arrays differ from this run's (other settings, not damage)."""
+        saved = _shapes(self._state_handler.metadata(self.directory / str(step) / "state"))
+        wanted = _shapes(target)
+        if saved == wanted:
+            return
+        missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+        reshaped = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+        diffs = [
+            f"{label} {', '.join(keys[:3])}"
+            for label, keys in (
+                ("not saved:", missing),
+                ("not in this run:", extra),
+                ("other shape or dtype:", reshaped),
+            )
+            if keys
+        ]
+        raise UserError(
+            f"cannot resume from {self.directory / str(step)}: the saved state does not fit this run "
+            f"({'; '.join(diffs)}); restore the run's settings, or start fresh with a new --workdir"
+        )
+
+    @staticmethod
+    def _skipped_files(restored: Any) -> int:
+        record = restored.get(RECORD)
+        return int(record.get("skipped_files", 0)) if record else 0
 
     def wait(self) -> None:
         """Block until pending async saves are on disk."""
@@ -65,6 +200,73 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        self._aborted_reads.restore()
+
+
+class _AbortedReads:
+    """The noise of an Orbax restore that fails part-way, silenced from before a restore until `restore`: its other
+    TensorStore reads finish into the event loop Orbax has closed (dozens of unraisable "Event loop is closed"
+    tracebacks) or into futures no one awaits (asyncio's "Future exception was never retrieved"). Anything else
+    passes through."""
+
+    def __init__(self):
+        self._previous = None
+
+    def quiet(self) -> None:
+        if self._previous is None:
+            self._previous = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
+            logging.getLogger("asyncio").addFilter(self._log_filter)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            sys.unraisablehook, self._previous = self._previous, None
+            logging.getLogger("asyncio").removeFilter(self._log_filter)
+
+    def _unraisable(self, report: Any) -> None:
+        if not (isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"):
+            self._previous(report)
+
+    @staticmethod
+    def _log_filter(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Future exception was never retrieved")
+
+
+def _shapes(tree: Any) -> dict[tuple, tuple]:
+    """Leaf path -> (shape, dtype) of a state or of its saved metadata, in Orbax's own key names."""
+    return {
+        ".".join(map(str, k)): (tuple(v.shape), np.dtype(v.dtype).name) for k, v in ocp.tree.to_flat_dict(tree).items()
+    }
+
+
+def _verify(state: Any, record: dict | None) -> str | None:
+    """Why a restored state is not the one saved (a checksum differs; without a record, only: a value is NaN/inf),
+    or None."""
+    checksums, finite = fingerprint(state)
+    differ = [k for k, v in checksums.items() if record is not None and record.get("checksums", {}).get(k) != v]
+    if differ:
+        return f"checksum of {len(differ)} array(s) differs, first {differ[0]}"
+    return None if finite else "NaN or inf values"
+
+
+def _everywhere(ok: bool) -> bool:
+    """Whether `ok` holds on every process (each reads its own shards, so damage may show on one host only)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of the root cause (Orbax wraps TensorStore's errors, whose text runs on to whole specs)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).split(" [tensorstore_spec=")[0].strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300]}" if text else type(err).__name__
+
+
+def _say(line: str) -> None:
+    if jax.process_index() == 0:
+        print(line, file=sys.stderr)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

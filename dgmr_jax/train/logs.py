@@ -8,6 +8,7 @@ write, and TensorBoard events are written to a local temporary folder and copied
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -23,12 +24,19 @@ CURVES_FILE = "curves.png"  # beside metrics.jsonl: its loss and eval curves, dr
 
 
 class JsonlLog:
-    """Rows appended to a JSON-lines file (kept across restarts)."""
+    """Rows appended to a JSON-lines file (kept across restarts). A run resumed from step N passes `drop_after=N`:
+    the rows of later steps, which it is about to log again, are dropped from the file first."""
 
-    def __init__(self, path: epath.Path):
+    def __init__(self, path: epath.Path, drop_after: int | None = None):
         self.path = path
         self._remote = is_uri(path)
-        self._text = path.read_text() if self._remote and path.exists() else ""
+        text = path.read_text() if path.exists() and (self._remote or drop_after is not None) else ""
+        if drop_after is not None:
+            kept = "".join(line + "\n" for line in text.splitlines() if _step(line) <= drop_after)
+            if kept != text:
+                path.write_text(kept)
+            text = kept
+        self._text = text if self._remote else ""
 
     def write(self, row: dict[str, Any]) -> None:
         line = json.dumps(row) + "\n"
@@ -38,6 +46,14 @@ class JsonlLog:
         else:
             with self.path.open("a") as f:
                 f.write(line)
+
+
+def _step(line: str) -> float:
+    """The step of a logged row; inf for a line cut short (a run killed mid-write), which is dropped with them."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
 
 
 class TensorBoard:

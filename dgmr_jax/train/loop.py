@@ -1,5 +1,5 @@
-"""The train loop every stage shares (distillation, UVC search, text-tower fine-tune): resume from the last
-complete Orbax checkpoint, step, log metrics.jsonl / TensorBoard / the progress bar, evaluate in the loop,
+"""The train loop every stage shares (distillation, UVC search, text-tower fine-tune): resume from the newest
+good Orbax checkpoint, step, log metrics.jsonl / TensorBoard / the progress bar, evaluate in the loop,
 checkpoint, and stop cleanly on SIGTERM or Ctrl-C. A stage says what to step and what to feed it in a `Loop`.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -23,7 +22,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from dgmr_jax import data as data_lib
-from dgmr_jax.core.errors import Interrupted, NonFiniteLoss
+from dgmr_jax.core.errors import Interrupted
 from dgmr_jax.core.parallel import DevicePrefetch
 from dgmr_jax.train.checkpoint import TrainCheckpointer
 from dgmr_jax.train.logs import JsonlLog, TensorBoard, write_curves
@@ -135,16 +134,8 @@ class _Best:
             self.path.write_text(json.dumps(self.record, indent=2))
 
 
-def _check_loss(loss: float, done: int, ckpt: TrainCheckpointer) -> None:
-    if not math.isfinite(loss):
-        raise NonFiniteLoss(
-            f"loss is {loss} at step {done}; stopped without saving. The last good checkpoint "
-            f"(step {ckpt.latest_step()}) is kept: lower optim.base_lr or enable optim.clip_norm and rerun"
-        )
-
-
 def run_loop(loop: Loop) -> LoopResult:
-    """Resume from the workdir's last complete checkpoint (or start), then step to loop.total_steps or a stop
+    """Resume from the workdir's newest good checkpoint (or start), then step to loop.total_steps or a stop
     request: a SIGTERM saves, stops and returns; a Ctrl-C saves, stops and raises Interrupted."""
     stop = _Stop(loop.desc)  # from here on, Ctrl-C and SIGTERM stop the run after a saved step
     try:
@@ -161,14 +152,13 @@ def _run(loop: Loop, stop: _Stop) -> LoopResult:
     main_process = jax.process_index() == 0
     iterator = iter(loop.loader)
     ckpt = TrainCheckpointer(loop.workdir, loop.checkpoint_every, loop.keep, loop.async_checkpoint)
-    start, state = _resume(loop, ckpt, iterator)
+    start, state, skipped = _resume(loop, ckpt, iterator)
     if start >= loop.total_steps:  # nothing to train: write nothing (no log, no TensorBoard file)
         ckpt.close()
-        return LoopResult("done", state, {}, 0)
+        return LoopResult("done", state, {}, skipped.total)
     step_fn = loop.step_fn
     feed = DevicePrefetch(iterator, loop.mesh, loop.batch_key)
-    skipped = data_lib.SkipCounter()
-    logs = _Logs(loop, main_process)
+    logs = _Logs(loop, main_process, start)
     best = _Best(loop.workdir, loop.best_metric, main_process) if loop.evaluate else None
     bar = tqdm(total=loop.total_steps, initial=start, desc=loop.desc, unit="step", disable=not main_process)
     last, tick, reason = {}, time.perf_counter(), "done"
@@ -183,8 +173,9 @@ def _run(loop: Loop, stop: _Stop) -> LoopResult:
             # read once: a SIGTERM arriving later in this step is acted on (saved, then stopped) at the next one
             stopping = stop.at(done)
             save_now = stopping or done == loop.total_steps or ckpt.manager.should_save(done)
-            if log_now or save_now:  # the only host syncs: dispatch runs ahead in between
-                _check_loss(float(metrics["loss"]), done, ckpt)
+            # the only host syncs, dispatch runs ahead in between; a step after a save reads the loss of its params
+            if log_now or save_now or ckpt.awaits_loss(done):
+                ckpt.check_loss(float(metrics["loss"]), done)
             logs.write_seen(done, batch)
             if log_now:
                 now = time.perf_counter()
@@ -197,7 +188,7 @@ def _run(loop: Loop, stop: _Stop) -> LoopResult:
                 _evaluate(loop, state, done, best, logs, bar)
                 tick = time.perf_counter()  # evaluation time is not training throughput
             bar.update(1)
-            ckpt.save(done, state, feed, force=save_now)
+            ckpt.save(done, state, feed, skipped.total, force=save_now)
             if loop.after_step:
                 loop.after_step(state, done)
             if stopping:
@@ -214,26 +205,27 @@ def _run(loop: Loop, stop: _Stop) -> LoopResult:
     return LoopResult(reason, state, last, skipped.total)
 
 
-def _resume(loop: Loop, ckpt: TrainCheckpointer, iterator: Any) -> tuple[int, Any]:
-    """(first step, state): the workdir's last complete checkpoint, restored with its arrays straight on their
-    shardings and the data iterator where it stopped; else step 0 and loop.state."""
-    start = ckpt.latest_step()
-    if start is None:
-        return 0, loop.state
-    if jax.process_index() == 0 and start >= loop.total_steps:
-        print(f"{loop.desc}: already finished: step {start} of {loop.total_steps} is saved in {loop.workdir}")
+def _resume(loop: Loop, ckpt: TrainCheckpointer, iterator: Any) -> tuple[int, Any, data_lib.SkipCounter]:
+    """(first step, state, skip counter): the workdir's newest good checkpoint, restored with its arrays straight
+    on their shardings and the data iterator where it stopped; else step 0 and loop.state."""
+    restored = ckpt.restore_latest(loop.abstract_state, iterator)
+    if restored is None:
+        return 0, loop.state, data_lib.SkipCounter()
+    if jax.process_index() == 0 and restored.step >= loop.total_steps:
+        print(f"{loop.desc}: already finished: step {restored.step} of {loop.total_steps} is saved in {loop.workdir}")
     elif jax.process_index() == 0:
-        print(f"{loop.desc}: resuming from step {start} of {loop.total_steps} ({loop.workdir})")
-    return start, ckpt.restore(start, loop.abstract_state, iterator)
+        print(f"{loop.desc}: resuming from step {restored.step} of {loop.total_steps} ({loop.workdir})")
+    return restored.step, restored.state, data_lib.SkipCounter(restored.skipped_files)
 
 
 class _Logs:
-    """metrics.jsonl, seen.jsonl (with loop.log_indices) and TensorBoard, written by the main process only."""
+    """metrics.jsonl, seen.jsonl (with loop.log_indices) and TensorBoard, written by the main process only; rows of
+    steps after `start` (a resumed run redoes them) are dropped from the JSON-lines files."""
 
-    def __init__(self, loop: Loop, main_process: bool):
+    def __init__(self, loop: Loop, main_process: bool, start: int):
         self.main_process = main_process
-        self.metrics = JsonlLog(loop.workdir / "metrics.jsonl") if main_process else None
-        self.seen = JsonlLog(loop.workdir / "seen.jsonl") if main_process and loop.log_indices else None
+        self.metrics = JsonlLog(loop.workdir / "metrics.jsonl", start) if main_process else None
+        self.seen = JsonlLog(loop.workdir / "seen.jsonl", start) if main_process and loop.log_indices else None
         self.tensorboard = TensorBoard(loop.workdir / "tensorboard") if main_process else None
 
     def write(self, row: dict[str, Any], step: int) -> None:

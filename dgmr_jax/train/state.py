@@ -71,8 +71,19 @@ def make_optimizer(opt: OptimConfig, decay_mask: Callable[[Any], Any] | None = N
         eps=opt.eps,
         mask=decay_mask,
     )
-    tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), adamw) if opt.clip_norm > 0 else adamw
+    tx = _clipped(adamw, opt.clip_norm) if opt.clip_norm > 0 else adamw
     return optax.MultiSteps(tx, every_k_schedule=opt.accum_steps) if opt.accum_steps > 1 else tx
+
+
+def _clipped(tx: optax.GradientTransformation, max_norm: float) -> optax.GradientTransformation:
+    """`tx` on gradients clipped to global norm `max_norm`, with tx's own state: turning optim.clip_norm on or off
+    keeps a run's checkpoints resumable (a chain would add a state of its own)."""
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None):
+        return tx.update(clip.update(updates, clip.init(updates))[0], state, params)
+
+    return optax.GradientTransformation(tx.init, update)
 
 
 @struct.dataclass
