@@ -277,11 +277,18 @@ def test_corrupt_files_are_counted_not_fatal(images, tmp_path):
     assert (tmp_path / "run" / "tensorboard").is_dir()
 
 
-def _cli(workdir: Path, images: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """The tests' recipe run as a user runs it: `dgmr-jax distill` in a fresh process."""
-    argv = ["distill", "--config", CONFIG, "--workdir", str(workdir), "--config.teacher.random_init=true"]
-    argv += [f"--config.data.path={images}", *overrides]
-    return subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True, timeout=600)
+def _tiny_run(workdir: Path, images: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The tests' recipe run as a user runs it (`_cli`), against a random-init teacher."""
+    return _cli(
+        "distill",
+        "--config",
+        CONFIG,
+        "--workdir",
+        str(workdir),
+        "--config.teacher.random_init=true",
+        f"--config.data.path={images}",
+        *overrides,
+    )
 
 
 def _saved(workdir: Path) -> dict[int, dict]:
@@ -313,7 +320,7 @@ def test_a_diverged_state_is_never_kept_and_the_advice_works(images, tmp_path):
     names the step a rerun starts from, and the rerun it advises (a lower lr, or clipping) works."""
     workdir = tmp_path / "run"
     # a fresh run also saves step 1 (Orbax's first save): its params are already 1e33 here
-    run = _cli(
+    run = _tiny_run(
         workdir, images, "--config.optim.total_steps=8", "--config.optim.base_lr=1e35", "--config.optim.warmup_steps=0"
     )
     assert run.returncode == 3 and "Traceback" not in run.stderr
@@ -324,13 +331,13 @@ def test_a_diverged_state_is_never_kept_and_the_advice_works(images, tmp_path):
     )
     assert _saved(workdir) == {}
 
-    run = _cli(workdir, images, "--config.optim.total_steps=8")  # the recipe's lr
+    run = _tiny_run(workdir, images, "--config.optim.total_steps=8")  # the recipe's lr
     assert run.returncode == 0 and "resuming" not in run.stdout
     assert list(_saved(workdir)) == [1, 4, 8]
 
     # extended with an absurd lr and a save every step: step 9 is saved, and its params' loss is read at step 10
     lr = ["--config.optim.base_lr=1e30", "--config.optim.warmup_steps=0", "--config.checkpoint_every=1"]
-    run = _cli(workdir, images, "--config.optim.total_steps=16", *lr)
+    run = _tiny_run(workdir, images, "--config.optim.total_steps=16", *lr)
     assert run.returncode == 3
     assert run.stderr.splitlines()[-1] == (
         "dgmr-jax distill: error: loss is nan at step 10 (the loss of the params saved at step 9: that checkpoint "
@@ -340,7 +347,7 @@ def test_a_diverged_state_is_never_kept_and_the_advice_works(images, tmp_path):
     saved = _saved(workdir)
     assert list(saved) == [4, 8] and all(_sane(params) for params in saved.values())  # 1 went to keep=3
 
-    run = _cli(workdir, images, "--config.optim.total_steps=16", "--config.optim.clip_norm=1.0")
+    run = _tiny_run(workdir, images, "--config.optim.total_steps=16", "--config.optim.clip_norm=1.0")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "distill: resuming from step 8 of 16" in run.stdout
     saved = _saved(workdir)
