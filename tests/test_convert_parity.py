@@ -190,3 +190,110 @@ def test_resize_matrix_equals_torch_bicubic(size_in, size_out, antialias):
     )
     ours = resample_grid(grid[0].permute(1, 2, 0).numpy(), (size_out, size_out + 2), antialias)
     assert rel_err(ours, ref[0].permute(1, 2, 0)) <= TOL
+
+
+def _timm_resize(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """timm's load-time resize (resample_abs_pos_embed, antialiased bicubic by default)."""
+    from timm.layers import resample_abs_pos_embed
+
+    return resample_abs_pos_embed(pos, [grid, grid], num_prefix_tokens=1)
+
+
+def _open_clip_resize(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """open_clip's load-time resize of a CLIP state dict (resize_pos_embed); its table has no batch axis."""
+    from types import SimpleNamespace
+
+    from open_clip.model import resize_pos_embed
+
+    sd = {"visual.positional_embedding": pos[0]}
+    resize_pos_embed(sd, SimpleNamespace(visual=SimpleNamespace(grid_size=(grid, grid))))
+    return sd["visual.positional_embedding"][None]
+
+
+def _eva_clip_resize(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """EVA-CLIP's resize_eva_pos_embed (its package is not installed), from its formula: prefix rows kept, the
+    grid resized by F.interpolate bicubic with align_corners=False and no antialiasing."""
+    side = int((pos.shape[1] - 1) ** 0.5)
+    patches = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+def _hf_dinov2_resize(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """transformers' Dinov2Embeddings.interpolate_pos_encoding for a grid x grid input."""
+    from transformers import Dinov2Config
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
+
+    emb = Dinov2Embeddings(
+        Dinov2Config(hidden_size=pos.shape[-1], num_attention_heads=2, patch_size=14, image_size=14 * 8)
+    )
+    emb.position_embeddings.data = pos
+    return emb.interpolate_pos_encoding(torch.zeros(1, 1 + grid * grid, pos.shape[-1]), 14 * grid, 14 * grid)
+
+
+def _hf_clip_resize(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """transformers' CLIPVisionEmbeddings.interpolate_pos_encoding for a grid x grid input."""
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+
+    emb = CLIPVisionEmbeddings(
+        CLIPVisionConfig(hidden_size=pos.shape[-1], num_attention_heads=2, patch_size=16, image_size=16 * 8)
+    )
+    emb.position_embedding.weight.data = pos[0]
+    return emb.interpolate_pos_encoding(torch.zeros(1, 1 + grid * grid, pos.shape[-1]), 16 * grid, 16 * grid)
+
+
+POS_RESIZE = {  # family: (arch, the family's own resize of a (1, 1 + 8 * 8, C) table to a grid x grid one)
+    "timm": ("vit_tiny_patch16_224", _timm_resize),
+    "open_clip": ("ViT-B-16", _open_clip_resize),
+    "eva_clip": ("EVA-CLIP-8B", _eva_clip_resize),
+    "hf_dinov2": ("vit_small_patch14_dinov2", _hf_dinov2_resize),
+    "hf_clip": ("ViT-B-16", _hf_clip_resize),
+}
+
+
+@pytest.mark.parametrize("grid", [12, 5])
+@pytest.mark.parametrize("family", sorted(POS_RESIZE))
+def test_checkpoint_grid_resized_as_its_family_loader_does(family, grid):
+    """from_torch(img_size=) on an 8x8 checkpoint grid, up to 12x12 and down to 5x5, equals the family's own
+    PyTorch resize to 1e-6 (relative): antialiased bicubic for timm and open_clip, plain bicubic for EVA-CLIP and the
+    transformers families (the two differ by far more than that)."""
+    arch, reference = POS_RESIZE[family]
+    patch = dj.models.preset(arch).patch_size
+    fields = dict(img_size=8 * patch, depth=1, width=64, num_heads=2, hidden=128)
+    cfg = dj.models.preset(arch, **fields, **({"proj_dim": 0} if family == "hf_clip" else {}))
+    cfg = dj.convert.resolve_config(cfg, family)
+    params = dict(dj.models.init_params(cfg))
+    table = np.random.default_rng(0).standard_normal(params["pos_embed"].shape).astype(np.float32)
+    params["pos_embed"] = table
+    sd = dj.convert.to_torch(cfg, params, family)
+    new_cfg, new = dj.convert.from_torch(sd, family=family, arch=cfg, img_size=grid * patch)
+    want = reference(torch.from_numpy(table), grid).detach().numpy()
+    assert new_cfg.grid == grid and new["pos_embed"].shape == want.shape
+    assert rel_err(new["pos_embed"], want) <= 1e-6
+
+
+@pytest.mark.parametrize("family,antialias", [("eva_clip", False), ("timm", True)])
+def test_convert_cli_keeps_the_familys_resize_for_other_image_sizes(tmp_path, family, antialias):
+    """`dgmr-jax convert` of a checkpoint writes its family's resize into the model's config, so running the
+    model at another image size resamples its position grid as that family's loader would."""
+    from dgmr_jax.cli import main
+    from dgmr_jax.io.checkpoint_io import save_safetensors
+    from dgmr_jax.model_dir import load_config
+    from dgmr_jax.models.vit import set_image_size
+
+    arch, reference = POS_RESIZE[family]
+    cfg = dj.models.preset(arch, img_size=8 * 14, patch_size=14, depth=1, width=64, num_heads=2, hidden=128)
+    params = dict(dj.models.init_params(cfg))
+    ckpt, arch_json, out = tmp_path / "ckpt.safetensors", tmp_path / "arch.json", tmp_path / "model"
+    save_safetensors(ckpt, dj.convert.to_torch(cfg, params, family))
+    arch_json.write_text(cfg.to_json())
+    assert (
+        main(["convert", "--checkpoint", str(ckpt), "--family", family, "--arch", str(arch_json), "--out", str(out)])
+        == 0
+    )
+    saved, _ = load_config(out)
+    assert saved.pos_resample_antialias is antialias
+    _, resized = set_image_size(saved, params, 5 * 14)
+    want = reference(torch.tensor(np.array(params["pos_embed"])), 5)
+    assert rel_err(resized["pos_embed"], want) <= 1e-6

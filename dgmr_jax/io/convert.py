@@ -31,6 +31,12 @@ from dgmr_jax.models.tree import Params, flatten, is_scanned, stack_blocks, unfl
 from dgmr_jax.models.vit import init_params, param_shapes, set_image_size
 
 _LISTED = 12  # names shown per kind of mismatch in an error
+# How each family's own loader resamples a position grid for another image size: antialiased bicubic (timm's
+# resample_abs_pos_embed, open_clip's resize_pos_embed) or plain bicubic (EVA-CLIP's resize_eva_pos_embed,
+# facebookresearch DINOv2, InternViT, transformers' Dinov2 and CLIP); align_corners=False in all of them
+POS_ANTIALIAS = dict(
+    timm=True, open_clip=True, eva_clip=False, dinov2=False, internvit=False, hf_dinov2=False, hf_clip=False
+)
 _BLOCK = re.compile(r"^blocks_(\d+)/")
 
 
@@ -38,7 +44,7 @@ def resolve_config(arch: str | ModelConfig, family: str) -> ModelConfig:
     """The config for arch (preset name, config .json path or ModelConfig) as stored in family's layout.
 
     DINOv2's own layouts (facebookresearch's and transformers') keep the mask token and give the class token, not
-    the registers, a position embedding."""
+    the registers, a position embedding. The position grid is resampled as the family's own loader does it."""
     if family not in FAMILIES:
         raise CheckpointError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     if isinstance(arch, ModelConfig):
@@ -49,7 +55,7 @@ def resolve_config(arch: str | ModelConfig, family: str) -> ModelConfig:
         cfg = preset(arch)
     if family in ("dinov2", "hf_dinov2"):
         cfg = cfg.replace(mask_token=True, pos_embed_prefix=1)
-    return cfg
+    return cfg.replace(pos_resample_antialias=POS_ANTIALIAS[family])
 
 
 class RenamedEntries(Mapping):

@@ -65,7 +65,7 @@ class ModelConfig:
     rope: bool = False  # 2-D rotary embedding on patch tokens of q and k (EVA02)
     rope_ref_grid: int = 0  # grid the rotary frequencies were trained at (0: the model's grid)
     rope_temperature: float = 10000.0
-    pos_resample_antialias: bool = True  # timm resamples position grids with antialiased bicubic
+    pos_resample_antialias: bool = True  # bicubic position-grid resize antialiased (timm) or plain (EVA-CLIP)
     # layout
     qkv_fused: bool = True  # one qkv Linear in the checkpoint (else q/k/v projections)
     mlp_packed: bool = False  # gated fc1 stored as one Linear of width 2H, gate half first
