@@ -13,6 +13,7 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
+from dgmr_jax.core import storage
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import PathLike, as_path
 
@@ -27,7 +28,9 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.async_save = async_save
+        with storage.guard("listing checkpoints"):
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -37,7 +40,11 @@ class TrainCheckpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
         )
-        return self.manager.save(step, args=args, force=force)
+        with storage.guard(f"saving checkpoint {step}"):
+            started = self.manager.save(step, args=args, force=force)
+        if started:
+            storage.checkpoint_saved(step, pending=self.async_save)
+        return started
 
     def restore(self, step: int, target: Any, data_iterator: Any) -> Any:
         """The train state of `step`, placed like `target` (a tree of ShapeDtypeStruct with shardings);
@@ -46,21 +53,25 @@ class TrainCheckpointer:
             state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iterator)
         )
         try:
-            return self.manager.restore(step, args=args)["state"]
+            with storage.guard(f"restoring checkpoint {step}"):
+                state = self.manager.restore(step, args=args)["state"]
         except (ValueError, KeyError, TypeError) as err:  # Orbax/grain dump whole trees: keep the first line
             first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             raise UserError(
                 f"cannot resume from {self.directory / str(step)}: the saved state does not fit this run ({first}); "
                 "start fresh with a new --workdir"
             ) from err
+        storage.checkpoint_saved(step, pending=False)
+        return state
 
     def wait(self) -> None:
         """Block until pending async saves are on disk."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        with storage.guard("finishing checkpoint writes"):
+            self.manager.wait_until_finished()
+            self.manager.close()
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

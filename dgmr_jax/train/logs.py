@@ -15,25 +15,40 @@ from typing import Any
 
 from etils import epath
 
+from dgmr_jax.core import storage
 from dgmr_jax.core.paths import is_uri
 
 
 class JsonlLog:
-    """Rows appended to a JSON-lines file (kept across restarts)."""
+    """Rows appended to a JSON-lines file (kept across restarts; a last line cut short, as by a full disk, is
+    dropped when the file is opened again, so every line parses)."""
 
     def __init__(self, path: epath.Path):
         self.path = path
-        self._remote = is_uri(path)
-        self._text = path.read_text() if self._remote and path.exists() else ""
+        self._remote, self._text = is_uri(path), ""
+        with storage.guard(f"reading {path.name}"):
+            if self._remote and path.exists():
+                self._text = path.read_text()
+            elif path.exists():
+                _drop_torn_line(path)
 
     def write(self, row: dict[str, Any]) -> None:
         line = json.dumps(row) + "\n"
-        if self._remote:
-            self._text += line
-            self.path.write_text(self._text)
-        else:
-            with self.path.open("a") as f:
-                f.write(line)
+        with storage.guard(f"writing {self.path.name}"):
+            if self._remote:
+                self._text += line
+                self.path.write_text(self._text)
+            else:
+                with self.path.open("a") as f:
+                    f.write(line)
+
+
+def _drop_torn_line(path: epath.Path) -> None:
+    """Cut a local file back to its last complete line (Cloud Storage objects are written whole or not at all)."""
+    with open(path, "rb+") as f:  # epath has no read-write mode
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 class TensorBoard:
@@ -54,10 +69,11 @@ class TensorBoard:
             return
         for key, value in row.items():
             self.writer.add_scalar(key, value, step)
-        self.writer.flush()
-        if is_uri(self.directory):
-            for file in self._local.iterdir():
-                (self.directory / file.name).write_bytes(file.read_bytes())
+        with storage.guard("writing TensorBoard events"):
+            self.writer.flush()
+            if is_uri(self.directory):
+                for file in self._local.iterdir():
+                    (self.directory / file.name).write_bytes(file.read_bytes())
 
     def close(self) -> None:
         if self.writer is not None:

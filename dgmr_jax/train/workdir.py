@@ -14,6 +14,7 @@ import jax
 import ml_collections
 from etils import epath
 
+from dgmr_jax.core import storage
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import PathLike, as_path
 from dgmr_jax.io.model_dir import restore_numpy, save_model
@@ -45,7 +46,8 @@ def signature(config: ml_collections.ConfigDict, source: Any) -> dict[str, Any]:
 def read_record(workdir: PathLike) -> dict[str, Any] | None:
     """The run record of `workdir`, or None for a new workdir."""
     path = as_path(workdir) / RUN_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    with storage.guard(f"reading {RUN_FILE}"):
+        return json.loads(path.read_text()) if path.exists() else None
 
 
 def check_resume(workdir: PathLike, sig: dict[str, Any]) -> None:
@@ -65,11 +67,12 @@ def check_resume(workdir: PathLike, sig: dict[str, Any]) -> None:
 def record_run(workdir: PathLike, sig: dict[str, Any], cfg: ModelConfig, meta: dict[str, Any]) -> None:
     """Write run.json on a run's first start (process 0): its signature and the student's config and meta."""
     workdir = as_path(workdir)
-    if jax.process_index() != 0 or (workdir / RUN_FILE).exists():
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    student = {"config": json.loads(cfg.to_json()), "meta": meta}
-    (workdir / RUN_FILE).write_text(json.dumps({"signature": sig, "student": student}, indent=2))
+    with storage.guard(f"writing {RUN_FILE}"):
+        if jax.process_index() != 0 or (workdir / RUN_FILE).exists():
+            return
+        workdir.mkdir(parents=True, exist_ok=True)
+        student = {"config": json.loads(cfg.to_json()), "meta": meta}
+        (workdir / RUN_FILE).write_text(json.dumps({"signature": sig, "student": student}, indent=2))
 
 
 def saved_steps(workdir: PathLike) -> list[int]:
@@ -83,7 +86,9 @@ def write_student(
 ) -> epath.Path:
     """Save trained student params as a model directory whose meta says where they came from."""
     distilled = {"workdir": str(as_path(workdir)), "step": step, "weights": "ema" if ema else "params"}
-    return save_model(out, cfg, params, **{**meta, "distilled": distilled})
+    params = jax.block_until_ready(params)  # steps still computing are not storage time
+    with storage.guard(f"writing the model directory {out}"):
+        return save_model(out, cfg, params, **{**meta, "distilled": distilled})
 
 
 def student_from_checkpoint(workdir: PathLike, step: int, out: PathLike | None = None, ema: bool = False) -> epath.Path:
