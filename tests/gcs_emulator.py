@@ -24,7 +24,7 @@ Usage::
 
     from gcs_emulator import gcs_emulator, find_fake_gcs_server
 
-    with gcs_emulator("test-bucket") as env:  # env: the variables set in os.environ
+    with gcs_emulator("test-bucket") as env:  # env: the variables set in os.environ; env.process: the server
         ocp.CheckpointManager("gs://test-bucket/run", ...)
         subprocess.run([...])  # children inherit os.environ, so they see the emulator too
 
@@ -87,6 +87,14 @@ def gcs_objects(env: dict[str, str], bucket: str, prefix: str) -> dict[str, int]
     query = urllib.parse.urlencode({"prefix": prefix})
     with urllib.request.urlopen(f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/{bucket}/o?{query}") as response:
         return {item["name"]: int(item["size"]) for item in json.load(response).get("items", [])}
+
+
+class EmulatorEnv(dict):
+    """The variables `gcs_emulator` set in os.environ, and the server's process (tests stop, resume or kill it)."""
+
+    def __init__(self, env: dict[str, str], process: subprocess.Popen):
+        super().__init__(env)
+        self.process = process
 
 
 def _log_tail(log) -> str:
@@ -186,10 +194,11 @@ def _fsspec_gcs_overrides() -> Iterator[None]:
 @contextlib.contextmanager
 def gcs_emulator(
     bucket: str | Sequence[str] = "test-bucket", *, startup_timeout: float = 15.0
-) -> Iterator[dict[str, str]]:
+) -> Iterator[EmulatorEnv]:
     """Run fake-gcs-server on 127.0.0.1, create the bucket(s), and point every GCS client at it.
 
-    Yields the environment variables it set in ``os.environ`` (restored on exit). Raises RuntimeError
+    Yields the environment variables it set in ``os.environ`` (restored on exit), with the server's process as
+    ``.process``. Raises RuntimeError
     when no fake-gcs-server binary is available (see ``find_fake_gcs_server``).
     """
     binary = find_fake_gcs_server()
@@ -217,7 +226,7 @@ def gcs_emulator(
             os.environ.update(env)
             _clear_client_caches()
             with _fsspec_gcs_overrides():
-                yield dict(env)
+                yield EmulatorEnv(env, proc)
         finally:
             for k, v in saved.items():
                 if v is None:

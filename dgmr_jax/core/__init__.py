@@ -1,1 +1,2 @@
-"""The bottom layer: paths (local and gs://), mesh and sharding rules, errors, host memory, recipe files."""
+"""The bottom layer: paths (local and gs://), mesh and sharding rules, errors, the storage deadline, host memory,
+recipe files."""

@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.export_ema = False  # export the EMA weights (needs optim.ema_decay > 0) instead of the trained ones
     c.peak_flops = 0.0  # per-chip peak x chips; 0 hides the MFU estimate
     c.log_indices = False  # write each step's record indices to seen.jsonl (tests of data order)
+    # seconds one storage call (a checkpoint save or restore, a log or run.json write, a model export) may take:
+    # past it, or when storage fails, the run stops in one line with exit code 4 (0: off; dgmr_jax.core.storage)
+    c.storage_timeout_s = 300
     # in-loop evaluation of the student (dgmr_jax.eval.in_loop): dicts or "KIND:DATA", e.g. ["knn:mnist5k"]
     c.evals = []
     c.eval_best = ""  # the metric whose best step best.json records (default: the first eval's main metric)

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from dgmr_jax.core import storage
 from dgmr_jax.core.errors import NonFiniteLoss, UserError
 from dgmr_jax.core.paths import PathLike, as_path
 from dgmr_jax.train.verify import fingerprint
@@ -65,7 +66,9 @@ class TrainCheckpointer:
             "data": grain.checkpoint.CheckpointHandler(),
             RECORD: ocp.JsonCheckpointHandler(),
         }
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self.async_save = async_save
+        with storage.guard("listing checkpoints"):
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self.unchecked: int | None = None  # a step saved or restored whose params' loss is not known yet
         self._aborted_reads = _AbortedReads()
 
@@ -85,9 +88,11 @@ class TrainCheckpointer:
             data=grain.checkpoint.CheckpointSave(data_iterator),
             **{RECORD: ocp.args.JsonSave({"checksums": checksums, "skipped_files": skipped_files})},
         )
-        saved = self.manager.save(step, args=args, force=force)
+        with storage.guard(f"saving checkpoint {step}"):
+            saved = self.manager.save(step, args=args, force=force)
         if saved:
             self.unchecked = step
+            storage.checkpoint_saved(step, pending=self.async_save)
         return saved
 
     def awaits_loss(self, step: int) -> bool:
@@ -130,6 +135,7 @@ class TrainCheckpointer:
                 for newer in steps[:i]:
                     self.manager.delete(newer)
                 self.unchecked = step
+                storage.checkpoint_saved(step, pending=False)  # what an outage message calls complete
                 return Restored(step, state["state"], self._skipped_files(state))
             _say(f"warning: checkpoint {self.directory / str(step)} is damaged ({problem}); skipped")
         if not steps:
@@ -152,7 +158,8 @@ class TrainCheckpointer:
             }
             if (self.directory / str(step) / RECORD).exists():
                 items[RECORD] = ocp.args.JsonRestore()
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            with storage.guard(f"restoring checkpoint {step}"):  # an outage is not damage: it exits
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except UserError:
             raise
         except Exception as err:  # damage raises anything: TensorStore's ValueError wrapped in a bare Exception by
@@ -198,8 +205,9 @@ class TrainCheckpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        with storage.guard("finishing checkpoint writes"):
+            self.manager.wait_until_finished()
+            self.manager.close()
         self._aborted_reads.restore()
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from etils import epath
 
+from dgmr_jax.core import storage
 from dgmr_jax.core.paths import PathLike, as_path, is_uri
 from dgmr_jax.core.plots import pyplot, save_png
 
@@ -25,27 +26,40 @@ CURVES_FILE = "curves.png"  # beside metrics.jsonl: its loss and eval curves, dr
 
 class JsonlLog:
     """Rows appended to a JSON-lines file (kept across restarts). A run resumed from step N passes `drop_after=N`:
-    the rows of later steps, which it is about to log again, are dropped from the file first."""
+    the rows of later steps, which it is about to log again, are dropped from the file first. A last line cut short
+    (a full disk, a kill) is dropped when the file is opened again, so every line parses."""
 
     def __init__(self, path: epath.Path, drop_after: int | None = None):
         self.path = path
         self._remote = is_uri(path)
-        text = path.read_text() if path.exists() and (self._remote or drop_after is not None) else ""
-        if drop_after is not None:
-            kept = "".join(line + "\n" for line in text.splitlines() if _step(line) <= drop_after)
-            if kept != text:
-                path.write_text(kept)
-            text = kept
+        with storage.guard(f"reading {path.name}"):
+            text = path.read_text() if path.exists() and (self._remote or drop_after is not None) else ""
+            if drop_after is not None:  # a line cut short (a full disk, a kill) has step inf: dropped too
+                kept = "".join(line + "\n" for line in text.splitlines() if _step(line) <= drop_after)
+                if kept != text:
+                    path.write_text(kept)
+                text = kept
+            elif not self._remote and path.exists():
+                _drop_torn_line(path)
         self._text = text if self._remote else ""
 
     def write(self, row: dict[str, Any]) -> None:
         line = json.dumps(row) + "\n"
-        if self._remote:
-            self._text += line
-            self.path.write_text(self._text)
-        else:
-            with self.path.open("a") as f:
-                f.write(line)
+        with storage.guard(f"writing {self.path.name}"):
+            if self._remote:
+                self._text += line
+                self.path.write_text(self._text)
+            else:
+                with self.path.open("a") as f:
+                    f.write(line)
+
+
+def _drop_torn_line(path: epath.Path) -> None:
+    """Cut a local file back to its last complete line (Cloud Storage objects are written whole or not at all)."""
+    with open(path, "rb+") as f:  # epath has no read-write mode
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _step(line: str) -> float:
@@ -74,10 +88,11 @@ class TensorBoard:
             return
         for key, value in row.items():
             self.writer.add_scalar(key, value, step)
-        self.writer.flush()
-        if is_uri(self.directory):
-            for file in self._local.iterdir():
-                (self.directory / file.name).write_bytes(file.read_bytes())
+        with storage.guard("writing TensorBoard events"):
+            self.writer.flush()
+            if is_uri(self.directory):
+                for file in self._local.iterdir():
+                    (self.directory / file.name).write_bytes(file.read_bytes())
 
     def close(self) -> None:
         if self.writer is not None:

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from dgmr_jax import data as data_lib
+from dgmr_jax.core import storage
 from dgmr_jax.core.errors import Interrupted
 from dgmr_jax.core.parallel import DevicePrefetch
 from dgmr_jax.train.checkpoint import TrainCheckpointer
@@ -123,7 +124,8 @@ class _Best:
 
     def __init__(self, workdir: epath.Path, metric: str, write: bool):
         self.path, self.metric, self.write = workdir / BEST_FILE, metric, write
-        self.record = json.loads(self.path.read_text()) if self.path.exists() else None
+        with storage.guard(f"reading {BEST_FILE}"):
+            self.record = json.loads(self.path.read_text()) if self.path.exists() else None
 
     def update(self, row: dict[str, float]) -> None:
         value = row.get(self.metric)
@@ -131,7 +133,8 @@ class _Best:
             return
         self.record = {"metric": self.metric, "value": value, "step": row["step"]}
         if self.write:
-            self.path.write_text(json.dumps(self.record, indent=2))
+            with storage.guard(f"writing {BEST_FILE}"):
+                self.path.write_text(json.dumps(self.record, indent=2))
 
 
 def run_loop(loop: Loop) -> LoopResult:

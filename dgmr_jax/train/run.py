@@ -19,6 +19,7 @@ from etils import epath
 from jax.experimental.compilation_cache import compilation_cache
 
 from dgmr_jax import data as data_lib
+from dgmr_jax.core import storage
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.parallel import (
     batch_sharding,
@@ -284,30 +285,35 @@ def train_flops_per_image(step: Step, img_size: int) -> float:
 
 
 def run_task(task: Task, config: ml_collections.ConfigDict, workdir: PathLike) -> TaskResult:
-    """Build the run, compile its step, loop to config.optim.total_steps (or a SIGTERM), then `task.finish`."""
+    """Build the run, compile its step, loop to config.optim.total_steps (or a SIGTERM), then `task.finish`; a
+    storage call past config.storage_timeout_s, or failing storage, ends the process in one line (core.storage)."""
     task.check(config)
-    run = build_run(task, config, workdir)
-    hooks = task.hooks(run)
-    compiled, teacher = compile_step(run, task.name), run.teacher
-    result = run_loop(
-        Loop(
-            workdir=run.workdir,
-            mesh=run.mesh,
-            step_fn=lambda state, images: compiled(state, teacher, images),
-            state=run.state,
-            abstract_state=abstract_with_shardings(run.step.state_shapes, run.step.state_sh),
-            loader=run.loader,
-            desc=task.name,
-            shown=task.shown,
-            flops_per_example=train_flops_per_image(run.step, run.img_size),
-            peak_flops=config.peak_flops,
-            log_indices=config.log_indices,
-            after_step=hooks.after_step,
-            evaluate=hooks.evaluate,
-            best_metric=hooks.best_metric,
-            **loop_settings(config),
+    with storage.watch(as_path(workdir), config.storage_timeout_s):
+        run = build_run(task, config, workdir)
+        hooks = task.hooks(run)
+        compiled, teacher = compile_step(run, task.name), run.teacher
+        result = run_loop(
+            Loop(
+                workdir=run.workdir,
+                mesh=run.mesh,
+                step_fn=lambda state, images: compiled(state, teacher, images),
+                state=run.state,
+                abstract_state=abstract_with_shardings(run.step.state_shapes, run.step.state_sh),
+                loader=run.loader,
+                desc=task.name,
+                shown=task.shown,
+                flops_per_example=train_flops_per_image(run.step, run.img_size),
+                peak_flops=config.peak_flops,
+                log_indices=config.log_indices,
+                after_step=hooks.after_step,
+                evaluate=hooks.evaluate,
+                best_metric=hooks.best_metric,
+                **loop_settings(config),
+            )
         )
-    )
-    step = int(result.state.step)
-    product = task.finish(run, result.state, step) if result.reason == "done" else None
+        step = int(result.state.step)
+        product = None
+        if result.reason == "done":
+            with storage.guard("writing the final model"):
+                product = task.finish(run, result.state, step)
     return TaskResult(result, run, step, product)

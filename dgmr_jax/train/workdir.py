@@ -15,6 +15,7 @@ import jax
 import ml_collections
 from etils import epath
 
+from dgmr_jax.core import storage
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import PathLike, as_path, canonical, check_writable
 from dgmr_jax.io.model_dir import check_new_dir, restore_numpy, save_model
@@ -50,7 +51,8 @@ def signature(config: ml_collections.ConfigDict, source: Any) -> dict[str, Any]:
 def read_record(workdir: PathLike) -> dict[str, Any] | None:
     """The run record of `workdir`, or None for a new workdir."""
     path = as_path(workdir) / RUN_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    with storage.guard(f"reading {RUN_FILE}"):
+        return json.loads(path.read_text()) if path.exists() else None
 
 
 def same_input(old: Any, new: Any) -> bool:
@@ -90,11 +92,12 @@ def record_run(workdir: PathLike, sig: dict[str, Any], cfg: ModelConfig, meta: d
     """Write run.json (process 0) until the run's first saved step: its signature and the student's config and
     meta. Once a step is saved, the record stays what that step was trained with."""
     workdir = as_path(workdir)
-    if jax.process_index() != 0 or saved_steps(workdir):
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    student = {"config": json.loads(cfg.to_json()), "meta": meta}
-    (workdir / RUN_FILE).write_text(json.dumps({"signature": sig, "student": student}, indent=2))
+    with storage.guard(f"writing {RUN_FILE}"):
+        if jax.process_index() != 0 or saved_steps(workdir):
+            return
+        workdir.mkdir(parents=True, exist_ok=True)
+        student = {"config": json.loads(cfg.to_json()), "meta": meta}
+        (workdir / RUN_FILE).write_text(json.dumps({"signature": sig, "student": student}, indent=2))
 
 
 def saved_steps(workdir: PathLike) -> list[int]:
@@ -108,7 +111,9 @@ def write_student(
 ) -> epath.Path:
     """Save trained student params as a model directory whose meta says where they came from."""
     distilled = {"workdir": str(as_path(workdir)), "step": step, "weights": "ema" if ema else "params"}
-    return save_model(out, cfg, params, **{**meta, "distilled": distilled})
+    params = jax.block_until_ready(params)  # steps still computing are not storage time
+    with storage.guard(f"writing the model directory {out}"):
+        return save_model(out, cfg, params, **{**meta, "distilled": distilled})
 
 
 def student_from_checkpoint(workdir: PathLike, step: int, out: PathLike | None = None, ema: bool = False) -> epath.Path:
