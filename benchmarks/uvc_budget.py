@@ -19,6 +19,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def main() -> None:
     overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tag = "_".join(f"{k}{v}" for k, v in overrides.items()) or "defaults"
+    # file-name safe: z_lr=((0, 1.0),) -> z_lr0-1.0
+    tag = re.sub(r"[^A-Za-z0-9.-]+", "-", "_".join(f"{k}{v}" for k, v in overrides.items())).strip("-") or "defaults"
     for seed in args.seeds:
         result = run(args.model, seed, steps, batch, overrides, out.with_name(f"{out.stem}_{tag}_s{seed}.steps.jsonl"))
         print(json.dumps(result), flush=True)
