@@ -443,7 +443,7 @@ def test_what_is_not_damage(reference, images, tmp_path):
         f"warning: checkpoint {tmp_path / 'checkpoints' / str(STEPS)} has no checksums (saved by an older "
         "dgmr-jax); restored unverified"
     ]
-    assert f"distill: resuming from step {STEPS} of {STEPS}" in done.stdout
+    assert f"distill: already finished: step {STEPS} of {STEPS}" in done.stdout
     other = subprocess.run(
         _command(tmp_path, images, "--config.optim.ema_decay=0.5"), env=_env(), capture_output=True, text=True
     )

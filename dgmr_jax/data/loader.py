@@ -192,7 +192,7 @@ class SkipCounter:
     """The unreadable records this host's loader passed over, each counted once however often it was sampled,
     for the training log.
 
-    Per host: hosts may pass over the same file. A restarted run counts afresh.
+    Per host: hosts may pass over the same file. A resumed run starts from the records its checkpoint saved.
     """
 
     records: set[int] = dataclasses.field(default_factory=set)

@@ -6,13 +6,13 @@ complete), so a checkpoint cut short by SIGKILL is never restored, and its tempo
 the run starts again; restoring places arrays straight into their target shardings.
 
 Each step also holds `record` (JSON, written by process 0): a checksum of every array of the state, computed on
-device at save time (`train.verify`), and the loop's count of skipped files. A restore recomputes the checksums
-on the restored arrays. A step that fails to restore or to verify is skipped with a one-line warning and the
-next older one is tried; the skipped (newer) steps are deleted once an older one restores, since the resumed
-run saves those steps again. A step without a record (written before records existed) restores unverified,
-with a warning. A state counts as good only when it is finite and the loss of its own params is finite: that
-loss is the next step's (the metrics of step N+1 are computed from the params saved at N), so the loop reads it
-and `check_loss` deletes a step whose params diverged.
+device at save time (`train.verify`), and the unreadable records the loop has passed over. A restore recomputes
+the checksums on the restored arrays. A step that fails to restore or to verify is skipped with a one-line
+warning and the next older one is tried; the skipped (newer) steps are deleted once an older one restores, since
+the resumed run saves those steps again. A step without a record (written before records existed) restores
+unverified, with a warning. A state counts as good only when it is finite and the loss of its own params is
+finite: that loss is the next step's (the metrics of step N+1 are computed from the params saved at N), so the
+loop reads it and `check_loss` deletes a step whose params diverged.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import math
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import grain.checkpoint
@@ -43,7 +44,7 @@ class Restored:
 
     step: int
     state: Any
-    skipped_files: int  # the loop's count of unreadable files at that step (process 0's)
+    skipped_records: list[int]  # the unreadable records the loop passed over up to that step (process 0's)
 
 
 class TrainCheckpointer:
@@ -75,7 +76,9 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any, skipped_files: int = 0, force: bool = False) -> bool:
+    def save(
+        self, step: int, state: Any, data_iterator: Any, skipped_records: Iterable[int] = (), force: bool = False
+    ) -> bool:
         """Save if `step` is on the interval (or force), with its checksums; returns whether a save started.
         A state holding NaN or inf is never saved: the run stops (NonFiniteLoss)."""
         if not (force or self.manager.should_save(step)):
@@ -86,7 +89,7 @@ class TrainCheckpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
-            **{RECORD: ocp.args.JsonSave({"checksums": checksums, "skipped_files": skipped_files})},
+            **{RECORD: ocp.args.JsonSave({"checksums": checksums, "skipped_records": sorted(skipped_records)})},
         )
         with storage.guard(f"saving checkpoint {step}"):
             saved = self.manager.save(step, args=args, force=force)
@@ -136,7 +139,7 @@ class TrainCheckpointer:
                     self.manager.delete(newer)
                 self.unchecked = step
                 storage.checkpoint_saved(step, pending=False)  # what an outage message calls complete
-                return Restored(step, state["state"], self._skipped_files(state))
+                return Restored(step, state["state"], self._skipped_records(state))
             _say(f"warning: checkpoint {self.directory / str(step)} is damaged ({problem}); skipped")
         if not steps:
             return None
@@ -196,9 +199,9 @@ class TrainCheckpointer:
         )
 
     @staticmethod
-    def _skipped_files(restored: Any) -> int:
+    def _skipped_records(restored: Any) -> list[int]:
         record = restored.get(RECORD)
-        return int(record.get("skipped_files", 0)) if record else 0
+        return [int(r) for r in record.get("skipped_records", [])] if record else []
 
     def wait(self) -> None:
         """Block until pending async saves are on disk."""

@@ -191,7 +191,7 @@ def _run(loop: Loop, stop: _Stop) -> LoopResult:
                 _evaluate(loop, state, done, best, logs, bar)
                 tick = time.perf_counter()  # evaluation time is not training throughput
             bar.update(1)
-            ckpt.save(done, state, feed, skipped.total, force=save_now)
+            ckpt.save(done, state, feed, skipped.records, force=save_now)
             if loop.after_step:
                 loop.after_step(state, done)
             if stopping:
@@ -218,7 +218,7 @@ def _resume(loop: Loop, ckpt: TrainCheckpointer, iterator: Any) -> tuple[int, An
         print(f"{loop.desc}: already finished: step {restored.step} of {loop.total_steps} is saved in {loop.workdir}")
     elif jax.process_index() == 0:
         print(f"{loop.desc}: resuming from step {restored.step} of {loop.total_steps} ({loop.workdir})")
-    return restored.step, restored.state, data_lib.SkipCounter(restored.skipped_files)
+    return restored.step, restored.state, data_lib.SkipCounter(set(restored.skipped_records))
 
 
 class _Logs:
