@@ -429,7 +429,10 @@ def test_no_good_checkpoint_stops_in_one_line_and_deletes_nothing(reference, ima
         f"(see the warnings above); start fresh with a new --workdir, or move {checkpoints} away to rerun this "
         "workdir from step 0"
     )
-    assert sorted(tmp_path.rglob("*")) == before
+    # nothing deleted or changed; the compile cache may gain the step it compiled
+    assert [p for p in sorted(tmp_path.rglob("*")) if "compile_cache" not in p.parts] == [
+        p for p in before if "compile_cache" not in p.parts
+    ]
 
 
 def test_what_is_not_damage(reference, images, tmp_path):

@@ -217,8 +217,8 @@ class TrainCheckpointer:
 class _AbortedReads:
     """The noise of an Orbax restore that fails part-way, silenced from before a restore until `restore`: its other
     TensorStore reads finish into the event loop Orbax has closed (dozens of unraisable "Event loop is closed"
-    tracebacks) or into futures no one awaits (asyncio's "Future exception was never retrieved"). Anything else
-    passes through."""
+    tracebacks) or into futures and tasks no one awaits (asyncio's "Future/Task exception was never retrieved").
+    Anything else passes through."""
 
     def __init__(self):
         self._previous = None
@@ -240,7 +240,8 @@ class _AbortedReads:
 
     @staticmethod
     def _log_filter(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Future exception was never retrieved")
+        unawaited = ("Future exception was never retrieved", "Task exception was never retrieved")
+        return not record.getMessage().startswith(unawaited)
 
 
 def _shapes(tree: Any) -> dict[tuple, tuple]:
