@@ -130,3 +130,13 @@ def converted_small_clip(root, seed: int = 3):
     convert = ["convert", "--family", "open_clip", "--arch", str(root / "vision.json")]
     assert main([*convert, "--checkpoint", str(root / "clip.pt"), "--out", str(root / "model")]) == 0
     return model
+
+
+def random_png_folder(root, n: int = 16, size: int = 36, seed: int = 0):
+    """`root` filled with n random RGB PNGs of size x size (0.png ...): a tiny unlabeled image folder for runs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(root / f"{i}.png")
+    return root

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from reference import random_png_folder
 
 import dgmr_jax as dj
 from dgmr_jax.cli import main
@@ -23,10 +24,7 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "cpu_tiny.py")
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray((rng.random((36, 36, 3)) * 255).astype("uint8")).save(root / f"{i}.png")
+    root = random_png_folder(tmp_path_factory.mktemp("imgs"))
     for name in ("broken1.jpg", "broken2.jpg"):
         (root / name).write_bytes(b"\xff\xd8 truncated")
     (root / "labels.csv").write_text("a,b\n")

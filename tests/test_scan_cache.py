@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
+from reference import random_png_folder
 
 from dgmr_jax import plan as planner
 from dgmr_jax.cli import main
@@ -27,10 +27,7 @@ TEACHER = dict(depth=3, img_size=32)
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray((rng.random((36, 36, 3)) * 255).astype("uint8")).save(root / f"{i}.png")
+    root = random_png_folder(tmp_path_factory.mktemp("imgs"))
     return root
 
 
