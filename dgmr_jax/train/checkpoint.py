@@ -71,7 +71,8 @@ class TrainCheckpointer:
         with storage.guard("listing checkpoints"):
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self.unchecked: int | None = None  # a step saved or restored whose params' loss is not known yet
-        self._aborted_reads = _AbortedReads()
+        self._orphans = _OrphanedTransfers()
+        self._orphans.quiet()  # from the first save or restore: a failed one's siblings report while it unwinds
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -152,7 +153,6 @@ class TrainCheckpointer:
     def _attempt(self, step: int, target: Any, data_iterator: Any) -> tuple[Any, str | None]:
         """(the restored items, None), or (None, why step is not good); the same answer on every process."""
         restored, problem = None, None
-        self._aborted_reads.quiet()  # before the restore: a failed read's siblings report while it still unwinds
         try:
             self._check_fits(step, target)
             items = {
@@ -211,14 +211,15 @@ class TrainCheckpointer:
         with storage.guard("finishing checkpoint writes"):
             self.manager.wait_until_finished()
             self.manager.close()
-        self._aborted_reads.restore()
+        self._orphans.restore()
 
 
-class _AbortedReads:
-    """The noise of an Orbax restore that fails part-way, silenced from before a restore until `restore`: its other
-    TensorStore reads finish into the event loop Orbax has closed (dozens of unraisable "Event loop is closed"
-    tracebacks) or into futures and tasks no one awaits (asyncio's "Future/Task exception was never retrieved").
-    Anything else passes through."""
+class _OrphanedTransfers:
+    """The noise of an Orbax save or restore that fails part-way (a full disk, a damaged checkpoint), silenced from
+    `quiet` until `restore`: its other TensorStore transfers finish into the event loop Orbax has closed (dozens of
+    unraisable "Event loop is closed" tracebacks, even while the run prints its one-line error) or into futures and
+    tasks no one awaits (asyncio's "Future/Task exception was never retrieved"). The failure itself is reported
+    where it is raised; anything else passes through."""
 
     def __init__(self):
         self._previous = None
