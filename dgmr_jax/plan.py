@@ -5,7 +5,8 @@ The step is built exactly as `distill` builds it (`trainer.model_configs` + `tra
 abstract params, and compiled ahead of time for the target: a TPU topology through libtpu's compiler on
 this host (`pip install 'dgmr-jax[tpu-plan]'`, no TPU needed), or N fake CPU devices, whose memory figures
 are the CPU compiler's estimate and not what a TPU would use. Per-chip bytes of params, optimizer state,
-EMA and teacher come from the shardings (exact); argument, temp and output bytes from the compiler.
+EMA and teacher come from the shardings (exact); argument, temp and output bytes from the compiler, for the
+step and for the start-up's init (the fresh state made on the mesh from the placed student params).
 """
 
 from __future__ import annotations
@@ -140,6 +141,19 @@ def with_presets(config: ml_collections.ConfigDict) -> tuple[ml_collections.Conf
     return config, "plan: not converted yet, planned from the recipe: " + "; ".join(said)
 
 
+def _peak(mem: Any) -> int:
+    """Per-chip bytes a compiled program needs at once: its arguments, outputs not aliased to a donated argument,
+    and temporaries."""
+    return mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+
+
+def _init_memory(step: Any) -> dict[str, int]:
+    """The start-up's init compiled for the target: its per-chip peak, and the whole fresh state it makes."""
+    compiled = step.init.lower(step.abstract_student()).compile()
+    state = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(step.state_shapes))
+    return {"init": _peak(compiled.memory_analysis()), "state_all_chips": state}
+
+
 def _bytes_per_chip(shapes: Any, shardings: Any) -> int:
     """Bytes one device holds of a tree of ShapeDtypeStructs laid out by `shardings`."""
     total = 0
@@ -265,8 +279,8 @@ def plan_step(
         "compile_s": compile_s,
         "memory_source": "TPU compiler" if target.chip else "CPU compiler estimate (not a TPU figure)",
     }
-    # donated state: outputs reuse the argument buffers they alias
-    row["total"] = row["arguments"] + row["outputs"] - row["aliased"] + row["temp"]
+    row["total"] = _peak(mem)  # donated state: outputs reuse the argument buffers they alias
+    row.update(_init_memory(step))
     hbm_gib = hbm_gib or (target.chip and target.chip.hbm_gib)
     peak_tflops = peak_tflops or (target.chip and target.chip.peak_tflops)
     if hbm_gib:
@@ -278,7 +292,7 @@ def plan_step(
 
 
 def fits(row: dict[str, Any]) -> bool:
-    return "hbm" not in row or row["total"] <= row["hbm"]
+    return "hbm" not in row or max(row["total"], row["init"]) <= row["hbm"]
 
 
 def search_space(
@@ -352,6 +366,8 @@ def describe(row: dict[str, Any]) -> str:
         f"EMA {gib(row['ema'])}, teacher {gib(row['teacher'])} (from the shardings)",
         f"  {row['memory_source']}, GiB: arguments {gib(row['arguments'])}, temp {gib(row['temp'])}, "
         f"outputs {gib(row['outputs'])} (aliased {gib(row['aliased'])}) -> total {gib(row['total'])}{hbm}",
+        f"  start-up init (the fresh state made on the mesh), GiB: peak {gib(row['init'])} per chip, of a "
+        f"{gib(row['state_all_chips'])} state over all chips",
         f"  FLOPs per chip per step: {row['flops_compiled']:.4g} compiled (remat recompute included; scanned "
         f"layers per trip, XLA's cost analysis says {row['flops_xla']:.4g}), {row['flops_analytic']:.4g} analytic "
         "(3 x student + teacher)",
@@ -364,12 +380,12 @@ def describe(row: dict[str, Any]) -> str:
 def search_table(rows: list[dict[str, Any]]) -> str:
     """The searched plans as a markdown table: per-chip batch, mesh, remat, memory, fit."""
     lines = [
-        "| images/chip | mesh (data, fsdp, tensor) | remat | temp GiB | total GiB | fits |",
-        "|---|---|---|---|---|---|",
+        "| images/chip | mesh (data, fsdp, tensor) | remat | temp GiB | total GiB | init GiB | fits |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mesh = ", ".join(str(v) for v in r["mesh"].values())
-        cells = [f"{r['batch_per_chip']:g}", mesh, str(r["remat"]), gib(r["temp"]), gib(r["total"])]
+        cells = [f"{r['batch_per_chip']:g}", mesh, str(r["remat"]), gib(r["temp"]), gib(r["total"]), gib(r["init"])]
         lines.append("| " + " | ".join(cells) + f" | {'yes' if fits(r) else 'no'} |")
     return "\n".join(lines)
 
@@ -388,6 +404,7 @@ def check_fits(row: dict[str, Any], target: Target) -> None:
     """ValueError, with what to try, when a plan needs more memory per chip than the target has."""
     if not fits(row):
         raise UserError(
-            f"does not fit: {gib(row['total'])} GiB per chip > {gib(row['hbm'])} GiB HBM on {target.label}; "
+            f"does not fit: {gib(max(row['total'], row['init']))} GiB per chip > {gib(row['hbm'])} GiB HBM on "
+            f"{target.label}; "
             "try --search, a smaller --config.global_batch, more --config.mesh.fsdp or --config.student.remat=true"
         )

@@ -67,7 +67,7 @@ def test_cpu_plan_is_labelled_an_estimate_and_search_picks_the_largest_batch(tmp
         (b, f, m) for b in (2, 1) for f in (1, 2, 4) for m in (False, True)
     }
     out = capsys.readouterr().out
-    assert "| images/chip | mesh (data, fsdp, tensor) | remat | temp GiB | total GiB | fits |" in out
+    assert "| images/chip | mesh (data, fsdp, tensor) | remat | temp GiB | total GiB | init GiB | fits |" in out
     assert "search picks: --config.global_batch=8 --config.mesh.data=4 --config.mesh.fsdp=1" in out
 
 

@@ -83,6 +83,17 @@ def tree_shardings(logical_tree: Any, shapes_tree: Any, mesh: Mesh, what: str = 
     return jax.tree_util.tree_unflatten(treedef, [NamedSharding(mesh, s) for s in specs])
 
 
+def place(tree: Any, shardings: Any, dtype: Any = None) -> Any:
+    """Host arrays (the same on every process) as global arrays laid out by `shardings` (same tree), cast to `dtype`
+    one device's slice at a time: each device receives only its shard, and no cast copy of a whole array is made."""
+
+    def one(x: Any, sharding: NamedSharding) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index].astype(dtype or x.dtype))
+
+    return jax.tree_util.tree_map(one, tree, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH))
 

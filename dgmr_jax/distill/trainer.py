@@ -22,8 +22,8 @@ from dgmr_jax.distill.step import make_step
 from dgmr_jax.eval.in_loop import EvalSpec, InLoopEval, parse_evals, primary_metric
 from dgmr_jax.io.model_dir import incomplete, load_config
 from dgmr_jax.io.open import LayerSource, open_model
+from dgmr_jax.io.source import InMemorySource
 from dgmr_jax.models.config import ModelConfig
-from dgmr_jax.models.tree import Params
 from dgmr_jax.prune.mlp import prune_mlp, target_widths
 from dgmr_jax.train import run as run_lib
 from dgmr_jax.train import workdir as workdir_lib
@@ -69,15 +69,17 @@ class DistillTask:
         return {}
 
     def student(
-        self, config: ml_collections.ConfigDict, teacher: LayerSource, teacher_params: Params
-    ) -> tuple[ModelConfig, Params, dict[str, Any]]:
-        """A model directory (e.g. `dgmr-jax prune` output), or pruned from the teacher now."""
+        self, config: ml_collections.ConfigDict, teacher: LayerSource
+    ) -> tuple[ModelConfig, LayerSource, dict[str, Any]]:
+        """A model directory (e.g. `dgmr-jax prune` output), or pruned now from the teacher, read whole on this host
+        for it (pruning at start is for models a host holds; prune a giant one with `dgmr-jax prune` first)."""
         sc = config.student
         if sc.model_dir:
             source = open_model(sc.model_dir)
-            return source.cfg, source.load(), source.meta
-        cfg, params = prune_mlp(teacher.cfg, teacher_params, method=sc.method, mlp_ratio=sc.mlp_ratio)
-        return cfg, params, {**teacher.meta, "pruned": {"method": sc.method, "mlp_ratio": sc.mlp_ratio}}
+            return source.cfg, source, source.meta
+        cfg, params = prune_mlp(teacher.cfg, teacher.load(), method=sc.method, mlp_ratio=sc.mlp_ratio)
+        meta = {**teacher.meta, "pruned": {"method": sc.method, "mlp_ratio": sc.mlp_ratio}}
+        return cfg, InMemorySource(cfg, params, meta), meta
 
     def student_config(self, config: ml_collections.ConfigDict, teacher_cfg: ModelConfig) -> ModelConfig:
         """A student pruned at start gets the widths `prune_mlp` would give it; a model directory must fit the

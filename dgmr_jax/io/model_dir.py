@@ -9,8 +9,11 @@ through `check_complete`: a directory without COMPLETE.json, or with a listed fi
 size, is refused in one line, and a writer replaces such a directory instead of calling it taken. Sizes,
 not checksums: the fault is a missing or short object (Cloud Storage checks each upload's own checksum),
 and hashing a 35 GB model would mean reading it all back. Paths may be local or gs://. Sharded jax.Arrays
-are written by every process holding shards (call `save_model` on all processes of a multi-host run);
-reads always return numpy.
+are written by every process holding shards (call `save_model` on all processes of a multi-host run).
+
+Arrays are stored in chunks of at most CHUNK_BYTES (Orbax splits the largest dimensions first), so a read
+laid out by shardings (`load_params(..., shardings=)`) fetches only the chunks its process's devices need:
+each host of a pod reads about its share of the model. Other reads return numpy.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ COMPLETE_FILE = "COMPLETE.json"  # written last: {"files": {relative path: size 
 _REST = "rest"
 _SCANNED = "blocks"  # the scanned stack's top-level key (models.vit: nn.scan named "blocks")
 _RERUN = "rerun the command that wrote it (it replaces an incomplete directory)"
+CHUNK_BYTES = 1 << 20  # the stored chunk: a sharded read fetches whole chunks (Orbax warns below 1 MiB)
 
 
 def _group_of(key: str) -> str:
@@ -147,7 +151,8 @@ def save_model(directory: PathLike, cfg: ModelConfig, params: Params, **meta: An
     with ocp.PyTreeCheckpointer() as ckpt:
         for group, subtree in _groups(params):
             leaves = unflatten({k: _host_or_global(v) for k, v in flatten(subtree).items()})
-            ckpt.save(tmp / PARAMS_DIR / group, leaves)
+            chunked = jax.tree_util.tree_map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), leaves)
+            ckpt.save(tmp / PARAMS_DIR / group, leaves, save_args=chunked)
     if primary:  # Orbax's save returns once every process has written its shards
         config = {"config": json.loads(cfg.replace(scan_layers=False).to_json()), "meta": meta}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -180,18 +185,37 @@ def _workdir_hint(directory: PathLike) -> str:
     )
 
 
-def load_params(directory: PathLike, only: Params | None = None) -> Params:
+def load_params(
+    directory: PathLike, only: Params | None = None, shardings: Params | None = None, dtype: Any = None
+) -> Params:
     """Params of a model directory as numpy; `only` (top-level keys of the param tree, e.g. {"blocks_3": ...})
-    restores just those groups, which keeps memory at one layer when pruning huge models layer by layer."""
+    restores just those groups, which keeps memory at one layer when pruning huge models layer by layer.
+    `shardings` (a per-layer param tree of NamedShardings, or part of one, as `only`) restores those groups
+    instead as global jax.Arrays in `dtype` laid out by them: each process reads only the chunks its devices hold."""
     root = check_complete(directory) / PARAMS_DIR
+    only = shardings if shardings is not None else only
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     if only is not None:
         names = sorted({_group_of(key) for key in only})
     params: Params = {}
     for name in names:
-        group = restore_numpy(root / name)
+        group = restore_numpy(root / name) if shardings is None else _restore_sharded(root / name, shardings, dtype)
         params.update({k: v for k, v in group.items() if only is None or k in only})
     return params
+
+
+def _restore_sharded(path: epath.Path, shardings: Params, dtype: Any) -> Params:
+    """The entries of one group checkpoint that `shardings` names, as global arrays laid out by them."""
+    with ocp.PyTreeCheckpointer() as ckpt:
+        saved = ckpt.metadata(path).item_metadata.tree
+        tree = {k: saved[k] for k in shardings if k in saved}
+        args = jax.tree_util.tree_map(
+            lambda meta, sh: ocp.ArrayRestoreArgs(sharding=sh, global_shape=tuple(meta.shape), dtype=dtype),
+            tree,
+            {k: shardings[k] for k in tree},
+        )
+        restore = ocp.args.PyTreeRestore(item=tree, restore_args=args, partial_restore=len(tree) < len(saved))
+        return ckpt.restore(path, args=restore)
 
 
 def restore_numpy(path: PathLike, keys: Sequence[str] | None = None) -> dict[str, Any]:

@@ -41,7 +41,9 @@ def register_opener(matches: Callable[[str], bool], opener: Callable[..., LayerS
 
 
 class ModelDirSource(LayerSource):
-    """A model directory, read one block at a time (Orbax partial restore); scanned stacks load whole."""
+    """A model directory, read one block at a time (Orbax partial restore), placed on a mesh shard by shard (each
+    host reads its shards' chunks); scanned stacks (written before model directories were always per layer) load
+    whole."""
 
     def __init__(self, directory: str | os.PathLike):
         self.cfg, meta = load_config(directory)
@@ -72,6 +74,17 @@ class ModelDirSource(LayerSource):
 
     def load(self) -> Params:
         return load_params(self._dir)
+
+    def top_on(self, shardings: Params, dtype: Any = None) -> Params:
+        if self.cfg.scan_layers:
+            return super().top_on(shardings, dtype)
+        return load_params(self._dir, shardings=shardings, dtype=dtype)
+
+    def block_on(self, i: int, shardings: Params, dtype: Any = None) -> Params:
+        if self.cfg.scan_layers:
+            return super().block_on(i, shardings, dtype)
+        name = f"blocks_{i}"
+        return load_params(self._dir, shardings={name: shardings}, dtype=dtype)[name]
 
 
 class PresetSource(InMemorySource):

@@ -33,7 +33,7 @@ from dgmr_jax.io.open import LayerSource, open_model
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.cost import count_flops
 from dgmr_jax.models.preprocess import Preprocess
-from dgmr_jax.models.tree import Params, in_layout
+from dgmr_jax.models.tree import Params
 from dgmr_jax.models.vit import logical_axes, param_shapes
 from dgmr_jax.train import workdir as workdir_lib
 from dgmr_jax.train.checkpoint import abstract_with_shardings
@@ -118,7 +118,7 @@ class Step:
     state_sh: Any
     teacher_sh: Params
     fn: Any  # jitted (state, teacher, images) -> (state, metrics)
-    init: Any  # student params -> fresh state
+    init: Any  # jitted, donating: student params on the mesh (state_sh.params) -> fresh state on the mesh
 
     def abstract_inputs(self, mesh: jax.sharding.Mesh, global_batch: int, img_size: int) -> tuple[Any, Any, Any]:
         """(state, teacher, images) as ShapeDtypeStructs carrying their shardings: what `fn.lower` takes."""
@@ -128,6 +128,10 @@ class Step:
             abstract_with_shardings(self.teacher_shapes, self.teacher_sh),
             images,
         )
+
+    def abstract_student(self) -> Any:
+        """The student params as ShapeDtypeStructs carrying their shardings: what `init.lower` takes."""
+        return abstract_with_shardings(self.state_shapes.params, self.state_sh.params)
 
 
 def _shapes(tree: Any, dtype: str) -> Any:
@@ -153,9 +157,9 @@ def build_step(
     state_shapes = jax.eval_shape(made.init, student_shapes)
     state_sh = state_shardings(student_cfg, state_shapes, mesh)
     fn = jit_step(made.step, mesh, state_sh, teacher_sh)
-    return Step(
-        teacher_cfg, student_cfg, made.optimizer, state_shapes, teacher_shapes, state_sh, teacher_sh, fn, made.init
-    )
+    # the fresh state made where it lives: each device computes only its shards of params, moments and EMA
+    init = jax.jit(made.init, in_shardings=(state_sh.params,), out_shardings=state_sh, donate_argnums=(0,))
+    return Step(teacher_cfg, student_cfg, made.optimizer, state_shapes, teacher_shapes, state_sh, teacher_sh, fn, init)
 
 
 def model_configs(task: Task, config: ml_collections.ConfigDict) -> tuple[ModelConfig, ModelConfig]:
@@ -230,17 +234,15 @@ def build_run(task: Task, config: ml_collections.ConfigDict, workdir: PathLike) 
     img_size = _img_size(config, teacher_source.cfg, student_cfg)
     preprocess = Preprocess.from_meta(teacher_source.meta, teacher_source.cfg.name)
     loader = _loader(config, source, preprocess, img_size)  # reads nothing yet; its settings are checked here
-    teacher_cfg, teacher = teacher_source.cfg, teacher_source.load()
-    model_cfg, student, student_meta = task.student(config, teacher_source, teacher)
+    model_cfg, student, student_meta = task.student(config, teacher_source)
     model_cfg = scan_layout(model_cfg, config, "student")
-    student = in_layout(student, model_cfg.scan_layers)
-    teacher = in_layout(teacher, bool(config.teacher.get("scan_layers", False)))
     student_meta = {**student_meta, "preprocess": preprocess.to_meta(img_size)}
     workdir_lib.record_run(workdir, sig, model_cfg, student_meta)
     use_compile_cache(config, workdir)  # after the checks: a refused run leaves no cache folder behind
-    step = build_step(task, config, mesh, teacher_cfg, model_cfg)
-    student = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.student.param_dtype), student)
-    teacher = jax.tree_util.tree_map(lambda p: np.asarray(p).astype(config.teacher.dtype), teacher)
+    step = build_step(task, config, mesh, teacher_source.cfg, model_cfg)
+    # both models go onto the mesh shard by shard, stacked or per layer as the run asks, whatever their files
+    teacher = teacher_source.place(step.teacher_sh, config.teacher.dtype)
+    state = step.init(student.place(step.state_sh.params, config.student.param_dtype))
     return Run(
         config=config,
         workdir=workdir,
@@ -248,10 +250,10 @@ def build_run(task: Task, config: ml_collections.ConfigDict, workdir: PathLike) 
         opt=optim_config(config),
         loader=loader,
         step=step,
-        teacher=jax.device_put(teacher, step.teacher_sh),
+        teacher=teacher,
         model_cfg=model_cfg,
         student_meta=student_meta,
-        state=jax.device_put(step.init(student), step.state_sh),
+        state=state,
         img_size=img_size,
     )
 

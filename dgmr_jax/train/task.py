@@ -52,9 +52,10 @@ class Task(Protocol):
         """What this task adds to the run's signature (a resume with other values is refused)."""
 
     def student(
-        self, config: ml_collections.ConfigDict, teacher: LayerSource, teacher_params: Params
-    ) -> tuple[ModelConfig, Params, dict[str, Any]]:
-        """(config, params, meta) of the student the run starts from."""
+        self, config: ml_collections.ConfigDict, teacher: LayerSource
+    ) -> tuple[ModelConfig, LayerSource, dict[str, Any]]:
+        """(config, weights, meta) of the student the run starts from; the run places the weights on the mesh shard
+        by shard (LayerSource.place)."""
 
     def student_config(self, config: ml_collections.ConfigDict, teacher_cfg: ModelConfig) -> ModelConfig:
         """The student's config from configs alone, no weights read (what `plan` compiles); a student this teacher

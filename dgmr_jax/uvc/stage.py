@@ -27,7 +27,6 @@ from dgmr_jax.io.open import LayerSource, open_model
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.slim import slice_units
-from dgmr_jax.models.tree import Params
 from dgmr_jax.prune.report import write_unit_report
 from dgmr_jax.train import run as run_lib
 from dgmr_jax.train.logs import read_rows
@@ -77,11 +76,11 @@ class SearchTask:
         return {"uvc": {k: _jsonable(v) for k, v in config.uvc.items()}}
 
     def student(
-        self, config: ml_collections.ConfigDict, teacher: LayerSource, teacher_params: Params
-    ) -> tuple[ModelConfig, Params, dict[str, Any]]:
+        self, config: ml_collections.ConfigDict, teacher: LayerSource
+    ) -> tuple[ModelConfig, LayerSource, dict[str, Any]]:
         """The model directory searched (the teacher's own weights, opened as the starting student)."""
         source = open_model(config.student.model_dir)
-        return source.cfg, source.load(), source.meta
+        return source.cfg, source, source.meta
 
     def student_config(self, config: ml_collections.ConfigDict, teacher_cfg: ModelConfig) -> ModelConfig:
         """The searched model directory's config, which must fit the teacher's distillation tensors."""
