@@ -44,12 +44,11 @@ def _model_dirs(root: Path, arch: str, prune: bool, **overrides: int) -> tuple[P
     return root / "teacher", root / "student"
 
 
-def _config(teacher: Path, student: Path, images: Path, **mesh: int):
+def _config(teacher: Path, student: Path, images: Path):
     config = config_file.load(CONFIG)
     config.teacher.model_dir, config.student.model_dir = str(teacher), str(student)
     config.data.path = str(images)
     config.teacher.dtype = "bfloat16"  # the cast on restore must round as numpy's astype did
-    config.mesh.update(mesh)
     return config
 
 
