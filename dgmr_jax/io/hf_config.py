@@ -4,6 +4,7 @@ processor's preprocessor_config.json, when there, gives the preprocessing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -53,17 +54,21 @@ def _common(c: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def _dinov2_hidden(width: int, mlp_ratio: float, swiglu: bool) -> int:
+    """The MLP width transformers' Dinov2MLP (width * mlp_ratio) or Dinov2SwiGLUFFN (2/3 of it, rounded up to a
+    multiple of 8) builds."""
+    hidden = int(width * mlp_ratio)
+    return (int(hidden * 2 / 3) + 7) // 8 * 8 if swiglu else hidden
+
+
 def _dinov2(c: dict[str, Any]) -> ModelConfig:
     """Dinov2Model / Dinov2WithRegistersModel; a SwiGLU MLP is sized as transformers' Dinov2SwiGLUFFN sizes it."""
     c = _sizes(c, _DINOV2)
-    hidden = int(c["hidden_size"] * c["mlp_ratio"])
     swiglu = dict(mlp_type="swiglu", mlp_packed=True) if c["use_swiglu_ffn"] else {}
-    if swiglu:
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
     return preset(
         "vit_base_patch14_dinov2",
         **_common(c),
-        hidden=hidden,
+        hidden=_dinov2_hidden(c["hidden_size"], c["mlp_ratio"], bool(swiglu)),
         qkv_bias="full" if c["qkv_bias"] else "none",
         reg_tokens=c.get("num_register_tokens", 0),
         **swiglu,
@@ -107,6 +112,73 @@ CLASSES: dict[str, tuple[str, Callable[[dict[str, Any]], ModelConfig]]] = {
     ),
     "InternVisionModel": ("internvit", _internvit),
     "InternVLChatModel": ("internvit", lambda c: _internvit(c.get("vision_config", {}))),
+}
+
+
+def _common_json(cfg: ModelConfig) -> dict[str, Any]:
+    """The inverse of _common: cfg's sizes as every transformers vision config names them."""
+    return dict(
+        image_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        num_channels=3,
+        hidden_size=cfg.width,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads,
+        layer_norm_eps=cfg.norm_eps,
+    )
+
+
+def _dinov2_json(cfg: ModelConfig) -> dict[str, Any]:
+    """Dinov2Config (Dinov2WithRegistersConfig with registers) of cfg; its MLP width as the integer mlp_ratio that
+    transformers' (strict) config takes, else a one-line UserError."""
+    hidden = cfg.mlp_hidden[0]
+    ratios = [r for r in range(1, 2 * hidden // cfg.width + 2) if _dinov2_hidden(cfg.width, r, cfg.gated) == hidden]
+    if not ratios:
+        swiglu = " (SwiGLU: 2/3 of it, rounded up to a multiple of 8)" if cfg.gated else ""
+        raise UserError(
+            f"its Dinov2Config sizes the MLP as an integer mlp_ratio times the width {cfg.width}{swiglu}, which "
+            f"never gives {hidden}"
+        )
+    registers = dict(num_register_tokens=cfg.reg_tokens) if cfg.reg_tokens else {}
+    return dict(
+        architectures=["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
+        model_type="dinov2_with_registers" if registers else "dinov2",
+        **_common_json(cfg),
+        mlp_ratio=ratios[0],
+        hidden_act="gelu",
+        qkv_bias=cfg.qkv_bias == "full",
+        use_swiglu_ffn=cfg.gated,
+        **registers,
+    )
+
+
+def _clip_json(cfg: ModelConfig) -> dict[str, Any]:
+    """CLIPVisionConfig of cfg: CLIPVisionModelWithProjection when cfg has a projection, else CLIPVisionModel."""
+    return dict(
+        architectures=["CLIPVisionModelWithProjection" if cfg.proj_dim else "CLIPVisionModel"],
+        model_type="clip_vision_model",
+        **_common_json(cfg),
+        intermediate_size=cfg.mlp_hidden[0],
+        hidden_act=cfg.mlp_type,
+        projection_dim=cfg.proj_dim or _CLIP["projection_dim"],
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """How a family is written as a transformers class: `config` gives the config.json (its architectures[0] names
+    the class, and CLASSES reads it back); `prefixed` names the classes whose save_pretrained puts the tower under
+    the family's torch_prefix (the entries of torch_beside stay beside it); `label` names the class in messages."""
+
+    label: str
+    config: Callable[[ModelConfig], dict[str, Any]]
+    prefixed: tuple[str, ...] = ()
+
+
+# family -> how `export --format transformers` writes it (the inverse of CLASSES)
+EXPORTS: dict[str, Export] = {
+    "hf_dinov2": Export("Dinov2Model", _dinov2_json),
+    "hf_clip": Export("CLIPVisionModel", _clip_json, prefixed=("CLIPVisionModelWithProjection",)),
 }
 
 
