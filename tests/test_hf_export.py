@@ -30,9 +30,12 @@ import dgmr_jax as dj
 from dgmr_jax.cli import main
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.io.checkpoint_io import load_state_dict
+from dgmr_jax.io.hf_config import hf_preprocess
 from dgmr_jax.io.hf_export import shard_bytes, shards, transformers_plan
 from dgmr_jax.io.model_dir import save_model
+from dgmr_jax.io.open import open_model
 from dgmr_jax.model_dir import load_model
+from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.tree import flatten
 
 transformers = pytest.importorskip("transformers")
@@ -77,7 +80,8 @@ def assert_sharded(folder: Path, limit: int) -> int:
     tensors unless it holds one tensor; returns the number of shards."""
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     files = set(index["weight_map"].values())
-    assert {p.name for p in folder.iterdir()} == files | {"config.json", "model.safetensors.index.json"}
+    configs = {"config.json", "preprocessor_config.json", "model.safetensors.index.json"}
+    assert {p.name for p in folder.iterdir()} == files | configs
     total = 0
     for name in files:
         part = load_state_dict(folder / name)
@@ -113,12 +117,19 @@ def test_hf_directory_converts_prunes_and_exports_back_to_transformers(label, fm
     count = assert_sharded(out, shard_bytes(SHARD))
     hf = load_exported(out)
     tensors = len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"])
+    processor = "BitImageProcessor" if cls.startswith("Dinov2") else "CLIPImageProcessor"
     assert count >= 3 and run.stdout == (
-        f"wrote {out}: config.json ({cls}), {count} shards and model.safetensors.index.json ({tensors} tensors, "
-        f"{sum(v.numel() for v in hf.parameters()) / 1e6:.2f} M params); load it with transformers.{cls}."
-        f"from_pretrained({str(out)!r})\n"
+        f"wrote {out}: config.json ({cls}), preprocessor_config.json ({processor}), {count} shards and "
+        f"model.safetensors.index.json ({tensors} tensors, {sum(v.numel() for v in hf.parameters()) / 1e6:.2f} M "
+        f"params); load it with transformers.{cls}.from_pretrained({str(out)!r})\n"
     )
     assert_parity(f"{label} ({fmt}, pruned to {hidden})", cfg, params, hf)
+    # read back, the export is the pruned model with its preprocessing; transformers' image processor takes it
+    again = open_model(out)
+    assert again.cfg == cfg.replace(name="hf") and hf_preprocess(str(out)) == Preprocess.from_meta(again.meta)
+    assert Preprocess.from_meta(again.meta) == Preprocess((0.4, 0.5, 0.6), (0.2, 0.3, 0.4))
+    pixels = transformers.AutoImageProcessor.from_pretrained(out)(np.zeros((40, 30, 3), np.uint8))["pixel_values"]
+    assert np.asarray(pixels).shape == (1, 3, 28, 28)
 
 
 def _timm_dir(root: Path, name: str, num_classes: int | None = None):

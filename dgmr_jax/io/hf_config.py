@@ -164,21 +164,42 @@ def _clip_json(cfg: ModelConfig) -> dict[str, Any]:
     )
 
 
+def preprocessor_json(preprocess: Preprocess, img_size: int, processor: str) -> dict[str, Any]:
+    """The inverse of hf_preprocess: a preprocessor_config.json for transformers' `processor` (an image processor
+    that resizes the shorter side, center-crops, rescales by 1/255 and normalizes) giving the eval view."""
+    return dict(
+        image_processor_type=processor,
+        do_convert_rgb=True,
+        do_resize=True,
+        size={"shortest_edge": preprocess.resize_size(img_size)},
+        resample={name: number for number, name in _RESAMPLE.items()}[preprocess.interpolation],
+        do_center_crop=True,
+        crop_size={"height": img_size, "width": img_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(preprocess.mean),
+        image_std=list(preprocess.std),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Export:
     """How a family is written as a transformers class: `config` gives the config.json (its architectures[0] names
-    the class, and CLASSES reads it back); `prefixed` names the classes whose save_pretrained puts the tower under
-    the family's torch_prefix (the entries of torch_beside stay beside it); `label` names the class in messages."""
+    the class, and CLASSES reads it back); `processor` the image processor of its preprocessor_config.json;
+    `prefixed` names the classes whose save_pretrained puts the tower under the family's torch_prefix (the entries
+    of torch_beside stay beside it); `label` names the class in messages."""
 
     label: str
     config: Callable[[ModelConfig], dict[str, Any]]
+    processor: str
     prefixed: tuple[str, ...] = ()
 
 
 # family -> how `export --format transformers` writes it (the inverse of CLASSES)
 EXPORTS: dict[str, Export] = {
-    "hf_dinov2": Export("Dinov2Model", _dinov2_json),
-    "hf_clip": Export("CLIPVisionModel", _clip_json, prefixed=("CLIPVisionModelWithProjection",)),
+    "hf_dinov2": Export("Dinov2Model", _dinov2_json, "BitImageProcessor"),
+    "hf_clip": Export("CLIPVisionModel", _clip_json, "CLIPImageProcessor", prefixed=("CLIPVisionModelWithProjection",)),
 }
 
 

@@ -21,11 +21,12 @@ from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import PathLike
 from dgmr_jax.io.checkpoint_io import save_safetensors
 from dgmr_jax.io.convert import resolve_config, to_torch
-from dgmr_jax.io.hf_config import CLASSES, CONFIG_FILE, EXPORTS
+from dgmr_jax.io.hf_config import CLASSES, CONFIG_FILE, EXPORTS, PREPROCESSOR_FILE, preprocessor_json
 from dgmr_jax.io.keymaps import foreign_parts, torch_prefix
 from dgmr_jax.io.source import LayerSource
 from dgmr_jax.io.torch_export import check_new_folder, write_folder
 from dgmr_jax.models.config import ModelConfig
+from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.tree import Params, flatten, is_scanned, unflatten, unstack_blocks
 
 DEFAULT_SHARD = "50GB"  # transformers 5's save_pretrained default
@@ -123,10 +124,11 @@ def shards(sd: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarr
     return out
 
 
-def _write(folder: Path, config: dict[str, Any], parts: list[dict[str, np.ndarray]]) -> None:
-    """config.json, and the weights as save_pretrained names them: one model.safetensors, or numbered shards and
-    their index."""
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+def _write(folder: Path, configs: dict[str, dict[str, Any]], parts: list[dict[str, np.ndarray]]) -> None:
+    """The config files ({name: content}), and the weights as save_pretrained names them: one model.safetensors,
+    or numbered shards and their index."""
+    for name, config in configs.items():
+        (folder / name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if len(parts) == 1:
         save_safetensors(folder / WEIGHTS, parts[0], metadata={"format": "pt"})
         return
@@ -153,11 +155,16 @@ def export_transformers(source: LayerSource, out: PathLike, max_shard_size: str 
     prefix = torch_prefix(family) if name in EXPORTS[family].prefixed else ""
     sd = to_torch(back, _fitted_params(cfg, _fitted(cfg, family), source.load()), family, prefix=prefix)
     config["dtype"] = str(next(iter(sd.values())).dtype)
+    configs = {CONFIG_FILE: config}
+    if source.meta.get("preprocess"):
+        preprocess = Preprocess.from_meta(source.meta)
+        configs[PREPROCESSOR_FILE] = preprocessor_json(preprocess, cfg.img_size, EXPORTS[family].processor)
     parts = shards(sd, max_bytes)
-    path = write_folder(out, lambda folder: _write(folder, config, parts))
+    path = write_folder(out, lambda folder: _write(folder, configs, parts))
     files = WEIGHTS if len(parts) == 1 else f"{len(parts)} shards and {INDEX}"
     params = sum(int(v.size) for v in sd.values())
+    processor = f"{PREPROCESSOR_FILE} ({EXPORTS[family].processor}), " if PREPROCESSOR_FILE in configs else ""
     return (
-        f"wrote {path}: {CONFIG_FILE} ({name}), {files} ({len(sd)} tensors, {params / 1e6:.2f} M params); load it "
-        f"with transformers.{name}.from_pretrained({str(path)!r})"
+        f"wrote {path}: {CONFIG_FILE} ({name}), {processor}{files} ({len(sd)} tensors, {params / 1e6:.2f} M "
+        f"params); load it with transformers.{name}.from_pretrained({str(path)!r})"
     )
