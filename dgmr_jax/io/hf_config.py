@@ -1,10 +1,12 @@
 """Hugging Face checkpoints as people download them: a directory (or a shard index) whose transformers config.json
 names the class and its sizes, read as a family and a ModelConfig so no family= / arch= is needed; the image
-processor's preprocessor_config.json, when there, gives the preprocessing."""
+processor's preprocessor_config.json, when there, gives the preprocessing. EXPORTS writes both back for
+`export --format transformers` (dgmr_jax/io/hf_export.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -164,9 +166,9 @@ def _clip_json(cfg: ModelConfig) -> dict[str, Any]:
     )
 
 
-def preprocessor_json(preprocess: Preprocess, img_size: int, processor: str) -> dict[str, Any]:
-    """The inverse of hf_preprocess: a preprocessor_config.json for transformers' `processor` (an image processor
-    that resizes the shorter side, center-crops, rescales by 1/255 and normalizes) giving the eval view."""
+def _cropping_processor(processor: str, preprocess: Preprocess, img_size: int) -> dict[str, Any]:
+    """The inverse of hf_preprocess: the preprocessor_config.json of transformers' `processor`, an image processor
+    that resizes the shorter side, center-crops, rescales by 1/255 and normalizes, giving the eval view."""
     return dict(
         image_processor_type=processor,
         do_convert_rgb=True,
@@ -186,20 +188,25 @@ def preprocessor_json(preprocess: Preprocess, img_size: int, processor: str) -> 
 @dataclasses.dataclass(frozen=True)
 class Export:
     """How a family is written as a transformers class: `config` gives the config.json (its architectures[0] names
-    the class, and CLASSES reads it back); `processor` the image processor of its preprocessor_config.json;
-    `prefixed` names the classes whose save_pretrained puts the tower under the family's torch_prefix (the entries
-    of torch_beside stay beside it); `label` names the class in messages."""
+    the class, and CLASSES reads it back); `processor` the preprocessor_config.json of a Preprocess at an image
+    size; `prefixed` names the classes whose save_pretrained puts the tower under the family's torch_prefix (the
+    entries of torch_beside stay beside it); `label` names the class in messages."""
 
     label: str
     config: Callable[[ModelConfig], dict[str, Any]]
-    processor: str
+    processor: Callable[[Preprocess, int], dict[str, Any]]
     prefixed: tuple[str, ...] = ()
 
 
-# family -> how `export --format transformers` writes it (the inverse of CLASSES)
+# family -> how `export --format transformers` writes it (the inverse of CLASSES and hf_preprocess)
 EXPORTS: dict[str, Export] = {
-    "hf_dinov2": Export("Dinov2Model", _dinov2_json, "BitImageProcessor"),
-    "hf_clip": Export("CLIPVisionModel", _clip_json, "CLIPImageProcessor", prefixed=("CLIPVisionModelWithProjection",)),
+    "hf_dinov2": Export("Dinov2Model", _dinov2_json, functools.partial(_cropping_processor, "BitImageProcessor")),
+    "hf_clip": Export(
+        "CLIPVisionModel",
+        _clip_json,
+        functools.partial(_cropping_processor, "CLIPImageProcessor"),
+        prefixed=("CLIPVisionModelWithProjection",),
+    ),
 }
 
 

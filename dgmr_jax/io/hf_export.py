@@ -21,7 +21,7 @@ from dgmr_jax.core.errors import UserError
 from dgmr_jax.core.paths import PathLike
 from dgmr_jax.io.checkpoint_io import save_safetensors
 from dgmr_jax.io.convert import resolve_config, to_torch
-from dgmr_jax.io.hf_config import CLASSES, CONFIG_FILE, EXPORTS, PREPROCESSOR_FILE, preprocessor_json
+from dgmr_jax.io.hf_config import CLASSES, CONFIG_FILE, EXPORTS, PREPROCESSOR_FILE
 from dgmr_jax.io.keymaps import foreign_parts, torch_prefix
 from dgmr_jax.io.source import LayerSource
 from dgmr_jax.io.torch_export import check_new_folder, write_folder
@@ -65,9 +65,17 @@ def _fitted_params(cfg: ModelConfig, fitted: ModelConfig, params: Params) -> Par
     return unflatten(flat)
 
 
+def _as_computed(cfg: ModelConfig) -> dict[str, Any]:
+    """cfg's fields with those that do not act as the forward sees them: head_dim resolved, no head bias without a
+    head, no rotary settings without rotary embeddings."""
+    rope = {} if cfg.rope else dict(rope_ref_grid=0, rope_temperature=0.0)
+    head_bias = cfg.head_bias or not cfg.num_classes
+    return dataclasses.asdict(cfg.replace(head_dim=cfg.attn_head_dim, head_bias=head_bias, **rope))
+
+
 def _differences(cfg: ModelConfig, back: ModelConfig) -> list[str]:
     """The fields (compared as computed) where `back`, the class's reading of the config.json, is not cfg."""
-    a, b = (dataclasses.asdict(c.replace(head_dim=c.attn_head_dim)) for c in (cfg, back))
+    a, b = _as_computed(cfg), _as_computed(back)
     return [f"{k} {a[k]!r} (the class: {b[k]!r})" for k in a if k not in _UNCOMPARED and a[k] != b[k]]
 
 
@@ -157,13 +165,13 @@ def export_transformers(source: LayerSource, out: PathLike, max_shard_size: str 
     config["dtype"] = str(next(iter(sd.values())).dtype)
     configs = {CONFIG_FILE: config}
     if source.meta.get("preprocess"):
-        preprocess = Preprocess.from_meta(source.meta)
-        configs[PREPROCESSOR_FILE] = preprocessor_json(preprocess, cfg.img_size, EXPORTS[family].processor)
+        configs[PREPROCESSOR_FILE] = EXPORTS[family].processor(Preprocess.from_meta(source.meta), cfg.img_size)
     parts = shards(sd, max_bytes)
     path = write_folder(out, lambda folder: _write(folder, configs, parts))
     files = WEIGHTS if len(parts) == 1 else f"{len(parts)} shards and {INDEX}"
     params = sum(int(v.size) for v in sd.values())
-    processor = f"{PREPROCESSOR_FILE} ({EXPORTS[family].processor}), " if PREPROCESSOR_FILE in configs else ""
+    processor = configs.get(PREPROCESSOR_FILE, {}).get("image_processor_type")
+    processor = f"{PREPROCESSOR_FILE} ({processor}), " if processor else ""
     return (
         f"wrote {path}: {CONFIG_FILE} ({name}), {processor}{files} ({len(sd)} tensors, {params / 1e6:.2f} M "
         f"params); load it with transformers.{name}.from_pretrained({str(path)!r})"
