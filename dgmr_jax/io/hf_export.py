@@ -34,13 +34,16 @@ WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 # fields that do not change what the model computes at its image size: how it was named, laid out and run, and the
 # filter that resamples its positions for another size (the exported model resamples as its class does)
-_UNCOMPARED = ("name", "qkv_fused", "mlp_packed", "dtype", "param_dtype", "scan_layers", "remat", "attention")
-_UNCOMPARED += ("pos_resample_antialias",)
+_UNCOMPARED = (
+    *("name", "qkv_fused", "mlp_packed", "dtype", "param_dtype", "scan_layers", "remat", "attention"),
+    "pos_resample_antialias",
+)
 _TORCH_WAY = "export it with --format torch"
 
 
 def shard_bytes(size: str) -> int:
-    """A --max-shard-size ("5GB", "500MB", "2GiB", "20KB", bytes) in bytes, as transformers reads it."""
+    """A --max-shard-size in bytes: a count of bytes, or with transformers' units (decimal KB / MB / GB, binary
+    KiB / MiB / GiB; "5GB", "500MiB")."""
     match = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B|B)?\s*", size, re.IGNORECASE)
     if not match or int(match.group(1)) <= 0:
         raise UserError(f"--max-shard-size must be a positive size such as 5GB, 500MB or 2GiB, got {size!r}")
