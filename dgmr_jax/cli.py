@@ -53,15 +53,21 @@ def _convert(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from dgmr_jax.io.checkpoint_io import check_state_dict_path, save_state_dict
     from dgmr_jax.io.convert import check_layout, to_torch
+    from dgmr_jax.io.hf_export import export_transformers
     from dgmr_jax.io.open import open_model
     from dgmr_jax.io.torch_export import export_package, padding_note
 
+    if args.format != "state-dict" and (args.family or args.prefix):
+        raise UserError(
+            f"--family and --prefix lay out a state dict; --format {args.format} writes its own package: drop them"
+        )
+    if args.max_shard_size and args.format != "transformers":
+        raise UserError("--max-shard-size splits a --format transformers folder: drop it, or add that format")
     if args.format == "torch":
-        if args.family or args.prefix:
-            raise UserError(
-                "--family and --prefix lay out a state dict; --format torch writes its own package: drop them"
-            )
         print(export_package(open_model(args.model), args.out))
+        return
+    if args.format == "transformers":
+        print(export_transformers(open_model(args.model), args.out, args.max_shard_size))
         return
     out = Path(args.out)
     check_state_dict_path(out)  # before the weights are read
@@ -359,19 +365,28 @@ def _add_convert(sub: Any) -> None:
 
 
 def _add_export(sub: Any) -> None:
-    p = sub.add_parser("export", help="model directory -> PyTorch state dict, or a PyTorch package (--format torch)")
+    p = sub.add_parser(
+        "export", help="model directory -> PyTorch state dict, PyTorch package (--format torch), transformers folder"
+    )
     p.add_argument("--model", required=True, help="model directory (convert, prune, distill's WORKDIR/model, uvc)")
     p.add_argument(
         "--format",
-        choices=("state-dict", "torch"),
+        choices=("state-dict", "torch", "transformers"),
         default="state-dict",
         help="state-dict: one file in --family's layout; torch: a new folder with model.safetensors, config.json "
-        "and modeling.py (needs only torch; every layer at its slim size, nothing padded)",
+        "and modeling.py (needs only torch; every layer at its slim size, nothing padded); transformers: a new "
+        "folder that transformers' from_pretrained loads (Dinov2Model, CLIPVisionModel; one MLP width for all layers)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        help="transformers: shards of at most this size, e.g. 5GB or 500MiB (default 50GB, as save_pretrained)",
     )
     p.add_argument("--family", choices=FAMILIES, help="layout to write (default: the one it was converted from)")
     p.add_argument("--prefix", default="", help='put before every name, e.g. "visual." for a full CLIP model')
     p.add_argument(
-        "--out", required=True, help="new file: .safetensors, or .pth / .pt / .bin (torch.save); a new folder (torch)"
+        "--out",
+        required=True,
+        help="new file: .safetensors, or .pth / .pt / .bin (torch.save); a new folder (torch, transformers)",
     )
     p.set_defaults(run=_export)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ timm = pytest.importorskip("timm")
 import dgmr_jax as dj  # noqa: E402
 from dgmr_jax.io.hooks import HOOKS  # noqa: E402
 from dgmr_jax.io.keymaps import rules  # noqa: E402
+from dgmr_jax.io.model_dir import COMPLETE_FILE  # noqa: E402
 from dgmr_jax.models.tree import flatten  # noqa: E402
 
 # timm name -> (image size, extra timm kwargs that shrink the giants)
@@ -37,11 +40,13 @@ def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torc
     return model.eval()
 
 
-def small_timm(name: str, depth: int = 2, seed: int = 0):
-    """(torch model, matching ModelConfig, image size) for a shrunken timm architecture."""
+def small_timm(name: str, depth: int = 2, seed: int = 0, num_classes: int | None = None):
+    """(torch model, matching ModelConfig, image size) for a shrunken timm architecture (num_classes: its own head,
+    else the architecture's)."""
     img, kw = TIMM_SMALL[name]
-    model = randomize(timm.create_model(name, pretrained=False, img_size=img, depth=depth, **kw), seed)
-    fields = dict(img_size=img, depth=depth)
+    head = {} if num_classes is None else dict(num_classes=num_classes)
+    model = randomize(timm.create_model(name, pretrained=False, img_size=img, depth=depth, **kw, **head), seed)
+    fields = dict(img_size=img, depth=depth, **head)
     if kw:
         fields.update(width=kw["embed_dim"], num_heads=kw["num_heads"], hidden=model.blocks[0].mlp.fc2.in_features)
     return model, dj.models.preset(name, **fields), img
@@ -130,6 +135,15 @@ def converted_small_clip(root, seed: int = 3):
     convert = ["convert", "--family", "open_clip", "--arch", str(root / "vision.json")]
     assert main([*convert, "--checkpoint", str(root / "clip.pt"), "--out", str(root / "model")]) == 0
     return model
+
+
+def config_only_model(folder, cfg, **meta) -> None:
+    """A model directory holding its config.json alone, complete as far as readers can tell: a command that must
+    refuse it from the config alone fails differently if it reads a weight."""
+    folder.mkdir()
+    config = json.dumps({"config": json.loads(cfg.to_json()), "meta": meta})
+    (folder / "config.json").write_text(config)
+    (folder / COMPLETE_FILE).write_text(json.dumps({"files": {"config.json": len(config.encode())}}))
 
 
 def random_png_folder(root, n: int = 16, size: int = 36, seed: int = 0):

@@ -135,7 +135,7 @@ def test_export_refuses_a_layout_the_model_does_not_have(tmp_path, capsys):
     )
     assert capsys.readouterr().err == (
         "dgmr-jax export: error: model ViT-B-16 (family open_clip) cannot be written in the timm layout: it has a "
-        "bias-free projection (proj), which timm's PyTorch model cannot hold; it exports as open_clip "
+        "bias-free projection (proj), which timm's PyTorch model cannot hold; it exports as open_clip, hf_clip "
         "(--family open_clip)\n"
     )
     assert not (tmp_path / "c.pth").exists()

@@ -14,14 +14,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reference import images, rel_err, small_clip, small_timm, state_dict_numpy, timm_outputs, to_nhwc, torch
+from reference import (
+    config_only_model,
+    images,
+    rel_err,
+    small_clip,
+    small_timm,
+    state_dict_numpy,
+    timm_outputs,
+    to_nhwc,
+    torch,
+)
 from reference_uvc import mixed_plan, timm_slim
 from torch.utils.flop_counter import FlopCounterMode
 
 import dgmr_jax as dj
 from dgmr_jax.cli import main
 from dgmr_jax.io import torch_export
-from dgmr_jax.io.model_dir import COMPLETE_FILE, save_model
+from dgmr_jax.io.model_dir import save_model
 from dgmr_jax.io.source import InMemorySource
 from dgmr_jax.models import config as config_lib
 from dgmr_jax.models import slim
@@ -264,11 +274,7 @@ def _config_only_dir(root: Path) -> Path:
     """A model directory with its config.json alone (a tiny EVA02: SwiGLU, RoPE): the refusals come before any
     weight is read."""
     cfg = dj.models.preset("eva02_small_patch14_224", depth=1, img_size=28, width=32, num_heads=2, hidden=64)
-    (root / "model").mkdir()
-    config = json.dumps({"config": json.loads(cfg.to_json()), "meta": {}})
-    (root / "model" / "config.json").write_text(config)
-    # complete as far as readers can tell (no params: nothing can be read by mistake)
-    (root / "model" / COMPLETE_FILE).write_text(json.dumps({"files": {"config.json": len(config.encode())}}))
+    config_only_model(root / "model", cfg)
     return root / "model"
 
 

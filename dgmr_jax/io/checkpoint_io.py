@@ -156,10 +156,13 @@ class SafetensorsFile(Mapping):
         return len(self._entries)
 
 
-def save_safetensors(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write {name: array} as .safetensors with numpy alone (bfloat16 included), via a temporary file."""
+def save_safetensors(
+    path: str | os.PathLike, arrays: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
+    """Write {name: array} as .safetensors with numpy alone (bfloat16 included), via a temporary file; `metadata`
+    is the header's __metadata__ (transformers writes {"format": "pt"})."""
     names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
-    header, offset = {}, 0
+    header, offset = ({"__metadata__": metadata} if metadata else {}), 0
     for key, value in arrays.items():
         value = np.asarray(value)
         if value.dtype not in names:

@@ -270,7 +270,8 @@ def to_torch(cfg: ModelConfig, params: Params, family: str = "timm", prefix: str
     """Export Flax params to a state dict {name: np.ndarray} in family's PyTorch layout.
 
     Works for pruned configs: widths come from the arrays, so the dict loads into the PyTorch model
-    built with the same per-layer widths. `prefix` (e.g. "visual.") is put before every name.
+    built with the same per-layer widths. `prefix` (e.g. "visual.") is put before every name but those that sit
+    beside the tower (torch_beside: "vision_model." gives CLIPVisionModelWithProjection's names).
 
     UVC slim configs (family "timm" only): per-layer heads become per-layer num_heads; narrowed value widths are
     padded to attn_head_dim with exact zeros (v rows of qkv, v_bias, proj input columns) and an absent branch is
@@ -281,7 +282,9 @@ def to_torch(cfg: ModelConfig, params: Params, family: str = "timm", prefix: str
     if needs_padding(cfg):
         cfg, params, _ = pad_units(cfg, params)
     flat = flatten(unstack_blocks(params) if is_scanned(params) else params)
-    return {prefix + name: value for name, value in export_rules(flat, rules(cfg, family), cfg.name).items()}
+    beside = torch_beside(family)
+    sd = export_rules(flat, rules(cfg, family), cfg.name)
+    return {(name if name in beside else prefix + name): value for name, value in sd.items()}
 
 
 def check_layout(cfg: ModelConfig, family: str, model_family: str = "") -> None:

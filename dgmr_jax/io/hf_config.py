@@ -1,9 +1,12 @@
 """Hugging Face checkpoints as people download them: a directory (or a shard index) whose transformers config.json
 names the class and its sizes, read as a family and a ModelConfig so no family= / arch= is needed; the image
-processor's preprocessor_config.json, when there, gives the preprocessing."""
+processor's preprocessor_config.json, when there, gives the preprocessing. EXPORTS writes both back for
+`export --format transformers` (dgmr_jax/io/hf_export.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -53,17 +56,21 @@ def _common(c: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def _dinov2_hidden(width: int, mlp_ratio: float, swiglu: bool) -> int:
+    """The MLP width transformers' Dinov2MLP (width * mlp_ratio) or Dinov2SwiGLUFFN (2/3 of it, rounded up to a
+    multiple of 8) builds."""
+    hidden = int(width * mlp_ratio)
+    return (int(hidden * 2 / 3) + 7) // 8 * 8 if swiglu else hidden
+
+
 def _dinov2(c: dict[str, Any]) -> ModelConfig:
     """Dinov2Model / Dinov2WithRegistersModel; a SwiGLU MLP is sized as transformers' Dinov2SwiGLUFFN sizes it."""
     c = _sizes(c, _DINOV2)
-    hidden = int(c["hidden_size"] * c["mlp_ratio"])
     swiglu = dict(mlp_type="swiglu", mlp_packed=True) if c["use_swiglu_ffn"] else {}
-    if swiglu:
-        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
     return preset(
         "vit_base_patch14_dinov2",
         **_common(c),
-        hidden=hidden,
+        hidden=_dinov2_hidden(c["hidden_size"], c["mlp_ratio"], bool(swiglu)),
         qkv_bias="full" if c["qkv_bias"] else "none",
         reg_tokens=c.get("num_register_tokens", 0),
         **swiglu,
@@ -107,6 +114,99 @@ CLASSES: dict[str, tuple[str, Callable[[dict[str, Any]], ModelConfig]]] = {
     ),
     "InternVisionModel": ("internvit", _internvit),
     "InternVLChatModel": ("internvit", lambda c: _internvit(c.get("vision_config", {}))),
+}
+
+
+def _common_json(cfg: ModelConfig) -> dict[str, Any]:
+    """The inverse of _common: cfg's sizes as every transformers vision config names them."""
+    return dict(
+        image_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+        num_channels=3,
+        hidden_size=cfg.width,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads,
+        layer_norm_eps=cfg.norm_eps,
+    )
+
+
+def _dinov2_json(cfg: ModelConfig) -> dict[str, Any]:
+    """Dinov2Config (Dinov2WithRegistersConfig with registers) of cfg; its MLP width as the integer mlp_ratio that
+    transformers' (strict) config takes, else a one-line UserError."""
+    hidden = cfg.mlp_hidden[0]
+    ratios = [r for r in range(1, 2 * hidden // cfg.width + 2) if _dinov2_hidden(cfg.width, r, cfg.gated) == hidden]
+    if not ratios:
+        swiglu = " (SwiGLU: 2/3 of it, rounded up to a multiple of 8)" if cfg.gated else ""
+        raise UserError(
+            f"its Dinov2Config sizes the MLP as an integer mlp_ratio times the width {cfg.width}{swiglu}, which "
+            f"never gives {hidden}"
+        )
+    registers = dict(num_register_tokens=cfg.reg_tokens) if cfg.reg_tokens else {}
+    return dict(
+        architectures=["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
+        model_type="dinov2_with_registers" if registers else "dinov2",
+        **_common_json(cfg),
+        mlp_ratio=ratios[0],
+        hidden_act="gelu",
+        qkv_bias=cfg.qkv_bias == "full",
+        use_swiglu_ffn=cfg.gated,
+        **registers,
+    )
+
+
+def _clip_json(cfg: ModelConfig) -> dict[str, Any]:
+    """CLIPVisionConfig of cfg: CLIPVisionModelWithProjection when cfg has a projection, else CLIPVisionModel."""
+    return dict(
+        architectures=["CLIPVisionModelWithProjection" if cfg.proj_dim else "CLIPVisionModel"],
+        model_type="clip_vision_model",
+        **_common_json(cfg),
+        intermediate_size=cfg.mlp_hidden[0],
+        hidden_act=cfg.mlp_type,
+        projection_dim=cfg.proj_dim or _CLIP["projection_dim"],
+    )
+
+
+def _cropping_processor(processor: str, preprocess: Preprocess, img_size: int) -> dict[str, Any]:
+    """The inverse of hf_preprocess: the preprocessor_config.json of transformers' `processor`, an image processor
+    that resizes the shorter side, center-crops, rescales by 1/255 and normalizes, giving the eval view."""
+    return dict(
+        image_processor_type=processor,
+        do_convert_rgb=True,
+        do_resize=True,
+        size={"shortest_edge": preprocess.resize_size(img_size)},
+        resample={name: number for number, name in _RESAMPLE.items()}[preprocess.interpolation],
+        do_center_crop=True,
+        crop_size={"height": img_size, "width": img_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(preprocess.mean),
+        image_std=list(preprocess.std),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+    """How a family is written as a transformers class: `config` gives the config.json (its architectures[0] names
+    the class, and CLASSES reads it back); `processor` the preprocessor_config.json of a Preprocess at an image
+    size; `prefixed` names the classes whose save_pretrained puts the tower under the family's torch_prefix (the
+    entries of torch_beside stay beside it); `label` names the class in messages."""
+
+    label: str
+    config: Callable[[ModelConfig], dict[str, Any]]
+    processor: Callable[[Preprocess, int], dict[str, Any]]
+    prefixed: tuple[str, ...] = ()
+
+
+# family -> how `export --format transformers` writes it (the inverse of CLASSES and hf_preprocess)
+EXPORTS: dict[str, Export] = {
+    "hf_dinov2": Export("Dinov2Model", _dinov2_json, functools.partial(_cropping_processor, "BitImageProcessor")),
+    "hf_clip": Export(
+        "CLIPVisionModel",
+        _clip_json,
+        functools.partial(_cropping_processor, "CLIPImageProcessor"),
+        prefixed=("CLIPVisionModelWithProjection",),
+    ),
 }
 
 

@@ -167,6 +167,7 @@ _NAMES = {
 _PARTS: tuple[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...]], ...] = (
     ("per-layer attention units (a UVC slim model)", lambda c: not c.full_units, ("timm",)),
     ("a patch-embedding bias", lambda c: c.patch_bias, ("timm", "eva_clip", "dinov2", "internvit", "hf_dinov2")),
+    ("no patch-embedding bias", lambda c: not c.patch_bias, ("timm", "open_clip", "hf_clip")),
     ("no class token", lambda c: not c.class_token, ("timm",)),
     ("a distillation token", lambda c: c.dist_token, ("timm",)),
     ("register tokens", lambda c: c.reg_tokens > 0, ("timm", "dinov2", "hf_dinov2")),
@@ -177,15 +178,14 @@ _PARTS: tuple[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...]], ...] =
     ("a norm of the pooled vector (fc_norm)", lambda c: c.fc_norm, ("timm", "eva_clip")),
     ("average pooling", lambda c: c.global_pool == "avg", ("timm", "open_clip", "eva_clip")),
     ("a classification head", lambda c: c.num_classes > 0, ("timm", "eva_clip")),
-    # not hf_clip: its export writes no visual_projection yet
-    ("a bias-free projection (proj)", lambda c: c.proj_dim > 0, ("open_clip",)),
+    ("a bias-free projection (proj)", lambda c: c.proj_dim > 0, ("open_clip", "hf_clip")),
     (
         "a q/k/v bias",
         lambda c: c.qkv_bias == "full",
         ("timm", "open_clip", "dinov2", "internvit", "hf_dinov2", "hf_clip"),
     ),
     ("q and v biases only", lambda c: c.qkv_bias == "qv", ("timm", "eva_clip")),
-    ("no q/k/v bias", lambda c: c.qkv_bias == "none", ("timm", "eva_clip", "internvit")),
+    ("no q/k/v bias", lambda c: c.qkv_bias == "none", ("timm", "eva_clip", "internvit", "hf_dinov2")),
     ("q/k norms", lambda c: bool(c.qk_norm), ("internvit",)),
     ("an attention-output norm", lambda c: c.attn_norm, ("timm", "eva_clip")),
     (
@@ -193,6 +193,7 @@ _PARTS: tuple[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...]], ...] =
         lambda c: not c.layer_scale,
         ("timm", "open_clip", "eva_clip", "dinov2", "hf_clip"),  # transformers' Dinov2Layer always scales
     ),
+    ("layer scale", lambda c: c.layer_scale, ("timm", "open_clip", "eva_clip", "dinov2", "internvit", "hf_dinov2")),
     ("post-norm blocks", lambda c: c.post_norm, ("timm", "eva_clip")),
     ("RMSNorm", lambda c: c.norm == "rmsnorm", ("timm", "eva_clip", "internvit")),
     ("QuickGELU", lambda c: c.mlp_type == "quick_gelu", ("timm", "open_clip", "hf_clip")),

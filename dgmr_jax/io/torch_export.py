@@ -13,7 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,26 +83,42 @@ def torch_state(params: Params) -> dict[str, np.ndarray]:
     return state
 
 
-def export_package(source: LayerSource, out: PathLike) -> str:
-    """Write `source` as a PyTorch package in the new local folder `out` (through a temporary sibling, renamed
-    into place at the end); returns one line saying what was written."""
+def check_new_folder(out: PathLike, fmt: str) -> None:
+    """Refuse, before anything is read, an `--out` that is not a new (or empty) local folder."""
     if is_uri(out):
-        raise UserError(f"--format torch writes a local folder, got {out}; export locally, then copy the folder")
+        raise UserError(f"--format {fmt} writes a local folder, got {out}; export locally, then copy the folder")
     check_new_dir(out)
-    check_implemented(source.cfg)
-    state = torch_state(source.load())
+
+
+def write_folder(out: PathLike, fill: Callable[[Path], None]) -> Path:
+    """Let `fill` write the new folder `out`'s files into a temporary sibling, renamed into place at the end (so an
+    interrupted export leaves nothing under the name); returns the folder."""
     path = Path(out)
     tmp = path.with_name(f".{path.name}.partial")
     if tmp.exists():  # left by an interrupted export
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_safetensors(tmp / WEIGHTS, state)
-    spec = {"format": FORMAT, "config": json.loads(source.cfg.to_json()), "meta": dict(source.meta)}
-    (tmp / CONFIG).write_text(json.dumps(spec, indent=2))
-    shutil.copyfile(TEMPLATE, tmp / MODELING)
+    fill(tmp)
     if path.exists():
-        path.rmdir()  # empty (checked above)
+        path.rmdir()  # empty (check_new_folder)
     os.replace(tmp, path)
+    return path
+
+
+def export_package(source: LayerSource, out: PathLike) -> str:
+    """Write `source` as a PyTorch package in the new local folder `out`; returns one line saying what was
+    written."""
+    check_new_folder(out, "torch")
+    check_implemented(source.cfg)
+    state = torch_state(source.load())
+
+    def fill(tmp: Path) -> None:
+        save_safetensors(tmp / WEIGHTS, state)
+        spec = {"format": FORMAT, "config": json.loads(source.cfg.to_json()), "meta": dict(source.meta)}
+        (tmp / CONFIG).write_text(json.dumps(spec, indent=2))
+        shutil.copyfile(TEMPLATE, tmp / MODELING)
+
+    path = write_folder(out, fill)
     params = sum(int(v.size) for v in state.values())
     return (
         f"wrote {path}: {WEIGHTS} ({len(state)} tensors, {params / 1e6:.2f} M params), {CONFIG}, {MODELING}; "
