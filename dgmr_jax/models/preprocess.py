@@ -75,6 +75,7 @@ _CLIP = Preprocess(CLIP_MEAN, CLIP_STD)
 _AUGREG = Preprocess(HALF, HALF, crop_pct=0.9)
 _DEIT = Preprocess(IMAGENET_MEAN, IMAGENET_STD, crop_pct=0.9)
 _EVA02 = Preprocess(CLIP_MEAN, CLIP_STD, crop_pct=0.9)
+_SIGLIP = Preprocess(HALF, HALF)
 
 # Published settings of each preset's default pretrained weights: timm's pretrained_cfg of the default tag,
 # open_clip's preprocess config (resize the shorter side to the input size: crop_pct 1), EVA-CLIP's
@@ -110,6 +111,12 @@ PUBLISHED: dict[str, Preprocess] = {
     # InternVL resizes straight to the square input; on square images that is crop_pct 1
     "InternViT-6B-448px-V2_5": _IMAGENET,
     "InternViT-300M-448px-V2_5": _IMAGENET,
+    # SiglipImageProcessor: resize straight to the square input (bicubic), then (x - 0.5) / 0.5
+    "siglip-base-patch16-224": _SIGLIP,
+    "siglip-so400m-patch14-384": _SIGLIP,
+    "siglip2-so400m-patch14-384": _SIGLIP,
+    "vit_base_patch16_siglip_224": _AUGREG,  # timm's pretrained_cfg of its siglip models: the default crop of 0.9
+    "vit_so400m_patch14_siglip_384": _AUGREG,
 }
 
 
