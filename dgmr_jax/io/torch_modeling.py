@@ -231,7 +231,7 @@ class AttentionPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, w = x.shape
         hd = w // self.heads
-        q = self.q(self.latent).reshape(1, self.heads, 1, hd)
+        q = self.q(self.latent.repeat(b, 1, 1)).reshape(b, self.heads, 1, hd)  # per image, as count_flops counts
         k, v = self.kv(x).reshape(b, n, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
         weights = torch.softmax(((q * hd**-0.5) @ k.transpose(-1, -2)).float(), dim=-1).to(v.dtype)
         pooled = self.proj((weights @ v).reshape(b, w))
