@@ -138,6 +138,12 @@ def test_sharded_transformers_directory_opens_without_family_or_arch_at_parity(l
     params = source.load()
     x = images(28)
     assert_parity(label, cfg, params, reference_outputs(model, x), x)
+    if label == "SiglipVisionModel":  # at 42 px the 2 x 2 position grid is resized as transformers resizes it
+        x42 = images(42)
+        with torch.no_grad():
+            out = model(pixel_values=x42, interpolate_pos_encoding=True)
+        want = {"tokens": out.last_hidden_state, "pooled": out.pooler_output}
+        assert_parity(f"{label} 42px", cfg, params, want, x42)
     want = {k: v.numpy() for k, v in tower(model).state_dict().items()}
     back = dj.convert.to_torch(cfg, params, source.meta["family"])
     assert sorted(back) == sorted(want) and all(np.array_equal(back[k], want[k]) for k in want)
