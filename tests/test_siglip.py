@@ -7,6 +7,7 @@ stays whole), distil a tiny SigLIP student, export it as a PyTorch package."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -15,14 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from reference import assert_same_tree, images, meta_state_dict, random_png_folder, randomize, timm, to_nhwc, torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dgmr_jax as dj
+from dgmr_jax.data import EvalBatches
+from dgmr_jax.data.loader import make_loader
 from dgmr_jax.distill.loss import tap_config
 from dgmr_jax.io.keymaps import export_families
 from dgmr_jax.io.open import open_model
 from dgmr_jax.model_dir import load_config, load_model
+from dgmr_jax.models.preprocess import Preprocess, published
 from dgmr_jax.models.tree import flatten
 from dgmr_jax.prune.taylor import hidden_and_grads
 
@@ -226,9 +231,13 @@ def test_convert_a_sharded_directory_through_the_cli(converted):
     model, folder, out, run = converted
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith(f"wrote {out}: {folder.name}, ")
-    assert "preprocess mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5), crop_pct 1.0, bicubic" in run.stdout
+    assert run.stdout.endswith(
+        "preprocess mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5), crop_pct 1.0, bicubic, resized to a square (no crop)\n"
+    )
+    meta = load_config(out)[1]
+    assert meta["preprocess"]["resize"] == "square"
     cfg, params = load_model(out)
-    assert load_config(out)[1]["family"] == "hf_siglip" and cfg.global_pool == "map"
+    assert meta["family"] == "hf_siglip" and cfg.global_pool == "map"
     x = images(28)
     assert_parity("SiglipVisionModel (cli)", cfg, params, reference_outputs(model, x), x)
 
@@ -325,3 +334,27 @@ def test_a_siglip_model_exports_to_the_siglip_layouts_only():
     vit = dj.models.preset("vit_tiny_patch16_224", depth=1)
     with pytest.raises(dj.convert.CheckpointError, match="in the hf_siglip layout: it has a class token, "):
         dj.convert.to_torch(vit, dj.models.init_params(vit), "hf_siglip")
+
+
+def test_siglip_eval_view_resizes_to_a_square_without_cropping():
+    """SigLIP's published view, like its image processor: a 20 x 40 image is resized straight to 28 x 28 (bicubic,
+    nothing cropped) then (x - 0.5) / 0.5, in EvalBatches and in make_loader's eval transform alike; the setting
+    travels in meta, and crop_pct with it is refused in one line."""
+    pre = published("siglip-so400m-patch14-384")
+    assert pre == Preprocess((0.5,) * 3, (0.5,) * 3, resize="square")
+    assert Preprocess.from_meta({"preprocess": pre.to_meta(378)}) == pre
+    assert "resize" not in published("vit_so400m_patch14_siglip_384").to_meta(378)  # timm's: crop_pct 0.9
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    want = (np.asarray(image.resize((28, 28), Image.Resampling.BICUBIC), np.float32) / 255 - 0.5) / 0.5
+    view = dict(img_size=28, **pre.eval_view(28))
+    batch = next(iter(EvalBatches([buf.getvalue()], batch_size=1, **view)))
+    np.testing.assert_allclose(batch["images"][0], want, atol=1e-6)
+    loaded = next(iter(make_loader([buf.getvalue()], batch_size=1, train=False, num_epochs=1, **view)))
+    np.testing.assert_array_equal(loaded["images"], batch["images"])
+    cropped = next(iter(EvalBatches([buf.getvalue()], batch_size=1, **dict(view, square=False))))
+    assert not np.allclose(cropped["images"], batch["images"], atol=1e-2)
+    with pytest.raises(ValueError, match="resize 'square' crops nothing, so crop_pct must be 1, got 0.9"):
+        pre.replace(crop_pct=0.9)

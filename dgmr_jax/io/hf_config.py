@@ -184,7 +184,8 @@ def hf_layout(spec: str) -> tuple[str, ModelConfig]:
 
 
 def hf_preprocess(spec: str) -> Preprocess | None:
-    """The image processor's mean, std, crop fraction and filter (preprocessor_config.json), or None without one."""
+    """The image processor's mean, std, crop fraction, filter and resize (preprocessor_config.json), or None without
+    one."""
     path = os.path.join(_folder(spec), PREPROCESSOR_FILE)
     if not os.path.isfile(path):
         return None
@@ -194,7 +195,12 @@ def hf_preprocess(spec: str) -> Preprocess | None:
     crop = crop.get("height") if isinstance(crop, dict) else crop
     crop_pct = crop / short if p.get("do_center_crop") and crop and short else 1.0
     interpolation = _RESAMPLE.get(p.get("resample"), "bicubic")
+    # SiglipImageProcessor: size {"height": S, "width": S} and no crop, a resize straight to S x S
+    square = isinstance(size, dict) and size.get("height") and size.get("height") == size.get("width")
+    resize = "square" if square and not p.get("do_center_crop") else "shorter"
     try:
-        return Preprocess(p["image_mean"], p["image_std"], crop_pct=crop_pct, interpolation=interpolation)
+        return Preprocess(
+            p["image_mean"], p["image_std"], crop_pct=crop_pct, interpolation=interpolation, resize=resize
+        )
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path} has no usable image_mean / image_std ({err})") from err
