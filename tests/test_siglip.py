@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from reference import assert_same_tree, images, meta_state_dict, random_png_folder, randomize, timm, to_nhwc, torch
+from reference_uvc import mixed_plan
 from torch.utils.flop_counter import FlopCounterMode
 
 import dgmr_jax as dj
@@ -26,9 +27,12 @@ from dgmr_jax.data.loader import make_loader
 from dgmr_jax.distill.loss import tap_config
 from dgmr_jax.io.keymaps import export_families
 from dgmr_jax.io.open import open_model
+from dgmr_jax.io.source import InMemorySource
+from dgmr_jax.io.torch_export import export_package
 from dgmr_jax.model_dir import load_config, load_model
 from dgmr_jax.models.preprocess import Preprocess, published
-from dgmr_jax.models.tree import flatten
+from dgmr_jax.models.slim import slice_units
+from dgmr_jax.models.tree import flatten, unflatten
 from dgmr_jax.prune.taylor import hidden_and_grads
 
 transformers = pytest.importorskip("transformers")
@@ -358,3 +362,29 @@ def test_siglip_eval_view_resizes_to_a_square_without_cropping():
     assert not np.allclose(cropped["images"], batch["images"], atol=1e-2)
     with pytest.raises(ValueError, match="resize 'square' crops nothing, so crop_pct must be 1, got 0.9"):
         pre.replace(crop_pct=0.9)
+
+
+def test_uvc_slim_siglip_keeps_its_head_through_surgery_and_both_exports(tmp_path):
+    """A UVC slim SigLIP (a head dropped, an attention and an MLP branch removed, a block skipped, narrowed values)
+    keeps the attention pool whole: the timm layout's padded export reads back bit for bit, and the PyTorch
+    package computes the slim model (<= 1e-5) at count_flops' FLOPs with count_params' parameters."""
+    cfg = dj.models.preset("siglip-base-patch16-224", img_size=32, depth=5, width=64, num_heads=4, hidden=128)
+    rng = np.random.default_rng(0)
+    noisy = {
+        k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+        for k, v in flatten(dj.models.init_params(cfg)).items()
+    }
+    slim_cfg, slim, _ = slice_units(cfg, unflatten(noisy), mixed_plan(cfg))
+    assert slim_cfg.depth == 4 and slim_cfg.pool_hidden == 128 and not slim_cfg.full_units
+    flat = flatten(slim)
+    assert all(np.array_equal(flat[k], v) for k, v in noisy.items() if k.startswith("attn_pool/"))
+    back_cfg, back = dj.convert.from_torch(dj.convert.to_torch(slim_cfg, slim, "timm"), family="timm", arch=slim_cfg)
+    assert back_cfg == slim_cfg and all(np.array_equal(flatten(back)[k], v) for k, v in flat.items())
+    export_package(InMemorySource(slim_cfg, slim), tmp_path / "pkg")
+    module = _modeling(tmp_path / "pkg").load(tmp_path / "pkg")
+    x = images(32)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        got = module.outputs(x)
+    assert_parity("SigLIP UVC slim (torch package)", slim_cfg, slim, got, x)
+    assert counter.get_total_flops() == x.shape[0] * dj.prune.count_flops(slim_cfg)
+    assert sum(p.numel() for p in module.parameters()) == dj.prune.count_params(slim_cfg)
