@@ -24,9 +24,11 @@ from reference_uvc import mixed_plan
 from torch.utils.flop_counter import FlopCounterMode
 
 import dgmr_jax as dj
+from dgmr_jax.cli import main
 from dgmr_jax.data import EvalBatches
 from dgmr_jax.data.loader import make_loader
 from dgmr_jax.distill.loss import tap_config
+from dgmr_jax.io.checkpoint_io import save_safetensors
 from dgmr_jax.io.keymaps import export_families
 from dgmr_jax.io.open import open_model
 from dgmr_jax.io.source import InMemorySource
@@ -395,3 +397,28 @@ def test_uvc_slim_siglip_keeps_its_head_through_surgery_and_both_exports(tmp_pat
     assert_parity("SigLIP UVC slim (torch package)", slim_cfg, slim, got, x)
     assert counter.get_total_flops() == x.shape[0] * dj.prune.count_flops(slim_cfg)
     assert sum(p.numel() for p in module.parameters()) == dj.prune.count_params(slim_cfg)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            dict(architectures=["SiglipVisionModel"], vision_use_head=False),
+            "config.json sets vision_use_head=false (a SigLIP tower without its attention-pool head), which is not "
+            "read: the pooled vector is the head's output; convert a checkpoint that has the head",
+        ),
+        (
+            dict(architectures=["Siglip2Model"], vision_config=dict(num_patches=250)),
+            "config.json's num_patches 250 is not a square grid, which is not read",
+        ),
+    ],
+)
+def test_unread_siglip_configs_stop_in_one_line(tmp_path, capsys, config, message):
+    """A headless SigLIP tower and a Siglip2 grid that is not square are refused before anything is written."""
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    save_safetensors(folder / "model.safetensors", {"w": np.zeros(2, np.float32)})
+    assert main(["convert", "--checkpoint", str(folder), "--out", str(tmp_path / "never")]) == 2
+    assert capsys.readouterr().err == f"dgmr-jax convert: error: {message}\n"
+    assert not (tmp_path / "never").exists()
