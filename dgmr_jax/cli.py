@@ -46,7 +46,7 @@ def _convert(args: argparse.Namespace) -> None:
     print(
         f"wrote {args.out}: {cfg.name}, {count_params(cfg) / 1e6:.2f}M params, depth {cfg.depth}; "
         f"preprocess mean {preprocess.mean}, std {preprocess.std}, crop_pct {preprocess.crop_pct}, "
-        f"{preprocess.interpolation}"
+        f"{preprocess.interpolation}{', resized to a square (no crop)' if preprocess.resize == 'square' else ''}"
     )
 
 

@@ -47,7 +47,7 @@ def test_open_clip_presets_carry_open_clips_settings(name):
 
 def test_every_preset_has_published_settings():
     assert set(PRESETS) == set(PUBLISHED)
-    assert len(TIMM_PRESETS) == 19  # every timm-named preset is checked against timm's pretrained_cfg
+    assert len(TIMM_PRESETS) == 21  # every timm-named preset is checked against timm's pretrained_cfg
     for name in ("EVA-CLIP-8B", "EVA-CLIP-18B"):  # EVA-CLIP's processor: OpenAI CLIP statistics, bicubic
         assert (PUBLISHED[name].mean, PUBLISHED[name].std) == (CLIP_MEAN, CLIP_STD)
     for name in ("InternViT-6B-448px-V2_5", "InternViT-300M-448px-V2_5"):  # InternVL's: ImageNet statistics

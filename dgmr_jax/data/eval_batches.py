@@ -20,9 +20,10 @@ class EvalBatches:
     """Every readable record of a source, in order, as batches {"images": (b, size, size, 3) float32, "index": (b,)}.
 
     The eval transform of `make_loader(train=False)` (resize shorter side to resize_size, center crop
-    img_size, normalize), but single-process and never dropping the last partial batch. Records that
-    `DecodeOrSkip` passes over (and logs) are left out rather than replaced: "index" names the record of
-    each row, so callers select labels with it and can tell which records were skipped. len() counts
+    img_size, or with `square` resize to img_size x img_size; normalize), but single-process and never
+    dropping the last partial batch. Records that `DecodeOrSkip` passes over (and logs) are left out rather
+    than replaced: "index" names the record of each row, so callers select labels with it and can tell which
+    records were skipped. len() counts
     batches as if every record were readable. A source with no readable record raises ValueError.
     """
 
@@ -36,12 +37,14 @@ class EvalBatches:
         std: Sequence[float],
         resize_size: int | None = None,
         interpolation: str = "bicubic",
+        square: bool = False,
     ) -> None:
         if batch_size <= 0 or len(source) == 0:
             raise UserError(f"need batch_size > 0 and a non-empty source, got {batch_size} and {len(source)} records")
         self.source, self.batch_size, self.img_size = source, batch_size, img_size
         self._decode = DecodeOrSkip(source)  # one per set: an unreadable record is warned about once, not every pass
         self.mean, self.std, self.resize_size, self.interpolation = mean, std, resize_size, interpolation
+        self.square = square
 
     def __len__(self) -> int:
         return -(-len(self.source) // self.batch_size)
@@ -61,7 +64,7 @@ class EvalBatches:
         index, images = [], []
         for i, image in self._readable():
             index.append(i)
-            view = resize_center_crop(image, self.img_size, self.resize_size, self.interpolation)
+            view = resize_center_crop(image, self.img_size, self.resize_size, self.interpolation, self.square)
             images.append(normalize(view, self.mean, self.std))
             if len(index) == self.batch_size:
                 yield {"images": np.stack(images), "index": np.asarray(index, np.int64)}

@@ -106,11 +106,13 @@ def make_loader(
     resize_size: int | None = None,
     interpolation: str = "bicubic",
     max_image_pixels: int = 0,
+    square: bool = False,
 ) -> grain.DataLoader:
     """Batches of normalized images from `source` for this host (layout in the module docstring).
 
     train=True: shuffled with `seed`, RandomResizedCrop(img_size, scale, ratio) + optional flip.
-    train=False: source order, resize shorter side to `resize_size` (default img_size) + center crop.
+    train=False: source order, resize shorter side to `resize_size` (default img_size) + center crop, or with
+    `square` resize straight to img_size x img_size (SigLIP).
     Resizing uses PIL's `interpolation` filter ("bicubic" or "bilinear", as the model was trained).
     Partial batches are dropped (fixed shapes for jit), as are the records beyond
     `shard_count * (len(source) // shard_count)`. An example's crop/flip depends only on
@@ -145,7 +147,7 @@ def make_loader(
     if train:
         transform = TrainTransform(img_size, scale=scale, ratio=ratio, flip=flip, **view)
     else:
-        transform = EvalTransform(img_size, resize_size=resize_size, **view)
+        transform = EvalTransform(img_size, resize_size=resize_size, square=square, **view)
     return grain.DataLoader(
         data_source=_RecordKeys(source),
         sampler=sampler,

@@ -118,9 +118,12 @@ def random_resized_crop(
 
 
 def resize_center_crop(
-    img: Image.Image, size: int, resize_size: int | None = None, interpolation: str = "bicubic"
+    img: Image.Image, size: int, resize_size: int | None = None, interpolation: str = "bicubic", square: bool = False
 ) -> Image.Image:
-    """Eval view: resize the shorter side to `resize_size` (default `size`), center-crop size x size."""
+    """Eval view: resize the shorter side to `resize_size` (default `size`), center-crop size x size; `square`:
+    resize straight to size x size, whatever the aspect (SigLIP's image processor)."""
+    if square:
+        return img.resize((size, size), _FILTERS[interpolation])
     resize_size = size if resize_size is None else resize_size
     if img.width <= img.height:
         new_w, new_h = resize_size, int(resize_size * img.height / img.width)
@@ -221,7 +224,8 @@ class TrainTransform(grain.transforms.RandomMap):
 
 
 class EvalTransform(grain.transforms.Map):
-    """Resize shorter side, center crop, normalize; image -> "images" float32 (H, W, 3)."""
+    """Resize shorter side, center crop (or `square`: resize to size x size), normalize; image -> "images" float32
+    (H, W, 3)."""
 
     def __init__(
         self,
@@ -231,10 +235,11 @@ class EvalTransform(grain.transforms.Map):
         mean: Sequence[float],
         std: Sequence[float],
         interpolation: str = "bicubic",
+        square: bool = False,
     ) -> None:
         self.size, self.resize_size, self.mean, self.std = size, resize_size, mean, std
-        self.interpolation = interpolation
+        self.interpolation, self.square = interpolation, square
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
-        img = resize_center_crop(element["image"], self.size, self.resize_size, self.interpolation)
+        img = resize_center_crop(element["image"], self.size, self.resize_size, self.interpolation, self.square)
         return _with_images(element, normalize(img, self.mean, self.std))

@@ -18,12 +18,18 @@ def tap_config(cfg: ModelConfig, tap: str) -> ModelConfig:
     """The config whose forward yields the distilled tensors (docs/method.md, Recovery by distillation).
 
     "output": the model's own pooled vector and final-norm tokens (OpenCLIP: after ln_post and proj;
-    DINOv2: class and patch tokens after the final norm). "raw": final norm, pooling norm and head
-    removed on both sides, i.e. the raw class token and patch tokens of the last block (EVA-CLIP).
+    DINOv2: class and patch tokens after the final norm; SigLIP: the attention pool's output and every token).
+    "raw": final norm, pooling norm and head removed on both sides, i.e. the raw class token and patch tokens of the
+    last block (EVA-CLIP); a model without a class token (SigLIP) has no raw tap.
     """
     if tap not in TAPS:
         raise UserError(f"unknown distillation tap {tap!r}; choose one of {TAPS}")
     if tap == "raw":
+        if not cfg.class_token:
+            raise UserError(
+                f"tap 'raw' distils the raw class token, and model {cfg.name} has none (global_pool="
+                f"{cfg.global_pool!r}); use tap 'output' (its pooled vector and final-norm tokens)"
+            )
         return cfg.replace(final_norm=False, fc_norm=False, num_classes=0, proj_dim=0, global_pool="token")
     return cfg
 

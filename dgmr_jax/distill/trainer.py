@@ -83,13 +83,15 @@ class DistillTask:
 
     def student_config(self, config: ml_collections.ConfigDict, teacher_cfg: ModelConfig) -> ModelConfig:
         """A student pruned at start gets the widths `prune_mlp` would give it; a model directory must fit the
-        teacher's distillation tensors."""
+        teacher's distillation tensors; both must have the tap (SigLIP has no raw class token)."""
         sc = config.student
         if sc.model_dir:
             cfg = open_model(sc.model_dir).cfg
-            check_pair(cfg, teacher_cfg, config.distill.tap, (sc.model_dir, run_lib.teacher_spec(config.teacher)))
-            return cfg
-        return teacher_cfg.replace(mlp_hidden=target_widths(teacher_cfg, sc.mlp_ratio))
+        else:
+            cfg = teacher_cfg.replace(mlp_hidden=target_widths(teacher_cfg, sc.mlp_ratio))
+        names = (sc.model_dir or "pruned at start", run_lib.teacher_spec(config.teacher))
+        check_pair(cfg, teacher_cfg, config.distill.tap, names)
+        return cfg
 
     def make_step(
         self, config: ml_collections.ConfigDict, teacher_cfg: ModelConfig, student_cfg: ModelConfig

@@ -33,9 +33,17 @@ from dgmr_jax.models.vit import init_params, param_shapes, set_image_size
 _LISTED = 12  # names shown per kind of mismatch in an error
 # How each family's own loader resamples a position grid for another image size: antialiased bicubic (timm's
 # resample_abs_pos_embed, open_clip's resize_pos_embed) or plain bicubic (EVA-CLIP's resize_eva_pos_embed,
-# facebookresearch DINOv2, InternViT, transformers' Dinov2 and CLIP); align_corners=False in all of them
+# facebookresearch DINOv2, InternViT, transformers' Dinov2, CLIP and SigLIP); align_corners=False in all of them
 POS_ANTIALIAS = dict(
-    timm=True, open_clip=True, eva_clip=False, dinov2=False, internvit=False, hf_dinov2=False, hf_clip=False
+    timm=True,
+    open_clip=True,
+    eva_clip=False,
+    dinov2=False,
+    internvit=False,
+    hf_dinov2=False,
+    hf_clip=False,
+    hf_siglip=False,
+    hf_siglip2=False,  # transformers resizes Siglip2 positions bilinearly (antialiased): read at the grid's size
 )
 _BLOCK = re.compile(r"^blocks_(\d+)/")
 

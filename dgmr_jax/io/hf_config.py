@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -25,7 +26,10 @@ _DINOV2 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ml
 _DINOV2 |= dict(patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, use_swiglu_ffn=False, hidden_act="gelu")
 _CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224)
 _CLIP |= dict(patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=512)
-_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu"}
+_SIGLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224)
+_SIGLIP |= dict(patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=True)
+# transformers' ACT2FN names -> mlp_type (gelu_new and gelu_pytorch_tanh are both the tanh approximation)
+_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL filter numbers of an image processor's "resample"
 
 
@@ -45,9 +49,10 @@ def _sizes(c: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
 
 
 def _common(c: dict[str, Any]) -> dict[str, Any]:
-    """The sizes every transformers vision config names alike, as ModelConfig fields."""
+    """The sizes every transformers vision config names alike, as ModelConfig fields; an image size that is not a
+    multiple of the patch size (SigLIP so400m's 384 px in 14 px patches) is the grid the patch conv cuts from it."""
     return dict(
-        img_size=c["image_size"],
+        img_size=c["image_size"] // c["patch_size"] * c["patch_size"],
         patch_size=c["patch_size"],
         width=c["hidden_size"],
         depth=c["num_hidden_layers"],
@@ -89,6 +94,29 @@ def _clip(c: dict[str, Any], projection: bool) -> ModelConfig:
     )
 
 
+def _siglip(c: dict[str, Any]) -> ModelConfig:
+    """SiglipVisionModel and SiglipModel's vision tower (the fixed-resolution SigLIP 2 checkpoints too): the
+    attention-pool head is needed, as the pooled vector is its output."""
+    c = _sizes(c, _SIGLIP)
+    if not c["vision_use_head"]:
+        raise UserError(
+            "config.json sets vision_use_head=false (a SigLIP tower without its attention-pool head), which is not "
+            "read: the pooled vector is the head's output; convert a checkpoint that has the head"
+        )
+    return preset(
+        "siglip-base-patch16-224", **_common(c), hidden=c["intermediate_size"], mlp_type=_ACTIVATIONS[c["hidden_act"]]
+    )
+
+
+def _siglip2(c: dict[str, Any]) -> ModelConfig:
+    """Siglip2VisionModel and Siglip2Model's vision tower at the fixed resolution of its square position grid
+    (num_patches positions)."""
+    side = math.isqrt(c.get("num_patches", 256))
+    if side * side != c.get("num_patches", 256):
+        raise UserError(f"config.json's num_patches {c['num_patches']} is not a square grid, which is not read")
+    return _siglip({**c, "image_size": side * c.get("patch_size", 16)})
+
+
 def _internvit(c: dict[str, Any]) -> ModelConfig:
     """OpenGVLab's InternVisionModel (remote code), alone or as an InternVLChatModel's vision_config."""
     rms = c.get("norm_type", "rms_norm") == "rms_norm"
@@ -112,6 +140,10 @@ CLASSES: dict[str, tuple[str, Callable[[dict[str, Any]], ModelConfig]]] = {
         "hf_clip",
         lambda c: _clip({**c.get("vision_config", {}), "projection_dim": c.get("projection_dim", 512)}, True),
     ),
+    "SiglipVisionModel": ("hf_siglip", _siglip),
+    "SiglipModel": ("hf_siglip", lambda c: _siglip(c.get("vision_config", {}))),
+    "Siglip2VisionModel": ("hf_siglip2", _siglip2),
+    "Siglip2Model": ("hf_siglip2", lambda c: _siglip2(c.get("vision_config", {}))),
     "InternVisionModel": ("internvit", _internvit),
     "InternVLChatModel": ("internvit", lambda c: _internvit(c.get("vision_config", {}))),
 }
@@ -252,7 +284,8 @@ def hf_layout(spec: str) -> tuple[str, ModelConfig]:
 
 
 def hf_preprocess(spec: str) -> Preprocess | None:
-    """The image processor's mean, std, crop fraction and filter (preprocessor_config.json), or None without one."""
+    """The image processor's mean, std, crop fraction, filter and resize (preprocessor_config.json), or None without
+    one."""
     path = os.path.join(_folder(spec), PREPROCESSOR_FILE)
     if not os.path.isfile(path):
         return None
@@ -262,7 +295,12 @@ def hf_preprocess(spec: str) -> Preprocess | None:
     crop = crop.get("height") if isinstance(crop, dict) else crop
     crop_pct = crop / short if p.get("do_center_crop") and crop and short else 1.0
     interpolation = _RESAMPLE.get(p.get("resample"), "bicubic")
+    # SiglipImageProcessor: size {"height": S, "width": S} and no crop, a resize straight to S x S
+    square = isinstance(size, dict) and size.get("height") and size.get("height") == size.get("width")
+    resize = "square" if square and not p.get("do_center_crop") else "shorter"
     try:
-        return Preprocess(p["image_mean"], p["image_std"], crop_pct=crop_pct, interpolation=interpolation)
+        return Preprocess(
+            p["image_mean"], p["image_std"], crop_pct=crop_pct, interpolation=interpolation, resize=resize
+        )
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path} has no usable image_mean / image_std ({err})") from err

@@ -6,6 +6,7 @@ transposes, reshapes, splits and concatenations, so a round trip reproduces the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -29,6 +30,15 @@ def _conv_to_torch(xs: Arrays) -> Arrays:
     return [np.ascontiguousarray(xs[0].transpose(3, 2, 0, 1))]
 
 
+def _patch_linear_to_flax(xs: Arrays) -> Arrays:  # Linear on (p, p, 3)-flattened patches (D, p*p*3) -> (p, p, 3, D)
+    p = math.isqrt(xs[0].shape[1] // 3)
+    return [np.ascontiguousarray(xs[0].T.reshape(p, p, 3, -1))]
+
+
+def _patch_linear_to_torch(xs: Arrays) -> Arrays:
+    return [np.ascontiguousarray(xs[0].reshape(-1, xs[0].shape[-1]).T)]
+
+
 def _qkv_to_flax(xs: Arrays) -> Arrays:  # separate q, k, v (out, in) -> fused kernel (in, 3 out)
     return [np.ascontiguousarray(np.concatenate(xs, axis=0).T)]
 
@@ -44,6 +54,11 @@ def _packed_to_flax(xs: Arrays) -> Arrays:  # packed gated fc1 (2H, ...) -> gate
 
 def _packed_to_torch(xs: Arrays) -> Arrays:
     return [np.ascontiguousarray(np.concatenate([x.T if x.ndim == 2 else x for x in xs], axis=0))]
+
+
+def _in_proj_to_flax(xs: Arrays) -> Arrays:  # packed q, k, v rows (3D, ...) -> q (D, ...), kv (2D, ...), as flax
+    q, kv = np.split(xs[0], [xs[0].shape[0] // 3], axis=0)
+    return [np.ascontiguousarray(x.T) for x in (q, kv)] if xs[0].ndim == 2 else [q, kv]
 
 
 def _unbatch(xs: Arrays) -> Arrays:  # (1, N, D) -> (N, D)
@@ -82,8 +97,10 @@ HOOKS: dict[str, tuple[Callable[[Arrays], Arrays], Callable[[Arrays], Arrays]]] 
     "copy": (_copy, _copy),
     "linear": (_transpose, _transpose),
     "conv": (_conv_to_flax, _conv_to_torch),
+    "patch_linear": (_patch_linear_to_flax, _patch_linear_to_torch),  # Siglip2's patch embedding
     "qkv": (_qkv_to_flax, _qkv_to_torch),
     "packed": (_packed_to_flax, _packed_to_torch),
+    "in_proj": (_in_proj_to_flax, _packed_to_torch),  # nn.MultiheadAttention's in_proj -> a query and a kv Linear
     "rows": (_batch, _unbatch),
     "vector": (_vector_to_token, _token_to_vector),
     "qkv_columns": (_columns_to_fused, _fused_to_columns),  # ONNX graphs: per-role MatMul weights

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.config import ModelConfig
 
-FAMILIES = ("timm", "open_clip", "eva_clip", "dinov2", "internvit", "hf_dinov2", "hf_clip")
+FAMILIES = ("timm", "open_clip", "eva_clip", "dinov2", "internvit", "hf_dinov2", "hf_clip", "hf_siglip", "hf_siglip2")
+_SIGLIPS = ("hf_siglip", "hf_siglip2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +62,14 @@ _TIMM = dict(
     fc1_x="mlp.fc1_x",
     mlp_norm="mlp.norm",
     mask="mask_token",
+    # the attention pool (global_pool="map"): timm's AttentionPoolLatent
+    pool_latent="attn_pool.latent",
+    pool_q="attn_pool.q",
+    pool_kv="attn_pool.kv",
+    pool_proj="attn_pool.proj",
+    pool_norm="attn_pool.norm",
+    pool_fc1="attn_pool.mlp.fc1",
+    pool_fc2="attn_pool.mlp.fc2",
 )
 _TIMM_EVA = dict(_TIMM, ls1="gamma_1", ls2="gamma_2", q_proj_bias=True)
 _NAMES = {
@@ -160,29 +169,74 @@ _NAMES = {
         proj="self_attn.out_proj",
         visual_proj="visual_projection.weight",
     ),
+    # transformers' SiglipVisionModel / SiglipModel (also fixed-resolution SigLIP 2): the tower under "vision_model."
+    # (transformers 5 saves a bare SiglipVisionModel without it); the pool's q, k, v packed in one in_proj
+    "hf_siglip": dict(
+        _TIMM,
+        prefix="vision_model.",
+        fused=False,
+        pos_hook="rows",
+        block="encoder.layers.{i}.",
+        patch="embeddings.patch_embedding",
+        pos="embeddings.position_embedding.weight",
+        norm="post_layernorm",
+        norm1="layer_norm1",
+        norm2="layer_norm2",
+        q_w="self_attn.q_proj.weight",
+        k_w="self_attn.k_proj.weight",
+        v_w="self_attn.v_proj.weight",
+        q_b="self_attn.q_proj.bias",
+        k_b="self_attn.k_proj.bias",
+        v_b="self_attn.v_proj.bias",
+        proj="self_attn.out_proj",
+        pool_latent="head.probe",
+        pool_in_proj="head.attention.in_proj",
+        pool_proj="head.attention.out_proj",
+        pool_norm="head.layernorm",
+        pool_fc1="head.mlp.fc1",
+        pool_fc2="head.mlp.fc2",
+    ),
 }
+# transformers' Siglip2VisionModel / Siglip2Model at the fixed resolution of its position grid: SigLIP's names, the
+# patch embedding a Linear on patches flattened (row, column, channel)
+_NAMES["hf_siglip2"] = dict(_NAMES["hf_siglip"], patch_hook="patch_linear")
 
 # Parts of a ViT that only some families' PyTorch models have: (what the model has, whether cfg has it, the
 # families whose model holds it). Written in another family's layout, such a model loads into neither library.
 _PARTS: tuple[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...]], ...] = (
     ("per-layer attention units (a UVC slim model)", lambda c: not c.full_units, ("timm",)),
-    ("a patch-embedding bias", lambda c: c.patch_bias, ("timm", "eva_clip", "dinov2", "internvit", "hf_dinov2")),
+    (
+        "a patch-embedding bias",
+        lambda c: c.patch_bias,
+        ("timm", "eva_clip", "dinov2", "internvit", "hf_dinov2", *_SIGLIPS),
+    ),
     ("no patch-embedding bias", lambda c: not c.patch_bias, ("timm", "open_clip", "hf_clip")),
-    ("no class token", lambda c: not c.class_token, ("timm",)),
+    ("a class token", lambda c: c.class_token, tuple(f for f in FAMILIES if f not in _SIGLIPS)),
+    ("no class token", lambda c: not c.class_token, ("timm", *_SIGLIPS)),
     ("a distillation token", lambda c: c.dist_token, ("timm",)),
     ("register tokens", lambda c: c.reg_tokens > 0, ("timm", "dinov2", "hf_dinov2")),
-    ("position embeddings on other prefix tokens than the class token", lambda c: c.pos_embed_prefix != 1, ("timm",)),
+    (
+        "position embeddings on other prefix tokens than the class token",
+        lambda c: c.pos_embed_prefix != int(c.class_token),
+        ("timm",),
+    ),
     ("a norm after the embeddings (ln_pre)", lambda c: c.pre_norm, ("timm", "open_clip", "hf_clip")),
-    ("a final norm", lambda c: c.final_norm, ("timm", "open_clip", "eva_clip", "dinov2", "hf_dinov2", "hf_clip")),
+    (
+        "a final norm",
+        lambda c: c.final_norm,
+        ("timm", "open_clip", "eva_clip", "dinov2", "hf_dinov2", "hf_clip", *_SIGLIPS),
+    ),
     ("no final norm", lambda c: not c.final_norm, ("timm", "eva_clip", "internvit")),
     ("a norm of the pooled vector (fc_norm)", lambda c: c.fc_norm, ("timm", "eva_clip")),
     ("average pooling", lambda c: c.global_pool == "avg", ("timm", "open_clip", "eva_clip")),
+    ("an attention pool (global_pool='map')", lambda c: c.global_pool == "map", ("timm", *_SIGLIPS)),
+    ("no attention pool", lambda c: c.global_pool != "map", tuple(f for f in FAMILIES if f not in _SIGLIPS)),
     ("a classification head", lambda c: c.num_classes > 0, ("timm", "eva_clip")),
     ("a bias-free projection (proj)", lambda c: c.proj_dim > 0, ("open_clip", "hf_clip")),
     (
         "a q/k/v bias",
         lambda c: c.qkv_bias == "full",
-        ("timm", "open_clip", "dinov2", "internvit", "hf_dinov2", "hf_clip"),
+        ("timm", "open_clip", "dinov2", "internvit", "hf_dinov2", "hf_clip", *_SIGLIPS),
     ),
     ("q and v biases only", lambda c: c.qkv_bias == "qv", ("timm", "eva_clip")),
     ("no q/k/v bias", lambda c: c.qkv_bias == "none", ("timm", "eva_clip", "internvit", "hf_dinov2")),
@@ -191,12 +245,13 @@ _PARTS: tuple[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...]], ...] =
     (
         "no layer scale",
         lambda c: not c.layer_scale,
-        ("timm", "open_clip", "eva_clip", "dinov2", "hf_clip"),  # transformers' Dinov2Layer always scales
+        ("timm", "open_clip", "eva_clip", "dinov2", "hf_clip", *_SIGLIPS),  # transformers' Dinov2Layer always scales
     ),
     ("layer scale", lambda c: c.layer_scale, ("timm", "open_clip", "eva_clip", "dinov2", "internvit", "hf_dinov2")),
     ("post-norm blocks", lambda c: c.post_norm, ("timm", "eva_clip")),
     ("RMSNorm", lambda c: c.norm == "rmsnorm", ("timm", "eva_clip", "internvit")),
-    ("QuickGELU", lambda c: c.mlp_type == "quick_gelu", ("timm", "open_clip", "hf_clip")),
+    ("QuickGELU", lambda c: c.mlp_type == "quick_gelu", ("timm", "open_clip", "hf_clip", *_SIGLIPS)),
+    ("tanh-approximate GELU", lambda c: c.mlp_type == "gelu_tanh", ("timm", "hf_clip", *_SIGLIPS)),
     ("a SwiGLU MLP", lambda c: c.gated, ("timm", "eva_clip", "dinov2", "hf_dinov2")),
     ("an MLP norm", lambda c: c.mlp_norm, ("timm", "eva_clip")),
     ("rotary position embeddings", lambda c: c.rope, ("timm", "eva_clip")),
@@ -313,7 +368,7 @@ def _block(cfg: ModelConfig, n: dict[str, str], i: int) -> list[Rule]:
 def rules(cfg: ModelConfig, family: str) -> list[Rule]:
     """All rules for cfg in one family's layout, in unscanned form (blocks_0 ... blocks_{depth-1})."""
     n = family_names(cfg, family)
-    out = [Rule(("patch_embed/kernel",), (f"{n['patch']}.weight",), "conv")]
+    out = [Rule(("patch_embed/kernel",), (f"{n['patch']}.weight",), n.get("patch_hook", "conv"))]
     if cfg.patch_bias:
         out.append(Rule(("patch_embed/bias",), (f"{n['patch']}.bias",)))
     if cfg.class_token:
@@ -337,6 +392,24 @@ def rules(cfg: ModelConfig, family: str) -> list[Rule]:
         out += linear_rules("head", n["head"], bias=cfg.head_bias)
         if cfg.dist_token:
             out += linear_rules("head_dist", n["head_dist"], bias=cfg.head_bias)
+    if cfg.global_pool == "map":
+        out += _attention_pool(n)
     if cfg.proj_dim:
         out.append(Rule(("proj/kernel",), (n.get("visual_proj", "proj"),), n.get("proj_hook", "copy")))
     return out
+
+
+def _attention_pool(n: dict[str, str]) -> list[Rule]:
+    """The attention pool's rules: the probe, q and kv (packed as one in_proj of q, k, v rows in transformers'
+    nn.MultiheadAttention), proj, the norm and the head's MLP."""
+    rules = [Rule(("attn_pool/latent",), (n["pool_latent"],))]
+    if "pool_in_proj" in n:
+        packed = n["pool_in_proj"]
+        rules += [
+            Rule(("attn_pool/q/kernel", "attn_pool/kv/kernel"), (f"{packed}_weight",), "in_proj"),
+            Rule(("attn_pool/q/bias", "attn_pool/kv/bias"), (f"{packed}_bias",), "in_proj"),
+        ]
+    else:
+        rules += linear_rules("attn_pool/q", n["pool_q"]) + linear_rules("attn_pool/kv", n["pool_kv"])
+    rules += linear_rules("attn_pool/proj", n["pool_proj"]) + norm_rules("attn_pool/norm", n["pool_norm"])
+    return rules + linear_rules("attn_pool/fc1", n["pool_fc1"]) + linear_rules("attn_pool/fc2", n["pool_fc2"])

@@ -31,7 +31,7 @@ IMPLEMENTS = {
     "mlp_hidden": None,
     "layer_heads": None,
     "value_dims": None,
-    "mlp_type": ("gelu", "quick_gelu", "swiglu"),
+    "mlp_type": ("gelu", "gelu_tanh", "quick_gelu", "swiglu"),
     "mlp_norm": None,
     "qkv_bias": ("full", "qv", "none"),
     "attn_norm": None,
@@ -48,7 +48,8 @@ IMPLEMENTS = {
     "pre_norm": None,
     "final_norm": None,
     "fc_norm": None,
-    "global_pool": ("token", "avg"),
+    "global_pool": ("token", "avg", "map"),
+    "pool_hidden": None,
     "num_classes": None,
     "head_bias": None,
     "proj_dim": None,
@@ -185,6 +186,13 @@ class Attention(nn.Module):
         return self.proj(out)
 
 
+def activation(kind: str, h: torch.Tensor) -> torch.Tensor:
+    """The MLP activation of a non-gated mlp_type: GELU (erf), its tanh approximation or QuickGELU."""
+    if kind == "quick_gelu":
+        return h * torch.sigmoid(1.702 * h)
+    return F.gelu(h, approximate="tanh" if kind == "gelu_tanh" else "none")
+
+
 class Mlp(nn.Module):
     """fc2(act(fc1 x)) or, gated, fc2(silu(fc1_g x) * fc1_x x); an optional norm over the hidden width."""
 
@@ -201,14 +209,34 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             h = F.silu(self.fc1_g(x)) * self.fc1_x(x)
-        elif self.kind == "quick_gelu":
-            h = self.fc1(x)
-            h = h * torch.sigmoid(1.702 * h)
         else:
-            h = F.gelu(self.fc1(x))
+            h = activation(self.kind, self.fc1(x))
         if self.norm is not None:
             h = self.norm(h)
         return self.fc2(h)
+
+
+class AttentionPool(nn.Module):
+    """SigLIP's attention pool: a learned probe queries the tokens (num_heads heads), proj, then a LayerNorm + MLP
+    residual; (B, N, D) -> (B, D)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        w, self.heads, self.kind = cfg.width, cfg.num_heads, cfg.mlp_type
+        self.latent = nn.Parameter(torch.zeros(1, 1, w))
+        self.q, self.kv, self.proj = nn.Linear(w, w), nn.Linear(w, 2 * w), nn.Linear(w, w)
+        self.norm = _norm(cfg, w)
+        self.fc1, self.fc2 = nn.Linear(w, cfg.pool_hidden), nn.Linear(cfg.pool_hidden, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        hd = w // self.heads
+        q = self.q(self.latent.repeat(b, 1, 1)).reshape(b, self.heads, 1, hd)  # per image, as count_flops counts
+        k, v = self.kv(x).reshape(b, n, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        weights = torch.softmax(((q * hd**-0.5) @ k.transpose(-1, -2)).float(), dim=-1).to(v.dtype)
+        pooled = self.proj((weights @ v).reshape(b, w))
+        h = activation(self.kind, self.fc1(self.norm(pooled)))
+        return pooled + self.fc2(h)
 
 
 class LayerScale(nn.Module):
@@ -249,7 +277,8 @@ class Block(nn.Module):
 
 class VisionTransformer(nn.Module):
     """The vision tower: patches and prefix tokens (class, distillation, registers) with learned positions (and
-    RoPE), the blocks, then pooling (class token, distillation average or patch mean), head and projection."""
+    RoPE), the blocks, then pooling (class token, distillation average, patch mean or attention pool), head and
+    projection."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -266,6 +295,7 @@ class VisionTransformer(nn.Module):
         self.norm_pre = _norm(cfg, w) if cfg.pre_norm else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.depth))
         self.norm = _norm(cfg, w) if cfg.final_norm else None
+        self.attn_pool = AttentionPool(cfg) if cfg.global_pool == "map" else None
         self.fc_norm = _norm(cfg, w) if cfg.fc_norm else None
         if cfg.num_classes:
             self.head = nn.Linear(w, cfg.num_classes, bias=cfg.head_bias)
@@ -324,7 +354,7 @@ class VisionTransformer(nn.Module):
             pooled = x[:, 0]
         else:
             start = int(cfg.class_token) + int(cfg.dist_token) + cfg.reg_tokens
-            pooled = x[:, start:].mean(dim=1)
+            pooled = self.attn_pool(x[:, start:]) if self.attn_pool is not None else x[:, start:].mean(dim=1)
         if self.fc_norm is not None:
             pooled = self.fc_norm(pooled)
         if cfg.num_classes:

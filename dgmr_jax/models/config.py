@@ -8,9 +8,11 @@ from typing import Any
 
 from dgmr_jax.core.errors import UserError
 
-MLP_TYPES = ("gelu", "quick_gelu", "swiglu")
+MLP_TYPES = ("gelu", "gelu_tanh", "quick_gelu", "swiglu")
 QKV_BIAS = ("full", "qv", "none")
-POOLS = ("token", "avg")
+# token: the class token; avg: mean of the patch tokens; map: SigLIP's attention pool (a learned probe attends
+# over the patch tokens, then LayerNorm + MLP residual)
+POOLS = ("token", "avg", "map")
 NORMS = ("layernorm", "rmsnorm")
 # "": none; "full": RMSNorm of q and of k over the whole attention width before the split into heads (InternViT-6B)
 QK_NORMS = ("", "full")
@@ -41,7 +43,7 @@ class ModelConfig:
     # for every head. Queries and keys always keep attn_head_dim per head.
     layer_heads: tuple[int, ...] = ()
     value_dims: tuple[tuple[int, ...], ...] = ()
-    mlp_type: str = "gelu"  # gelu | quick_gelu | swiglu (silu(gate) * value)
+    mlp_type: str = "gelu"  # gelu (erf) | gelu_tanh (tanh form: SigLIP) | quick_gelu | swiglu (silu(gate) * value)
     mlp_norm: bool = False  # LayerNorm over the hidden width before fc2 (EVA02 "ffn_ln")
     qkv_bias: str = "full"  # full | qv (EVA: no k bias) | none
     attn_norm: bool = False  # LayerNorm on the attention output before proj (EVA-CLIP "subln")
@@ -58,7 +60,8 @@ class ModelConfig:
     pre_norm: bool = False  # LayerNorm after the embeddings (OpenCLIP ln_pre)
     final_norm: bool = True  # LayerNorm on all tokens after the last block
     fc_norm: bool = False  # LayerNorm on the pooled vector (timm avg pooling)
-    global_pool: str = "token"  # token | avg (mean of patch tokens)
+    global_pool: str = "token"  # token | avg (mean of patch tokens) | map (attention pool over the patch tokens)
+    pool_hidden: int = 0  # MLP width of the map head (never pruned); 0 with global_pool="map": mlp_hidden[0]
     num_classes: int = 0  # classification / embedding head -> "logits"
     head_bias: bool = True  # the head has a bias (EVA-CLIP-8B/18B's has none)
     proj_dim: int = 0  # bias-free projection of the pooled vector (OpenCLIP proj) -> "pooled"
@@ -81,6 +84,8 @@ class ModelConfig:
         if not self.mlp_hidden:
             object.__setattr__(self, "mlp_hidden", (4 * self.width,) * self.depth)
         object.__setattr__(self, "mlp_hidden", tuple(int(h) for h in self.mlp_hidden))
+        if self.global_pool == "map" and not self.pool_hidden and self.mlp_hidden:  # the head's MLP as the blocks'
+            object.__setattr__(self, "pool_hidden", self.mlp_hidden[0])
         # config.json stores tuples as lists: back to (nested) tuples so loaded configs compare equal
         object.__setattr__(self, "layer_heads", tuple(int(h) for h in self.layer_heads))
         object.__setattr__(self, "value_dims", tuple(tuple(int(w) for w in ws) for ws in self.value_dims))
@@ -113,6 +118,16 @@ class ModelConfig:
                 f"pos_embed_prefix {self.pos_embed_prefix} exceeds the {self.num_prefix_tokens} prefix tokens",
             ),
             (self.global_pool != "token" or self.class_token, "global_pool='token' needs class_token=True"),
+            (
+                self.global_pool != "map" or (self.pool_hidden > 0 and self.width % self.num_heads == 0),
+                f"global_pool='map' needs pool_hidden > 0 and width divisible by num_heads, got pool_hidden "
+                f"{self.pool_hidden}, width {self.width}, num_heads {self.num_heads}",
+            ),
+            (
+                self.global_pool != "map" or not (self.gated or self.mlp_norm or self.dist_token),
+                "global_pool='map' (SigLIP's attention pool) takes a plain MLP (no swiglu, no mlp_norm) and no "
+                "distillation token",
+            ),
             (
                 not self.scan_layers or len(set(self.mlp_hidden)) == 1,
                 "scan_layers needs one MLP width for all layers; per-layer widths need scan_layers=False",

@@ -6,6 +6,7 @@ activations.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -63,9 +64,10 @@ def rms_norm(cfg: Any, name: str, axis: str = "embed") -> nn.RMSNorm:
 
 
 def activation(kind: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
-    """gelu (exact erf form, as torch), quick_gelu (OpenAI CLIP) or silu."""
-    if kind == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
+    """gelu (exact erf form, as torch), gelu_tanh (the tanh approximation: SigLIP), quick_gelu (OpenAI CLIP) or
+    silu."""
+    if kind in ("gelu", "gelu_tanh"):
+        return functools.partial(jax.nn.gelu, approximate=kind == "gelu_tanh")
     if kind == "quick_gelu":
         return lambda x: x * jax.nn.sigmoid(1.702 * x)
     return jax.nn.silu

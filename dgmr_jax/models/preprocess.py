@@ -20,16 +20,21 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)  # timm's AugReg ViTs: inputs scaled to [-1, 1]
 INTERPOLATIONS = ("bicubic", "bilinear")
+# shorter: resize the shorter side, center-crop (timm, open_clip); square: resize straight to img_size x img_size,
+# whatever the aspect, no crop (SigLIP's image processor)
+RESIZES = ("shorter", "square")
 
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """Per-channel mean/std; eval view = resize the shorter side to floor(size / crop_pct), center-crop size."""
+    """Per-channel mean/std; eval view = resize the shorter side to floor(size / crop_pct), center-crop size, or
+    (resize="square") resize straight to size x size."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_pct: float = 1.0
     interpolation: str = "bicubic"
+    resize: str = "shorter"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -42,6 +47,10 @@ class Preprocess:
             raise UserError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.interpolation not in INTERPOLATIONS:
             raise UserError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.resize not in RESIZES:
+            raise UserError(f"resize must be one of {RESIZES}, got {self.resize!r}")
+        if self.resize == "square" and self.crop_pct != 1:
+            raise UserError(f"resize 'square' crops nothing, so crop_pct must be 1, got {self.crop_pct}")
 
     def resize_size(self, img_size: int) -> int:
         """Shorter side before the eval center crop (timm: floor(img_size / crop_pct))."""
@@ -50,12 +59,18 @@ class Preprocess:
     def eval_view(self, img_size: int) -> dict[str, Any]:
         """Keyword arguments of the eval transforms (EvalBatches, make_loader(train=False)) at img_size."""
         return dict(
-            mean=self.mean, std=self.std, resize_size=self.resize_size(img_size), interpolation=self.interpolation
+            mean=self.mean,
+            std=self.std,
+            resize_size=self.resize_size(img_size),
+            interpolation=self.interpolation,
+            square=self.resize == "square",
         )
 
     def to_meta(self, img_size: int) -> dict[str, Any]:
-        """What a model directory's meta records under "preprocess"."""
-        return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std), "img_size": img_size}
+        """What a model directory's meta records under "preprocess" ("resize" only when square, so directories
+        written before it existed read the same)."""
+        meta = {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std), "img_size": img_size}
+        return meta if self.resize == "square" else {k: v for k, v in meta.items() if k != "resize"}
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any], name: str = "") -> Preprocess:
@@ -75,6 +90,7 @@ _CLIP = Preprocess(CLIP_MEAN, CLIP_STD)
 _AUGREG = Preprocess(HALF, HALF, crop_pct=0.9)
 _DEIT = Preprocess(IMAGENET_MEAN, IMAGENET_STD, crop_pct=0.9)
 _EVA02 = Preprocess(CLIP_MEAN, CLIP_STD, crop_pct=0.9)
+_SIGLIP = Preprocess(HALF, HALF, resize="square")
 
 # Published settings of each preset's default pretrained weights: timm's pretrained_cfg of the default tag,
 # open_clip's preprocess config (resize the shorter side to the input size: crop_pct 1), EVA-CLIP's
@@ -110,6 +126,12 @@ PUBLISHED: dict[str, Preprocess] = {
     # InternVL resizes straight to the square input; on square images that is crop_pct 1
     "InternViT-6B-448px-V2_5": _IMAGENET,
     "InternViT-300M-448px-V2_5": _IMAGENET,
+    # SiglipImageProcessor: resize straight to the square input (bicubic, no crop), then (x - 0.5) / 0.5
+    "siglip-base-patch16-224": _SIGLIP,
+    "siglip-so400m-patch14-384": _SIGLIP,
+    "siglip2-so400m-patch14-384": _SIGLIP,
+    "vit_base_patch16_siglip_224": _AUGREG,  # timm's pretrained_cfg of its siglip models: the default crop of 0.9
+    "vit_so400m_patch14_siglip_384": _AUGREG,
 }
 
 

@@ -27,6 +27,13 @@ _EVA_CLIP_BIG = dict(patch_size=14, qkv_bias="none", norm="rmsnorm", head_bias=F
 # OpenGVLab InternVisionModel: layer scale, no final norm (pooled = token 0), position grid resized without
 # antialiasing; the 6B uses RMSNorm and RMSNorm on q/k over the full width, the 300M LayerNorm and a qkv bias
 _INTERNVIT = dict(img_size=448, patch_size=14, layer_scale=True, final_norm=False, pos_resample_antialias=False)
+# SigLIP / SigLIP 2 (transformers SiglipVisionModel, timm vit_*_siglip_*): no class token, learned positions for the
+# patches only, tanh-approximate GELU, final norm, then the attention pool; the head's MLP is as wide as the blocks'.
+# timm builds its siglip models with the erf GELU: its names (vit_*_siglip_*) compute what timm computes.
+_SIGLIP = dict(class_token=False, pos_embed_prefix=0, global_pool="map", mlp_type="gelu_tanh", num_classes=0)
+# The "384 px" so400m towers cut 384 px into 27 x 27 patches of 14 px, their patch conv dropping the last 6 rows and
+# columns: as a ModelConfig (img_size a multiple of patch_size) that is the same 27 x 27 grid at 378 px
+_SO400M = dict(_SIGLIP, img_size=378, patch_size=14, width=1152, depth=27, num_heads=16, hidden=4304)
 
 # Each entry: ModelConfig fields, with `hidden` (one MLP width for every layer) in place of mlp_hidden.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -87,6 +94,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         qkv_bias="none",
     ),
     "InternViT-300M-448px-V2_5": dict(_INTERNVIT, width=1024, depth=24, num_heads=16, hidden=4096),
+    "siglip-base-patch16-224": dict(_SIGLIP, width=768, depth=12, num_heads=12, hidden=3072),
+    "vit_base_patch16_siglip_224": dict(_SIGLIP, width=768, depth=12, num_heads=12, hidden=3072, mlp_type="gelu"),
+    "vit_so400m_patch14_siglip_384": dict(_SO400M, mlp_type="gelu"),
+    "siglip-so400m-patch14-384": _SO400M,
+    # fixed-resolution SigLIP 2 checkpoints are SiglipModel checkpoints of the same architecture
+    "siglip2-so400m-patch14-384": _SO400M,
 }
 
 

@@ -217,6 +217,28 @@ class Mlp(nn.Module):
         return dense(cfg.width, ("mlp", "embed"), cfg, "fc2")(h)
 
 
+class AttentionPool(nn.Module):
+    """SigLIP's multi-head attention pooling (timm AttentionPoolLatent, transformers
+    SiglipMultiheadAttentionPoolingHead): a learned probe token queries the tokens (q from the probe, k and v from
+    the tokens, num_heads heads of width // num_heads), proj, then a LayerNorm + MLP residual; (B, N, D) -> (B, D).
+    Its MLP is part of the head: pruning leaves it whole and Taylor scoring does not see it."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        cfg = self.cfg
+        (b, n, d), heads = x.shape, cfg.num_heads
+        latent = self.param("latent", partitioned(kernel_init, (None, None, "embed")), (1, 1, d), cfg.param_dtype)
+        q = dense(d, ("embed", "heads"), cfg, "q")(latent.astype(cfg.dtype)).reshape(1, heads, 1, d // heads)
+        kv = dense(2 * d, ("embed", "heads"), cfg, "kv")(x).reshape(b, n, 2, heads, d // heads)
+        k, v = kv.transpose(2, 0, 3, 1, 4)
+        weights = _attention_weights(jnp.broadcast_to(q, (b, heads, 1, d // heads)), k, None, d // heads)
+        pooled = dense(d, ("heads", "embed"), cfg, "proj")((weights.astype(v.dtype) @ v).reshape(b, d))
+        h = activation(cfg.mlp_type)(dense(cfg.pool_hidden, ("embed", "mlp"), cfg, "fc1")(norm(cfg, "norm")(pooled)))
+        return pooled + dense(d, ("mlp", "embed"), cfg, "fc2")(h)
+
+
 class LayerScale(nn.Module):
     cfg: ModelConfig
 
@@ -357,13 +379,16 @@ class VisionTransformer(nn.Module):
         return x
 
     def _heads(self, x: jnp.ndarray) -> dict[str, jnp.ndarray]:
-        """Pooled vector (class token, distillation average or patch mean; fc_norm, proj) and logits if any."""
+        """Pooled vector (class token, distillation average, patch mean or attention pool; fc_norm, proj) and logits
+        if any."""
         cfg = self.cfg
         out = {}
         if cfg.dist_token:
             pooled, pooled_dist = x[:, 0], x[:, 1]
         elif cfg.global_pool == "token":
             pooled = x[:, 0]
+        elif cfg.global_pool == "map":
+            pooled = AttentionPool(cfg, name="attn_pool")(x[:, cfg.num_prefix_tokens :])
         else:
             pooled = x[:, cfg.num_prefix_tokens :].mean(axis=1)
         if cfg.fc_norm:

@@ -1,0 +1,424 @@
+"""SigLIP as a model family: the attention-pool (MAP) head, tanh GELU and no class token, converted from timm's
+vit_*_siglip_* and from transformers' SiglipVisionModel / SiglipModel / Siglip2VisionModel (fixed resolution)
+directories at parity (<= 1e-5, pooled and tokens); full-size presets counted like timm and transformers (on torch's
+meta device); and through the CLI: convert a sharded directory with no --family/--arch, prune it (the head's MLP
+stays whole), distil a tiny SigLIP student, export it as a PyTorch package."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from reference import assert_same_tree, images, meta_state_dict, random_png_folder, randomize, timm, to_nhwc, torch
+from reference_uvc import mixed_plan
+from torch.utils.flop_counter import FlopCounterMode
+
+import dgmr_jax as dj
+from dgmr_jax.cli import main
+from dgmr_jax.data import EvalBatches
+from dgmr_jax.data.loader import make_loader
+from dgmr_jax.distill.loss import tap_config
+from dgmr_jax.io.checkpoint_io import save_safetensors
+from dgmr_jax.io.keymaps import export_families
+from dgmr_jax.io.open import open_model
+from dgmr_jax.io.source import InMemorySource
+from dgmr_jax.io.torch_export import export_package
+from dgmr_jax.model_dir import load_config, load_model
+from dgmr_jax.models.preprocess import Preprocess, published
+from dgmr_jax.models.slim import slice_units
+from dgmr_jax.models.tree import flatten, unflatten
+from dgmr_jax.prune.taylor import hidden_and_grads
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5
+SHARD = "20KB"  # the 2-layer, 32-wide towers below are ~70 KB: several shards
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "cpu_tiny.py")
+_VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, intermediate_size=64)
+_TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+_TEXT |= dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+# label -> (config class, config kwargs, family); every tower sees 28 px images as a 2 x 2 grid
+MODELS = {
+    "SiglipVisionModel": ("SiglipVisionConfig", dict(_VISION, image_size=28), "hf_siglip"),
+    "SiglipModel": (
+        "SiglipConfig",
+        dict(vision_config=dict(_VISION, image_size=28), text_config=_TEXT),
+        "hf_siglip",
+    ),
+    "Siglip2VisionModel": ("Siglip2VisionConfig", dict(_VISION, num_patches=4), "hf_siglip2"),
+}
+# exact parameter counts of the full presets (equal to timm's and transformers' own, see the count test)
+COUNTS = {"base": 92_884_224, "so400m": 428_225_600}
+
+
+def build(label: str, seed: int = 0, **changes):
+    """The transformers model of `label` from its small config (vision sizes changed by `changes`), seeded."""
+    config_cls, kwargs, _ = MODELS[label]
+    if "vision_config" in kwargs:
+        kwargs = dict(kwargs, vision_config={**kwargs["vision_config"], **changes})
+    config = getattr(transformers, config_cls)(**{**kwargs, **({} if "vision_config" in kwargs else changes)})
+    config._attn_implementation = "eager"
+    return randomize(getattr(transformers, label)(config), seed)
+
+
+def saved(label: str, root: Path, seed: int = 0):
+    """(model, its sharded save_pretrained directory)."""
+    model, folder = build(label, seed), root / label
+    model.save_pretrained(folder, max_shard_size=SHARD)
+    return model, folder
+
+
+def tower(model):
+    """The vision tower of a transformers model (SiglipModel's vision_model, else the model itself)."""
+    return getattr(model, "vision_model", model)
+
+
+def reference_outputs(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers' tokens (last_hidden_state, after post_layernorm) and pooled vector (the head's output); a
+    Siglip2 tower takes x as patches flattened (row, column, channel), all valid, at the grid's spatial shape."""
+    vision = tower(model)
+    with torch.no_grad():
+        if "Siglip2" in type(vision).__name__:
+            b, c, h, w = x.shape
+            p = vision.config.patch_size
+            patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
+            mask = torch.ones(patches.shape[:2], dtype=torch.int32)
+            out = vision(
+                pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=torch.tensor([[h // p, w // p]] * b)
+            )
+        else:
+            out = vision(pixel_values=x)
+    return {"tokens": out.last_hidden_state, "pooled": out.pooler_output}
+
+
+def assert_parity(label: str, cfg, params, want: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+    """Ours against `want` on x, <= TOL on every output; the errors are printed for the report."""
+    ours = dj.models.forward(cfg, params, to_nhwc(x))
+    for key, ref in want.items():
+        err = float(np.abs(np.asarray(ours[key], np.float64) - ref.numpy()).max())
+        print(f"PARITY {label:34s} {key:7s} max_abs={err:.2e}")
+        assert err <= TOL, (label, key, err)
+
+
+def noise(cfg, seed: int = 0):
+    """Seeded noise params of cfg's shapes (numpy; no init is compiled)."""
+    rng = np.random.default_rng(seed)
+    shapes = flatten(dj.models.param_shapes(cfg))
+    return unflatten({k: (0.1 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in shapes.items()})
+
+
+def small_timm(seed: int = 0):
+    """(timm vit_base_patch16_siglip_224 shrunk to 2 layers of width 64 at 32 px, seeded; matching ModelConfig)."""
+    model = timm.create_model(
+        "vit_base_patch16_siglip_224", pretrained=False, img_size=32, depth=2, embed_dim=64, num_heads=4
+    )
+    cfg = dj.models.preset("vit_base_patch16_siglip_224", img_size=32, depth=2, width=64, num_heads=4, hidden=256)
+    return randomize(model, seed), cfg
+
+
+def test_timm_parity_and_bit_exact_round_trip():
+    """timm's erf-GELU siglip ViT: tokens after the final norm and the attention pool's output at parity; to_torch
+    gives back every tensor bit for bit."""
+    model, cfg = small_timm()
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    cfg, params = dj.convert.from_torch(sd, family="timm", arch=cfg)
+    assert cfg.global_pool == "map" and not cfg.class_token and cfg.pool_hidden == 256 and cfg.mlp_type == "gelu"
+    x = images(32)
+    with torch.no_grad():
+        tokens = model.forward_features(x)
+        want = {"tokens": tokens, "pooled": model.forward_head(tokens, pre_logits=True)}
+    assert_parity("timm vit_base_patch16_siglip_224", cfg, params, want, x)
+    back = dj.convert.to_torch(cfg, params, "timm")
+    assert sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
+    assert dj.prune.count_params(cfg) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("label", sorted(MODELS))
+def test_sharded_transformers_directory_opens_without_family_or_arch_at_parity(label, tmp_path):
+    """A save_pretrained directory in several shards: config.json gives the family and the architecture (tanh GELU,
+    the MAP head as wide as the blocks' MLP); tokens and pooled vector at parity; to_torch writes the tower's own
+    state dict back bit for bit."""
+    model, folder = saved(label, tmp_path)
+    assert len([f for f in os.listdir(folder) if f.endswith(".safetensors")]) >= 3
+    source = open_model(folder)
+    cfg = source.cfg
+    assert source.meta["family"] == MODELS[label][2] and cfg.name == label
+    assert (cfg.img_size, cfg.patch_size, cfg.width, cfg.depth, cfg.mlp_hidden) == (28, 14, 32, 2, (64, 64))
+    assert (cfg.global_pool, cfg.pool_hidden, cfg.mlp_type, cfg.class_token) == ("map", 64, "gelu_tanh", False)
+    params = source.load()
+    x = images(28)
+    assert_parity(label, cfg, params, reference_outputs(model, x), x)
+    if label == "SiglipVisionModel":  # at 42 px the 2 x 2 position grid is resized as transformers resizes it
+        x42 = images(42)
+        with torch.no_grad():
+            out = model(pixel_values=x42, interpolate_pos_encoding=True)
+        want = {"tokens": out.last_hidden_state, "pooled": out.pooler_output}
+        assert_parity(f"{label} 42px", cfg, params, want, x42)
+    want = {k: v.numpy() for k, v in tower(model).state_dict().items()}
+    back = dj.convert.to_torch(cfg, params, source.meta["family"])
+    assert sorted(back) == sorted(want) and all(np.array_equal(back[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize(
+    "preset, timm_name, vision, size",
+    [
+        ("siglip-base-patch16-224", "vit_base_patch16_siglip_224", {}, "base"),
+        pytest.param(
+            "siglip-so400m-patch14-384",
+            "vit_so400m_patch14_siglip_384",
+            dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+            "so400m",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_full_size_presets_count_like_timm_and_transformers(preset, timm_name, vision, size):
+    """The presets hold timm's and transformers' tensors key for key (built on torch's meta device: nothing is
+    allocated) with equal parameter counts; SigLIP 2's fixed-resolution so400m is the same tower."""
+    ref, count = meta_state_dict(lambda: timm.create_model(timm_name, pretrained=False))
+    assert_same_tree(dj.models.preset(timm_name), "timm", ref)
+    image = dict(image_size=384, patch_size=14) if vision else {}
+    hf, hf_count = meta_state_dict(
+        lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**vision, **image))
+    )
+    cfg = dj.models.preset(preset)
+    assert_same_tree(cfg, "hf_siglip", hf)
+    print(f"PARAMS {preset}: ours {dj.prune.count_params(cfg):,} timm {count:,} transformers {hf_count:,}")
+    assert dj.prune.count_params(cfg) == dj.prune.count_params(dj.models.preset(timm_name)) == count == hf_count
+    assert count == COUNTS[size]
+    if vision:  # the 384 px checkpoints' 27 x 27 grid of 14 px patches, and SigLIP 2's fixed-resolution tower
+        assert cfg.grid == 27 and dj.models.preset("siglip2-so400m-patch14-384") == cfg.replace(
+            name="siglip2-so400m-patch14-384"
+        )
+
+
+def test_the_head_is_counted_kept_out_of_taylor_and_validated():
+    """count_flops includes the attention pool (q of the probe, k/v of every patch, attention, proj, its MLP);
+    Taylor scoring sees the blocks' MLPs only; bad map settings and the raw tap fail in one line."""
+    cfg = dj.models.preset("siglip-base-patch16-224", img_size=32, depth=2, width=64, num_heads=4, hidden=256)
+    d, n = 64, 4
+    pool = d * d + n * d * 2 * d + 2 * n * d + d * d + 2 * d * 256
+    assert dj.prune.count_flops(cfg, per_layer=True)["head"] == 2 * pool
+    assert dj.prune.count_flops(cfg.replace(pool_hidden=128), per_layer=True)["head"] == 2 * (pool - d * 256)
+    images_shape = jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)  # traced abstractly: nothing is compiled
+    pairs = jax.eval_shape(functools.partial(hidden_and_grads, cfg), dj.models.param_shapes(cfg), images_shape)
+    assert sorted(pairs) == ["blocks_0", "blocks_1"]
+    with pytest.raises(ValueError, match="global_pool='map' .* takes a plain MLP"):
+        cfg.replace(mlp_type="swiglu")
+    with pytest.raises(ValueError, match="global_pool must be one of .*'map'"):
+        cfg.replace(global_pool="max")
+    with pytest.raises(ValueError, match="tap 'raw' distils the raw class token, and model siglip-base-patch16-224"):
+        tap_config(cfg, "raw")
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    """`dgmr-jax ARGV` in a subprocess, as a user runs it (CPU)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """(transformers SiglipVisionModel, its sharded directory with SigLIP's image processor, the model directory
+    `dgmr-jax convert --checkpoint DIR` wrote from it, with no --family or --arch, and that run)."""
+    root = tmp_path_factory.mktemp("siglip")
+    model, folder = saved("SiglipVisionModel", root)
+    processor = dict(
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3, do_resize=True, size=dict(height=28, width=28)
+    )
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    run = _cli("convert", "--checkpoint", str(folder), "--out", str(root / "model"))
+    return model, folder, root / "model", run
+
+
+@pytest.mark.slow
+def test_convert_a_sharded_directory_through_the_cli(converted):
+    model, folder, out, run = converted
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith(f"wrote {out}: {folder.name}, ")
+    assert run.stdout.endswith(
+        "preprocess mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5), crop_pct 1.0, bicubic, resized to a square (no crop)\n"
+    )
+    meta = load_config(out)[1]
+    assert meta["preprocess"]["resize"] == "square"
+    cfg, params = load_model(out)
+    assert meta["family"] == "hf_siglip" and cfg.global_pool == "map"
+    x = images(28)
+    assert_parity("SiglipVisionModel (cli)", cfg, params, reference_outputs(model, x), x)
+
+
+@pytest.mark.slow
+def test_prune_through_the_cli_keeps_the_head_and_loads_into_transformers(converted, tmp_path):
+    """`prune --checkpoint DIR` slims every block's MLP (64 -> 32) and leaves the attention pool's MLP at 64: the
+    result equals prune_mlp in memory, and its hf_siglip export loads strictly into a SiglipVisionModel of
+    intermediate_size 32 whose head MLP is rebuilt at 64 (transformers sizes both alike), computing the same."""
+    _, folder, _, _ = converted
+    out = tmp_path / "pruned"
+    run = _cli("prune", "--checkpoint", str(folder), "--hidden", "32", "--out", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    cfg, pruned = load_model(out)
+    assert cfg.mlp_hidden == (32, 32) and cfg.pool_hidden == 64
+    full = open_model(folder)
+    mem_cfg, mem = dj.prune.prune_mlp(full.cfg, full.load(), hidden=32)
+    assert mem_cfg == cfg
+    a, b, original = flatten(pruned), flatten(mem), flatten(full.load())
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert all(np.array_equal(a[k], original[k]) for k in original if k.startswith("attn_pool/"))
+    assert dj.prune.count_params(cfg) == sum(v.size for v in a.values())
+
+    slim = build("SiglipVisionModel", seed=9, intermediate_size=32)
+    wide = transformers.SiglipVisionConfig(**MODELS["SiglipVisionModel"][1])
+    slim.head.mlp = transformers.models.siglip.modeling_siglip.SiglipMLP(wide)
+    sd = dj.convert.to_torch(cfg, pruned, "hf_siglip")
+    slim.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+    x = images(28)
+    assert_parity("SiglipVisionModel pruned", cfg, pruned, reference_outputs(slim.eval(), x), x)
+
+
+def _modeling(folder: Path):
+    """The package's own modeling.py, imported from the folder."""
+    spec = importlib.util.spec_from_file_location(f"modeling_{folder.name}", folder / "modeling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_distil_a_tiny_siglip_student_through_the_cli_and_export_it_to_torch(converted, tmp_path):
+    """A few CPU distillation steps with the converted SigLIP as teacher and its pruned copy as student (tap
+    "output": the pooled MAP output and every token): the head is trained with the blocks; `export --format torch`
+    writes a package whose modeling.py computes the student (<= 1e-5) at count_flops' FLOPs; tap "raw" is refused
+    in one line before anything is written."""
+    _, _, teacher, _ = converted
+    (tmp_path / "imgs").mkdir()
+    data = random_png_folder(tmp_path / "imgs")
+    work = tmp_path / "run"
+    argv = ["distill", "--config", CONFIG, "--workdir", str(work), f"--config.data.path={data}"]
+    argv += [f"--config.teacher.model_dir={teacher}", "--config.student.mlp_ratio=1.0"]
+    refused = _cli(*argv[:4], str(tmp_path / "never"), *argv[5:], "--config.distill.tap=raw")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        "dgmr-jax distill: error: tap 'raw' distils the raw class token, and model SiglipVisionModel has none "
+        "(global_pool='map'); use tap 'output' (its pooled vector and final-norm tokens)"
+    )
+    assert not (tmp_path / "never").exists()
+    run = _cli(*argv, "--config.optim.total_steps=4", "--config.checkpoint_every=4")
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4] and all(
+        np.isfinite(r["loss"]) for r in rows if "loss" in r
+    )
+    cfg, student = load_model(work / "model")
+    _, start = load_model(teacher)
+    assert cfg.mlp_hidden == (32, 32) and cfg.pool_hidden == 64 and cfg.global_pool == "map"
+    trained, before = flatten(student), flatten(start)
+    assert not np.array_equal(trained["attn_pool/fc1/kernel"], before["attn_pool/fc1/kernel"])
+
+    package = tmp_path / "pkg"
+    run = _cli("export", "--model", str(work / "model"), "--format", "torch", "--out", str(package))
+    assert run.returncode == 0, run.stderr[-2000:]
+    module = _modeling(package).load(package)
+    x = images(28)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        got = module.outputs(x)
+    assert_parity("SigLIP student (torch package)", cfg, student, got, x)
+    assert counter.get_total_flops() == x.shape[0] * dj.prune.count_flops(cfg)
+    assert sum(p.numel() for p in module.parameters()) == dj.prune.count_params(cfg)
+
+
+def test_a_siglip_model_exports_to_the_siglip_layouts_only():
+    """timm's and transformers' SigLIP layouts hold a SigLIP model; another family's refusal names them."""
+    cfg = dj.models.preset("siglip-base-patch16-224", img_size=32, depth=2, width=64, num_heads=4, hidden=256)
+    assert export_families(cfg) == ["timm", "hf_siglip", "hf_siglip2"]
+    with pytest.raises(dj.convert.CheckpointError) as err:
+        dj.convert.to_torch(cfg, noise(cfg), "open_clip")
+    assert str(err.value) == (
+        "model siglip-base-patch16-224 cannot be written in the open_clip layout: it has a patch-embedding bias, no "
+        "class token, an attention pool (global_pool='map'), tanh-approximate GELU, which open_clip's PyTorch model "
+        "cannot hold; it exports as timm, hf_siglip, hf_siglip2 (--family timm)"
+    )
+    vit = dj.models.preset("vit_tiny_patch16_224", depth=1)
+    with pytest.raises(dj.convert.CheckpointError, match="in the hf_siglip layout: it has a class token, "):
+        dj.convert.to_torch(vit, noise(vit), "hf_siglip")
+
+
+def test_siglip_eval_view_resizes_to_a_square_without_cropping():
+    """SigLIP's published view, like its image processor: a 20 x 40 image is resized straight to 28 x 28 (bicubic,
+    nothing cropped) then (x - 0.5) / 0.5, in EvalBatches and in make_loader's eval transform alike; the setting
+    travels in meta, and crop_pct with it is refused in one line."""
+    pre = published("siglip-so400m-patch14-384")
+    assert pre == Preprocess((0.5,) * 3, (0.5,) * 3, resize="square")
+    assert Preprocess.from_meta({"preprocess": pre.to_meta(378)}) == pre
+    assert "resize" not in published("vit_so400m_patch14_siglip_384").to_meta(378)  # timm's: crop_pct 0.9
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    want = (np.asarray(image.resize((28, 28), Image.Resampling.BICUBIC), np.float32) / 255 - 0.5) / 0.5
+    view = dict(img_size=28, **pre.eval_view(28))
+    batch = next(iter(EvalBatches([buf.getvalue()], batch_size=1, **view)))
+    np.testing.assert_allclose(batch["images"][0], want, atol=1e-6)
+    loaded = next(iter(make_loader([buf.getvalue()], batch_size=1, train=False, num_epochs=1, **view)))
+    np.testing.assert_array_equal(loaded["images"], batch["images"])
+    cropped = next(iter(EvalBatches([buf.getvalue()], batch_size=1, **dict(view, square=False))))
+    assert not np.allclose(cropped["images"], batch["images"], atol=1e-2)
+    with pytest.raises(ValueError, match="resize 'square' crops nothing, so crop_pct must be 1, got 0.9"):
+        pre.replace(crop_pct=0.9)
+
+
+@pytest.mark.slow
+def test_uvc_slim_siglip_keeps_its_head_through_surgery_and_both_exports(tmp_path):
+    """A UVC slim SigLIP (a head dropped, an attention and an MLP branch removed, a block skipped, narrowed values)
+    keeps the attention pool whole: the timm layout's padded export reads back bit for bit, and the PyTorch
+    package computes the slim model (<= 1e-5) at count_flops' FLOPs with count_params' parameters."""
+    cfg = dj.models.preset("siglip-base-patch16-224", img_size=32, depth=5, width=64, num_heads=4, hidden=128)
+    params = noise(cfg)
+    noisy = flatten(params)
+    slim_cfg, slim, _ = slice_units(cfg, params, mixed_plan(cfg))
+    assert slim_cfg.depth == 4 and slim_cfg.pool_hidden == 128 and not slim_cfg.full_units
+    flat = flatten(slim)
+    assert all(np.array_equal(flat[k], v) for k, v in noisy.items() if k.startswith("attn_pool/"))
+    back_cfg, back = dj.convert.from_torch(dj.convert.to_torch(slim_cfg, slim, "timm"), family="timm", arch=slim_cfg)
+    assert back_cfg == slim_cfg and all(np.array_equal(flatten(back)[k], v) for k, v in flat.items())
+    export_package(InMemorySource(slim_cfg, slim), tmp_path / "pkg")
+    module = _modeling(tmp_path / "pkg").load(tmp_path / "pkg")
+    x = images(32)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        got = module.outputs(x)
+    assert_parity("SigLIP UVC slim (torch package)", slim_cfg, slim, got, x)
+    assert counter.get_total_flops() == x.shape[0] * dj.prune.count_flops(slim_cfg)
+    assert sum(p.numel() for p in module.parameters()) == dj.prune.count_params(slim_cfg)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            dict(architectures=["SiglipVisionModel"], vision_use_head=False),
+            "config.json sets vision_use_head=false (a SigLIP tower without its attention-pool head), which is not "
+            "read: the pooled vector is the head's output; convert a checkpoint that has the head",
+        ),
+        (
+            dict(architectures=["Siglip2Model"], vision_config=dict(num_patches=250)),
+            "config.json's num_patches 250 is not a square grid, which is not read",
+        ),
+    ],
+)
+def test_unread_siglip_configs_stop_in_one_line(tmp_path, capsys, config, message):
+    """A headless SigLIP tower and a Siglip2 grid that is not square are refused before anything is written."""
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    save_safetensors(folder / "model.safetensors", {"w": np.zeros(2, np.float32)})
+    assert main(["convert", "--checkpoint", str(folder), "--out", str(tmp_path / "never")]) == 2
+    assert capsys.readouterr().err == f"dgmr-jax convert: error: {message}\n"
+    assert not (tmp_path / "never").exists()
