@@ -1,6 +1,6 @@
 """The storage deadline and its one-line errors (dgmr_jax.core.storage), in a process of their own: they end it.
 
-The same through `dgmr-jax distill` against a stopped, killed or full store: tests/test_distill_resume.py.
+The same through `dgmr-jax distill` against a stopped, killed or full store: tests/test_resume_storage.py.
 """
 
 from __future__ import annotations
