@@ -226,8 +226,8 @@ REFUSALS = {
         dj.models.preset("vit_small_patch14_dinov2", **_TINY, mlp_hidden=(32, 16)),
         "hf_dinov2",
         [],
-        "model vit_small_patch14_dinov2 has per-layer MLP widths [32, 16], but transformers' Dinov2Model and "
-        "CLIPVisionModel give every layer one MLP width; export it with --format torch",
+        "model vit_small_patch14_dinov2 has per-layer MLP widths [32, 16], but transformers' Dinov2Model, "
+        "CLIPVisionModel, SiglipVisionModel give every layer one MLP width; export it with --format torch",
     ),
     "SwiGLU width": (
         dj.models.preset("vit_giant_patch14_dinov2", **_TINY, hidden=32),
@@ -250,8 +250,9 @@ REFUSALS = {
         "timm",
         [],
         "model vit_tiny_patch16_224 (family timm) fits no transformers class: as Dinov2Model it has a classification "
-        "head, no layer scale; as CLIPVisionModel it has a patch-embedding bias, a classification head; export it "
-        "with --format torch",
+        "head, no layer scale; as CLIPVisionModel it has a patch-embedding bias, a classification head; as "
+        "SiglipVisionModel it has a class token, no attention pool, a classification head; export it with --format "
+        "torch",
     ),
     "--family": (
         dj.models.preset("vit_small_patch14_dinov2", **_TINY, hidden=64),

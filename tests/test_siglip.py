@@ -33,7 +33,7 @@ from dgmr_jax.io.keymaps import export_families
 from dgmr_jax.io.open import open_model
 from dgmr_jax.io.source import InMemorySource
 from dgmr_jax.io.torch_export import export_package
-from dgmr_jax.model_dir import load_config, load_model
+from dgmr_jax.model_dir import load_config, load_model, save_model
 from dgmr_jax.models.preprocess import Preprocess, published
 from dgmr_jax.models.slim import slice_units
 from dgmr_jax.models.tree import flatten, unflatten
@@ -422,3 +422,33 @@ def test_unread_siglip_configs_stop_in_one_line(tmp_path, capsys, config, messag
     assert main(["convert", "--checkpoint", str(folder), "--out", str(tmp_path / "never")]) == 2
     assert capsys.readouterr().err == f"dgmr-jax convert: error: {message}\n"
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_export_to_transformers_loads_strictly_and_a_pruned_head_is_refused(converted, tmp_path, capsys):
+    """`export --format transformers` of the converted SigLIP: SiglipVisionModel.from_pretrained loads it with no
+    missing or unexpected keys, computes what our model computes, and the image processor resizes to the square.
+    A model whose blocks are pruned but whose head is not has no SiglipVisionConfig: one line, nothing written."""
+    _, _, model_dir, _ = converted
+    out = tmp_path / "hf"
+    assert main(["export", "--model", str(model_dir), "--format", "transformers", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out}: config.json (SiglipVisionModel), preprocessor_config")
+    model, info = transformers.SiglipVisionModel.from_pretrained(out, output_loading_info=True)
+    assert {k: v for k, v in info.items() if v} == {}, info
+    cfg, params = load_model(model_dir)
+    x = images(28)
+    assert_parity("SiglipVisionModel (export)", cfg, params, reference_outputs(model.eval(), x), x)
+    pixels = transformers.AutoImageProcessor.from_pretrained(out)(np.zeros((40, 30, 3), np.uint8))["pixel_values"]
+    assert np.asarray(pixels).shape == (1, 3, 28, 28)
+    capsys.readouterr()  # transformers' loading bars
+
+    pruned_cfg, pruned = dj.prune.prune_mlp(cfg, params, hidden=32)
+    save_model(tmp_path / "pruned", pruned_cfg, pruned, family="hf_siglip")
+    refused = tmp_path / "refused"
+    assert main(["export", "--model", str(tmp_path / "pruned"), "--format", "transformers", "--out", str(refused)]) == 2
+    assert capsys.readouterr().err == (
+        f"dgmr-jax export: error: model {pruned_cfg.name} (family hf_siglip) cannot be written as transformers' "
+        "SiglipVisionModel: its SiglipVisionConfig gives the attention-pool head's MLP the blocks' width, and this "
+        "model's head keeps 64 against blocks of 32; export it with --format torch\n"
+    )
+    assert not refused.exists()

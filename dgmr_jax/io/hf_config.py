@@ -30,6 +30,7 @@ _SIGLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, nu
 _SIGLIP |= dict(patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=True)
 # transformers' ACT2FN names -> mlp_type (gelu_new and gelu_pytorch_tanh are both the tanh approximation)
 _ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+_HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}  # the inverse
 _RESAMPLE = {2: "bilinear", 3: "bicubic"}  # PIL filter numbers of an image processor's "resample"
 
 
@@ -193,9 +194,32 @@ def _clip_json(cfg: ModelConfig) -> dict[str, Any]:
         model_type="clip_vision_model",
         **_common_json(cfg),
         intermediate_size=cfg.mlp_hidden[0],
-        hidden_act=cfg.mlp_type,
+        hidden_act=_HF_ACTIVATIONS[cfg.mlp_type],
         projection_dim=cfg.proj_dim or _CLIP["projection_dim"],
     )
+
+
+def _siglip_json(cfg: ModelConfig) -> dict[str, Any]:
+    """SiglipVisionConfig of cfg. Its attention-pool head's MLP has the blocks' width (intermediate_size), so a
+    model whose blocks were pruned and whose head was not (pool_hidden) is refused in one line."""
+    if cfg.pool_hidden != cfg.mlp_hidden[0]:
+        raise UserError(
+            f"its SiglipVisionConfig gives the attention-pool head's MLP the blocks' width, and this model's head "
+            f"keeps {cfg.pool_hidden} against blocks of {cfg.mlp_hidden[0]}"
+        )
+    return dict(
+        architectures=["SiglipVisionModel"],
+        model_type="siglip_vision_model",
+        **_common_json(cfg),
+        intermediate_size=cfg.mlp_hidden[0],
+        hidden_act=_HF_ACTIVATIONS[cfg.mlp_type],
+        vision_use_head=True,
+    )
+
+
+def _resample_number(interpolation: str) -> int:
+    """The PIL filter number an image processor's "resample" holds for an interpolation name."""
+    return {name: number for number, name in _RESAMPLE.items()}[interpolation]
 
 
 def _cropping_processor(processor: str, preprocess: Preprocess, img_size: int) -> dict[str, Any]:
@@ -206,9 +230,25 @@ def _cropping_processor(processor: str, preprocess: Preprocess, img_size: int) -
         do_convert_rgb=True,
         do_resize=True,
         size={"shortest_edge": preprocess.resize_size(img_size)},
-        resample={name: number for number, name in _RESAMPLE.items()}[preprocess.interpolation],
+        resample=_resample_number(preprocess.interpolation),
         do_center_crop=True,
         crop_size={"height": img_size, "width": img_size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(preprocess.mean),
+        image_std=list(preprocess.std),
+    )
+
+
+def _square_processor(preprocess: Preprocess, img_size: int) -> dict[str, Any]:
+    """The inverse of hf_preprocess for SiglipImageProcessor: a resize straight to the square input, no crop."""
+    return dict(
+        image_processor_type="SiglipImageProcessor",
+        do_convert_rgb=True,
+        do_resize=True,
+        size={"height": img_size, "width": img_size},
+        resample=_resample_number(preprocess.interpolation),
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,
@@ -239,6 +279,7 @@ EXPORTS: dict[str, Export] = {
         functools.partial(_cropping_processor, "CLIPImageProcessor"),
         prefixed=("CLIPVisionModelWithProjection",),
     ),
+    "hf_siglip": Export("SiglipVisionModel", _siglip_json, _square_processor),
 }
 
 

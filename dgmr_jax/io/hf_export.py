@@ -108,7 +108,7 @@ def transformers_plan(cfg: ModelConfig, model_family: str) -> tuple[str, ModelCo
     if len(set(cfg.mlp_hidden)) > 1:
         raise UserError(
             f"model {cfg.name} has per-layer MLP widths {list(cfg.mlp_hidden)}, but transformers' "
-            f"{' and '.join(e.label for e in EXPORTS.values())} give every layer one MLP width; {_TORCH_WAY}"
+            f"{', '.join(e.label for e in EXPORTS.values())} give every layer one MLP width; {_TORCH_WAY}"
         )
     own = model_family in EXPORTS
     lacks = []
