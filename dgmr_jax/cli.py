@@ -375,7 +375,8 @@ def _add_export(sub: Any) -> None:
         default="state-dict",
         help="state-dict: one file in --family's layout; torch: a new folder with model.safetensors, config.json "
         "and modeling.py (needs only torch; every layer at its slim size, nothing padded); transformers: a new "
-        "folder that transformers' from_pretrained loads (Dinov2Model, CLIPVisionModel, SiglipVisionModel; one MLP width for all layers)",
+        "folder that transformers' from_pretrained loads (Dinov2Model, CLIPVisionModel, SiglipVisionModel; one MLP "
+        "width for all layers)",
     )
     p.add_argument(
         "--max-shard-size",
