@@ -1,4 +1,4 @@
-"""InternViT-6B-448px-V2_5 prune1 (hidden 12800 -> 3200, -49.9% params): the EVA02-CLIP-E prune1 setting.
+"""InternViT-6B-448px-V2_5 prune1 (hidden 12800 -> 3200, -49.9% params): the EVA02-CLIP-E setting.
 
     dgmr-jax convert --checkpoint /hub/InternViT-6B-448px-V2_5 --out /ckpt/internvit_6b
     dgmr-jax prune --model /ckpt/internvit_6b --mlp-ratio 1 --round-to 128 --out /ckpt/internvit_6b_prune1
