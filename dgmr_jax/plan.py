@@ -173,16 +173,67 @@ def _dims(text: str) -> list[int]:
     return [int(d) for d in text.split(",") if d]
 
 
+def _window_taps(n: int, w: int, m: int, field: dict[str, list[str]], k: int) -> int:
+    """Window taps of one spatial dimension that meet an input element, summed over its m output positions: taps
+    on padding or on the holes of lhs dilation meet none (TPU writes batched matmuls as convolutions whose
+    batch dims are dilated spatial dims: one tap of each window meets the input)."""
+    stride, lhs_dilate, rhs_dilate = (
+        int(field[f][k]) if f in field else 1 for f in ("stride", "lhs_dilate", "rhs_dilate")
+    )
+    low = int(field["pad"][k].split("_")[0]) if "pad" in field else 0
+    x = np.arange(m)[:, None] * stride + np.arange(w)[None, :] * rhs_dilate - low  # in the dilated, padded input
+    return int(((x >= 0) & (x <= (n - 1) * lhs_dilate) & (x % lhs_dilate == 0)).sum())
+
+
+def _conv_flops(dims: list[int], operands: list[list[int]], attrs: str) -> int:
+    """2 x multiply-adds of one convolution: every output element sums the kernel's input features over the
+    window taps that meet the input."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", attrs)
+    if not labels or len(operands) < 2:
+        return 0
+    lhs, rhs, out = labels.groups()
+    if "i" not in rhs or (len(operands[0]), len(operands[1]), len(dims)) != (len(lhs), len(rhs), len(out)):
+        return 0
+    window = re.search(r"window=\{([^}]*)\}", attrs)
+    field = {f: v.split("x") for f, v in re.findall(r"(\w+)=([\w\-]+)", window.group(1) if window else "")}
+    flops = 2 * math.prod(dims) * operands[1][rhs.index("i")]
+    for k, d in enumerate(sorted(c for c in out if c.isdigit())):
+        n, w, m = operands[0][lhs.index(d)], operands[1][rhs.index(d)], dims[out.index(d)]
+        flops = flops * _window_taps(n, w, m, field, k) // m
+    return flops
+
+
 def _matmul_flops(dims: list[int], operands: list[list[int]], op: str, attrs: str) -> int:
     """2 x multiply-adds of one dot or convolution instruction of optimized HLO text."""
-    out = math.prod(dims)
-    if op == "dot":
-        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
-        return 2 * out * math.prod(operands[0][d] for d in _dims(contracting.group(1)) if contracting)
-    labels = re.search(r"dim_labels=\w+_(\w+)->", attrs)  # kernel labels: "o" marks the output features
-    if not labels or len(operands) < 2 or "o" not in labels.group(1):
-        return 0
-    return 2 * out * math.prod(operands[1]) // operands[1][labels.group(1).index("o")]
+    if op == "convolution":
+        return _conv_flops(dims, operands, attrs)
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
+    return 2 * math.prod(dims) * math.prod(operands[0][d] for d in _dims(contracting.group(1)) if contracting)
+
+
+def _named(lines: list[str], op: str) -> dict[str, str]:
+    """The `op(...)` instructions of one computation: name -> the text after `op(`."""
+    found = (re.match(r"^\s*(?:ROOT\s+)?%([\w.\-]+) = .*? " + op + r"\((.*)$", line) for line in lines)
+    return {m.group(1): m.group(2) for m in found if m}
+
+
+def _loop_trips(cond: list[str], body: list[str]) -> int:
+    """Trips of a while loop whose condition is `i < N` on a tuple element that starts at 0 (scan) and that its body
+    steps by a constant s: ceil(N / s) (TPU's windowed matmuls step by 2); 1 when the loop is not of that form."""
+    compare = next((line for line in cond if line.lstrip().startswith("ROOT") and "direction=LT" in line), "")
+    args = re.findall(r"%([\w.\-]+)", compare.split(" compare(", 1)[-1].split(")", 1)[0])
+    counters = {
+        k: int(v) for k, v in re.findall(r"%([\w.\-]+) = \S+ get-tuple-element\(.*?index=(\d+)", "\n".join(cond))
+    }
+    constants = {**_named(cond, "constant"), **_named(body, "constant")}
+    if len(args) != 2 or args[0] not in counters or not constants.get(args[1], "x").split(")")[0].isdigit():
+        return 1
+    bound = int(constants[args[1]].split(")")[0])
+    root = next((line for line in body if line.lstrip().startswith("ROOT") and " tuple(" in line), "")
+    elements = re.findall(r"%([\w.\-]+)", root.split(" tuple(", 1)[-1])
+    add = _named(body, "add").get(elements[counters[args[0]]] if counters[args[0]] < len(elements) else "", "")
+    steps = [int(constants[a].split(")")[0]) for a in re.findall(r"%([\w.\-]+)", add) if a in constants]
+    return -(-bound // max(steps[0], 1)) if steps and steps[0] > 0 else bound
 
 
 def hlo_matmul_flops(hlo: str) -> tuple[float, float]:
@@ -191,18 +242,19 @@ def hlo_matmul_flops(hlo: str) -> tuple[float, float]:
     shapes: dict[str, list[int]] = {}
     own: dict[str, int] = {}
     calls: dict[str, list[tuple[str, int | str]]] = {}  # callee, and for a loop body its trips or condition
-    bounds: dict[str, int] = {}  # the largest scalar integer constant of each computation
+    lines: dict[str, list[str]] = {}  # each computation's instructions
     entry, comp = "", ""
     for line in hlo.splitlines():
         header = _HEADER.match(line)
         if header:
             comp = header.group(1)
             entry = comp if line.startswith("ENTRY") else entry
-            own[comp], calls[comp] = 0, []
+            own[comp], calls[comp], lines[comp] = 0, [], []
             continue
         if not comp:
             continue
-        # a while's result is a tuple (no _DEF match); its trips are annotated (CPU, GPU) or its condition's bound
+        lines[comp].append(line)
+        # a while's result is a tuple (no _DEF match); its trips are annotated (CPU, GPU) or read off its condition
         trips = _TRIPS.search(line) if " while(" in line else None
         cond = _CONDITION.search(line) if " while(" in line else None
         loop = int(trips.group(1)) if trips else (cond.group(1) if cond else 1)
@@ -211,19 +263,17 @@ def hlo_matmul_flops(hlo: str) -> tuple[float, float]:
         if m:
             name, dims, op = m.group(1), _dims(m.group(2)), m.group(3)
             shapes[name] = dims
-            if op == "constant" and m.group(2) == "" and m.group(4).strip().lstrip("-").isdigit():
-                bounds[comp] = max(bounds.get(comp, 1), int(m.group(4)))
             if op in ("dot", "convolution"):
                 operands = [shapes.get(a.strip().lstrip("%"), []) for a in m.group(4).split(",")]
                 own[comp] += _matmul_flops(dims, operands, op, m.group(5))
 
-    def trips(loop: int | str) -> int:  # a condition `i < N` with i from 0 (scan): N, the integer constant there
-        return loop if isinstance(loop, int) else bounds.get(loop, 1)
+    def trips(loop: int | str, body: str) -> int:
+        return loop if isinstance(loop, int) else _loop_trips(lines.get(loop, []), lines.get(body, []))
 
     @functools.cache
     def total(name: str, per_trip: bool) -> int:
         callees = calls.get(name, [])
-        return own.get(name, 0) + sum((trips(n) if per_trip else 1) * total(c, per_trip) for c, n in callees)
+        return own.get(name, 0) + sum((trips(n, c) if per_trip else 1) * total(c, per_trip) for c, n in callees)
 
     return float(total(entry, True)), float(total(entry, False))
 

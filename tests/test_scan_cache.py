@@ -125,6 +125,51 @@ def test_hlo_matmul_flops_count_each_loop_trip():
     assert planner.hlo_matmul_flops(compiled.as_text()) == (6 * 2 * 4 * 32 * 32, 2 * 4 * 32 * 32)
 
 
+# TPU's optimized HLO writes matmuls as convolutions: a batched matmul over lhs-dilated spatial dims (one tap of
+# each window meets the input), a windowed matmul loop stepping its counter by 2 whose padded window of 2 computes
+# one weight chunk per output position, and a plain patch-embedding convolution
+TPU_HLO = """HloModule tpu_forms
+
+%cond (p: (u32[], bf16[16,8,1], bf16[8,2,4])) -> pred[] {
+  %p = (u32[], bf16[16,8,1], bf16[8,2,4]) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %n = u32[] constant(4)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (u32[], bf16[16,8,1], bf16[8,2,4])) -> (u32[], bf16[16,8,1], bf16[8,2,4]) {
+  %p = (u32[], bf16[16,8,1], bf16[8,2,4]) parameter(0)
+  %i = u32[] get-tuple-element(%p), index=0
+  %x = bf16[16,8,1] get-tuple-element(%p), index=1
+  %w = bf16[8,2,4] get-tuple-element(%p), index=2
+  %two = u32[] constant(2)
+  %next = u32[] add(%i, %two)
+  %y = bf16[16,2,4] convolution(%x, %w), window={size=2 pad=1_1 rhs_reversal=1}, dim_labels=bf0_i0o->b0f
+  ROOT %t = (u32[], bf16[16,8,1], bf16[8,2,4]) tuple(%next, %x, %w)
+}
+
+ENTRY %main (q: bf16[4,3,5,6], k: bf16[4,3,5,6], img: bf16[2,28,28,3], pw: bf16[14,14,3,8]) -> bf16[4,3,5,5] {
+  %q = bf16[4,3,5,6] parameter(0)
+  %k = bf16[4,3,5,6] parameter(1)
+  %qk = bf16[4,3,5,5] convolution(%q, %k), window={size=4x3 stride=3x2 lhs_dilate=4x3}, dim_labels=01bf_01oi->01bf
+  %img = bf16[2,28,28,3] parameter(2)
+  %pw = bf16[14,14,3,8] parameter(3)
+  %patches = bf16[2,2,2,8] convolution(%img, %pw), window={size=14x14 stride=14x14}, dim_labels=b01f_01io->b01f
+  %init = (u32[], bf16[16,8,1], bf16[8,2,4]) parameter(4)
+  %loop = (u32[], bf16[16,8,1], bf16[8,2,4]) while(%init), condition=%cond, body=%body
+  ROOT %out = bf16[4,3,5,5] copy(%qk)
+}
+"""
+
+
+def test_hlo_matmul_flops_read_tpu_convolutions_and_windowed_loops():
+    """q.k of 4 x 3 heads (5 x 6 @ 6 x 5) is 2*4*3*5*5*6 FLOPs, not that times the 4x3 window; the patch embedding
+    2*(2*2*2*8)*(14*14*3); the windowed loop runs ceil(4 / 2) = 2 trips of two 16 x 8 @ 8 x 4 chunks."""
+    once = 2 * 4 * 3 * 5 * 5 * 6 + 2 * (2 * 2 * 2 * 8) * (14 * 14 * 3)
+    chunks = 2 * (2 * 16 * 8 * 4)
+    assert planner.hlo_matmul_flops(TPU_HLO) == (once + 2 * chunks, once + chunks)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("remat", [False, True])
 def test_plan_flops_under_scan_are_within_a_quarter_of_analytic(remat):

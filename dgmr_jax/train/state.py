@@ -4,6 +4,7 @@ the jit with explicit shardings and a donated state."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -136,10 +137,17 @@ def _dict_keys(path) -> tuple:
 
 
 def jit_step(step: Callable, mesh: Mesh, state_sh: TrainState, teacher_sh: Params) -> Callable:
-    """jax.jit with explicit in/out shardings; the state is donated (updated in place)."""
+    """jax.jit with explicit in/out shardings; the state is donated (updated in place). Traced under the mesh, so
+    the model keeps its activations split over the batch (models.vit._batch_sharded)."""
     metrics_sh = replicated(mesh)
+
+    @functools.wraps(step)
+    def in_mesh(*args: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step(*args)
+
     return jax.jit(
-        step,
+        in_mesh,
         in_shardings=(state_sh, teacher_sh, batch_sharding(mesh)),
         out_shardings=(state_sh, metrics_sh),
         donate_argnums=(0,),
