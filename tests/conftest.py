@@ -5,18 +5,20 @@ import os
 
 import pytest
 
-_EIGHT = "--xla_force_host_platform_device_count=8"
-os.environ.setdefault("XLA_FLAGS", _EIGHT)
+_EIGHT, _TWO = (f"--xla_force_host_platform_device_count={n}" for n in (8, 2))
+# this process: 8 fake CPU devices; the processes tests start (the CLI as a user runs it) inherit 2, unless a test
+# sets its own (8 fake devices on 2 cores run a distill about 1.3x slower, the demo 3x). xdist's workers inherit the
+# 2 from the process that starts them, so 2 (or nothing) is taken as this file's own setting.
+_SUBPROCESSES = os.environ.get("XLA_FLAGS", _TWO)
+if _SUBPROCESSES == _TWO:
+    os.environ["XLA_FLAGS"] = _EIGHT
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-jax.devices()  # the backend reads XLA_FLAGS once, here: this process keeps its 8 devices
-if os.environ["XLA_FLAGS"] == _EIGHT:
-    # the processes tests start (the CLI as a user runs it) get 2, unless a test sets its own: 8 fake devices on 2
-    # cores run a distill about 1.3x slower, the demo 3x
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+jax.devices()  # the backend reads XLA_FLAGS once, here
+os.environ["XLA_FLAGS"] = _SUBPROCESSES
 
 
 def _import_timm_with_shim():

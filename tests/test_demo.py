@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -17,9 +19,12 @@ from dgmr_jax.model_dir import load_config  # noqa: E402
 
 @pytest.mark.slow
 def test_demo_writes_table_reports_and_plot(tmp_path, capsys):
+    """The demo as a user runs it (its own process: 2 fake devices, where this process has 8)."""
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--methods", "diversity,l2", "--steps", "3", "--img-size", "28"]) == 0
-    printed = capsys.readouterr().out
+    argv = ["demo", "--out", str(out), "--methods", "diversity,l2", "--steps", "3", "--img-size", "28"]
+    run = subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    printed = run.stdout
     assert "| teacher |" in printed and "| l2 (distilled) |" in printed
     result = json.loads((out / "results.json").read_text())
     models = [row["model"] for row in result["rows"]]
