@@ -67,6 +67,10 @@ class SearchConfig:
     # the last gate_freeze of the search steps (a fraction) run the blocks at their argmax gates, logits frozen, so R
     # and z see the hard ratio and the counts alone close the remaining gap
     gate_freeze: float = 0.0
+    # in the frozen-gate phase, after every step the value-dim and neuron counts are shifted by one fraction of their
+    # groups to the largest hard ratio <= budget (a projection onto the budget, by bisection): the search ends on its
+    # budget by its own counts, before the extraction's repair
+    land: bool = False
     # distillation loss (dgmr_jax.distill.loss)
     tap: str = "output"
     cls_coef: float = 1.0
@@ -139,6 +143,10 @@ def check_search(cfg: ModelConfig, scfg: SearchConfig) -> None:
         raise UserError(f"z_ascent='multiplicative' scales z, so z_init must be > 0, got {scfg.z_init}")
     if not (math.isfinite(scfg.gate_freeze) and 0 <= scfg.gate_freeze < 1):
         raise UserError(f"gate_freeze is a fraction of the search steps in [0, 1), got {scfg.gate_freeze}")
+    if scfg.land and not scfg.gate_freeze:
+        raise UserError("land=True projects the counts in the frozen-gate phase: set gate_freeze > 0 (e.g. 0.3)")
+    if scfg.land and not (scfg.search_dims or scfg.search_neurons):
+        raise UserError("land=True moves value-dim and neuron counts: set search_dims or search_neurons")
     if not 0 <= scfg.warmup_gate <= 1:
         raise UserError(f"warmup_gate is a block gate in [0, 1], got {scfg.warmup_gate}")
     if len(scfg.gate_init) != 2 or not all(math.isfinite(v) for v in scfg.gate_init):

@@ -23,8 +23,8 @@ from dgmr_jax.models.tree import Params
 from dgmr_jax.models.vit import forward
 from dgmr_jax.train.state import lr_schedule, make_optimizer
 from dgmr_jax.uvc.config import SearchConfig
-from dgmr_jax.uvc.flops import masks_ratio
-from dgmr_jax.uvc.masks import Masks, apply_masks, group_norms, masks_from_counts
+from dgmr_jax.uvc.flops import flops_ratio, masks_ratio
+from dgmr_jax.uvc.masks import GroupNorms, Masks, apply_masks, group_norms, masks_from_counts, rounded, unit_mask
 from dgmr_jax.uvc.objective import (
     ascend_duals,
     constraint_term,
@@ -41,6 +41,8 @@ from dgmr_jax.uvc.state import Counts, SearchState, SearchVars, group_sizes, ini
 # Adam's epsilon for the counts: a count's gradient is a FLOPs share per unit times z (~1e-5 * z for a ViT-B
 # neuron), so the usual 1e-8 would swallow it while z is small
 COUNT_ADAM_EPS = 1e-12
+# bisection steps of the landing's shift in [-1, 1]: 2**-30 of a group, far below one unit of any model
+LAND_ITERATIONS = 30
 
 
 class Optimizers(NamedTuple):
@@ -101,6 +103,44 @@ def init_search_state(cfg: ModelConfig, params: Params, scfg: SearchConfig, opti
 def project_counts(cfg: ModelConfig, counts: Counts) -> Counts:
     """Counts clipped into [0, n - 1] for groups of n units (>= 1 unit kept)."""
     return jax.tree_util.tree_map(lambda c, n: jnp.clip(c, 0.0, n - 1), counts, group_sizes(cfg))
+
+
+def count_flags(scfg: SearchConfig) -> Counts:
+    """1.0 for each kind of count the (resolved) search moves, 0.0 for the others."""
+    flags = (bool(scfg.search_heads), scfg.search_dims, scfg.search_neurons)
+    return Counts(*(float(f) for f in flags))
+
+
+def land_counts(
+    cfg: ModelConfig, counts: Counts, norms: GroupNorms, gates: jax.Array, budget: float, flags: Counts
+) -> Counts:
+    """The landing's projection onto the budget: every searched value-dim and neuron count shifted by one
+    fraction delta of its group's size (clipped into [0, n - 1]; heads stay), delta the smallest in [-1, 1] whose
+    hard ratio (rounded counts, these gates and norms) is <= budget, by bisection. Ends above the budget only when
+    removing all but one unit is still above it, below it only when restoring everything is still below."""
+    sizes = group_sizes(cfg)
+    head_mask = unit_mask(counts.heads, norms.heads, "hard")
+    d, m = sizes.dims, sizes.neurons
+
+    def shifted(delta: jax.Array) -> Counts:
+        return project_counts(
+            cfg,
+            Counts(counts.heads, counts.dims + delta * flags.dims * d, counts.neurons + delta * flags.neurons * m),
+        )
+
+    def ratio(delta: jax.Array) -> jax.Array:
+        c = shifted(delta)
+        value = jnp.sum(head_mask * (d - rounded(c.dims, d)), axis=-1)
+        return flops_ratio(cfg, jnp.sum(head_mask, axis=-1), value, m - rounded(c.neurons, m), gates)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) / 2
+        over = ratio(mid) > budget
+        return jnp.where(over, mid, lo), jnp.where(over, hi, mid)
+
+    _, hi = jax.lax.fori_loop(0, LAND_ITERATIONS, halve, (jnp.float32(-1.0), jnp.float32(1.0)))
+    return shifted(hi)
 
 
 def current_masks(cfg: ModelConfig, params: Params, svars: SearchVars, mode: str = "hard") -> Masks:
@@ -178,9 +218,7 @@ def make_search_step(
     if teacher_cfg != cfg:
         check_teacher(cfg, teacher_cfg, scfg)
     weight_lr = lr_schedule(scfg.weights)
-    flags = Counts(
-        heads=float(bool(scfg.search_heads)), dims=float(scfg.search_dims), neurons=float(scfg.search_neurons)
-    )
+    flags = count_flags(scfg)
     kd = scfg.kd_coef > 0
 
     freeze = freeze_step(scfg)
@@ -258,7 +296,8 @@ def _apply_updates(
     frozen: jax.Array,
 ) -> tuple[SearchState, jax.Array, jax.Array]:
     """The next state from the gradients of (weights, counts, gate logits); (state, weights' lr, z's lr).
-    Warm-up: weights only; frozen gates: everything but the gate logits."""
+    Warm-up: weights only; frozen gates: everything but the gate logits (with land, the counts then projected
+    onto the budget)."""
     g_params, g_counts, g_logits = grads
     t, duals = state.step, state.duals
     # weights: AdamW, then the proximal shrink of the groups the current counts remove
@@ -272,6 +311,10 @@ def _apply_updates(
     counts = project_counts(cfg, optax.apply_updates(state.vars.counts, c_updates))
     l_updates, opt_gates = optimizers.gates.update(g_logits, state.opt_gates, state.vars.gate_logits)
     logits = optax.apply_updates(state.vars.gate_logits, l_updates)
+    if scfg.land:  # frozen phase: counts projected onto the budget at the held gates and the new weights' norms
+        held = hard_gates(state.vars.gate_logits) if scfg.search_blocks else jnp.ones((cfg.depth,), jnp.float32)
+        landed = land_counts(cfg, counts, group_norms(cfg, params), held, scfg.budget, count_flags(scfg))
+        counts = jax.tree_util.tree_map(lambda c, landed: jnp.where(frozen, landed, c), counts, landed)
 
     # duals: projected ascent
     z_lr = z_lr_at(scfg.z_lr, jnp.maximum(t - scfg.warmup_steps, 0))
