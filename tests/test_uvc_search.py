@@ -20,6 +20,7 @@ from dgmr_jax.train.state import OptimConfig
 from dgmr_jax.uvc.config import SearchConfig, check_search
 from dgmr_jax.uvc.extract import Extraction, extract, repair_bounds
 from dgmr_jax.uvc.flops import fixed_flops, flops_ratio, layer_flops, masks_ratio, model_flops, num_tokens, plan_ratio
+from dgmr_jax.uvc.land import land_counts, reach_budget
 from dgmr_jax.uvc.masks import group_norms, masks_from_counts, ranks, rounded, ste_ceil, unit_mask
 from dgmr_jax.uvc.objective import (
     ascend_duals,
@@ -34,7 +35,6 @@ from dgmr_jax.uvc.search import (
     deterministic_ratio,
     freeze_step,
     init_search_state,
-    land_counts,
     make_optimizers,
     make_search_step,
 )
@@ -354,6 +354,24 @@ def test_land_counts_projects_onto_the_budget(tiny):
     high = land_counts(cfg, start, norms, jnp.ones(2), 0.01, every)
     np.testing.assert_array_equal(high.neurons, [cfg.mlp_hidden[0] - 1] * 2)
     np.testing.assert_array_equal(high.dims, np.full((2, 3), cfg.attn_head_dim - 1))
+
+
+@pytest.mark.slow
+def test_reach_budget_turns_back_the_least_sure_skipped_blocks(tiny):
+    """Landing with the budget out of reach of the kept blocks: skipped blocks come back, smallest skip margin first."""
+    cfg, params, _ = tiny
+    norms, every = group_norms(cfg, params), Counts(1.0, 1.0, 1.0)
+    heavy = Counts(jnp.array([1.0, 0.0]), jnp.full((2, 3), 60.0), jnp.array([700.0, 760.0]))
+    both = jnp.array([[1.0, -1.0], [0.5, 0.0]])  # both skipped, block 1 the less sure
+    base = fixed_flops(cfg) / dj.prune.count_flops(cfg)
+    print(f"\nfixed FLOPs share {base:.3f}")
+    one = np.asarray(reach_budget(cfg, heavy, norms, both, 0.3, every))
+    np.testing.assert_array_equal(one, [[1.0, -1.0], [0.0, 0.5]])  # one block is enough; its logits swapped
+    np.testing.assert_array_equal(reach_budget(cfg, heavy, norms, both, 0.7, every), [[-1.0, 1.0], [0.0, 0.5]])
+    np.testing.assert_array_equal(reach_budget(cfg, heavy, norms, both, base / 2, every), both)  # in reach already
+    kept_one = jnp.array([[-1.0, 1.0], [0.5, 0.0]])  # block 0 kept: with its widths restored 0.4 is in reach
+    np.testing.assert_array_equal(reach_budget(cfg, heavy, norms, kept_one, 0.4, every), kept_one)
+    np.testing.assert_array_equal(reach_budget(cfg, heavy, norms, kept_one, 0.7, every), [[-1.0, 1.0], [0.0, 0.5]])
 
 
 @pytest.mark.slow

@@ -23,8 +23,9 @@ from dgmr_jax.models.tree import Params
 from dgmr_jax.models.vit import forward
 from dgmr_jax.train.state import lr_schedule, make_optimizer
 from dgmr_jax.uvc.config import SearchConfig
-from dgmr_jax.uvc.flops import flops_ratio, masks_ratio
-from dgmr_jax.uvc.masks import GroupNorms, Masks, apply_masks, group_norms, masks_from_counts, rounded, unit_mask
+from dgmr_jax.uvc.flops import masks_ratio
+from dgmr_jax.uvc.land import land_counts, reach_budget
+from dgmr_jax.uvc.masks import Masks, apply_masks, group_norms, masks_from_counts
 from dgmr_jax.uvc.objective import (
     ascend_duals,
     constraint_term,
@@ -41,8 +42,6 @@ from dgmr_jax.uvc.state import Counts, SearchState, SearchVars, group_sizes, ini
 # Adam's epsilon for the counts: a count's gradient is a FLOPs share per unit times z (~1e-5 * z for a ViT-B
 # neuron), so the usual 1e-8 would swallow it while z is small
 COUNT_ADAM_EPS = 1e-12
-# bisection steps of the landing's shift in [-1, 1]: 2**-30 of a group, far below one unit of any model
-LAND_ITERATIONS = 30
 
 
 class Optimizers(NamedTuple):
@@ -109,38 +108,6 @@ def count_flags(scfg: SearchConfig) -> Counts:
     """1.0 for each kind of count the (resolved) search moves, 0.0 for the others."""
     flags = (bool(scfg.search_heads), scfg.search_dims, scfg.search_neurons)
     return Counts(*(float(f) for f in flags))
-
-
-def land_counts(
-    cfg: ModelConfig, counts: Counts, norms: GroupNorms, gates: jax.Array, budget: float, flags: Counts
-) -> Counts:
-    """The landing's projection onto the budget: every searched value-dim and neuron count shifted by one
-    fraction delta of its group's size (clipped into [0, n - 1]; heads stay), delta the smallest in [-1, 1] whose
-    hard ratio (rounded counts, these gates and norms) is <= budget, by bisection. Ends above the budget only when
-    removing all but one unit is still above it, below it only when restoring everything is still below."""
-    sizes = group_sizes(cfg)
-    head_mask = unit_mask(counts.heads, norms.heads, "hard")
-    d, m = sizes.dims, sizes.neurons
-
-    def shifted(delta: jax.Array) -> Counts:
-        return project_counts(
-            cfg,
-            Counts(counts.heads, counts.dims + delta * flags.dims * d, counts.neurons + delta * flags.neurons * m),
-        )
-
-    def ratio(delta: jax.Array) -> jax.Array:
-        c = shifted(delta)
-        value = jnp.sum(head_mask * (d - rounded(c.dims, d)), axis=-1)
-        return flops_ratio(cfg, jnp.sum(head_mask, axis=-1), value, m - rounded(c.neurons, m), gates)
-
-    def halve(_, bounds):
-        lo, hi = bounds
-        mid = (lo + hi) / 2
-        over = ratio(mid) > budget
-        return jnp.where(over, mid, lo), jnp.where(over, hi, mid)
-
-    _, hi = jax.lax.fori_loop(0, LAND_ITERATIONS, halve, (jnp.float32(-1.0), jnp.float32(1.0)))
-    return shifted(hi)
 
 
 def current_masks(cfg: ModelConfig, params: Params, svars: SearchVars, mode: str = "hard") -> Masks:
@@ -311,9 +278,14 @@ def _apply_updates(
     counts = project_counts(cfg, optax.apply_updates(state.vars.counts, c_updates))
     l_updates, opt_gates = optimizers.gates.update(g_logits, state.opt_gates, state.vars.gate_logits)
     logits = optax.apply_updates(state.vars.gate_logits, l_updates)
-    if scfg.land:  # frozen phase: counts projected onto the budget at the held gates and the new weights' norms
-        held = hard_gates(state.vars.gate_logits) if scfg.search_blocks else jnp.ones((cfg.depth,), jnp.float32)
-        landed = land_counts(cfg, counts, group_norms(cfg, params), held, scfg.budget, count_flags(scfg))
+    held = state.vars.gate_logits
+    if scfg.land:  # frozen phase (land.py): blocks back where the budget is out of reach, counts onto the budget
+        norms, flags = group_norms(cfg, params), count_flags(scfg)
+        gates = jnp.ones((cfg.depth,), jnp.float32)
+        if scfg.search_blocks:
+            held = jnp.where(frozen, reach_budget(cfg, counts, norms, held, scfg.budget, flags), held)
+            gates = hard_gates(held)
+        landed = land_counts(cfg, counts, norms, gates, scfg.budget, flags)
         counts = jax.tree_util.tree_map(lambda c, landed: jnp.where(frozen, landed, c), counts, landed)
 
     # duals: projected ascent
@@ -327,7 +299,7 @@ def _apply_updates(
     new_state = SearchState(
         step=t + 1,
         params=params,
-        vars=SearchVars(keep(state.vars.counts, counts), keep(state.vars.gate_logits, logits, hold_gates)),
+        vars=SearchVars(keep(state.vars.counts, counts), keep(held, logits, hold_gates)),
         duals=keep(duals, new_duals),
         opt_weights=opt_weights,
         opt_counts=keep(state.opt_counts, opt_counts),
