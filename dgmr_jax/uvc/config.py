@@ -23,8 +23,10 @@ class SearchConfig:
 
     Steps are optimizer steps. The first `warmup_steps` train the weights only, every block gated by the constant
     `warmup_gate` (the official code mixes 0.5 * Block(x) + 0.5 * x): counts, gate logits and duals stay put. Then
-    the search updates all of them. Count learning rates are in fractions of a group's size per step (a head count
-    moves by up to count_lr * H heads, a neuron count by count_lr * M neurons), so one rate fits every kind.
+    the search updates all of them; the last `gate_freeze` of the search steps hold the gates and, with `land`,
+    project the counts onto the budget after each step. Count learning rates are in fractions of a group's size per
+    step (a head count moves by up to count_lr * H heads, a neuron count by count_lr * M neurons), so one rate fits
+    every kind.
     """
 
     budget: float  # target FLOPs ratio R of the extracted model, in (0, 1)
@@ -65,12 +67,13 @@ class SearchConfig:
     # (R - budget)), scale-free, so z reaches the size the counts need and falls as fast when under budget
     z_ascent: str = "additive"
     # the last gate_freeze of the search steps (a fraction) run the blocks at their argmax gates, logits frozen, so R
-    # and z see the hard ratio and the counts alone close the remaining gap
-    gate_freeze: float = 0.0
-    # in the frozen-gate phase, after every step the value-dim and neuron counts are shifted by one fraction of their
-    # groups to the largest hard ratio <= budget (a projection onto the budget, by bisection): the search ends on its
-    # budget by its own counts, before the extraction's repair
-    land: bool = False
+    # and z see the hard ratio and only the counts move
+    gate_freeze: float = 0.3
+    # the landing (land.py): in the frozen-gate phase, after every step the value-dim and neuron counts are shifted by
+    # one fraction of their groups to the largest hard ratio <= budget (a projection onto the budget, by bisection;
+    # skipped blocks come back first if the budget is out of reach): the search ends on its budget by its own
+    # counts, before the extraction's repair
+    land: bool = True
     # distillation loss (dgmr_jax.distill.loss)
     tap: str = "output"
     cls_coef: float = 1.0

@@ -1,5 +1,6 @@
 """One UVC search step as a pure function of pytrees: masked, gated student forward, the Lagrangian's gradients,
-AdamW + proximal shrink for the weights, Adam/SGD for counts and gate logits, projected ascent for the duals.
+AdamW + proximal shrink for the weights, Adam/SGD for counts and gate logits, projected ascent for the duals, and
+in the frozen-gate phase the landing of the counts on the budget (land.py).
 
 Sharding-agnostic: the step neither knows nor sets shardings, so a trainer can jit it with in/out shardings over a
 mesh (the state is one pytree, see state.py) and donate the state.
