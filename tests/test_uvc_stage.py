@@ -53,6 +53,7 @@ def test_search_extracts_onto_the_budget_and_post_trains(setup, tmp_path, capsys
     meta = load_config(tmp_path / "slim")[1]
     ratio = dj.prune.count_flops(slim_cfg) / dj.prune.count_flops(cfg)
     assert 0.48 <= ratio <= 0.5 and meta["uvc"]["ratio"] == pytest.approx(ratio, abs=1e-12)
+    assert 0.47 <= meta["uvc"]["ratio_searched"] <= 0.5  # the search's own plan landed (gate_freeze, land)
     assert meta["uvc"]["budget"] == 0.5 and meta["uvc"]["search"]["step"] == 12
     assert meta["preprocess"]["mean"] == [0.5] * 3  # the published settings travel on
     report = json.loads((tmp_path / "slim" / "prune_report.json").read_text())

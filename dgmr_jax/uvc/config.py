@@ -23,8 +23,10 @@ class SearchConfig:
 
     Steps are optimizer steps. The first `warmup_steps` train the weights only, every block gated by the constant
     `warmup_gate` (the official code mixes 0.5 * Block(x) + 0.5 * x): counts, gate logits and duals stay put. Then
-    the search updates all of them. Count learning rates are in fractions of a group's size per step (a head count
-    moves by up to count_lr * H heads, a neuron count by count_lr * M neurons), so one rate fits every kind.
+    the search updates all of them; the last `gate_freeze` of the search steps hold the gates and, with `land`,
+    project the counts onto the budget after each step. Count learning rates are in fractions of a group's size per
+    step (a head count moves by up to count_lr * H heads, a neuron count by count_lr * M neurons), so one rate fits
+    every kind.
     """
 
     budget: float  # target FLOPs ratio R of the extracted model, in (0, 1)
@@ -65,8 +67,13 @@ class SearchConfig:
     # (R - budget)), scale-free, so z reaches the size the counts need and falls as fast when under budget
     z_ascent: str = "additive"
     # the last gate_freeze of the search steps (a fraction) run the blocks at their argmax gates, logits frozen, so R
-    # and z see the hard ratio and the counts alone close the remaining gap
-    gate_freeze: float = 0.0
+    # and z see the hard ratio and only the counts move
+    gate_freeze: float = 0.3
+    # the landing (land.py): in the frozen-gate phase, after every step the value-dim and neuron counts are shifted by
+    # one fraction of their groups to the largest hard ratio <= budget (a projection onto the budget, by bisection;
+    # skipped blocks come back first if the budget is out of reach): the search ends on its budget by its own
+    # counts, before the extraction's repair
+    land: bool = True
     # distillation loss (dgmr_jax.distill.loss)
     tap: str = "output"
     cls_coef: float = 1.0
@@ -139,6 +146,10 @@ def check_search(cfg: ModelConfig, scfg: SearchConfig) -> None:
         raise UserError(f"z_ascent='multiplicative' scales z, so z_init must be > 0, got {scfg.z_init}")
     if not (math.isfinite(scfg.gate_freeze) and 0 <= scfg.gate_freeze < 1):
         raise UserError(f"gate_freeze is a fraction of the search steps in [0, 1), got {scfg.gate_freeze}")
+    if scfg.land and not scfg.gate_freeze:
+        raise UserError("land=True projects the counts in the frozen-gate phase: set gate_freeze > 0 (e.g. 0.3)")
+    if scfg.land and not (scfg.search_dims or scfg.search_neurons):
+        raise UserError("land=True moves value-dim and neuron counts: set search_dims or search_neurons")
     if not 0 <= scfg.warmup_gate <= 1:
         raise UserError(f"warmup_gate is a block gate in [0, 1], got {scfg.warmup_gate}")
     if len(scfg.gate_init) != 2 or not all(math.isfinite(v) for v in scfg.gate_init):

@@ -1,5 +1,6 @@
 """One UVC search step as a pure function of pytrees: masked, gated student forward, the Lagrangian's gradients,
-AdamW + proximal shrink for the weights, Adam/SGD for counts and gate logits, projected ascent for the duals.
+AdamW + proximal shrink for the weights, Adam/SGD for counts and gate logits, projected ascent for the duals, and
+in the frozen-gate phase the landing of the counts on the budget (land.py).
 
 Sharding-agnostic: the step neither knows nor sets shardings, so a trainer can jit it with in/out shardings over a
 mesh (the state is one pytree, see state.py) and donate the state.
@@ -24,6 +25,7 @@ from dgmr_jax.models.vit import forward
 from dgmr_jax.train.state import lr_schedule, make_optimizer
 from dgmr_jax.uvc.config import SearchConfig
 from dgmr_jax.uvc.flops import masks_ratio
+from dgmr_jax.uvc.land import land_counts, reach_budget
 from dgmr_jax.uvc.masks import Masks, apply_masks, group_norms, masks_from_counts
 from dgmr_jax.uvc.objective import (
     ascend_duals,
@@ -103,6 +105,12 @@ def project_counts(cfg: ModelConfig, counts: Counts) -> Counts:
     return jax.tree_util.tree_map(lambda c, n: jnp.clip(c, 0.0, n - 1), counts, group_sizes(cfg))
 
 
+def count_flags(scfg: SearchConfig) -> Counts:
+    """1.0 for each kind of count the (resolved) search moves, 0.0 for the others."""
+    flags = (bool(scfg.search_heads), scfg.search_dims, scfg.search_neurons)
+    return Counts(*(float(f) for f in flags))
+
+
 def current_masks(cfg: ModelConfig, params: Params, svars: SearchVars, mode: str = "hard") -> Masks:
     """Masks of the rounded counts on the current weights' norms."""
     c = svars.counts
@@ -178,9 +186,7 @@ def make_search_step(
     if teacher_cfg != cfg:
         check_teacher(cfg, teacher_cfg, scfg)
     weight_lr = lr_schedule(scfg.weights)
-    flags = Counts(
-        heads=float(bool(scfg.search_heads)), dims=float(scfg.search_dims), neurons=float(scfg.search_neurons)
-    )
+    flags = count_flags(scfg)
     kd = scfg.kd_coef > 0
 
     freeze = freeze_step(scfg)
@@ -258,7 +264,8 @@ def _apply_updates(
     frozen: jax.Array,
 ) -> tuple[SearchState, jax.Array, jax.Array]:
     """The next state from the gradients of (weights, counts, gate logits); (state, weights' lr, z's lr).
-    Warm-up: weights only; frozen gates: everything but the gate logits."""
+    Warm-up: weights only; frozen gates: everything but the gate logits (with land, the counts then projected
+    onto the budget)."""
     g_params, g_counts, g_logits = grads
     t, duals = state.step, state.duals
     # weights: AdamW, then the proximal shrink of the groups the current counts remove
@@ -272,6 +279,15 @@ def _apply_updates(
     counts = project_counts(cfg, optax.apply_updates(state.vars.counts, c_updates))
     l_updates, opt_gates = optimizers.gates.update(g_logits, state.opt_gates, state.vars.gate_logits)
     logits = optax.apply_updates(state.vars.gate_logits, l_updates)
+    held = state.vars.gate_logits
+    if scfg.land:  # frozen phase (land.py): blocks back where the budget is out of reach, counts onto the budget
+        norms, flags = group_norms(cfg, params), count_flags(scfg)
+        gates = jnp.ones((cfg.depth,), jnp.float32)
+        if scfg.search_blocks:
+            held = jnp.where(frozen, reach_budget(cfg, counts, norms, held, scfg.budget, flags), held)
+            gates = hard_gates(held)
+        landed = land_counts(cfg, counts, norms, gates, scfg.budget, flags)
+        counts = jax.tree_util.tree_map(lambda c, landed: jnp.where(frozen, landed, c), counts, landed)
 
     # duals: projected ascent
     z_lr = z_lr_at(scfg.z_lr, jnp.maximum(t - scfg.warmup_steps, 0))
@@ -284,7 +300,7 @@ def _apply_updates(
     new_state = SearchState(
         step=t + 1,
         params=params,
-        vars=SearchVars(keep(state.vars.counts, counts), keep(state.vars.gate_logits, logits, hold_gates)),
+        vars=SearchVars(keep(state.vars.counts, counts), keep(held, logits, hold_gates)),
         duals=keep(duals, new_duals),
         opt_weights=opt_weights,
         opt_counts=keep(state.opt_counts, opt_counts),
