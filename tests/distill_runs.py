@@ -1,5 +1,5 @@
 """What the tests of interrupted, damaged and split distill runs share: the images, the command, the clean reference
-run (a session fixture: each test worker that asks for it runs it once) and the comparisons against it. Runs use 2
+run (a module fixture: each test file that asks for it runs it once) and the comparisons against it. Runs use 2
 fake CPU devices each (8 on 2 cores run several times slower)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
@@ -100,7 +100,7 @@ def _assert_close(a: dict, b: dict) -> None:
     assert max(float(np.abs(x - y).max()) for x, y in pairs) / scale <= 1e-5
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def reference(tmp_path_factory, images):
     workdir = tmp_path_factory.mktemp("clean")
     _run(workdir, images)
