@@ -217,7 +217,8 @@ class TrainCheckpointer:
 class _OrphanedTransfers:
     """The noise of an Orbax save or restore that fails part-way (a full disk, a damaged checkpoint), silenced from
     `quiet` until `restore`: its other TensorStore transfers finish into the event loop Orbax has closed (dozens of
-    unraisable "Event loop is closed" tracebacks, even while the run prints its one-line error) or into futures and
+    unraisable "Event loop is closed" tracebacks, even while the run prints its one-line error, and Orbax read
+    coroutines dropped unfinished) or into futures and
     tasks no one awaits (asyncio's "Future/Task exception was never retrieved"). The failure itself is reported
     where it is raised; anything else passes through."""
 
@@ -236,7 +237,9 @@ class _OrphanedTransfers:
             logging.getLogger("asyncio").removeFilter(self._log_filter)
 
     def _unraisable(self, report: Any) -> None:
-        if not (isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"):
+        closed = isinstance(report.exc_value, RuntimeError) and str(report.exc_value) == "Event loop is closed"
+        code = getattr(report.object, "cr_code", None)  # an Orbax read coroutine dropped with the failed restore
+        if not (closed or (code is not None and "orbax" in code.co_filename)):
             self._previous(report)
 
     @staticmethod
