@@ -20,6 +20,7 @@ from dgmr_jax.core import config_file
 from dgmr_jax.model_dir import load_config, load_model, save_model
 from dgmr_jax.models import init_params, preset
 from dgmr_jax.models.tree import flatten, is_scanned, stack_blocks
+from dgmr_jax.train.defaults import loop_defaults
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "cpu_tiny.py")
 TEACHER = dict(depth=3, img_size=32)
@@ -203,7 +204,9 @@ def test_the_compile_cache_fills_on_the_first_run_and_serves_the_next(images, tm
 
 
 @pytest.mark.slow
-def test_the_compile_cache_defaults_to_the_workdir_and_can_be_turned_off(images, tmp_path):
+def test_the_compile_cache_defaults_to_the_workdir_and_can_be_turned_off(images, tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")  # conftest shares one cache across the session's tests
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
     base = _argv(tmp_path / "on", images, "--config.teacher.random_init=true", "--config.optim.total_steps=1")
     assert main(base) == 0
     assert any((tmp_path / "on" / "compile_cache").iterdir())
@@ -211,3 +214,15 @@ def test_the_compile_cache_defaults_to_the_workdir_and_can_be_turned_off(images,
     assert main([*off, "--config.compile_cache="]) == 0
     assert not (tmp_path / "off" / "compile_cache").exists()
     assert load_config(tmp_path / "off" / "model")[0].depth == 3
+
+
+def test_jaxs_own_cache_variables_are_the_defaults(monkeypatch):
+    """A user who set JAX's cache variables gets that cache in every run, unless the run names its own."""
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/shared/jax-cache")
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    loop = loop_defaults()
+    assert (loop.compile_cache, loop.compile_cache_min_s) == ("/shared/jax-cache", 0.5)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    loop = loop_defaults()
+    assert (loop.compile_cache, loop.compile_cache_min_s) == ("{workdir}/compile_cache", 1.0)

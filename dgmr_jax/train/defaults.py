@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
@@ -18,9 +19,10 @@ def loop_defaults(**overrides: Any) -> ml_collections.ConfigDict:
     c.log_every = 10
     c.eval_every = 0  # evaluate every N steps (0: at the end only)
     # JAX's persistent compilation cache (train.run.use_compile_cache): local or gs://, "{workdir}" the run's
-    # workdir, "" none; compiles shorter than compile_cache_min_s seconds are not stored
-    c.compile_cache = "{workdir}/compile_cache"
-    c.compile_cache_min_s = 1.0
+    # workdir, "" none; compiles shorter than compile_cache_min_s seconds are not stored. JAX's own variables,
+    # when set, are the defaults: one cache a user shares across runs
+    c.compile_cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or "{workdir}/compile_cache"
+    c.compile_cache_min_s = float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS") or 1.0)
     unknown = set(overrides) - set(c.keys())
     if unknown:
         raise KeyError(f"not loop settings: {sorted(unknown)}")
