@@ -219,6 +219,18 @@ def _eva_clip_resize(pos: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
 
 
+def _dinov2_resize(pos: torch.Tensor, grid: int) -> torch.Tensor:
+    """facebookresearch/dinov2's DinoVisionTransformer.interpolate_pos_encoding for a grid x grid input (its package
+    is not installed), from its formula: the grid resized by F.interpolate bicubic, no antialiasing, with
+    scale_factor (grid + interpolate_offset) / M, interpolate_offset 0.1 (its default; hub models keep it)."""
+    m = int((pos.shape[1] - 1) ** 0.5)
+    s = float(grid + 0.1) / m
+    patches = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches, scale_factor=(s, s), mode="bicubic", antialias=False)
+    assert patches.shape[-2:] == (grid, grid)
+    return torch.cat([pos[:, :1], patches.permute(0, 2, 3, 1).reshape(1, -1, pos.shape[-1])], dim=1)
+
+
 def _hf_dinov2_resize(pos: torch.Tensor, grid: int) -> torch.Tensor:
     """transformers' Dinov2Embeddings.interpolate_pos_encoding for a grid x grid input."""
     from transformers import Dinov2Config
@@ -247,6 +259,7 @@ POS_RESIZE = {  # family: (arch, the family's own resize of a (1, 1 + 8 * 8, C) 
     "timm": ("vit_tiny_patch16_224", _timm_resize),
     "open_clip": ("ViT-B-16", _open_clip_resize),
     "eva_clip": ("EVA-CLIP-8B", _eva_clip_resize),
+    "dinov2": ("vit_small_patch14_dinov2", _dinov2_resize),
     "hf_dinov2": ("vit_small_patch14_dinov2", _hf_dinov2_resize),
     "hf_clip": ("ViT-B-16", _hf_clip_resize),
 }
@@ -257,7 +270,8 @@ POS_RESIZE = {  # family: (arch, the family's own resize of a (1, 1 + 8 * 8, C) 
 def test_checkpoint_grid_resized_as_its_family_loader_does(family, grid):
     """from_torch(img_size=) on an 8x8 checkpoint grid, up to 12x12 and down to 5x5, equals the family's own
     PyTorch resize to 1e-6 (relative): antialiased bicubic for timm and open_clip, plain bicubic for EVA-CLIP and the
-    transformers families (the two differ by far more than that)."""
+    transformers families (the two differ by far more than that), plain bicubic by DINOv2's offset scale factor for
+    facebookresearch's layout."""
     arch, reference = POS_RESIZE[family]
     patch = dj.models.preset(arch).patch_size
     fields = dict(img_size=8 * patch, depth=1, width=64, num_heads=2, hidden=128)

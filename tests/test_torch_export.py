@@ -136,7 +136,7 @@ OTHER_FEATURES = {
         **dict(reg_tokens=2, pos_embed_prefix=2, mask_token=True, patch_bias=False, pre_norm=True, fc_norm=True),
         **dict(layer_scale=True, post_norm=True, norm="rmsnorm", qk_norm="full", attn_norm=True, qkv_bias="none"),
         **dict(mlp_type="quick_gelu", mlp_norm=True, proj_dim=16, rope=True, rope_ref_grid=3),
-        pos_resample_antialias=False,
+        **dict(pos_resample_antialias=False, pos_resample_offset=0.1),
     ),
     "no class token": dict(
         name="vit_tiny_patch16_224",
@@ -151,7 +151,8 @@ OTHER_FEATURES = {
 def test_package_covers_the_other_features(kind, tmp_path):
     """Distillation token, registers, mask token, head_dim, layer scale, post-norm, RMSNorm, q/k norm, attention-
     output and hidden norms, bias-free qkv, quick GELU, projection, RoPE at a reference grid, positions resampled
-    without antialiasing; no class token with average pooling and q/v bias. Unpruned and (5 layers) UVC slim, at
+    without antialiasing by DINOv2's offset scale factor; no class token with average pooling and q/v bias. Unpruned
+    and (5 layers) UVC slim, at
     the model's resolution and one patch larger: parity to 1e-5, FlopCounterMode == count_flops. A scanned stack
     exports the same tensors."""
     fields = dict(OTHER_FEATURES[kind])

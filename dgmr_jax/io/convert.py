@@ -45,6 +45,9 @@ POS_ANTIALIAS = dict(
     hf_siglip=False,
     hf_siglip2=False,  # transformers resizes Siglip2 positions bilinearly (antialiased): read at the grid's size
 )
+# facebookresearch DINOv2's interpolate_pos_encoding (interpolate_offset, default 0.1) calls F.interpolate with
+# scale_factor=(new grid + 0.1) / grid, not size=new grid; the other families' loaders pass the size (offset 0)
+POS_OFFSET = dict(dinov2=0.1)
 _BLOCK = re.compile(r"^blocks_(\d+)/")
 
 
@@ -52,7 +55,8 @@ def resolve_config(arch: str | ModelConfig, family: str) -> ModelConfig:
     """The config for arch (preset name, config .json path or ModelConfig) as stored in family's layout.
 
     DINOv2's own layouts (facebookresearch's and transformers') keep the mask token and give the class token, not
-    the registers, a position embedding. The position grid is resampled as the family's own loader does it."""
+    the registers, a position embedding. The position grid is resampled as the family's own loader does it
+    (POS_ANTIALIAS, POS_OFFSET)."""
     if family not in FAMILIES:
         raise CheckpointError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     if isinstance(arch, ModelConfig):
@@ -63,7 +67,7 @@ def resolve_config(arch: str | ModelConfig, family: str) -> ModelConfig:
         cfg = preset(arch)
     if family in ("dinov2", "hf_dinov2"):
         cfg = cfg.replace(mask_token=True, pos_embed_prefix=1)
-    return cfg.replace(pos_resample_antialias=POS_ANTIALIAS[family])
+    return cfg.replace(pos_resample_antialias=POS_ANTIALIAS[family], pos_resample_offset=POS_OFFSET.get(family, 0.0))
 
 
 class RenamedEntries(Mapping):

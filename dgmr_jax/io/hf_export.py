@@ -37,6 +37,7 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 _UNCOMPARED = (
     *("name", "qkv_fused", "mlp_packed", "dtype", "param_dtype", "scan_layers", "remat", "attention"),
     "pos_resample_antialias",
+    "pos_resample_offset",
 )
 _TORCH_WAY = "export it with --format torch"
 

@@ -57,6 +57,7 @@ IMPLEMENTS = {
     "rope_ref_grid": None,
     "rope_temperature": None,
     "pos_resample_antialias": None,
+    "pos_resample_offset": None,
     "mask_token": None,
 }
 # fields that only say how dgmr-jax names, stores or runs the model; here the weights load as float32
@@ -312,8 +313,11 @@ class VisionTransformer(nn.Module):
         pos = self.pos_embed[:, npos:]
         if (gh, gw) != (cfg.grid, cfg.grid):
             grid = pos.reshape(1, cfg.grid, cfg.grid, -1).permute(0, 3, 1, 2)
+            # to (gh, gw); with an offset as facebookresearch DINOv2 does it, by scale factor (floor of it: gh, gw)
+            off = cfg.pos_resample_offset
+            size = dict(scale_factor=((gh + off) / cfg.grid, (gw + off) / cfg.grid)) if off else dict(size=(gh, gw))
             grid = F.interpolate(
-                grid, (gh, gw), mode="bicubic", align_corners=False, antialias=cfg.pos_resample_antialias
+                grid, **size, mode="bicubic", align_corners=False, antialias=cfg.pos_resample_antialias
             )
             pos = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, -1)
         x = x.flatten(2).transpose(1, 2) + pos

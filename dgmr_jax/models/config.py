@@ -69,6 +69,7 @@ class ModelConfig:
     rope_ref_grid: int = 0  # grid the rotary frequencies were trained at (0: the model's grid)
     rope_temperature: float = 10000.0
     pos_resample_antialias: bool = True  # bicubic position-grid resize antialiased (timm) or plain (EVA-CLIP)
+    pos_resample_offset: float = 0.0  # that resize's scale factor is (new grid + offset) / grid (0.1: DINOv2's hub)
     # layout
     qkv_fused: bool = True  # one qkv Linear in the checkpoint (else q/k/v projections)
     mlp_packed: bool = False  # gated fc1 stored as one Linear of width 2H, gate half first

@@ -18,13 +18,15 @@ def _cubic(x: np.ndarray, a: float) -> np.ndarray:
     return np.where(x < 1, near, np.where(x < 2, far, 0.0))
 
 
-def resize_matrix(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
+def resize_matrix(in_size: int, out_size: int, antialias: bool, offset: float = 0.0) -> np.ndarray:
     """(out, in) float64 matrix equal to torch's 1-D bicubic interpolation (align_corners=False).
 
     jax.image.resize uses a different cubic (a=-0.5, no index clamping), so PyTorch position grids
-    would drift; this reproduces F.interpolate(mode="bicubic", antialias=...) instead.
+    would drift; this reproduces F.interpolate(mode="bicubic", antialias=...) instead. A nonzero `offset` is
+    facebookresearch DINOv2's: it calls F.interpolate with scale_factor=(out_size + offset) / in_size, which samples
+    the source at (i + 0.5) / scale_factor - 0.5, a slightly narrower stretch than size=out_size.
     """
-    scale = in_size / out_size
+    scale = in_size / (out_size + offset)
     m = np.zeros((out_size, in_size))
     for i in range(out_size):
         if antialias:  # PIL-style separable filter, support widened when downsampling
@@ -45,26 +47,26 @@ def resize_matrix(in_size: int, out_size: int, antialias: bool) -> np.ndarray:
     return m
 
 
-def resample_grid(grid: jnp.ndarray, new_hw: tuple[int, int], antialias: bool) -> jnp.ndarray:
-    """Resize a (H, W, C) grid of embeddings to new_hw with torch-equal bicubic interpolation."""
+def resample_grid(grid: jnp.ndarray, new_hw: tuple[int, int], antialias: bool, offset: float = 0.0) -> jnp.ndarray:
+    """Resize a (H, W, C) grid of embeddings to new_hw with torch-equal bicubic interpolation (resize_matrix)."""
     h, w = grid.shape[:2]
     if (h, w) == tuple(new_hw):
         return grid
-    mh = jnp.asarray(resize_matrix(h, new_hw[0], antialias), jnp.float32)
-    mw = jnp.asarray(resize_matrix(w, new_hw[1], antialias), jnp.float32)
+    mh = jnp.asarray(resize_matrix(h, new_hw[0], antialias, offset), jnp.float32)
+    mw = jnp.asarray(resize_matrix(w, new_hw[1], antialias, offset), jnp.float32)
     out = jnp.einsum("oh,hwc,pw->opc", mh, grid.astype(jnp.float32), mw, precision="highest")
     return out.astype(grid.dtype)
 
 
 def resample_pos_embed(
-    pos_embed: jnp.ndarray, num_prefix: int, new_hw: tuple[int, int], antialias: bool = True
+    pos_embed: jnp.ndarray, num_prefix: int, new_hw: tuple[int, int], antialias: bool = True, offset: float = 0.0
 ) -> jnp.ndarray:
     """Resample a (1, prefix + H*W, C) position embedding to a new patch grid; prefix rows are kept."""
     prefix, patches = pos_embed[:, :num_prefix], pos_embed[0, num_prefix:]
     side = math.isqrt(patches.shape[0])
     if side * side != patches.shape[0]:
         raise UserError(f"position embedding has {patches.shape[0]} patch rows, not a square grid")
-    grid = resample_grid(patches.reshape(side, side, -1), new_hw, antialias)
+    grid = resample_grid(patches.reshape(side, side, -1), new_hw, antialias, offset)
     return jnp.concatenate([prefix, grid.reshape(1, -1, grid.shape[-1])], axis=1)
 
 

@@ -359,7 +359,9 @@ class VisionTransformer(nn.Module):
             "pos_embed", token_init, (1, cfg.pos_embed_prefix + cfg.grid * cfg.grid, cfg.width), cfg.param_dtype
         )
         pos_prefix, pos_patch = pos[:, : cfg.pos_embed_prefix], pos[0, cfg.pos_embed_prefix :]
-        pos_patch = resample_grid(pos_patch.reshape(cfg.grid, cfg.grid, -1), (gh, gw), cfg.pos_resample_antialias)
+        pos_patch = resample_grid(
+            pos_patch.reshape(cfg.grid, cfg.grid, -1), (gh, gw), cfg.pos_resample_antialias, cfg.pos_resample_offset
+        )
         x = x + pos_patch.reshape(1, gh * gw, -1).astype(x.dtype)
         prefix = prefix.at[:, : cfg.pos_embed_prefix].add(pos_prefix.astype(x.dtype))
         return jnp.concatenate([jnp.broadcast_to(prefix, (x.shape[0], *prefix.shape[1:])), x], axis=1)
@@ -470,7 +472,11 @@ def set_image_size(cfg: ModelConfig, params: Params, img_size: int) -> tuple[Mod
     if new_cfg.grid == cfg.grid:
         return new_cfg, params
     pos = resample_pos_embed(
-        jnp.asarray(params["pos_embed"]), cfg.pos_embed_prefix, (new_cfg.grid, new_cfg.grid), cfg.pos_resample_antialias
+        jnp.asarray(params["pos_embed"]),
+        cfg.pos_embed_prefix,
+        (new_cfg.grid, new_cfg.grid),
+        cfg.pos_resample_antialias,
+        cfg.pos_resample_offset,
     )
     return new_cfg, {**params, "pos_embed": np.asarray(pos)}
 
