@@ -152,8 +152,8 @@ def test_package_covers_the_other_features(kind, tmp_path):
     """Distillation token, registers, mask token, head_dim, layer scale, post-norm, RMSNorm, q/k norm, attention-
     output and hidden norms, bias-free qkv, quick GELU, projection, RoPE at a reference grid, positions resampled
     without antialiasing by DINOv2's offset scale factor; no class token with average pooling and q/v bias.
-    Unpruned and (5 layers) UVC slim, at the model's resolution and one patch larger: parity to 1e-5, FlopCounterMode == count_flops. A scanned stack
-    exports the same tensors."""
+    Unpruned and (5 layers) UVC slim, at the model's resolution and one patch larger: parity to 1e-5,
+    FlopCounterMode == count_flops. A scanned stack exports the same tensors."""
     fields = dict(OTHER_FEATURES[kind])
     cfg = dj.models.preset(fields.pop("name"), **fields)
     rng = np.random.default_rng(0)
