@@ -104,7 +104,10 @@ def run_config(teacher: Path, student: Path, run: Schedule) -> ConfigDict:
 
 def distill(teacher: Path, student: Path, workdir: Path, run: Schedule) -> Params:
     """Distill the student directory from the teacher directory; the trainer writes it as workdir/model."""
-    result = train(run_config(teacher, student, run), workdir)
+    config = run_config(teacher, student, run)
+    # the demo's runs share one compilation cache (runs/compile_cache): the second method loads the first's train step
+    config.compile_cache = config.compile_cache.replace("{workdir}", str(workdir.parent))
+    result = train(config, workdir)
     if result["model_dir"] is None:  # stopped early (SIGTERM); the trainer has saved and said so
         raise SystemExit(f"distillation stopped at step {result['step']} of {run.steps}: {result['reason']}")
     return open_model(result["model_dir"]).load()
