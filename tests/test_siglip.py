@@ -31,15 +31,18 @@ from dgmr_jax.data.loader import make_loader
 from dgmr_jax.distill.loss import tap_config
 from dgmr_jax.eval import encode_texts, image_text_scores
 from dgmr_jax.io.checkpoint_io import save_safetensors
-from dgmr_jax.io.clip import open_text_tower
+from dgmr_jax.io.clip import check_embedding, open_text_tower
+from dgmr_jax.io.hf_config import siglip_text_config
+from dgmr_jax.io.hooks import HOOKS
 from dgmr_jax.io.keymaps import export_families
 from dgmr_jax.io.open import open_model
 from dgmr_jax.io.source import InMemorySource
-from dgmr_jax.io.text_convert import text_from_torch, text_to_torch
+from dgmr_jax.io.text_convert import text_from_torch, text_rules, text_to_torch
 from dgmr_jax.io.torch_export import export_package
 from dgmr_jax.model_dir import load_config, load_model, save_model
 from dgmr_jax.models.preprocess import Preprocess, published
 from dgmr_jax.models.slim import slice_units
+from dgmr_jax.models.text import text_param_shapes
 from dgmr_jax.models.tree import flatten, unflatten
 from dgmr_jax.prune.taylor import hidden_and_grads
 
@@ -604,3 +607,32 @@ def test_siglip_text_tower_refusals_come_in_one_line(siglip_dir, tmp_path, capsy
         f"SigLIP's tokenizer ({folder / 'spiece.model'}) needs the sentencepiece package: pip install "
         "'dgmr-jax[siglip]' (or pip install sentencepiece)"
     )
+
+
+def test_the_hub_so400m_config_gives_transformers_text_tower(tmp_path):
+    """siglip-so400m-patch14-384's config.json (its text_config names only what differs from transformers'
+    defaults) gives a 27-layer text tower embedding in the vision tower's 1152; at 2 of its layers (traced in
+    seconds) the hf_siglip rules hold SiglipModel's text entries name for name and shape for shape (built on torch's
+    meta device), at transformers' parameter count."""
+    text = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27)
+    config = dict(architectures=["SiglipModel"], text_config=text, vision_config=dict(text, image_size=384))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg = siglip_text_config(str(tmp_path))
+    assert (cfg.vocab_size, cfg.context_length, cfg.layers, cfg.mlp_hidden, cfg.embed_dim) == (
+        32000,
+        64,
+        27,
+        4304,
+        1152,
+    )
+    assert check_embedding(dj.models.preset("siglip-so400m-patch14-384"), cfg) is cfg
+    cfg, small = cfg.replace(layers=2), dict(architectures=["SiglipModel"], text_config=dict(text, num_hidden_layers=2))
+    ref, _ = meta_state_dict(lambda: transformers.SiglipModel(transformers.SiglipConfig(**small)))
+    ref = {k: v for k, v in ref.items() if not k.startswith("vision_model.")}
+    shapes, table = flatten(text_param_shapes(cfg)), text_rules(cfg, "hf_siglip")
+    assert {k for r in table for k in r.torch} == set(ref) and {p for r in table for p in r.flax} == set(shapes)
+    for rule in table:
+        fakes = [np.empty(ref[k], np.dtype([])) for k in rule.torch]
+        for path, value in zip(rule.flax, HOOKS[rule.hook][0](fakes), strict=True):
+            assert value.shape == tuple(shapes[path].shape), (rule, value.shape)
+    assert sum(int(np.prod(v.shape)) for v in shapes.values()) == sum(int(np.prod(v)) for v in ref.values())
