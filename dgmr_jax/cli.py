@@ -274,7 +274,10 @@ def _clip_eval(args: argparse.Namespace) -> ClipEval | None:
         return ClipEval(args.clip_text, **given)
     if given:
         flags = " ".join("--" + name.replace("_", "-") for name in given)
-        raise UserError(f"{flags} need --clip-text CKPT: the open_clip checkpoint whose text tower embeds the prompts")
+        raise UserError(
+            f"{flags} need --clip-text CKPT: the open_clip checkpoint (or transformers SiglipModel directory) whose "
+            "text tower embeds the prompts"
+        )
     return None
 
 
@@ -496,8 +499,12 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--img-size", type=int, help="default: the model's image size")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--l2", type=float, default=1e-3, help="linear-probe L2 (sklearn C = 1 / l2)")
-    p.add_argument("--clip-text", help="open_clip CLIP checkpoint whose (unpruned) text tower embeds prompts, captions")
-    p.add_argument("--text-arch", help="text preset (default: the model's arch) or a TextConfig .json")
+    p.add_argument(
+        "--clip-text",
+        help="open_clip CLIP checkpoint or transformers SiglipModel directory whose (unpruned) text tower embeds "
+        "prompts, captions",
+    )
+    p.add_argument("--text-arch", help="open_clip text preset (default: the model's arch) or a TextConfig .json")
     p.add_argument("--zeroshot", action="store_true", help="zero-shot top-1/top-5 on the --test classes")
     p.add_argument("--retrieval", help='jsonl of {"image": path, "captions": [...]}: image<->text recall@1/5/10')
     p.add_argument("--classnames", help="zero-shot class names, one a line (default: folder names / digit words)")

@@ -2,7 +2,8 @@
 vit_*_siglip_* and from transformers' SiglipVisionModel / SiglipModel / Siglip2VisionModel (fixed resolution)
 directories at parity (<= 1e-5, pooled and tokens); full-size presets counted like timm and transformers (on torch's
 meta device); and through the CLI: convert a sharded directory with no --family/--arch, prune it (the head's MLP
-stays whole), distil a tiny SigLIP student, export it as a PyTorch package."""
+stays whole), distil a tiny SigLIP student, export it as a PyTorch package. SiglipModel's text tower and tokenizer equal
+transformers' (get_text_features, logits_per_image, SiglipTokenizer ids), and zero-shot runs on its directory."""
 
 from __future__ import annotations
 
@@ -25,17 +26,23 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dgmr_jax as dj
 from dgmr_jax.cli import main
-from dgmr_jax.data import EvalBatches
+from dgmr_jax.data import EvalBatches, ImageFolderSource
 from dgmr_jax.data.loader import make_loader
 from dgmr_jax.distill.loss import tap_config
+from dgmr_jax.eval import encode_texts, image_text_scores
 from dgmr_jax.io.checkpoint_io import save_safetensors
+from dgmr_jax.io.clip import check_embedding, open_text_tower
+from dgmr_jax.io.hf_config import siglip_text_config
+from dgmr_jax.io.hooks import HOOKS
 from dgmr_jax.io.keymaps import export_families
 from dgmr_jax.io.open import open_model
 from dgmr_jax.io.source import InMemorySource
+from dgmr_jax.io.text_convert import text_from_torch, text_rules, text_to_torch
 from dgmr_jax.io.torch_export import export_package
 from dgmr_jax.model_dir import load_config, load_model, save_model
 from dgmr_jax.models.preprocess import Preprocess, published
 from dgmr_jax.models.slim import slice_units
+from dgmr_jax.models.text import text_param_shapes
 from dgmr_jax.models.tree import flatten, unflatten
 from dgmr_jax.prune.taylor import hidden_and_grads
 
@@ -452,3 +459,180 @@ def test_export_to_transformers_loads_strictly_and_a_pruned_head_is_refused(conv
         "model's head keeps 64 against blocks of 32; export it with --format torch\n"
     )
     assert not refused.exists()
+
+
+# a few sentences SentencePiece learns a tiny unigram vocabulary from (ids 0-2: pad, eos, unk, as SigLIP's T5 model)
+_CORPUS = [
+    "a photo of a cat.",
+    "a photo of a dog!",
+    "the number seven, written by hand",
+    "a bad photo of the digit",
+    "zero one two three four five six seven eight nine",
+    "an origami plane; a sketch of a bird",
+]
+PROMPTS = ["a photo of a cat.", "  A   PHOTO of\tthe   Digit nine!!", "héllo wörld", "", "photo " * 80]
+SIGLIP_CLASSES, SIGLIP_TEMPLATES = ["cat", "dog", "red car"], ["a photo of a {}.", "The {}, again!"]
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+    """(SiglipModel, its sharded directory with a SentencePiece spiece.model trained here and SigLIP's image
+    processor, class folders of 40 x 36 images, the templates file)."""
+    spm = pytest.importorskip("sentencepiece")
+    root = tmp_path_factory.mktemp("siglip_text")
+    model, folder = saved("SiglipModel", root)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS * 3),
+        model_prefix=str(folder / "spiece"),
+        vocab_size=60,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    (folder / "spiece.vocab").unlink()
+    processor = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3, size=dict(height=28, width=28))
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(SIGLIP_CLASSES):
+        (root / "test" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.clip(rng.normal(60 + 70 * c, 40, (40, 36, 3)), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(root / "test" / name / f"{i}.png")
+    (root / "templates.txt").write_text("\n".join(SIGLIP_TEMPLATES) + "\n")
+    return model, folder, root / "test", root / "templates.txt"
+
+
+def test_siglip_text_tower_and_tokenizer_equal_transformers(siglip_dir):
+    """A SiglipModel directory's text tower, read by open_text_tower: its token ids equal transformers'
+    SiglipTokenizer (padding to 64, truncation keeping EOS), get_text_features and logits_per_image agree <= 1e-5
+    (sigmoid probabilities, not softmax), and text_to_torch gives the text entries back bit for bit."""
+    model, folder, _, _ = siglip_dir
+    source = open_model(folder)
+    text_cfg, text, tokenizer = open_text_tower(folder, source.cfg)
+    assert (text_cfg.causal, text_cfg.pool, text_cfg.proj_bias, text_cfg.scoring) == (False, "last", True, "sigmoid")
+    assert (text_cfg.context_length, text_cfg.mlp_hidden, text_cfg.activation) == (64, 64, "gelu_tanh")
+    ref_tokenizer = transformers.SiglipTokenizer.from_pretrained(folder)
+    want = ref_tokenizer(PROMPTS, padding="max_length", truncation=True, max_length=64)["input_ids"]
+    tokens = tokenizer(PROMPTS, context_length=64)
+    assert tokens.tolist() == want and tokens[-1, -1] == 1 and len(set(tokens[0])) > 3
+
+    ids, x = torch.from_numpy(tokens.astype(np.int64)), images(28, batch=3)
+    with torch.no_grad():
+        ref_text = model.get_text_features(input_ids=ids).pooler_output
+        ref_logits = model(input_ids=ids, pixel_values=x).logits_per_image
+    ours = encode_texts(text_cfg, text, tokens)  # jitted: one compilation, not one per op
+    err = float(np.abs(np.asarray(ours, np.float64) - ref_text.numpy()).max())
+    print(f"PARITY SiglipModel text features max_abs={err:.2e}")
+    assert err <= TOL
+    image_emb = jax.jit(lambda p, x: dj.models.forward(source.cfg, p, x)["pooled"])(source.load(), to_nhwc(x))
+    logits, probs = image_text_scores(text_cfg, text, image_emb, ours)
+    err = float(np.abs(logits - ref_logits.numpy()).max())
+    print(f"PARITY SiglipModel logits_per_image max_abs={err:.2e}")
+    assert err <= TOL and np.array_equal(logits.argsort(1), ref_logits.numpy().argsort(1))
+    np.testing.assert_allclose(probs, torch.sigmoid(ref_logits).numpy(), atol=TOL)
+
+    sd = {k: v.numpy() for k, v in model.state_dict().items() if not k.startswith("vision_model.")}
+    back = text_to_torch(text_cfg, text, layout="hf_siglip")
+    assert sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
+    with pytest.raises(ValueError, match=r"has logit_bias, proj/bias, which the open_clip layout does not hold"):
+        text_from_torch(folder, text_cfg)
+
+
+def _reference_top1(model, folder: Path, test: Path) -> float:
+    """Zero-shot top-1 of the SiglipModel in transformers on the eval view of the test images: per class the mean
+    of its normalized template embeddings (SiglipTokenizer ids, padded to 64), renormalized; images ranked by
+    sigmoid(exp(logit_scale) * cosine + logit_bias) over the classes."""
+    source = ImageFolderSource(test)
+    view = published("siglip-base-patch16-224").eval_view(28)
+    x = torch.from_numpy(next(iter(EvalBatches(source, batch_size=9, img_size=28, **view)))["images"])
+    texts = [t.format(c) for c in SIGLIP_CLASSES for t in SIGLIP_TEMPLATES]
+    ids = transformers.SiglipTokenizer.from_pretrained(folder)(texts, padding="max_length", return_tensors="pt")
+    normalize = torch.nn.functional.normalize
+    with torch.no_grad():
+        images = normalize(model.get_image_features(pixel_values=x.permute(0, 3, 1, 2)).pooler_output)
+        text = normalize(model.get_text_features(input_ids=ids["input_ids"]).pooler_output)
+        classifier = normalize(text.reshape(3, 2, -1).mean(1)).T
+        probs = torch.sigmoid(images @ classifier * model.logit_scale.exp() + model.logit_bias)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    return (probs.argmax(1) == labels).sum().item() / 9
+
+
+@pytest.mark.slow
+def test_zeroshot_eval_of_a_siglip_directory_through_the_cli(siglip_dir, tmp_path):
+    """`dgmr-jax eval --model DIR --clip-text DIR --zeroshot` on a SiglipModel directory (the Hub layout: weights,
+    config.json, spiece.model, preprocessor_config.json): top-1 equals transformers' sigmoid ranking."""
+    model, folder, test, templates = siglip_dir
+    out = tmp_path / "result.json"
+    argv = ["eval", "--model", str(folder), "--train", "none", "--test", str(test), "--batch", "9"]
+    run = _cli(*argv, "--clip-text", str(folder), "--zeroshot", "--templates", str(templates), "--out", str(out))
+    assert run.returncode == 0, run.stderr[-2000:]
+    top1 = _reference_top1(model, folder, test)
+    result = json.loads(out.read_text())
+    assert result["zeroshot"] == {"top1": top1, "templates": 2} and result["text_arch"] == "SiglipModel"
+    assert run.stdout.splitlines()[-1] == f"zero-shot top1 {top1:.4f} (9 images, 3 classes)"
+
+
+def test_siglip_text_tower_refusals_come_in_one_line(siglip_dir, tmp_path, capsys, monkeypatch):
+    """Open_clip's flags on a SiglipModel directory, a directory without spiece.model, a Siglip2Model and a missing
+    sentencepiece package each stop `eval` in one line, before any image is embedded."""
+    _, folder, test, _ = siglip_dir
+    base = ["eval", "--model", str(folder), "--train", "none", "--test", str(test), "--zeroshot", "--clip-text"]
+
+    def error(clip_text: Path, *args: str) -> str:
+        assert main([*base, str(clip_text), *args]) == 2
+        return capsys.readouterr().err.removeprefix("dgmr-jax eval: error: ").removesuffix("\n")
+
+    assert error(folder, "--text-arch", "ViT-B-32") == (
+        f"{folder} is a SiglipModel directory, whose config.json and spiece.model give the text tower and its "
+        "tokenizer: drop --text-arch and --bpe-vocab (they are for open_clip checkpoints)"
+    )
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in folder.iterdir():
+        if f.name != "spiece.model":
+            (bare / f.name).symlink_to(f)
+    assert error(bare) == (
+        f"{bare} has no spiece.model: SigLIP's SentencePiece tokenizer is read from it; copy it beside config.json "
+        "from the model's Hub repository"
+    )
+    two = tmp_path / "siglip2"
+    two.mkdir()
+    (two / "config.json").write_text(json.dumps({"architectures": ["Siglip2Model"]}))
+    assert error(two).startswith(f"{two} is a Siglip2Model, whose text tower (Gemma's tokenizer) is not read yet")
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)
+    assert error(folder) == (
+        f"SigLIP's tokenizer ({folder / 'spiece.model'}) needs the sentencepiece package: pip install "
+        "'dgmr-jax[siglip]' (or pip install sentencepiece)"
+    )
+
+
+def test_the_hub_so400m_config_gives_transformers_text_tower(tmp_path):
+    """siglip-so400m-patch14-384's config.json (its text_config names only what differs from transformers'
+    defaults) gives a 27-layer text tower embedding in the vision tower's 1152; at 2 of its layers (traced in
+    seconds) the hf_siglip rules hold SiglipModel's text entries name for name and shape for shape (built on torch's
+    meta device), at transformers' parameter count."""
+    text = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27)
+    config = dict(architectures=["SiglipModel"], text_config=text, vision_config=dict(text, image_size=384))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    cfg = siglip_text_config(str(tmp_path))
+    assert (cfg.vocab_size, cfg.context_length, cfg.layers, cfg.mlp_hidden, cfg.embed_dim) == (
+        32000,
+        64,
+        27,
+        4304,
+        1152,
+    )
+    assert check_embedding(dj.models.preset("siglip-so400m-patch14-384"), cfg) is cfg
+    cfg, small = cfg.replace(layers=2), dict(architectures=["SiglipModel"], text_config=dict(text, num_hidden_layers=2))
+    ref, _ = meta_state_dict(lambda: transformers.SiglipModel(transformers.SiglipConfig(**small)))
+    ref = {k: v for k, v in ref.items() if not k.startswith("vision_model.")}
+    shapes, table = flatten(text_param_shapes(cfg)), text_rules(cfg, "hf_siglip")
+    assert {k for r in table for k in r.torch} == set(ref) and {p for r in table for p in r.flax} == set(shapes)
+    for rule in table:
+        fakes = [np.empty(ref[k], np.dtype([])) for k in rule.torch]
+        for path, value in zip(rule.flax, HOOKS[rule.hook][0](fakes), strict=True):
+            assert value.shape == tuple(shapes[path].shape), (rule, value.shape)
+    assert sum(int(np.prod(v.shape)) for v in shapes.values()) == sum(int(np.prod(v)) for v in ref.values())

@@ -19,8 +19,9 @@ __all__ = ["DIGITS", "ClipEval", "evaluate", "offline_specs"]
 
 @dataclasses.dataclass(frozen=True)
 class ClipEval:
-    """What zero-shot / retrieval evaluation needs: the open_clip checkpoint whose text tower (the original:
-    DGMR prunes only the vision tower) embeds prompts and captions, and which measurements to run."""
+    """What zero-shot / retrieval evaluation needs: the open_clip checkpoint or transformers SiglipModel directory
+    whose text tower (the original: DGMR prunes only the vision tower) embeds prompts and captions, and which
+    measurements to run."""
 
     checkpoint: str
     text_arch: str | None = None  # text preset or TextConfig .json; default: the vision model's arch name

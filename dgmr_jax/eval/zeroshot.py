@@ -1,8 +1,10 @@
-"""CLIP zero-shot classification and image-text retrieval on frozen embeddings (open_clip's protocols).
+"""CLIP / SigLIP zero-shot classification and image-text retrieval on frozen embeddings (open_clip's protocols).
 
 Text is encoded sharded like image features (params by logical axes, batches over the data axes). Metrics run
-on the host on L2-normalized embeddings. A query counts as a hit at k when fewer than k candidates score
-strictly higher than its best positive, which equals torch.topk's verdict except on exact score ties.
+on the host on L2-normalized embeddings, ranked by cosine: CLIP's softmax over exp(logit_scale) * cosine and
+SigLIP's sigmoid(exp(logit_scale) * cosine + logit_bias) both rise with the cosine, so they rank alike. A query
+counts as a hit at k when fewer than k candidates score strictly higher than its best positive, which equals
+torch.topk's verdict except on exact score ties.
 """
 
 from __future__ import annotations
@@ -82,6 +84,20 @@ def zeroshot_classifier(
     tokens = np.asarray(tokenizer(texts, context_length=text_cfg.context_length))
     emb = l2_normalize(encode_texts(text_cfg, text_params, tokens, batch=batch, mesh=mesh, progress=progress))
     return np.asarray(l2_normalize(emb.reshape(len(classnames), len(templates), -1).mean(axis=1))).T
+
+
+def image_text_scores(
+    text_cfg: TextConfig, text_params: Any, image_emb: np.ndarray, text_emb: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, probabilities), each (images, texts), as the model scores pairs: logits exp(logit_scale) * cosine
+    (+ logit_bias with sigmoid scoring: transformers' logits_per_image); probabilities a softmax over the texts
+    (CLIP) or an independent sigmoid per pair (SigLIP, whose probabilities need not sum to 1)."""
+    cosine = np.asarray(l2_normalize(image_emb), np.float32) @ np.asarray(l2_normalize(text_emb), np.float32).T
+    logits = np.exp(np.float32(text_params["logit_scale"])) * cosine
+    if text_cfg.scoring == "sigmoid":
+        logits = logits + np.float32(text_params["logit_bias"])
+        return logits, np.asarray(jax.nn.sigmoid(logits))
+    return logits, np.asarray(jax.nn.softmax(logits, axis=-1))
 
 
 def _ranks(queries: np.ndarray, candidates: np.ndarray, pairs: np.ndarray, chunk: int = 1024) -> np.ndarray:

@@ -1,6 +1,7 @@
 """What pairs a (pruned) CLIP vision tower with its original text tower: the image embedding of a vision
 config, and the text tower (config checked against that embedding, params, tokenizer) of an open_clip /
-EVA-CLIP checkpoint. Shared by `dgmr-jax eval` (zero-shot, retrieval) and `dgmr-jax finetune-text`."""
+EVA-CLIP checkpoint or of a transformers SiglipModel directory. Shared by `dgmr-jax eval` (zero-shot, retrieval)
+and `dgmr-jax finetune-text`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dgmr_jax.core.errors import UserError
+from dgmr_jax.io.hf_config import hf_class, siglip_text_config, siglip_tokenizer
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.text import TEXT_PRESETS, TextConfig, resolve_text_config
 from dgmr_jax.models.tokenizer import Tokenizer
@@ -33,7 +35,11 @@ def text_config_for(cfg: ModelConfig, text_arch: str | TextConfig | None = None)
             f"model {cfg.name!r} has no text preset of that name: pass --text-arch "
             f"(one of {', '.join(sorted(TEXT_PRESETS))}, or a TextConfig .json)"
         )
-    text_cfg = resolve_text_config(arch)
+    return check_embedding(cfg, resolve_text_config(arch))
+
+
+def check_embedding(cfg: ModelConfig, text_cfg: TextConfig) -> TextConfig:
+    """text_cfg, once its embed_dim is checked to equal the vision tower's image embedding width."""
     key, width = clip_embedding(cfg)
     if width != text_cfg.embed_dim:
         raise UserError(
@@ -43,16 +49,38 @@ def text_config_for(cfg: ModelConfig, text_arch: str | TextConfig | None = None)
     return text_cfg
 
 
+def _siglip_class(checkpoint: str | os.PathLike | Mapping[str, Any]) -> bool:
+    """Whether `checkpoint` is a transformers SiglipModel directory (or its weights file); a Siglip2Model's text
+    tower, which has another tokenizer, is refused in one line."""
+    name = hf_class(os.fspath(checkpoint)) if isinstance(checkpoint, (str, os.PathLike)) else ""
+    if name == "Siglip2Model":
+        raise UserError(
+            f"{checkpoint} is a Siglip2Model, whose text tower (Gemma's tokenizer) is not read yet; zero-shot and "
+            "retrieval read the text tower of an open_clip checkpoint or a transformers SiglipModel directory"
+        )
+    return name == "SiglipModel"
+
+
 def open_text_tower(
     checkpoint: str | os.PathLike | Mapping[str, Any],
     cfg: ModelConfig,
     text_arch: str | TextConfig | None = None,
     bpe_vocab: str | None = None,
-) -> tuple[TextConfig, Any, Tokenizer]:
-    """(TextConfig checked against `cfg`'s image embedding, text params, tokenizer) of a CLIP checkpoint.
-    The config and tokenizer are checked before the checkpoint is read."""
+) -> tuple[TextConfig, Any, Any]:
+    """(TextConfig checked against `cfg`'s image embedding, text params, tokenizer) of a CLIP checkpoint, or of a
+    transformers SiglipModel directory (its config.json gives the tower, spiece.model the tokenizer). The config
+    and tokenizer are checked before the checkpoint is read."""
     from dgmr_jax.io.text_convert import text_from_torch
 
+    if _siglip_class(checkpoint):
+        if text_arch or bpe_vocab:
+            raise UserError(
+                f"{checkpoint} is a SiglipModel directory, whose config.json and spiece.model give the text tower "
+                "and its tokenizer: drop --text-arch and --bpe-vocab (they are for open_clip checkpoints)"
+            )
+        text_cfg = check_embedding(cfg, siglip_text_config(os.fspath(checkpoint)))
+        tokenizer = siglip_tokenizer(os.fspath(checkpoint))
+        return (*text_from_torch(checkpoint, text_cfg, layout="hf_siglip"), tokenizer)
     text_cfg = text_config_for(cfg, text_arch)
     tokenizer = Tokenizer(bpe_vocab)
     text_cfg, text_params = text_from_torch(checkpoint, text_cfg)

@@ -18,9 +18,12 @@ from dgmr_jax.io.checkpoint_io import HF_WEIGHTS, CheckpointError
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.presets import preset
+from dgmr_jax.models.text import TextConfig
+from dgmr_jax.models.tokenizer import SiglipTokenizer
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
+SPIECE_FILE, TOKENIZER_CONFIG_FILE = "spiece.model", "tokenizer_config.json"  # SigLIP's tokenizer
 # transformers' defaults of the fields read below, for config.json files (nested vision_config) that omit them
 _DINOV2 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, image_size=224)
 _DINOV2 |= dict(patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, use_swiglu_ffn=False, hidden_act="gelu")
@@ -28,6 +31,8 @@ _CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_
 _CLIP |= dict(patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=512)
 _SIGLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224)
 _SIGLIP |= dict(patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=True)
+_SIGLIP_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+_SIGLIP_TEXT |= dict(vocab_size=32000, max_position_embeddings=64, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
 # transformers' ACT2FN names -> mlp_type (gelu_new and gelu_pytorch_tanh are both the tanh approximation)
 _ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}  # the inverse
@@ -298,10 +303,39 @@ def _folder(spec: str) -> str:
     return spec if os.path.isdir(spec) else os.path.dirname(spec) or "."
 
 
+def hf_class(spec: str) -> str:
+    """The class (architectures[0]) that the config.json beside the weights names; "" without one."""
+    path = os.path.join(_folder(spec), CONFIG_FILE)
+    return (_read_json(path).get("architectures") or [""])[0] if os.path.isfile(path) else ""
+
+
 def has_hf_config(spec: str) -> bool:
     """The config.json beside the weights names a class this tool reads (it then wins over family= / arch=)."""
-    path = os.path.join(_folder(spec), CONFIG_FILE)
-    return os.path.isfile(path) and (_read_json(path).get("architectures") or [""])[0] in CLASSES
+    return hf_class(spec) in CLASSES
+
+
+def siglip_text_config(spec: str) -> TextConfig:
+    """The text tower of a transformers SiglipModel directory (config.json's text_config, transformers' defaults
+    filled in) as a TextConfig: bidirectional, pooled at the last of its max_position_embeddings positions, a head
+    with a bias, sigmoid scoring."""
+    c = _sizes(_read_json(os.path.join(_folder(spec), CONFIG_FILE)).get("text_config") or {}, _SIGLIP_TEXT)
+    width, hidden = c["hidden_size"], c["intermediate_size"]
+    return TextConfig(
+        name=os.path.basename(os.path.abspath(_folder(spec))),
+        vocab_size=c["vocab_size"],
+        context_length=c["max_position_embeddings"],
+        width=width,
+        heads=c["num_attention_heads"],
+        layers=c["num_hidden_layers"],
+        mlp_ratio=(hidden + 0.5) / width,  # half a unit over: int(width * mlp_ratio) is intermediate_size exactly
+        embed_dim=c.get("projection_size") or width,
+        activation=_ACTIVATIONS[c["hidden_act"]],
+        norm_eps=c["layer_norm_eps"],
+        causal=False,
+        pool="last",
+        proj_bias=True,
+        scoring="sigmoid",
+    )
 
 
 def hf_layout(spec: str) -> tuple[str, ModelConfig]:
@@ -322,6 +356,27 @@ def hf_layout(spec: str) -> tuple[str, ModelConfig]:
         )
     family, build = CLASSES[name]
     return family, build(config).replace(name=os.path.basename(os.path.abspath(_folder(spec))))
+
+
+def _token(value: Any, default: str) -> str:
+    """A special token of tokenizer_config.json: a string, or an AddedToken's {"content": ...}."""
+    return value.get("content", default) if isinstance(value, dict) else value or default
+
+
+def siglip_tokenizer(spec: str) -> SiglipTokenizer:
+    """SigLIP's tokenizer of a SiglipModel directory: its spiece.model, with the eos / pad tokens and do_lower_case
+    of tokenizer_config.json when there (else SiglipTokenizer's defaults)."""
+    folder = _folder(spec)
+    path = os.path.join(folder, SPIECE_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{folder} has no {SPIECE_FILE}: SigLIP's SentencePiece tokenizer is read from it; copy it beside "
+            f"{CONFIG_FILE} from the model's Hub repository"
+        )
+    settings_file = os.path.join(folder, TOKENIZER_CONFIG_FILE)
+    settings = _read_json(settings_file) if os.path.isfile(settings_file) else {}
+    eos, pad = _token(settings.get("eos_token"), "</s>"), _token(settings.get("pad_token"), "</s>")
+    return SiglipTokenizer(path, eos=eos, pad=pad, lower=settings.get("do_lower_case", True))
 
 
 def hf_preprocess(spec: str) -> Preprocess | None:

@@ -61,6 +61,10 @@ def _in_proj_to_flax(xs: Arrays) -> Arrays:  # packed q, k, v rows (3D, ...) -> 
     return [np.ascontiguousarray(x.T) for x in (q, kv)] if xs[0].ndim == 2 else [q, kv]
 
 
+def _to_scalar(xs: Arrays) -> Arrays:  # transformers' (1,) parameters (SigLIP's logit_scale, logit_bias) -> ()
+    return [xs[0].reshape(())]
+
+
 def _unbatch(xs: Arrays) -> Arrays:  # (1, N, D) -> (N, D)
     return [xs[0][0]]
 
@@ -103,6 +107,7 @@ HOOKS: dict[str, tuple[Callable[[Arrays], Arrays], Callable[[Arrays], Arrays]]] 
     "in_proj": (_in_proj_to_flax, _packed_to_torch),  # nn.MultiheadAttention's in_proj -> a query and a kv Linear
     "rows": (_batch, _unbatch),
     "vector": (_vector_to_token, _token_to_vector),
+    "scalar": (_to_scalar, _token_to_vector),
     "qkv_columns": (_columns_to_fused, _fused_to_columns),  # ONNX graphs: per-role MatMul weights
     "prefix_grid": (_join_tokens, _split_tokens),  # ONNX graphs: class-token and grid position rows
 }

@@ -73,7 +73,7 @@ _TIMM = dict(
 )
 _TIMM_EVA = dict(_TIMM, ls1="gamma_1", ls2="gamma_2", q_proj_bias=True)
 # the encoder layers of transformers' CLIP and SigLIP vision towers (their MLP is fc1/fc2, as timm's)
-_HF_ENCODER = dict(
+HF_ENCODER = dict(
     block="encoder.layers.{i}.",
     norm1="layer_norm1",
     norm2="layer_norm2",
@@ -170,7 +170,7 @@ _NAMES = {
         pos="embeddings.position_embedding.weight",
         norm_pre="pre_layrnorm",
         norm="post_layernorm",
-        **_HF_ENCODER,
+        **HF_ENCODER,
         visual_proj="visual_projection.weight",
     ),
     # transformers' SiglipVisionModel / SiglipModel (also fixed-resolution SigLIP 2): the tower under "vision_model."
@@ -183,7 +183,7 @@ _NAMES = {
         patch="embeddings.patch_embedding",
         pos="embeddings.position_embedding.weight",
         norm="post_layernorm",
-        **_HF_ENCODER,
+        **HF_ENCODER,
         pool_latent="head.probe",
         pool_in_proj="head.attention.in_proj",
         pool_proj="head.attention.out_proj",

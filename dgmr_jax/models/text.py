@@ -1,4 +1,5 @@
-"""CLIP text tower (open_clip's TextTransformer) as a linen module, its frozen TextConfig and named presets.
+"""CLIP text tower (open_clip's TextTransformer) as a linen module, its frozen TextConfig and named presets; a few
+switches make it SigLIP's text tower (transformers' SiglipTextModel) too.
 
 DGMR prunes only the vision tower; this tower is the original, frozen one, needed to turn class names and
 captions into embeddings for zero-shot classification and retrieval.
@@ -21,12 +22,16 @@ from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.layers import activation, axes_tree, dense, init_tree, layer_norm, partitioned, shape_tree
 from dgmr_jax.models.tree import Params
 
-ACTIVATIONS = ("gelu", "quick_gelu")
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
+POOLS = ("eot", "last")  # eot: at the largest token id (CLIP's end-of-text); last: the last position (SigLIP)
+SCORINGS = ("softmax", "sigmoid")  # CLIP: softmax over exp(logit_scale) * cos; SigLIP: sigmoid(... + logit_bias)
 
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Architecture of an open_clip text tower: causal pre-norm transformer, EOT pooling, bias-free projection."""
+    """Architecture of a text tower: pre-norm transformer, pooled token, projection. The defaults are open_clip's
+    (causal mask, EOT pooling, bias-free projection, softmax scoring); SigLIP's is bidirectional, pools the last
+    position of its fixed-length (padded) input, projects with a bias and scores with a sigmoid."""
 
     name: str = "text"
     vocab_size: int = 49408
@@ -36,14 +41,20 @@ class TextConfig:
     layers: int = 12
     mlp_ratio: float = 4.0  # MLP hidden width = int(width * mlp_ratio), as open_clip rounds it
     embed_dim: int = 512  # text_projection output: the joint image-text embedding width
-    activation: str = "gelu"  # gelu | quick_gelu (OpenAI-trained weights)
+    activation: str = "gelu"  # gelu | quick_gelu (OpenAI-trained weights) | gelu_tanh (SigLIP)
     norm_eps: float = 1e-5
+    causal: bool = True  # each token sees only itself and earlier ones (CLIP); False: bidirectional (SigLIP)
+    pool: str = "eot"  # one of POOLS
+    proj_bias: bool = False  # the projection has a bias (SigLIP's head)
+    scoring: str = "softmax"  # one of SCORINGS; sigmoid adds a logit_bias param beside logit_scale
     dtype: str = "float32"  # activation / matmul dtype, e.g. bfloat16
     param_dtype: str = "float32"  # of freshly initialized params (converted ones keep the checkpoint's)
 
     def __post_init__(self) -> None:
         checks = [
             (self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}"),
+            (self.pool in POOLS, f"pool must be one of {POOLS}, got {self.pool!r}"),
+            (self.scoring in SCORINGS, f"scoring must be one of {SCORINGS}, got {self.scoring!r}"),
             (self.width % self.heads == 0, f"width {self.width} is not divisible by heads {self.heads}"),
             (
                 min(self.vocab_size, self.context_length, self.layers, self.embed_dim, self.mlp_hidden) > 0,
@@ -110,8 +121,8 @@ def resolve_text_config(arch: str | TextConfig) -> TextConfig:
     return TextConfig(name=arch, **presets[arch])
 
 
-class CausalAttention(nn.Module):
-    """Multi-head self-attention in which each token sees only itself and earlier tokens."""
+class TextAttention(nn.Module):
+    """Multi-head self-attention; with cfg.causal each token sees only itself and earlier tokens."""
 
     cfg: TextConfig
 
@@ -123,7 +134,8 @@ class CausalAttention(nn.Module):
         qkv = dense(3 * cfg.width, ("embed", "heads"), cfg, "qkv")(x)
         q, k, v = qkv.reshape(b, n, 3, cfg.heads, hd).transpose(2, 0, 3, 1, 4)
         logits = ((q * (hd**-0.5)) @ k.swapaxes(-1, -2)).astype(jnp.float32)
-        logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, -jnp.inf)
+        if cfg.causal:
+            logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, -jnp.inf)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = (weights @ v).transpose(0, 2, 1, 3).reshape(b, n, cfg.width)
         return dense(cfg.width, ("heads", "embed"), cfg, "proj")(out)
@@ -147,12 +159,13 @@ class TextBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        x = x + CausalAttention(self.cfg, name="attn")(layer_norm(self.cfg, "norm1")(x))
+        x = x + TextAttention(self.cfg, name="attn")(layer_norm(self.cfg, "norm1")(x))
         return x + TextMlp(self.cfg, name="mlp")(layer_norm(self.cfg, "norm2")(x))
 
 
 class TextTransformer(nn.Module):
-    """Token ids (B, n <= context_length) -> text embeddings (B, embed_dim), taken at the EOT token."""
+    """Token ids (B, n <= context_length) -> text embeddings (B, embed_dim), taken at the EOT token (CLIP) or the
+    last position (SigLIP)."""
 
     cfg: TextConfig
 
@@ -167,15 +180,22 @@ class TextTransformer(nn.Module):
         pos = self.param(
             "pos_embed", partitioned(normal(0.01), (None, "embed")), (cfg.context_length, cfg.width), dtype
         )
-        # CLIP's temperature: not used to embed text, declared so checkpoints convert back complete
-        self.param("logit_scale", partitioned(nn.initializers.constant(np.log(1 / 0.07)), ()), (), dtype)
+        # the temperature (and SigLIP's bias): not used to embed text, declared so checkpoints convert back complete
+        # and image-text logits can be scored; initialized as CLIP (1 / 0.07) and SigLIP (10, -10) initialize them
+        sigmoid = cfg.scoring == "sigmoid"
+        scale = np.log(10.0) if sigmoid else np.log(1 / 0.07)
+        self.param("logit_scale", partitioned(nn.initializers.constant(scale), ()), (), dtype)
+        if sigmoid:
+            self.param("logit_bias", partitioned(nn.initializers.constant(-10.0), ()), (), dtype)
         x = jnp.take(table, tokens, axis=0).astype(cfg.dtype) + pos[:n].astype(cfg.dtype)
         for i in range(cfg.layers):
             x = TextBlock(cfg, name=f"blocks_{i}")(x)
         x = layer_norm(cfg, "norm")(x)
-        # the EOT token has the largest id in CLIP's vocabulary, so argmax finds it (first one, as torch does)
-        pooled = x[jnp.arange(b), jnp.argmax(tokens, axis=-1)]
-        return dense(cfg.embed_dim, ("embed", "classes"), cfg, "proj", bias=False)(pooled)
+        if cfg.pool == "last":  # SigLIP: the last position of the padded input, whatever token is there
+            pooled = x[:, -1]
+        else:  # the EOT token has the largest id in CLIP's vocabulary, so argmax finds it (first one, as torch)
+            pooled = x[jnp.arange(b), jnp.argmax(tokens, axis=-1)]
+        return dense(cfg.embed_dim, ("embed", "classes"), cfg, "proj", bias=cfg.proj_bias)(pooled)
 
 
 def encode_text(cfg: TextConfig, params: Params, tokens: jnp.ndarray) -> jnp.ndarray:

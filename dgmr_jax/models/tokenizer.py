@@ -1,9 +1,11 @@
-"""CLIP's byte-level BPE tokenizer, equal to `open_clip.tokenize` (OpenAI's SimpleTokenizer), without torch.
+"""The text towers' tokenizers: CLIP's byte-level BPE (`Tokenizer`) and SigLIP's SentencePiece (`SiglipTokenizer`).
 
-Text is cleaned (ftfy, HTML entities unescaped twice, whitespace collapsed, lower-cased), split by CLIP's
-regex into words, each word's UTF-8 bytes are mapped to printable characters and merged by the BPE ranks
-of `bpe_simple_vocab_16e6.txt.gz`. The vocabulary file ships inside the open_clip_torch package; it is
-read from there without importing open_clip (which would import torch), or from an explicit path.
+`Tokenizer` equals `open_clip.tokenize` (OpenAI's SimpleTokenizer), without torch. Text is cleaned (ftfy, HTML
+entities unescaped twice, whitespace collapsed, lower-cased), split by CLIP's regex into words, each word's UTF-8
+bytes are mapped to printable characters and merged by the BPE ranks of `bpe_simple_vocab_16e6.txt.gz`. The
+vocabulary file ships inside the open_clip_torch package; it is read from there without importing open_clip
+(which would import torch), or from an explicit path. `SiglipTokenizer` reads a model's spiece.model with the
+sentencepiece package (the `siglip` extra).
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import gzip
 import html
 import importlib.util
 import os
+import re
+import string
 from collections.abc import Sequence
 
 import ftfy
 import numpy as np
 import regex
+
+from dgmr_jax.core.errors import UserError
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CONTEXT_LENGTH = 77
@@ -111,5 +117,51 @@ class Tokenizer:
         for row, text in zip(out, texts, strict=True):
             ids = [self.sot, *self.encode(text), self.eot][:context_length]
             ids[-1] = self.eot
+            row[: len(ids)] = ids
+        return out
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def siglip_clean(text: str, lower: bool = True) -> str:
+    """SigLIP's text canonicalization (big_vision's, as transformers' SiglipTokenizer): lower case, ASCII
+    punctuation removed, whitespace runs collapsed to one space, ends stripped."""
+    text = (text.lower() if lower else text).translate(_PUNCTUATION)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class SiglipTokenizer:
+    """Texts -> (n, context_length) int32 ids of SigLIP's SentencePiece model (spiece.model): the cleaned text's
+    pieces, EOS, then PAD up to context_length; a too long text is cut and ends in EOS. Equal to transformers'
+    SiglipTokenizer(texts, padding="max_length", truncation=True, max_length=context_length), except that a
+    special token's text ("</s>") inside a text is read as plain text. Needs the sentencepiece package."""
+
+    def __init__(self, model_path: str | os.PathLike, eos: str = "</s>", pad: str = "</s>", lower: bool = True) -> None:
+        try:
+            import sentencepiece
+        except ImportError as err:
+            raise UserError(
+                f"SigLIP's tokenizer ({os.fspath(model_path)}) needs the sentencepiece package: "
+                "pip install 'dgmr-jax[siglip]' (or pip install sentencepiece)"
+            ) from err
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=os.fspath(model_path))
+        self.eos, self.pad = (self._id(piece, model_path) for piece in (eos, pad))
+        self.lower = lower
+
+    def _id(self, piece: str, model_path: str | os.PathLike) -> int:
+        """The id of a special piece, which must be in the model's vocabulary."""
+        i = self.sp.piece_to_id(piece)
+        if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i):
+            raise UserError(f"{os.fspath(model_path)} has no piece {piece!r}: check tokenizer_config.json's tokens")
+        return i
+
+    def __call__(self, texts: str | Sequence[str], context_length: int = 64) -> np.ndarray:
+        """(len(texts), context_length) int32 ids."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        out = np.full((len(texts), context_length), self.pad, np.int32)
+        for row, text in zip(out, texts, strict=True):
+            ids = [*self.sp.encode(siglip_clean(text, self.lower)), self.eos][:context_length]
+            ids[-1] = self.eos
             row[: len(ids)] = ids
         return out

@@ -48,6 +48,7 @@ from dgmr_jax.eval.evaluators import Context, Embedded, EvalSpec, Evaluator, Ret
 from dgmr_jax.eval.features import extract_features
 from dgmr_jax.io.checkpoint_io import open_state_dict, save_safetensors
 from dgmr_jax.io.clip import clip_embedding, text_config_for
+from dgmr_jax.io.hf_config import hf_class
 from dgmr_jax.io.open import open_model
 from dgmr_jax.io.text_convert import TEXT_PREFIX, text_from_torch, text_to_torch
 from dgmr_jax.models.preprocess import Preprocess
@@ -598,6 +599,11 @@ def _check_clip_text(clip_text: str | None, random_init: bool) -> None:
         )
     if not as_path(clip_text).exists():
         raise FileNotFoundError(f"--clip-text {clip_text} does not exist: give the open_clip / EVA-CLIP checkpoint")
+    if hf_class(clip_text) == "SiglipModel":
+        raise UserError(
+            f"--clip-text {clip_text} is a SiglipModel directory: finetune-text trains with CLIP's softmax loss, not "
+            "SigLIP's sigmoid loss, so a SigLIP text tower is not fine-tuned yet (`dgmr-jax eval` reads it)"
+        )
 
 
 def finetune_text(
