@@ -52,18 +52,23 @@ def _loss(cfg: ModelConfig, params, images) -> jax.Array:
     return total
 
 
+# jitted: one compile per model, where op-by-op execution compiles every op of every layer on its own
+_forward = jax.jit(dj.models.forward, static_argnums=0)
+_grad = jax.jit(jax.grad(_loss, argnums=1), static_argnums=0)
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 @pytest.mark.slow
 def test_dot_product_attention_matches_einsum(name):
     cfg, params, images = _model(name)
     fused = cfg.replace(attention="dot_product_attention")
-    ref = dj.models.forward(cfg, params, images)
-    out = dj.models.forward(fused, params, images)
+    ref = _forward(cfg, params, images)
+    out = _forward(fused, params, images)
     assert set(out) == set(ref)
     for key in ref:
         assert _rel(out[key], ref[key]) <= TOL, (key, _rel(out[key], ref[key]))
-    ref_grads = jax.grad(lambda p: _loss(cfg, p, images))(params)
-    grads = jax.grad(lambda p: _loss(fused, p, images))(params)
+    ref_grads = _grad(cfg, params, images)
+    grads = _grad(fused, params, images)
     assert _rel(grads, ref_grads) <= TOL, _rel(grads, ref_grads)
 
 

@@ -77,10 +77,17 @@ def activation(kind: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
 Init = Callable[[jax.Array], Any]
 
 
-def init_tree(init: Init, rng: jax.Array | int = 0) -> dict[str, Any]:
-    """Randomly initialized params as plain arrays; an int rng is a PRNGKey seed."""
+def init_tree(init: Callable[[Any, jax.Array], Any], cfg: Any, rng: jax.Array | int = 0) -> dict[str, Any]:
+    """Randomly initialized params of `init(cfg, rng)` as plain arrays, from one program compiled per config (run op
+    by op, each initializer op compiles on its own: about twice as slow); an int rng is a PRNGKey seed."""
     rng = jax.random.PRNGKey(rng) if isinstance(rng, int) else rng
-    return nn.unbox(init(rng))
+    return nn.unbox(_compiled_init(init)(cfg, rng))
+
+
+@functools.cache
+def _compiled_init(init: Callable[[Any, jax.Array], Any]) -> Callable[[Any, jax.Array], Any]:
+    """`init` jitted with its (hashable) config static."""
+    return jax.jit(init, static_argnums=0)
 
 
 def shape_tree(init: Init) -> dict[str, Any]:

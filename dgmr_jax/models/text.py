@@ -212,7 +212,7 @@ def _init(cfg: TextConfig, rng: jax.Array) -> Params:
 
 def init_text_params(cfg: TextConfig, rng: jax.Array | int = 0) -> Params:
     """Randomly initialized text-tower params (plain arrays), for tests and shapes."""
-    return init_tree(functools.partial(_init, cfg), rng)
+    return init_tree(_init, cfg, rng)
 
 
 def text_param_shapes(cfg: TextConfig) -> Params:

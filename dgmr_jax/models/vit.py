@@ -453,7 +453,7 @@ def _init(cfg: ModelConfig, rng: jax.Array) -> Params:
 
 def init_params(cfg: ModelConfig, rng: jax.Array | int = 0) -> Params:
     """Randomly initialized params (plain arrays) for cfg."""
-    return init_tree(functools.partial(_init, cfg), rng)
+    return init_tree(_init, cfg, rng)
 
 
 def param_shapes(cfg: ModelConfig) -> Params:
