@@ -10,7 +10,8 @@ command again and it continues with the missing cells. `--summarize` only rewrit
 mean +- std over seeds) and the plot (recovery.png) from results.jsonl. The seed sets the data order and
 the random selection; diversity, l2 and taylor select the same neurons for every seed. Taylor scores come
 from the first 512 training images. "uvc" searches a structure at each ratio's FLOPs (the demo's UVC
-student, the search taking the schedule's steps) and then distills it like the others.
+student, the search taking the schedule's steps) and then distills it like the others; results.md pairs each
+uvc cell (S + S steps) with the other methods distilled 2S steps, the same training.
 """
 
 from __future__ import annotations
@@ -180,8 +181,33 @@ def summarize(out: Path) -> None:
         cells.append(f"{group[0]['params_M']:.2f}")
         cells += [_mean_std([r[m] for r in group]) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
-    (out / "results.md").write_text("# Recovery study\n\n" + "\n".join(lines) + "\n")
+    text = "# Recovery study\n\n" + "\n".join(lines) + "\n" + _equal_training(rows)
+    (out / "results.md").write_text(text)
     _plot(out, rows)
+
+
+def _equal_training(rows: list[dict]) -> str:
+    """A table pairing each UVC cell (S search steps + S distillation steps) with the DGMR cells of the same ratio
+    distilled 2S steps, the same number of training steps; "" when no such pair has run."""
+    groups = _groups(rows)
+    pairs = []  # (px, ratio, student, training steps, rows)
+    for (px, ratio, method, steps), group in groups.items():
+        if method != "uvc":
+            continue
+        for other in sorted({m for (p, r, m, s) in groups if (p, r, s) == (px, ratio, 2 * steps) and m != "uvc"}):
+            pairs.append(
+                (px, ratio, f"{other} (distilled {2 * steps})", 2 * steps, groups[(px, ratio, other, 2 * steps)])
+            )
+        pairs.append((px, ratio, f"uvc (searched {steps} + distilled {steps})", 2 * steps, group))
+    if not pairs:
+        return ""
+    head = "| px | mlp_ratio | student | training steps | seeds | gflops | " + " | ".join(METRICS) + " |"
+    lines = ["", "## Equal training steps", "", head, "|" + "---|" * (6 + len(METRICS))]
+    for px, ratio, student, total, group in pairs:
+        cells = [str(px), f"{ratio:g}", student, str(total), str(len(group)), f"{group[0]['gflops']:.3f}"]
+        cells += [_mean_std([r[m] for r in group]) for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _plot(out: Path, rows: list[dict]) -> None:
