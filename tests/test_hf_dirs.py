@@ -13,7 +13,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from reference import images, randomize, to_nhwc, torch
+from reference import images, randomize, rel_err, to_nhwc, torch
 
 import dgmr_jax as dj
 from dgmr_jax.cli import main
@@ -263,3 +263,81 @@ def test_a_sharded_index_that_lies_is_one_error(tmp_path):
     (tmp_path / "n.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
     with pytest.raises(dj.convert.CheckpointError, match="names shards that are not there: .*gone.safetensors"):
         ShardedCheckpoint(str(tmp_path / "n.index.json"))
+
+
+# transformers' CLIPModel as zero-shot and finetune-text's text tower: the real CLIP vocabulary (so the tokenizer
+# files are the Hub's), 1 text layer
+CLASSES_TEXT = ["cat", "Dog!", "a red car", "number 7", "it's a tree"]
+TEXTS = ["a photo of a cat.", "Hello, World!!", "it's the dog's bone; they've 'quoted' ", "UPPER lower MiXeD"]
+TEXTS += ["&amp; 1 < 2", "naïve café ＦＵＬＬ ﬁ “curly”", "<|startoftext|> in <|endoftext|>", "word " * 90, ""]
+
+
+def clip_model_dir(root: Path, fmt: str, eos: int):
+    """(CLIPModel of the real CLIP vocabulary and end-of-text id `eos` (2: transformers' legacy argmax pooling),
+    its sharded directory in `fmt` with its tokenizer: vocab.json + merges.txt as the Hub's CLIP repos hold them,
+    or (bin) the tokenizer.json transformers 5 saves)."""
+    from dgmr_jax.models.tokenizer import EOT, HF_EOT, HF_SOT, SOT, Tokenizer
+
+    text = dict(_TEXT, vocab_size=49408, bos_token_id=49406, eos_token_id=eos, pad_token_id=1)
+    config = transformers.CLIPConfig(
+        vision_config=dict(_VISION, intermediate_size=64), text_config=text, projection_dim=16
+    )
+    config._attn_implementation = "eager"
+    model, folder = randomize(transformers.CLIPModel(config), 5), root / f"clip-{fmt}"
+    model.save_pretrained(folder, max_shard_size=SHARD)
+    if fmt == "bin":
+        as_bin_shards(folder)
+    ours = Tokenizer()  # the CLIP BPE open_clip ships: the Hub's vocab.json + merges.txt hold the same
+    vocab = {{SOT: HF_SOT, EOT: HF_EOT}.get(t, t): i for t, i in ours.ids.items()}
+    merges = "\n".join(" ".join(m) for m in sorted(ours.ranks, key=ours.ranks.get))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text(f"#version: 0.2\n{merges}\n")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+    if fmt == "bin":
+        (folder / "vocab.json").unlink()
+        (folder / "merges.txt").unlink()
+        tokenizer.save_pretrained(folder)
+    return model, folder, tokenizer
+
+
+@pytest.mark.parametrize("fmt,eos", [("safetensors", 49407), ("bin", 2)])
+def test_clip_model_text_tower_and_zeroshot_logits_at_parity(fmt, eos, tmp_path):
+    """open_text_tower reads a CLIPModel directory (sharded) with its own tokenizer: ids equal CLIPTokenizer's,
+    text features equal get_text_features, zero-shot logits equal logits_per_image, with the same ranking."""
+    pytest.importorskip("open_clip")
+    from dgmr_jax.eval import zeroshot_accuracy, zeroshot_classifier
+    from dgmr_jax.eval.knn import l2_normalize
+    from dgmr_jax.io.clip import open_text_tower
+
+    model, folder, hf_tokenizer = clip_model_dir(tmp_path, fmt, eos)
+    vision = open_model(folder)
+    text_cfg, text_params, tokenizer = open_text_tower(folder, vision.cfg)
+    assert (text_cfg.name, text_cfg.eos_token, text_cfg.activation) == (
+        folder.name,
+        -1 if eos == 2 else eos,
+        "quick_gelu",
+    )
+    ref = hf_tokenizer(TEXTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    ids = tokenizer(TEXTS)
+    mask = ref["attention_mask"].numpy().astype(bool)
+    assert np.array_equal(ids[mask], ref["input_ids"].numpy()[mask]) and not ids[~mask].any()  # pads: 0, not EOT
+    with torch.no_grad():
+        features = model.get_text_features(input_ids=ref["input_ids"])
+    features = getattr(features, "pooler_output", features)  # transformers 5 returns the output object
+    err = rel_err(dj.models.encode_text(text_cfg, text_params, ids), features)
+    print(f"PARITY CLIPModel text ({fmt}) rel_err={err:.2e}")
+    assert err <= TOL
+
+    x = images(28, batch=6)
+    prompts = [f"a photo of a {c}." for c in CLASSES_TEXT]
+    with torch.no_grad():
+        hf_ids = hf_tokenizer(prompts, padding=True, return_tensors="pt")["input_ids"]
+        logits_ref = model(input_ids=hf_ids, pixel_values=x).logits_per_image.numpy()
+    classifier = zeroshot_classifier(text_cfg, text_params, CLASSES_TEXT, ["a photo of a {}."], tokenizer)
+    img = dj.models.forward(vision.cfg, vision.load(), to_nhwc(x))["pooled"]
+    logits = np.exp(float(text_params["logit_scale"])) * np.asarray(l2_normalize(np.asarray(img))) @ classifier
+    assert rel_err(logits, logits_ref) <= TOL, rel_err(logits, logits_ref)
+    assert np.array_equal(np.argsort(-logits, axis=1), np.argsort(-logits_ref, axis=1))
+    labels = np.array([0, 1, 2, 3, 4, 0])
+    top1 = float(np.mean(logits_ref.argmax(1) == labels))
+    assert zeroshot_accuracy(img, labels, classifier, ks=(1,)) == {1: top1}

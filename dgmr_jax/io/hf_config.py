@@ -18,6 +18,8 @@ from dgmr_jax.io.checkpoint_io import HF_WEIGHTS, CheckpointError
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.presets import preset
+from dgmr_jax.models.text import TextConfig
+from dgmr_jax.models.tokenizer import hf_vocab_files
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -28,6 +30,10 @@ _CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_
 _CLIP |= dict(patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=512)
 _SIGLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224)
 _SIGLIP |= dict(patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=True)
+_CLIP_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12)
+_CLIP_TEXT |= dict(num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+_CLIP_TEXT |= dict(eos_token_id=49407)
+TEXT_CLASSES = ("CLIPModel",)  # config.json classes whose text tower (text_config) zero-shot and finetune-text read
 # transformers' ACT2FN names -> mlp_type (gelu_new and gelu_pytorch_tanh are both the tanh approximation)
 _ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}  # the inverse
@@ -322,6 +328,51 @@ def hf_layout(spec: str) -> tuple[str, ModelConfig]:
         )
     family, build = CLASSES[name]
     return family, build(config).replace(name=os.path.basename(os.path.abspath(_folder(spec))))
+
+
+def _text_config(config: dict[str, Any], name: str) -> TextConfig:
+    """The TextConfig of a CLIPModel config.json: its text_config (transformers' defaults filled in), the top-level
+    projection_dim, and transformers' pooling rule (argmax of the ids for the legacy eos_token_id 2, else the first
+    eos_token_id)."""
+    c = {**_CLIP_TEXT, **(config.get("text_config") or {})}
+    width, hidden, eos = c["hidden_size"], c["intermediate_size"], c["eos_token_id"]
+    if not isinstance(eos, int):
+        raise UserError(f"text_config's eos_token_id {eos!r} is not read: CLIP pools the text at one end-of-text id")
+    return TextConfig(
+        name=name,
+        vocab_size=c["vocab_size"],
+        context_length=c["max_position_embeddings"],
+        width=width,
+        heads=c["num_attention_heads"],
+        layers=c["num_hidden_layers"],
+        mlp_ratio=hidden / width,
+        embed_dim=config.get("projection_dim", 512),
+        activation=_ACTIVATIONS.get(c["hidden_act"], c["hidden_act"]),
+        norm_eps=c["layer_norm_eps"],
+        eos_token=-1 if eos == 2 else eos,
+    )
+
+
+def hf_text_config(spec: str) -> TextConfig | None:
+    """The text tower of a transformers CLIPModel directory or shard index (TEXT_CLASSES), named after its folder;
+    None when spec is no such checkpoint with a config.json, a one-line CheckpointError when that names another
+    class."""
+    path = os.path.join(_folder(spec), CONFIG_FILE)
+    if not is_hf_checkpoint(spec) or not os.path.isfile(path):
+        return None
+    config = _read_json(path)
+    name = (config.get("architectures") or [""])[0]
+    if name not in TEXT_CLASSES:
+        raise CheckpointError(
+            f"{path} names {name or 'no class'!r}, which holds no CLIP text tower: give a transformers "
+            f"{' / '.join(TEXT_CLASSES)} directory or an open_clip / EVA-CLIP checkpoint"
+        )
+    return _text_config(config, os.path.basename(os.path.abspath(_folder(spec))))
+
+
+def hf_tokenizer_folder(spec: str) -> str | None:
+    """The folder of a transformers CLIPModel checkpoint when it holds its tokenizer's vocabulary, else None."""
+    return _folder(spec) if hf_text_config(spec) is not None and hf_vocab_files(_folder(spec)) else None
 
 
 def hf_preprocess(spec: str) -> Preprocess | None:

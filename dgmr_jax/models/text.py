@@ -26,7 +26,8 @@ ACTIVATIONS = ("gelu", "quick_gelu")
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Architecture of an open_clip text tower: causal pre-norm transformer, EOT pooling, bias-free projection."""
+    """Architecture of an open_clip (or transformers CLIP) text tower: causal pre-norm transformer, EOT pooling,
+    bias-free projection."""
 
     name: str = "text"
     vocab_size: int = 49408
@@ -38,6 +39,9 @@ class TextConfig:
     embed_dim: int = 512  # text_projection output: the joint image-text embedding width
     activation: str = "gelu"  # gelu | quick_gelu (OpenAI-trained weights)
     norm_eps: float = 1e-5
+    # the token whose first position is pooled; -1: the largest id (open_clip, whose EOT is the largest id, and
+    # transformers' CLIP configs of eos_token_id 2, which take the argmax of the ids too)
+    eos_token: int = -1
     dtype: str = "float32"  # activation / matmul dtype, e.g. bfloat16
     param_dtype: str = "float32"  # of freshly initialized params (converted ones keep the checkpoint's)
 
@@ -49,6 +53,7 @@ class TextConfig:
                 min(self.vocab_size, self.context_length, self.layers, self.embed_dim, self.mlp_hidden) > 0,
                 "vocab_size, context_length, layers, embed_dim and int(width * mlp_ratio) must be > 0",
             ),
+            (-1 <= self.eos_token < self.vocab_size, f"eos_token must be -1 or an id below {self.vocab_size}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -173,8 +178,10 @@ class TextTransformer(nn.Module):
         for i in range(cfg.layers):
             x = TextBlock(cfg, name=f"blocks_{i}")(x)
         x = layer_norm(cfg, "norm")(x)
-        # the EOT token has the largest id in CLIP's vocabulary, so argmax finds it (first one, as torch does)
-        pooled = x[jnp.arange(b), jnp.argmax(tokens, axis=-1)]
+        # the EOT token has the largest id in CLIP's vocabulary, so argmax finds it (first one, as torch does);
+        # with eos_token set, its first position (transformers' CLIP rule for eos_token_id != 2)
+        eot = jnp.argmax(tokens if cfg.eos_token < 0 else tokens == cfg.eos_token, axis=-1)
+        pooled = x[jnp.arange(b), eot]
         return dense(cfg.embed_dim, ("embed", "classes"), cfg, "proj", bias=False)(pooled)
 
 
