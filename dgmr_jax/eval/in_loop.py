@@ -6,9 +6,11 @@ Each entry of `config.evals` is a dict (or the short form "KIND:DATA", e.g. "knn
   train       labeled images for the kNN memory bank / probe fit (split "train"): mnist5k, a class folder, tfds:NAME
   test        labeled images scored (split "test"; default: the train spec)
   retrieval   for kind retrieval: a jsonl of {"image": path, "captions": [...]}
-  clip_text   for zeroshot / retrieval: the open_clip checkpoint of the (frozen) text tower
-  text_arch   its text preset or TextConfig .json (default: the model's arch name)
-  bpe_vocab   its bpe_simple_vocab_16e6.txt.gz (default: the one open_clip_torch ships)
+  clip_text   for zeroshot / retrieval: the open_clip checkpoint or transformers CLIPModel directory of the
+              (frozen) text tower
+  text_arch   its text preset or TextConfig .json (default: the model's arch name; a CLIPModel's config.json wins)
+  bpe_vocab   its bpe_simple_vocab_16e6.txt.gz (default: a CLIPModel directory's vocab.json + merges.txt, else the
+              one open_clip_torch ships)
   classnames, templates   for zeroshot: files as for `dgmr-jax eval --classnames/--templates`
   name        the metrics' prefix, "eval/<name>/..." (default: the kind)
   batch, l2   eval batch and probe regularization (as `dgmr-jax eval`)

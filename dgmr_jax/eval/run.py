@@ -19,7 +19,8 @@ __all__ = ["DIGITS", "ClipEval", "evaluate", "offline_specs"]
 
 @dataclasses.dataclass(frozen=True)
 class ClipEval:
-    """What zero-shot / retrieval evaluation needs: the open_clip checkpoint whose text tower (the original:
+    """What zero-shot / retrieval evaluation needs: the open_clip checkpoint (or transformers CLIPModel directory)
+    whose text tower (the original:
     DGMR prunes only the vision tower) embeds prompts and captions, and which measurements to run."""
 
     checkpoint: str

@@ -599,11 +599,15 @@ def _check_clip_text(clip_text: str | None, random_init: bool) -> None:
         return
     if not clip_text:
         raise UserError(
-            "give --clip-text: the open_clip / EVA-CLIP checkpoint holding the text tower (or, for a quick try, "
-            "--config.text.random_init=true to start from a seeded random init of --text-arch)"
+            "give --clip-text: the open_clip / EVA-CLIP checkpoint or transformers CLIPModel directory holding the "
+            "text tower (or, for a quick try, --config.text.random_init=true to start from a seeded random init "
+            "of --text-arch)"
         )
     if not as_path(clip_text).exists():
-        raise FileNotFoundError(f"--clip-text {clip_text} does not exist: give the open_clip / EVA-CLIP checkpoint")
+        raise FileNotFoundError(
+            f"--clip-text {clip_text} does not exist: give the open_clip / EVA-CLIP checkpoint "
+            "or transformers CLIPModel directory"
+        )
 
 
 def finetune_text(
