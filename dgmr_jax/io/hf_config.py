@@ -355,16 +355,18 @@ def _text_config(config: dict[str, Any], name: str) -> TextConfig:
 
 def hf_text_config(spec: str) -> TextConfig | None:
     """The text tower of a transformers CLIPModel directory or shard index (TEXT_CLASSES), named after its folder;
-    None when spec is no such checkpoint with a config.json, a one-line CheckpointError when that names another
-    class."""
+    None when spec is no such checkpoint with a config.json naming a class, a one-line CheckpointError when that
+    names another class."""
     path = os.path.join(_folder(spec), CONFIG_FILE)
     if not is_hf_checkpoint(spec) or not os.path.isfile(path):
         return None
     config = _read_json(path)
     name = (config.get("architectures") or [""])[0]
+    if not name:  # not a transformers config.json: the weights are read as an open_clip checkpoint
+        return None
     if name not in TEXT_CLASSES:
         raise CheckpointError(
-            f"{path} names {name or 'no class'!r}, which holds no CLIP text tower: give a transformers "
+            f"{path} names {name!r}, which holds no CLIP text tower: give a transformers "
             f"{' / '.join(TEXT_CLASSES)} directory or an open_clip / EVA-CLIP checkpoint"
         )
     return _text_config(config, os.path.basename(os.path.abspath(_folder(spec))))

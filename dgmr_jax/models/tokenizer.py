@@ -97,10 +97,24 @@ def _hf_vocabulary(folder: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
         merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in lines]
         bad = [m for m in merges if len(m) != 2]
         if not isinstance(ids, dict) or bad or not {HF_SOT, HF_EOT} <= set(ids):
-            raise ValueError(f"merges {bad[:2]} are not pairs" if bad else f"no {HF_SOT} / {HF_EOT} in the vocabulary")
+            raise ValueError(f"merges {bad[:2]} are not pairs" if bad else f"no {HF_SOT} / {HF_EOT} in it")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"{folder}: not a CLIP tokenizer's vocabulary ({err})") from err
     return {str(k): int(v) for k, v in ids.items()}, merges
+
+
+def _not_found(path: str | None) -> str:
+    """Why a vocabulary path is neither the .txt.gz nor a transformers directory, and what to do."""
+    if path is None:
+        where = "open_clip_torch is not installed"
+    elif os.path.isdir(path):
+        where = f"{path} holds no vocab.json + merges.txt or tokenizer.json"
+    else:
+        where = f"{path} does not exist"
+    return (
+        f"CLIP's BPE vocabulary {VOCAB_FILE} was not found ({where}): pip install open_clip_torch (it ships the "
+        "file), or pass the file's path (or a transformers directory with vocab.json + merges.txt)"
+    )
 
 
 class Tokenizer:
@@ -118,12 +132,7 @@ class Tokenizer:
             self.ids, merges = _open_clip_vocabulary(path)
             special, self.clean = (SOT, EOT), clean
         else:
-            where = f"{path} does not exist" if path else "open_clip_torch is not installed"
-            raise FileNotFoundError(
-                f"CLIP's BPE vocabulary {VOCAB_FILE} was not found ({where}): pip install open_clip_torch "
-                "(it ships the file), or pass the file's path (or a transformers directory with "
-                "vocab.json + merges.txt)"
-            )
+            raise FileNotFoundError(_not_found(path))
         self.byte_symbols = _byte_symbols()
         self.ranks = {merge: i for i, merge in enumerate(merges)}
         self.sot, self.eot = (self.ids[token] for token in special)
