@@ -369,6 +369,8 @@ def test_clip_model_text_pooling_export_and_refusals(tmp_path):
     back = dj.convert.text_to_torch(cfg, params, layout="hf_clip")
     theirs = {k: v.numpy() for k, v in model.state_dict().items() if not k.startswith(("vision_model.", "visual_"))}
     assert sorted(back) == sorted(theirs) and all(np.array_equal(back[k], v) for k, v in theirs.items())
+    with pytest.raises(ValueError, match="unknown text tower layout 'hf'; known: open_clip, hf_clip"):
+        dj.convert.text_to_torch(cfg, params, layout="hf")
 
     vision = open_model(folder).cfg
     with pytest.raises(ValueError) as err:  # no tokenizer files: the built-in CLIP BPE's 49408 ids do not fit

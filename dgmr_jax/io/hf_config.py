@@ -30,6 +30,7 @@ _CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_
 _CLIP |= dict(patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=512)
 _SIGLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224)
 _SIGLIP |= dict(patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=True)
+# CLIPTextConfig's defaults of the fields read below, for a CLIPModel config.json whose text_config omits them
 _CLIP_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12)
 _CLIP_TEXT |= dict(num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 _CLIP_TEXT |= dict(eos_token_id=49407)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dgmr_jax.core.errors import UserError
 from dgmr_jax.io.checkpoint_io import CheckpointError, open_state_dict
 from dgmr_jax.io.convert import RenamedEntries, check_keys, convert_rules, export_rules, listing
 from dgmr_jax.io.keymaps import Rule, linear_rules, norm_rules
@@ -25,7 +26,6 @@ from dgmr_jax.models.tree import Params, flatten, unflatten
 
 TEXT_PREFIX = "text."  # CustomTextCLIP / EVA-CLIP
 TOP_LEVEL = ("logit_scale",)  # stays outside "text." in the CustomTextCLIP layout
-LAYOUTS = ("open_clip", "hf_clip")
 # per layout: torch names of the text tower's parts ("{i}": the layer), the vision tower's key prefixes, the
 # derived buffers dropped on import
 _NAMES: dict[str, dict[str, Any]] = {
@@ -60,6 +60,7 @@ _NAMES: dict[str, dict[str, Any]] = {
         derived=("text_model.embeddings.position_ids",),
     ),
 }
+LAYOUTS = tuple(_NAMES)
 
 
 def _qkv_rules(f: str, t: str, layout: str) -> list[Rule]:
@@ -78,6 +79,8 @@ def _qkv_rules(f: str, t: str, layout: str) -> list[Rule]:
 
 def text_rules(cfg: TextConfig, layout: str = "open_clip") -> list[Rule]:
     """Torch names of a CLIP text tower in `layout` (LAYOUTS) <-> flax paths of models/text.py, for cfg's layers."""
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown text tower layout {layout!r}; known: {', '.join(LAYOUTS)}")
     n = _NAMES[layout]
     out = [Rule(("token_embed",), (n["token"],)), Rule(("pos_embed",), (n["pos"],))]
     for i in range(cfg.layers):

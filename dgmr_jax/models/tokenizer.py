@@ -85,16 +85,16 @@ def _hf_vocabulary(folder: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(token ids, merges) of a transformers CLIP tokenizer: vocab.json + merges.txt, else tokenizer.json's BPE
     model (its merges "a b" strings or [a, b] pairs)."""
     try:
-        if os.path.isfile(os.path.join(folder, "vocab.json")):
+        if all(os.path.isfile(os.path.join(folder, name)) for name in HF_FILES[0]):
             with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
                 ids = json.load(f)
             with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
-                lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
+                lines = [line for line in f.read().splitlines() if line.strip() and not line.startswith("#version")]
         else:
             with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
                 model = json.load(f)["model"]
             ids, lines = model["vocab"], model["merges"]
-        merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in lines]
+        merges = [tuple(m.split() if isinstance(m, str) else m) for m in lines]
         bad = [m for m in merges if len(m) != 2]
         if not isinstance(ids, dict) or bad or not {HF_SOT, HF_EOT} <= set(ids):
             raise ValueError(f"merges {bad[:2]} are not pairs" if bad else f"no {HF_SOT} / {HF_EOT} in it")
