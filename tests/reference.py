@@ -154,3 +154,17 @@ def random_png_folder(root, n: int = 16, size: int = 36, seed: int = 0):
     for i in range(n):
         Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(root / f"{i}.png")
     return root
+
+
+def class_png_folders(root, names, shape: tuple[int, int] = (40, 36), std: float = 40, seed: int = 0):
+    """root/NAME/0..2.png for each class name: noisy RGB PNGs (height, width = shape) whose brightness grows with
+    the class index, so that even a tiny random model can tell the classes apart now and then."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.clip(rng.normal(60 + 70 * c, std, (*shape, 3)), 0, 255).astype("uint8")
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root

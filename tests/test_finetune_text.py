@@ -506,9 +506,9 @@ def test_cli_errors_are_one_clear_line(files, tmp_path, capsys):
     )
     no_ckpt = base[: ckpt - 1] + base[ckpt + 1 :]
     assert error(*no_ckpt) == (
-        "dgmr-jax finetune-text: error: give --clip-text: the open_clip / EVA-CLIP checkpoint holding the text "
-        "tower (or, for a quick try, --config.text.random_init=true to start from a seeded random init of "
-        "--text-arch)"
+        "dgmr-jax finetune-text: error: give --clip-text: the open_clip / EVA-CLIP checkpoint or transformers "
+        "CLIPModel directory holding the text tower (or, for a quick try, --config.text.random_init=true to start "
+        "from a seeded random init of --text-arch)"
     )
     assert error(*base, "--config.text.random_init=true") == (
         "dgmr-jax finetune-text: error: --clip-text and --config.text.random_init=true exclude each other: drop one "

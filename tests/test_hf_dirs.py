@@ -10,10 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from reference import images, randomize, to_nhwc, torch
+from reference import class_png_folders, images, randomize, rel_err, to_nhwc, torch
 
 import dgmr_jax as dj
 from dgmr_jax.cli import main
@@ -263,3 +264,212 @@ def test_a_sharded_index_that_lies_is_one_error(tmp_path):
     (tmp_path / "n.index.json").write_text(json.dumps({"weight_map": {"x": "gone.safetensors"}}))
     with pytest.raises(dj.convert.CheckpointError, match="names shards that are not there: .*gone.safetensors"):
         ShardedCheckpoint(str(tmp_path / "n.index.json"))
+
+
+# transformers' CLIPModel as zero-shot and finetune-text's text tower: the real CLIP vocabulary (so the tokenizer
+# files are the Hub's), 1 text layer
+CLASSES_TEXT = ["cat", "Dog!", "a red car", "number 7", "it's a tree"]
+TEXTS = ["a photo of a cat.", "Hello, World!!", "it's the dog's bone; they've 'quoted' ", "UPPER lower MiXeD"]
+TEXTS += ["&amp; 1 < 2", "naïve café ＦＵＬＬ ﬁ “curly”", "<|startoftext|> in <|endoftext|>", "word " * 90, ""]
+
+
+def clip_model_dir(root: Path, fmt: str, eos: int):
+    """(CLIPModel of the real CLIP vocabulary and end-of-text id `eos` (2: transformers' legacy argmax pooling),
+    its sharded directory in `fmt` with its tokenizer: vocab.json + merges.txt as the Hub's CLIP repos hold them,
+    or (bin) the tokenizer.json transformers 5 saves)."""
+    from dgmr_jax.models.tokenizer import EOT, HF_EOT, HF_SOT, SOT, Tokenizer
+
+    text = dict(_TEXT, vocab_size=49408, bos_token_id=49406, eos_token_id=eos, pad_token_id=1)
+    config = transformers.CLIPConfig(
+        vision_config=dict(_VISION, intermediate_size=64), text_config=text, projection_dim=16
+    )
+    config._attn_implementation = "eager"
+    model, folder = randomize(transformers.CLIPModel(config), 5), root / f"clip-{fmt}"
+    model.save_pretrained(folder, max_shard_size=SHARD)
+    if fmt == "bin":
+        as_bin_shards(folder)
+    ours = Tokenizer()  # the CLIP BPE open_clip ships: the Hub's vocab.json + merges.txt hold the same
+    vocab = {{SOT: HF_SOT, EOT: HF_EOT}.get(t, t): i for t, i in ours.ids.items()}
+    merges = "\n".join(" ".join(m) for m in sorted(ours.ranks, key=ours.ranks.get))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text(f"#version: 0.2\n{merges}\n")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+    if fmt == "bin":
+        (folder / "vocab.json").unlink()
+        (folder / "merges.txt").unlink()
+        tokenizer.save_pretrained(folder)
+    return model, folder, tokenizer
+
+
+def text_features(model, ids: torch.Tensor) -> torch.Tensor:
+    """CLIPModel.get_text_features (transformers 5 returns it as the output's pooler_output)."""
+    with torch.no_grad():
+        out = model.get_text_features(input_ids=ids)
+    return getattr(out, "pooler_output", out)
+
+
+@pytest.mark.parametrize("fmt,eos", [("safetensors", 49407), ("bin", 2)])
+def test_clip_model_text_tower_and_zeroshot_logits_at_parity(fmt, eos, tmp_path):
+    """open_text_tower reads a CLIPModel directory (sharded) with its own tokenizer: ids equal CLIPTokenizer's,
+    text features equal get_text_features, zero-shot logits equal logits_per_image, with the same ranking."""
+    pytest.importorskip("open_clip")
+    from dgmr_jax.eval import encode_texts, zeroshot_accuracy, zeroshot_classifier
+    from dgmr_jax.eval.knn import l2_normalize
+    from dgmr_jax.io.clip import open_text_tower
+
+    model, folder, hf_tokenizer = clip_model_dir(tmp_path, fmt, eos)
+    vision = open_model(folder)
+    text_cfg, text_params, tokenizer = open_text_tower(folder, vision.cfg)
+    assert (text_cfg.name, text_cfg.eos_token, text_cfg.activation) == (
+        folder.name,
+        -1 if eos == 2 else eos,
+        "quick_gelu",
+    )
+    ref = hf_tokenizer(TEXTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    ids = tokenizer(TEXTS)
+    mask = ref["attention_mask"].numpy().astype(bool)
+    assert np.array_equal(ids[mask], ref["input_ids"].numpy()[mask]) and not ids[~mask].any()  # pads: 0, not EOT
+    ours = encode_texts(text_cfg, text_params, ids, batch=5)  # compiled once, at the zero-shot prompts' shape
+    err = rel_err(ours, text_features(model, ref["input_ids"]))
+    print(f"PARITY CLIPModel text ({fmt}) rel_err={err:.2e}")
+    assert err <= TOL
+
+    x = images(28, batch=6)
+    prompts = [f"a photo of a {c}." for c in CLASSES_TEXT]
+    with torch.no_grad():
+        hf_ids = hf_tokenizer(prompts, padding=True, return_tensors="pt")["input_ids"]
+        logits_ref = model(input_ids=hf_ids, pixel_values=x).logits_per_image.numpy()
+    classifier = zeroshot_classifier(text_cfg, text_params, CLASSES_TEXT, ["a photo of a {}."], tokenizer)
+    img = jax.jit(dj.models.forward, static_argnums=0)(vision.cfg, vision.load(), to_nhwc(x))["pooled"]
+    logits = np.exp(float(text_params["logit_scale"])) * np.asarray(l2_normalize(np.asarray(img))) @ classifier
+    assert rel_err(logits, logits_ref) <= TOL, rel_err(logits, logits_ref)
+    assert np.array_equal(np.argsort(-logits, axis=1), np.argsort(-logits_ref, axis=1))
+    labels = np.array([0, 1, 2, 3, 4, 0])
+    top1 = float(np.mean(logits_ref.argmax(1) == labels))
+    assert zeroshot_accuracy(img, labels, classifier, ks=(1,)) == {1: top1}
+
+
+def test_clip_model_text_pooling_export_and_refusals(tmp_path):
+    """transformers' pooling rules (the first eos_token_id; the argmax of the ids for the legacy eos_token_id 2) on
+    ids where they differ; the text tower exports back to transformers' names bit for bit; a tokenizer that does not
+    fit the tower, and a directory without a text tower, are one-line errors."""
+    from dgmr_jax.io.clip import open_text_tower
+    from dgmr_jax.io.hf_config import hf_text_config
+    from dgmr_jax.io.text_convert import text_layout
+
+    model, folder = saved("CLIPModel", tmp_path)  # vocab 99, eos_token_id 1: not the largest id
+    layout, cfg = hf_text_config(str(folder))
+    cfg, params = dj.convert.text_from_torch(folder, cfg)
+    ids = np.array([[0, 5, 98, 1, 1, 1], [0, 97, 3, 1, 1, 1]])
+    first = text_features(model, torch.from_numpy(ids))
+    model.text_model.eos_token_id = 2
+    argmax = text_features(model, torch.from_numpy(ids))
+    assert (layout, cfg.eos_token) == ("hf_clip", 1)
+    assert rel_err(first, argmax) > 0.1  # the rules pool different positions here
+    assert rel_err(dj.models.encode_text(cfg, params, ids), first) <= TOL
+    assert rel_err(dj.models.encode_text(cfg.replace(eos_token=-1), params, ids), argmax) <= TOL
+
+    back = dj.convert.text_to_torch(cfg, params, layout="hf_clip")
+    assert text_layout(back) == ("hf_clip", "")  # told by the keys: text_model.* without SigLIP's head
+    theirs = {k: v.numpy() for k, v in model.state_dict().items() if not k.startswith(("vision_model.", "visual_"))}
+    assert sorted(back) == sorted(theirs) and all(np.array_equal(back[k], v) for k, v in theirs.items())
+    with pytest.raises(ValueError, match="unknown text tower layout 'hf'; known: open_clip, hf_clip, hf_siglip"):
+        dj.convert.text_to_torch(cfg, params, layout="hf")
+
+    vision = open_model(folder).cfg
+    with pytest.raises(ValueError) as err:  # no tokenizer files: the built-in CLIP BPE's 49408 ids do not fit
+        open_text_tower(folder, vision)
+    assert str(err.value) == (
+        f"the tokenizer (49408 ids, end of text 49407) does not fit text tower '{folder.name}' (vocab_size 99, "
+        "pooled at 1): give its vocabulary with --bpe-vocab (a bpe_simple_vocab_16e6.txt.gz, or a transformers "
+        "directory with vocab.json + merges.txt)"
+    )
+    with pytest.raises(ValueError) as err:  # the config.json gives the tower: an open_clip preset is refused
+        open_text_tower(folder, vision, text_arch="ViT-B-32")
+    assert str(err.value) == (
+        f"{folder} is a CLIPModel directory, whose config.json gives the text tower: drop --text-arch (it is for "
+        "open_clip checkpoints)"
+    )
+    vision_only = tmp_path / "vision-only"  # weights and a config.json naming a class without a text tower
+    vision_only.mkdir()
+    (vision_only / "config.json").write_text(json.dumps({"architectures": ["CLIPVisionModelWithProjection"]}))
+    save_safetensors(vision_only / "model.safetensors", {"w": np.zeros(2, np.float32)})
+    with pytest.raises(ValueError) as err:
+        open_text_tower(vision_only, vision)
+    assert str(err.value) == (
+        f"{vision_only / 'config.json'} names 'CLIPVisionModelWithProjection', which holds no text tower read here: "
+        "give a transformers CLIPModel / SiglipModel directory or an open_clip / EVA-CLIP checkpoint"
+    )
+
+
+@pytest.mark.slow
+def test_eval_zeroshot_with_a_clip_model_directory_through_the_cli(tmp_path):
+    """A user's `dgmr-jax eval --model DIR --clip-text DIR --zeroshot`: both towers and the tokenizer from one
+    CLIPModel directory; top-1 equals transformers' logits_per_image on the same preprocessed images."""
+    pytest.importorskip("open_clip")
+
+    from dgmr_jax.data import EvalBatches, ImageFolderSource
+    from dgmr_jax.models.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
+
+    model, folder, hf_tokenizer = clip_model_dir(tmp_path, "safetensors", 49407)
+    processor = dict(image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), resample=3, do_center_crop=True)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor | dict(size=32, crop_size=28)))
+    names = ["cat", "red_car", "tree"]
+    class_png_folders(tmp_path / "test", names, shape=(34, 30), std=50)
+    out = tmp_path / "result.json"
+    argv = ["eval", "--model", str(folder), "--clip-text", str(folder), "--zeroshot", "--train", "none"]
+    argv += ["--test", str(tmp_path / "test"), "--out", str(out)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-m", "dgmr_jax.cli", *argv], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+    source = ImageFolderSource(tmp_path / "test")
+    view = Preprocess.from_meta(open_model(folder).meta, folder.name).eval_view(28)
+    x = torch.from_numpy(next(iter(EvalBatches(source, batch_size=9, img_size=28, **view)))["images"])
+    prompts = [f"a photo of a {n.replace('_', ' ')}." for n in names]
+    with torch.no_grad():
+        ids = hf_tokenizer(prompts, padding=True, return_tensors="pt")["input_ids"]
+        logits = model(input_ids=ids, pixel_values=x.permute(0, 3, 1, 2)).logits_per_image
+    top1 = (logits.argmax(1) == torch.arange(3).repeat_interleave(3)).sum().item() / 9
+    result = json.loads(out.read_text())
+    assert (result["text_arch"], result["zeroshot"], result["classes"]) == (
+        folder.name,
+        {"top1": top1, "templates": 1},
+        3,
+    )
+    assert f"zero-shot top1 {top1:.4f} (9 images, 3 classes)" in run.stdout
+
+
+def test_finetune_text_reads_and_exports_a_clip_model_text_tower(tmp_path):
+    """finetune-text's inputs from a CLIPModel directory (its config, its own tokenizer, the text_model.* weights)
+    and its export: text.safetensors in transformers' names, which CLIPModel loads to the same text features, and no
+    merged open_clip state dict."""
+    pytest.importorskip("open_clip")
+    from etils import epath
+    from PIL import Image
+
+    from dgmr_jax.io.checkpoint_io import load_state_dict
+    from dgmr_jax.text_stage.defaults import text_config
+    from dgmr_jax.text_stage.finetune import _export, open_inputs
+
+    model, folder, hf_tokenizer = clip_model_dir(tmp_path, "safetensors", 49407)
+    (tmp_path / "pairs").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((28, 28, 3), 90 * i, np.uint8)).save(tmp_path / "pairs" / f"{i}.png")
+        (tmp_path / "pairs" / f"{i}.txt").write_text(f"An image, number {i}!")
+    config, workdir = text_config(), epath.Path(tmp_path / "run")
+    config.compile_cache = ""
+    inputs = open_inputs(config, workdir, str(folder), str(folder), str(tmp_path / "pairs"), None, None, None)
+    assert (inputs.layout, inputs.prefix, inputs.text_cfg.name) == ("hf_clip", "", folder.name)
+    ids = hf_tokenizer(TEXTS[:4], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+    tokens = inputs.tokenizer(TEXTS[:4])
+    assert np.array_equal(np.where(tokens == 0, 49407, tokens), ids.numpy())  # transformers pads with EOT
+
+    out = _export(workdir, inputs.text_cfg, inputs.text_params, inputs, None, {"step": 0})
+    assert sorted(os.listdir(out)) == ["export.json", "text.safetensors", "text_config.json"]
+    assert json.loads((out / "export.json").read_text())["layout"] == "hf_clip"
+    fresh = transformers.CLIPModel(model.config)
+    text_sd = {k: torch.from_numpy(v) for k, v in load_state_dict(out / "text.safetensors").items()}
+    missing, unexpected = fresh.load_state_dict(text_sd, strict=False)
+    assert not unexpected and all(k.startswith(("vision_model.", "visual_projection")) for k in missing), missing
+    assert torch.equal(text_features(fresh.eval(), ids), text_features(model, ids))

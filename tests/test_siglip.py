@@ -20,7 +20,17 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from reference import assert_same_tree, images, meta_state_dict, random_png_folder, randomize, timm, to_nhwc, torch
+from reference import (
+    assert_same_tree,
+    class_png_folders,
+    images,
+    meta_state_dict,
+    random_png_folder,
+    randomize,
+    timm,
+    to_nhwc,
+    torch,
+)
 from reference_uvc import mixed_plan
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -32,12 +42,12 @@ from dgmr_jax.distill.loss import tap_config
 from dgmr_jax.eval import encode_texts, image_text_scores
 from dgmr_jax.io.checkpoint_io import save_safetensors
 from dgmr_jax.io.clip import check_embedding, open_text_tower
-from dgmr_jax.io.hf_config import siglip_text_config
+from dgmr_jax.io.hf_config import hf_text_config
 from dgmr_jax.io.hooks import HOOKS
 from dgmr_jax.io.keymaps import export_families
 from dgmr_jax.io.open import open_model
 from dgmr_jax.io.source import InMemorySource
-from dgmr_jax.io.text_convert import text_from_torch, text_rules, text_to_torch
+from dgmr_jax.io.text_convert import text_from_torch, text_layout, text_rules, text_to_torch
 from dgmr_jax.io.torch_export import export_package
 from dgmr_jax.model_dir import load_config, load_model, save_model
 from dgmr_jax.models.preprocess import Preprocess, published
@@ -495,12 +505,7 @@ def siglip_dir(tmp_path_factory):
     (folder / "spiece.vocab").unlink()
     processor = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3, size=dict(height=28, width=28))
     (folder / "preprocessor_config.json").write_text(json.dumps(processor))
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(SIGLIP_CLASSES):
-        (root / "test" / name).mkdir(parents=True)
-        for i in range(3):
-            pixels = np.clip(rng.normal(60 + 70 * c, 40, (40, 36, 3)), 0, 255).astype("uint8")
-            Image.fromarray(pixels).save(root / "test" / name / f"{i}.png")
+    class_png_folders(root / "test", SIGLIP_CLASSES)
     (root / "templates.txt").write_text("\n".join(SIGLIP_TEMPLATES) + "\n")
     return model, folder, root / "test", root / "templates.txt"
 
@@ -537,8 +542,9 @@ def test_siglip_text_tower_and_tokenizer_equal_transformers(siglip_dir):
     sd = {k: v.numpy() for k, v in model.state_dict().items() if not k.startswith("vision_model.")}
     back = text_to_torch(text_cfg, text, layout="hf_siglip")
     assert sorted(back) == sorted(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
+    assert text_layout(back) == ("hf_siglip", "")  # told by the keys: text_model.head
     with pytest.raises(ValueError, match=r"has logit_bias, proj/bias, which the open_clip layout does not hold"):
-        text_from_torch(folder, text_cfg)
+        text_from_torch(folder, text_cfg, layout="open_clip")
 
 
 def _reference_top1(model, folder: Path, test: Path) -> float:
@@ -617,7 +623,8 @@ def test_the_hub_so400m_config_gives_transformers_text_tower(tmp_path):
     text = dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16, num_hidden_layers=27)
     config = dict(architectures=["SiglipModel"], text_config=text, vision_config=dict(text, image_size=384))
     (tmp_path / "config.json").write_text(json.dumps(config))
-    cfg = siglip_text_config(str(tmp_path))
+    layout, cfg = hf_text_config(str(tmp_path))
+    assert layout == "hf_siglip"
     assert (cfg.vocab_size, cfg.context_length, cfg.layers, cfg.mlp_hidden, cfg.embed_dim) == (
         32000,
         64,

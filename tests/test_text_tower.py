@@ -192,6 +192,13 @@ def test_tokenizer_reads_the_vocabulary_without_importing_open_clip_or_torch():
 def test_tokenizer_without_vocabulary_says_what_to_do(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="pip install open_clip_torch"):
         Tokenizer(tmp_path / "missing.txt.gz")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} holds no vocab.json \\+ merges.txt or tokenizer.json"):
+        Tokenizer(tmp_path)  # a directory without a transformers tokenizer's files
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    with pytest.raises(ValueError) as err:
+        Tokenizer(tmp_path)
+    assert str(err.value) == f"{tmp_path}: not a CLIP tokenizer's vocabulary (no <|startoftext|> / <|endoftext|> in it)"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="open_clip_torch is not installed.*pass the file's path"):
         Tokenizer()

@@ -9,8 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from PIL import Image
-from reference import converted_small_clip, rel_err, small_clip, to_nhwc, torch
+from reference import class_png_folders, converted_small_clip, rel_err, small_clip, to_nhwc, torch
 
 import dgmr_jax as dj
 from dgmr_jax.cli import main
@@ -114,13 +113,10 @@ def clip_files(tmp_path_factory):
     retrieval jsonl over them."""
     root = tmp_path_factory.mktemp("clip")
     model = converted_small_clip(root)
-    rng = np.random.default_rng(0)
+    class_png_folders(root / "test", ("cat", "dog", "red_car"))
     lines = []
     for c, name in enumerate(("cat", "dog", "red_car")):
-        (root / "test" / name).mkdir(parents=True)
         for i in range(3):
-            pixels = np.clip(rng.normal(60 + 70 * c, 40, (40, 36, 3)), 0, 255).astype("uint8")
-            Image.fromarray(pixels).save(root / "test" / name / f"{i}.png")
             caption = [f"a {name.replace('_', ' ')} picture {i}", f"image {i} of class {c}"]
             lines.append(json.dumps({"image": f"test/{name}/{i}.png", "captions": caption}))
     (root / "retrieval.jsonl").write_text("\n".join(lines) + "\n")

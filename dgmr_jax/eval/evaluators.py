@@ -79,7 +79,8 @@ class EvalSpec:
             raise UserError(f'{where}: set retrieval= to a jsonl of {{"image": path, "captions": [...]}} lines')
         if self.kind in ("zeroshot", "retrieval") and not self.clip_text:
             raise UserError(
-                f"{where}: set clip_text= to the open_clip checkpoint (or SiglipModel directory) holding the text tower"
+                f"{where}: set clip_text= to the open_clip checkpoint (or CLIPModel / SiglipModel directory) holding "
+                "the text tower"
             )
         if self.batch <= 0:
             raise UserError(f"{where}: batch must be positive, got {self.batch}")

@@ -7,9 +7,11 @@ Each entry of `config.evals` is a dict (or the short form "KIND:DATA", e.g. "knn
   test        labeled images scored (split "test"; default: the train spec)
   retrieval   for kind retrieval: a jsonl of {"image": path, "captions": [...]}
   clip_text   for zeroshot / retrieval: the open_clip checkpoint of the (frozen) text tower, or a transformers
-              SiglipModel directory (its config.json and spiece.model give tower and tokenizer)
-  text_arch   an open_clip text preset or TextConfig .json (default: the model's arch name)
-  bpe_vocab   open_clip's bpe_simple_vocab_16e6.txt.gz (default: the one open_clip_torch ships)
+              CLIPModel / SiglipModel directory (its config.json gives the tower, its vocab.json + merges.txt /
+              tokenizer.json or spiece.model the tokenizer)
+  text_arch   for an open_clip checkpoint: its text preset or TextConfig .json (default: the model's arch name)
+  bpe_vocab   CLIP's bpe_simple_vocab_16e6.txt.gz or a transformers directory with vocab.json + merges.txt
+              (default: a CLIPModel directory's own, else the one open_clip_torch ships)
   classnames, templates   for zeroshot: files as for `dgmr-jax eval --classnames/--templates`
   name        the metrics' prefix, "eval/<name>/..." (default: the kind)
   batch, l2   eval batch and probe regularization (as `dgmr-jax eval`)

@@ -19,17 +19,17 @@ __all__ = ["DIGITS", "ClipEval", "evaluate", "offline_specs"]
 
 @dataclasses.dataclass(frozen=True)
 class ClipEval:
-    """What zero-shot / retrieval evaluation needs: the open_clip checkpoint or transformers SiglipModel directory
-    whose text tower (the original: DGMR prunes only the vision tower) embeds prompts and captions, and which
-    measurements to run."""
+    """What zero-shot / retrieval evaluation needs: the open_clip checkpoint or transformers CLIPModel /
+    SiglipModel directory whose text tower (the original: DGMR prunes only the vision tower) embeds prompts and
+    captions, and which measurements to run."""
 
     checkpoint: str
-    text_arch: str | None = None  # text preset or TextConfig .json; default: the vision model's arch name
+    text_arch: str | None = None  # an open_clip checkpoint's text preset or TextConfig .json; default: the model's
     zeroshot: bool = False  # classify the test images by prompts built from their class names
     retrieval: str | None = None  # jsonl of {"image": path, "captions": [...]}, paths relative to the file
     classnames: str | None = None  # file: one class name per line, in sorted class-folder order
     templates: str | None = None  # file: one prompt per line, "{}" standing for the class name
-    bpe_vocab: str | None = None  # bpe_simple_vocab_16e6.txt.gz (default: the one in open_clip_torch)
+    bpe_vocab: str | None = None  # CLIP's BPE .txt.gz or a transformers dir (default: a CLIPModel's, open_clip's)
 
     def __post_init__(self) -> None:
         if not (self.zeroshot or self.retrieval):

@@ -19,7 +19,7 @@ from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.presets import preset
 from dgmr_jax.models.text import TextConfig
-from dgmr_jax.models.tokenizer import SiglipTokenizer
+from dgmr_jax.models.tokenizer import SiglipTokenizer, hf_vocab_files
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -31,6 +31,11 @@ _CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_
 _CLIP |= dict(patch_size=32, layer_norm_eps=1e-5, hidden_act="quick_gelu", projection_dim=512)
 _SIGLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224)
 _SIGLIP |= dict(patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=True)
+# transformers' defaults (CLIPTextConfig, SiglipTextConfig) of the text_config fields read below, for a
+# CLIPModel / SiglipModel config.json whose text_config omits them
+_CLIP_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12)
+_CLIP_TEXT |= dict(num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+_CLIP_TEXT |= dict(eos_token_id=49407)
 _SIGLIP_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 _SIGLIP_TEXT |= dict(vocab_size=32000, max_position_embeddings=64, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
 # transformers' ACT2FN names -> mlp_type (gelu_new and gelu_pytorch_tanh are both the tanh approximation)
@@ -314,30 +319,6 @@ def has_hf_config(spec: str) -> bool:
     return hf_class(spec) in CLASSES
 
 
-def siglip_text_config(spec: str) -> TextConfig:
-    """The text tower of a transformers SiglipModel directory (config.json's text_config, transformers' defaults
-    filled in) as a TextConfig: bidirectional, pooled at the last of its max_position_embeddings positions, a head
-    with a bias, sigmoid scoring."""
-    c = _sizes(_read_json(os.path.join(_folder(spec), CONFIG_FILE)).get("text_config") or {}, _SIGLIP_TEXT)
-    width, hidden = c["hidden_size"], c["intermediate_size"]
-    return TextConfig(
-        name=os.path.basename(os.path.abspath(_folder(spec))),
-        vocab_size=c["vocab_size"],
-        context_length=c["max_position_embeddings"],
-        width=width,
-        heads=c["num_attention_heads"],
-        layers=c["num_hidden_layers"],
-        mlp_ratio=(hidden + 0.5) / width,  # half a unit over: int(width * mlp_ratio) is intermediate_size exactly
-        embed_dim=c.get("projection_size") or width,
-        activation=_ACTIVATIONS[c["hidden_act"]],
-        norm_eps=c["layer_norm_eps"],
-        causal=False,
-        pool="last",
-        proj_bias=True,
-        scoring="sigmoid",
-    )
-
-
 def hf_layout(spec: str) -> tuple[str, ModelConfig]:
     """(family, ModelConfig) of a transformers checkpoint from the config.json beside its weights; a one-line
     CheckpointError saying what to pass when there is none or it names a class that is not read."""
@@ -356,6 +337,71 @@ def hf_layout(spec: str) -> tuple[str, ModelConfig]:
         )
     family, build = CLASSES[name]
     return family, build(config).replace(name=os.path.basename(os.path.abspath(_folder(spec))))
+
+
+def _clip_text(config: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:
+    """CLIPModel's text-tower switches: the top-level projection_dim, and transformers' pooling rule (the argmax of
+    the ids for the legacy eos_token_id 2, else the first eos_token_id)."""
+    eos = c["eos_token_id"]
+    if not isinstance(eos, int):
+        raise UserError(f"text_config's eos_token_id {eos!r} is not read: CLIP pools the text at one end-of-text id")
+    return dict(embed_dim=config.get("projection_dim", 512), eos_token=-1 if eos == 2 else eos)
+
+
+def _siglip_text(config: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:
+    """SiglipModel's text-tower switches: bidirectional, pooled at the last of its max_position_embeddings
+    positions, a head with a bias (to projection_size, by default the width), sigmoid scoring."""
+    embed_dim = c.get("projection_size") or c["hidden_size"]
+    return dict(embed_dim=embed_dim, causal=False, pool="last", proj_bias=True, scoring="sigmoid")
+
+
+# config.json classes whose text tower zero-shot, retrieval and finetune-text read: (text layout of
+# io.text_convert, text_config defaults, the class's own TextConfig fields)
+TEXT_CLASSES: dict[str, tuple[str, dict[str, Any], Callable[..., dict[str, Any]]]] = {
+    "CLIPModel": ("hf_clip", _CLIP_TEXT, _clip_text),
+    "SiglipModel": ("hf_siglip", _SIGLIP_TEXT, _siglip_text),
+}
+
+
+def hf_text_config(spec: str) -> tuple[str, TextConfig] | None:
+    """(layout, TextConfig named after the folder) of the text tower of a transformers directory or shard index
+    whose config.json names a TEXT_CLASSES class (transformers' defaults filled in); None for a weights file, or
+    a config.json naming no class (the weights are then read as an open_clip checkpoint); a one-line
+    CheckpointError when it names a class without a text tower read here."""
+    name = hf_class(spec) if os.path.isdir(spec) or spec.endswith(".index.json") else ""
+    if not name:
+        return None
+    path = os.path.join(_folder(spec), CONFIG_FILE)
+    accepted = f"give a transformers {' / '.join(TEXT_CLASSES)} directory or an open_clip / EVA-CLIP checkpoint"
+    if name == "Siglip2Model":
+        raise CheckpointError(
+            f"{spec} is a Siglip2Model, whose text tower (Gemma's tokenizer) is not read yet: {accepted}"
+        )
+    if name not in TEXT_CLASSES:
+        raise CheckpointError(f"{path} names {name!r}, which holds no text tower read here: {accepted}")
+    layout, defaults, switches = TEXT_CLASSES[name]
+    config = _read_json(path)
+    c = _sizes(config.get("text_config") or {}, defaults)
+    width, hidden = c["hidden_size"], c["intermediate_size"]
+    return layout, TextConfig(
+        name=os.path.basename(os.path.abspath(_folder(spec))),
+        vocab_size=c["vocab_size"],
+        context_length=c["max_position_embeddings"],
+        width=width,
+        heads=c["num_attention_heads"],
+        layers=c["num_hidden_layers"],
+        # exact when width * ratio rounds back to intermediate_size, else half a unit over so int() gives it
+        mlp_ratio=hidden / width if int(width * (hidden / width)) == hidden else (hidden + 0.5) / width,
+        activation=_ACTIVATIONS[c["hidden_act"]],
+        norm_eps=c["layer_norm_eps"],
+        **switches(config, c),
+    )
+
+
+def hf_tokenizer_folder(spec: str) -> str | None:
+    """The folder of a transformers CLIP checkpoint when it holds its tokenizer's vocabulary, else None."""
+    folder = _folder(spec)
+    return folder if hf_vocab_files(folder) else None
 
 
 def _token(value: Any, default: str) -> str:

@@ -23,15 +23,16 @@ from dgmr_jax.models.layers import activation, axes_tree, dense, init_tree, laye
 from dgmr_jax.models.tree import Params
 
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
-POOLS = ("eot", "last")  # eot: at the largest token id (CLIP's end-of-text); last: the last position (SigLIP)
+POOLS = ("eot", "last")  # eot: at CLIP's end-of-text token (see eos_token); last: the last position (SigLIP)
 SCORINGS = ("softmax", "sigmoid")  # CLIP: softmax over exp(logit_scale) * cos; SigLIP: sigmoid(... + logit_bias)
 
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
     """Architecture of a text tower: pre-norm transformer, pooled token, projection. The defaults are open_clip's
-    (causal mask, EOT pooling, bias-free projection, softmax scoring); SigLIP's is bidirectional, pools the last
-    position of its fixed-length (padded) input, projects with a bias and scores with a sigmoid."""
+    (causal mask, pooled at the EOT token, bias-free projection, softmax scoring); transformers' CLIP may pool at
+    another end-of-text id (eos_token); SigLIP's is bidirectional, pools the last position of its fixed-length
+    (padded) input, projects with a bias and scores with a sigmoid."""
 
     name: str = "text"
     vocab_size: int = 49408
@@ -45,6 +46,9 @@ class TextConfig:
     norm_eps: float = 1e-5
     causal: bool = True  # each token sees only itself and earlier ones (CLIP); False: bidirectional (SigLIP)
     pool: str = "eot"  # one of POOLS
+    # with pool "eot", the token whose first position is pooled; -1: the largest id (open_clip, whose EOT is the
+    # largest id, and transformers' CLIP configs of eos_token_id 2, which take the argmax of the ids too)
+    eos_token: int = -1
     proj_bias: bool = False  # the projection has a bias (SigLIP's head)
     scoring: str = "softmax"  # one of SCORINGS; sigmoid adds a logit_bias param beside logit_scale
     dtype: str = "float32"  # activation / matmul dtype, e.g. bfloat16
@@ -60,6 +64,8 @@ class TextConfig:
                 min(self.vocab_size, self.context_length, self.layers, self.embed_dim, self.mlp_hidden) > 0,
                 "vocab_size, context_length, layers, embed_dim and int(width * mlp_ratio) must be > 0",
             ),
+            (-1 <= self.eos_token < self.vocab_size, f"eos_token must be -1 or an id below {self.vocab_size}"),
+            (self.pool == "eot" or self.eos_token == -1, f"eos_token is read with pool 'eot' only, not {self.pool!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -193,8 +199,10 @@ class TextTransformer(nn.Module):
         x = layer_norm(cfg, "norm")(x)
         if cfg.pool == "last":  # SigLIP: the last position of the padded input, whatever token is there
             pooled = x[:, -1]
-        else:  # the EOT token has the largest id in CLIP's vocabulary, so argmax finds it (first one, as torch)
-            pooled = x[jnp.arange(b), jnp.argmax(tokens, axis=-1)]
+        else:  # the EOT token has the largest id in CLIP's vocabulary, so argmax finds it (first one, as torch);
+            # with eos_token set, its first position (transformers' CLIP rule for eos_token_id != 2)
+            eot = jnp.argmax(tokens if cfg.eos_token < 0 else tokens == cfg.eos_token, axis=-1)
+            pooled = x[jnp.arange(b), eot]
         return dense(cfg.embed_dim, ("embed", "classes"), cfg, "proj", bias=cfg.proj_bias)(pooled)
 
 

@@ -4,8 +4,11 @@
 entities unescaped twice, whitespace collapsed, lower-cased), split by CLIP's regex into words, each word's UTF-8
 bytes are mapped to printable characters and merged by the BPE ranks of `bpe_simple_vocab_16e6.txt.gz`. The
 vocabulary file ships inside the open_clip_torch package; it is read from there without importing open_clip
-(which would import torch), or from an explicit path. `SiglipTokenizer` reads a model's spiece.model with the
-sentencepiece package (the `siglip` extra).
+(which would import torch), or from an explicit path. From a transformers CLIP directory's own files it equals
+transformers' CLIPTokenizer instead: the ids and merges of vocab.json + merges.txt (or tokenizer.json), the special
+tokens <|startoftext|> / <|endoftext|>, and transformers' cleaning (NFC, whitespace runs to one space, lower case:
+no ftfy, no HTML unescaping). `SiglipTokenizer` reads a SigLIP model's spiece.model with the sentencepiece package
+(the `siglip` extra).
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from __future__ import annotations
 import gzip
 import html
 import importlib.util
+import json
 import os
 import re
 import string
+import unicodedata
 from collections.abc import Sequence
 
 import ftfy
@@ -27,10 +32,10 @@ from dgmr_jax.core.errors import UserError
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CONTEXT_LENGTH = 77
 SOT, EOT = "<start_of_text>", "<end_of_text>"
+HF_SOT, HF_EOT = "<|startoftext|>", "<|endoftext|>"  # the same two tokens as transformers names them
+HF_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))  # a transformers directory's vocabulary, either form
 _NUM_MERGES = 49152 - 256 - 2  # 256 byte symbols x 2 (plain and word-final) + merges + 2 specials = 49408 ids
-_WORDS = regex.compile(
-    rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+", regex.IGNORECASE
-)
+_WORDS = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 
 
 def default_vocab_path() -> str | None:
@@ -58,28 +63,84 @@ def clean(text: str) -> str:
     return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
 
 
+def hf_clean(text: str) -> str:
+    """transformers' CLIPTokenizer normalizer: NFC, each whitespace run one space, lower case."""
+    return regex.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).lower()
+
+
+def hf_vocab_files(folder: str | os.PathLike) -> bool:
+    """The folder holds a transformers CLIP tokenizer's vocabulary (HF_FILES)."""
+    return any(all(os.path.isfile(os.path.join(folder, name)) for name in names) for names in HF_FILES)
+
+
+def _open_clip_vocabulary(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(token ids, merges) of bpe_simple_vocab_16e6.txt.gz: the ids are the byte symbols, the same word-final,
+    the merges, then SOT and EOT."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+    singles = sorted(_byte_symbols())  # vocabulary order: printable bytes first, then the shifted ones
+    vocab = singles + [s + "</w>" for s in singles] + ["".join(m) for m in merges] + [SOT, EOT]
+    return {token: i for i, token in enumerate(vocab)}, merges
+
+
+def _hf_vocabulary(folder: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(token ids, merges) of a transformers CLIP tokenizer: vocab.json + merges.txt, else tokenizer.json's BPE
+    model (its merges "a b" strings or [a, b] pairs)."""
+    try:
+        if all(os.path.isfile(os.path.join(folder, name)) for name in HF_FILES[0]):
+            with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+                ids = json.load(f)
+            with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+                lines = [line for line in f.read().splitlines() if line.strip() and not line.startswith("#version")]
+        else:
+            with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+                model = json.load(f)["model"]
+            ids, lines = model["vocab"], model["merges"]
+        merges = [tuple(m.split() if isinstance(m, str) else m) for m in lines]
+        bad = [m for m in merges if len(m) != 2]
+        if not isinstance(ids, dict) or bad or not {HF_SOT, HF_EOT} <= set(ids):
+            raise ValueError(f"merges {bad[:2]} are not pairs" if bad else f"no {HF_SOT} / {HF_EOT} in it")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{folder}: not a CLIP tokenizer's vocabulary ({err})") from err
+    return {str(k): int(v) for k, v in ids.items()}, merges
+
+
+def _not_found(path: str | None) -> str:
+    """Why a vocabulary path is neither the .txt.gz nor a transformers directory, and what to do."""
+    if path is None:
+        where = "open_clip_torch is not installed"
+    elif os.path.isdir(path):
+        where = f"{path} holds no vocab.json + merges.txt or tokenizer.json"
+    else:
+        where = f"{path} does not exist"
+    return (
+        f"CLIP's BPE vocabulary {VOCAB_FILE} was not found ({where}): pip install open_clip_torch (it ships the "
+        "file), or pass the file's path (or a transformers directory with vocab.json + merges.txt)"
+    )
+
+
 class Tokenizer:
     """Texts -> (n, context_length) int32 token ids: SOT, BPE ids, EOT, zero padding; too long texts are
-    truncated and end in EOT, exactly as open_clip.tokenize."""
+    truncated and end in EOT, exactly as open_clip.tokenize (or transformers' CLIPTokenizer, from its files)."""
 
     def __init__(self, vocab_path: str | os.PathLike | None = None) -> None:
+        """vocab_path: bpe_simple_vocab_16e6.txt.gz (default: the one open_clip_torch ships), or a transformers
+        CLIP directory holding vocab.json + merges.txt or tokenizer.json."""
         path = os.fspath(vocab_path) if vocab_path is not None else default_vocab_path()
-        if path is None or not os.path.isfile(path):
-            where = f"{path} does not exist" if path else "open_clip_torch is not installed"
-            raise FileNotFoundError(
-                f"CLIP's BPE vocabulary {VOCAB_FILE} was not found ({where}): pip install open_clip_torch "
-                "(it ships the file), or pass the file's path"
-            )
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+        if path is not None and os.path.isdir(path) and hf_vocab_files(path):
+            self.ids, merges = _hf_vocabulary(path)
+            special, self.clean = (HF_SOT, HF_EOT), hf_clean
+        elif path is not None and os.path.isfile(path):
+            self.ids, merges = _open_clip_vocabulary(path)
+            special, self.clean = (SOT, EOT), clean
+        else:
+            raise FileNotFoundError(_not_found(path))
         self.byte_symbols = _byte_symbols()
-        singles = sorted(self.byte_symbols)  # vocabulary order: printable bytes first, then the shifted ones
-        vocab = singles + [s + "</w>" for s in singles] + ["".join(m) for m in merges] + [SOT, EOT]
-        self.ids = {token: i for i, token in enumerate(vocab)}
         self.ranks = {merge: i for i, merge in enumerate(merges)}
-        self.sot, self.eot = self.ids[SOT], self.ids[EOT]
-        self._cache: dict[str, list[str]] = {SOT: [SOT], EOT: [EOT]}
+        self.sot, self.eot = (self.ids[token] for token in special)
+        self._cache: dict[str, list[str]] = {token: [token] for token in special}
+        self._words = regex.compile("|".join([*map(regex.escape, special), _WORDS]), regex.IGNORECASE)
 
     def _bpe(self, word: str) -> list[str]:
         """Merge a word's symbols (last one marked word-final) by rank, lowest first, until none applies."""
@@ -105,9 +166,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without SOT / EOT."""
         out = []
-        for word in _WORDS.findall(clean(text)):
+        for word in self._words.findall(self.clean(text)):
             symbols = "".join(self.byte_symbols[b] for b in word.encode("utf-8"))
-            out += [self.ids[part] for part in self._bpe(symbols)]
+            out += [self.ids.get(part, self.eot) for part in self._bpe(symbols)]  # unknown: EOT (transformers' unk)
         return out
 
     def __call__(self, texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -> np.ndarray:

@@ -47,10 +47,10 @@ from dgmr_jax.data import EvalBatches, Pairs, require_good, warn_bad
 from dgmr_jax.eval.evaluators import Context, Embedded, EvalSpec, Evaluator, RetrievalEval, TextTower, ZeroShotEval
 from dgmr_jax.eval.features import extract_features
 from dgmr_jax.io.checkpoint_io import open_state_dict, save_safetensors
-from dgmr_jax.io.clip import clip_embedding, text_config_for
+from dgmr_jax.io.clip import clip_embedding, text_source
 from dgmr_jax.io.hf_config import hf_class
 from dgmr_jax.io.open import open_model
-from dgmr_jax.io.text_convert import TEXT_PREFIX, text_from_torch, text_to_torch
+from dgmr_jax.io.text_convert import text_from_torch, text_layout, text_to_torch
 from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.text import TextConfig, encode_text, init_text_params, text_logical_axes, text_param_shapes
 from dgmr_jax.models.tokenizer import Tokenizer
@@ -292,6 +292,7 @@ class _Inputs:
     tokenizer: Tokenizer
     text_cfg: TextConfig
     text_params: Any
+    layout: str  # the checkpoint's text-tower layout (io.text_convert.LAYOUTS), kept on export
     prefix: str  # the checkpoint's text-tower key prefix, kept on export
     dtypes: Any  # the checkpoint's dtypes, kept on export
     sig: dict
@@ -322,8 +323,8 @@ def open_inputs(
     """Open the image tower, read the pairs, check a resumed run's inputs and read the text tower: everything
     that can fail on a bad input fails here, before any image is embedded."""
     source = open_model(model, img_size=config.data.img_size or None)  # (the size of a preset or ONNX tower)
-    text_cfg = text_config_for(source.cfg, text_arch)  # the embedding widths agree, before anything is read
-    tokenizer = Tokenizer(bpe_vocab)
+    # the embedding widths agree and the tokenizer fits, before any read
+    _, text_cfg, tokenizer = text_source(clip_text, source.cfg, text_arch, bpe_vocab)
     train, held_out = _read_pairs(config, pairs, eval_pairs)
     if config.text.random_init:
         clip_text = f"random init of {text_cfg.name} (seed {config.text.seed})"
@@ -331,15 +332,17 @@ def open_inputs(
     workdir_lib.check_resume(workdir, sig)
     use_compile_cache(config, workdir)
     if config.text.random_init:
-        prefix, text_params = "", init_text_params(text_cfg, config.text.seed)
+        layout, prefix, text_params = "open_clip", "", init_text_params(text_cfg, config.text.seed)
     else:
         raw = open_state_dict(clip_text)
-        prefix = TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in raw) else ""
-        text_cfg, text_params = text_from_torch(raw, text_cfg)
+        layout, prefix = text_layout(raw)
+        text_cfg, text_params = text_from_torch(raw, text_cfg, layout)
         del raw
     dtypes = jax.tree_util.tree_map(lambda p: np.asarray(p).dtype, text_params)
     img_size = config.data.img_size or source.cfg.img_size
-    return _Inputs(source, clip_text, train, held_out, tokenizer, text_cfg, text_params, prefix, dtypes, sig, img_size)
+    return _Inputs(
+        source, clip_text, train, held_out, tokenizer, text_cfg, text_params, layout, prefix, dtypes, sig, img_size
+    )
 
 
 class _VisionParams:
@@ -417,17 +420,18 @@ def _export(
     workdir: epath.Path,
     text_cfg: TextConfig,
     params: Any,
-    dtypes: Any,
-    prefix: str,
+    inputs: _Inputs,
     vision: tuple[Any, Any, str] | None,
     info: dict,
 ) -> epath.Path:
-    """WORKDIR/text: text.safetensors (the tower in the checkpoint's own layout and dtypes), text_config.json,
-    clip.safetensors (vision tower under "visual." + the text tower) when `vision` is given, export.json."""
+    """WORKDIR/text: text.safetensors (the tower in the checkpoint's own layout and dtypes: open_clip's, or
+    transformers' CLIPModel names), text_config.json, clip.safetensors (vision tower under "visual." + the text
+    tower) when `vision` is given, export.json."""
     out = workdir / TEXT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    params = jax.tree_util.tree_map(lambda p, d: np.asarray(p).astype(d), params, dtypes)
-    text_sd = text_to_torch(text_cfg, params, prefix)
+    params = jax.tree_util.tree_map(lambda p, d: np.asarray(p).astype(d), params, inputs.dtypes)
+    prefix = inputs.prefix
+    text_sd = text_to_torch(text_cfg, params, prefix, inputs.layout)
     files = {"text.safetensors": text_sd}
     if vision is not None:
         from dgmr_jax.io.convert import to_torch
@@ -442,7 +446,8 @@ def _export(
         else:
             save_safetensors(Path(out) / name, sd)
     (out / "text_config.json").write_text(text_cfg.replace(dtype="float32").to_json())
-    (out / "export.json").write_text(json.dumps({**info, "files": sorted(files), "prefix": prefix}, indent=2))
+    record = {**info, "files": sorted(files), "layout": inputs.layout, "prefix": prefix}
+    (out / "export.json").write_text(json.dumps(record, indent=2))
     return out
 
 
@@ -534,7 +539,7 @@ def _prepare(
     tokens = tokenize(inputs.tokenizer, captions, inputs.text_cfg.context_length)
     evaluators = text_evaluators(config, inputs, step.text_cfg, train, vision)
     vision.params = None  # the vision weights are read again for the export: not held during training
-    info = {"clip_text": str(inputs.clip_text), "layout_prefix": inputs.prefix}
+    info = {"clip_text": str(inputs.clip_text), "layout": inputs.layout, "layout_prefix": inputs.prefix}
     workdir_lib.record_run(workdir, inputs.sig, inputs.text_cfg, info)
     fresh = step.init(jax.tree_util.tree_map(lambda p: np.asarray(p, np.float32), inputs.text_params))
     inputs.text_params = None
@@ -565,10 +570,11 @@ def _summary(result: Any, run: _TextRun, workdir: epath.Path, pairs: str, eval_s
 
 def _finish(result: Any, summary: dict, workdir: epath.Path, inputs: _Inputs, text_cfg: TextConfig, model: str):
     """Export WORKDIR/text (and summary.json) when the run is done: the tower in the checkpoint's own layout, and
-    for CLIP-family vision towers a merged CLIP state dict."""
+    for CLIP-family vision towers beside an open_clip text tower a merged CLIP state dict."""
     params_host = to_host(result.state.params)  # every process takes part in the gather
     family = inputs.source.meta.get("family", "")
-    merged = family in ("open_clip", "eva_clip")  # vision layouts of a whole CLIP state dict
+    # vision layouts of a whole open_clip state dict; a transformers text tower is exported alone, in its names
+    merged = family in ("open_clip", "eva_clip") and inputs.layout == "open_clip"
     vision = (inputs.source.cfg, inputs.source.load(), family) if merged else None  # a collective restore too
     if jax.process_index() == 0:
         info = {
@@ -577,7 +583,7 @@ def _finish(result: Any, summary: dict, workdir: epath.Path, inputs: _Inputs, te
             "model": str(model),
             "text_arch": text_cfg.name,
         }
-        export = _export(workdir, text_cfg, params_host, inputs.dtypes, inputs.prefix, vision, info)
+        export = _export(workdir, text_cfg, params_host, inputs, vision, info)
         summary["text_dir"] = str(export)
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     sync_processes(f"dgmr_jax.text_export:{workdir}")
@@ -594,11 +600,15 @@ def _check_clip_text(clip_text: str | None, random_init: bool) -> None:
         return
     if not clip_text:
         raise UserError(
-            "give --clip-text: the open_clip / EVA-CLIP checkpoint holding the text tower (or, for a quick try, "
-            "--config.text.random_init=true to start from a seeded random init of --text-arch)"
+            "give --clip-text: the open_clip / EVA-CLIP checkpoint or transformers CLIPModel directory holding the "
+            "text tower (or, for a quick try, --config.text.random_init=true to start from a seeded random init "
+            "of --text-arch)"
         )
     if not as_path(clip_text).exists():
-        raise FileNotFoundError(f"--clip-text {clip_text} does not exist: give the open_clip / EVA-CLIP checkpoint")
+        raise FileNotFoundError(
+            f"--clip-text {clip_text} does not exist: give the open_clip / EVA-CLIP checkpoint "
+            "or transformers CLIPModel directory"
+        )
     if hf_class(clip_text) == "SiglipModel":
         raise UserError(
             f"--clip-text {clip_text} is a SiglipModel directory: finetune-text trains with CLIP's softmax loss, not "
