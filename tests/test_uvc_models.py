@@ -72,6 +72,11 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+# the slim model jitted (one compile; op by op, each layer's own shapes compile apart). The masked forward stays op by
+# op: masked_norm_statistics changes how it traces, which a jit cache keyed on the config would not see
+_forward = jax.jit(dj.models.forward, static_argnums=0)
+
+
 def _masked_and_slim(cfg, params, x, mh, md, mn, gates):
     """(masked model outputs, slim model outputs, slim config, slim params, kept blocks)."""
     attn_gate, mlp_gate = slim.branch_gates(cfg, mh, md, mn)
@@ -83,7 +88,7 @@ def _masked_and_slim(cfg, params, x, mh, md, mn, gates):
             ref = dj.models.forward(cfg, masked, x, gates)
     plan = slim.plan_from_masks(cfg, mh, md, mn, gates)
     slim_cfg, slim_params, kept = slim.slice_units(cfg, params, plan)
-    return ref, dj.models.forward(slim_cfg, slim_params, x), slim_cfg, slim_params, kept
+    return ref, _forward(slim_cfg, slim_params, x), slim_cfg, slim_params, kept
 
 
 def _images(cfg, dtype=np.float32, batch=2):
@@ -109,7 +114,7 @@ def test_masked_model_equals_slim_model_float32(kind):
     errors = {k: _rel(out[k], ref[k]) for k in ref}
     print(kind, "float32 masked vs slim", errors)
     assert max(errors.values()) <= 1e-5, errors
-    full = dj.models.forward(cfg, params, x)["tokens"]
+    full = _forward(cfg, params, x)["tokens"]
     assert _rel(out["tokens"], full) > 1e-2  # the surgery removed something real
     assert dj.prune.count_params(slim_cfg) == dj.models.count_tree(slim_params)
 
