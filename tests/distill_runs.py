@@ -1,6 +1,6 @@
 """What the tests of interrupted, damaged and split distill runs share: the images, the command, the clean reference
-run (a module fixture: each test file that asks for it runs it once per xdist worker that runs its tests) and the comparisons against it. Runs use 2
-fake CPU devices each (8 on 2 cores run several times slower)."""
+run (a module fixture: each test file that asks for it runs it once per xdist worker that runs its tests) and the
+comparisons against it. Runs use 2 fake CPU devices each (8 on 2 cores run several times slower)."""
 
 from __future__ import annotations
 
