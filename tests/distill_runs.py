@@ -69,7 +69,7 @@ def _run(workdir: Path, images: Path, *extra: str) -> subprocess.CompletedProces
 
 def _final(workdir: Path | str) -> dict:
     workdir = as_path(workdir)
-    last = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    last = _last_step(workdir)
     assert last == STEPS
     path = workdir / "checkpoints" / str(last) / "state"
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # any saved topology -> this process
@@ -77,6 +77,17 @@ def _final(workdir: Path | str) -> dict:
         meta = ckpt.metadata(path).item_metadata
         target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
         return ckpt.restore(path, target)
+
+
+def _last_step(workdir: Path | str) -> int:
+    """The newest step saved in workdir/checkpoints."""
+    return max(int(p.name) for p in (as_path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _wait_for_logs(workdir: Path, proc: subprocess.Popen, lines: int = 3) -> None:
+    """Wait until the run has logged `lines` metric rows (some steps trained), the moment tests interrupt it."""
+    metrics = workdir / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= lines, proc)
 
 
 def _seen(workdir: Path | str) -> dict[int, list[int]]:

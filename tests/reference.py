@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +170,11 @@ def class_png_folders(root, names, shape: tuple[int, int] = (40, 36), std: float
             pixels = np.clip(rng.normal(60 + 70 * c, std, (*shape, 3)), 0, 255).astype("uint8")
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
+
+
+def package_modeling(folder: Path):
+    """The modeling.py of an `export --format torch` package, imported from its folder (it needs only torch)."""
+    spec = importlib.util.spec_from_file_location(f"modeling_{folder.name}", folder / "modeling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

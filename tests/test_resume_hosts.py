@@ -10,7 +10,17 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from distill_runs import STEPS, _assert_close, _command, _env, _final, _wait_for, images, reference  # noqa: F401 (fixtures)
+from distill_runs import (
+    STEPS,
+    _assert_close,
+    _command,
+    _env,
+    _final,
+    _last_step,
+    _wait_for_logs,
+    images,  # noqa: F401 (a fixture)
+    reference,  # noqa: F401 (a fixture)
+)
 
 # every test runs the distill CLI in fresh processes (the module-scoped reference run alone takes minutes)
 pytestmark = pytest.mark.slow
@@ -73,11 +83,10 @@ def test_sigterm_to_one_host_saves_all_hosts_at_one_step(reference, images, tmp_
     """A preemption notice reaching only the second of two processes: both save the same step (the save is a
     collective) and stop; the rerun on two processes ends where an uninterrupted run does."""
     procs = _start_two_processes(tmp_path, images)
-    metrics = tmp_path / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, procs[1])
+    _wait_for_logs(tmp_path, procs[1])
     procs[1].send_signal(signal.SIGTERM)
     outs = _finish(procs)
-    saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    saved = _last_step(tmp_path)
     assert f"preempted (SIGTERM): saved step {saved} and stopped" in outs[0]
     assert 6 <= saved < STEPS and not (tmp_path / "model").exists()
     _run_two_processes(tmp_path, images)
@@ -89,12 +98,11 @@ def test_ctrl_c_to_one_host_saves_all_hosts_at_one_step(images, tmp_path):
     """Ctrl-C to the second of two processes goes through the preemption service as a SIGTERM would: both save
     one step and stop; the interrupted process exits 130 with its one line, the other 0; the rerun finishes."""
     procs = _start_two_processes(tmp_path, images)
-    metrics = tmp_path / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, procs[1])
+    _wait_for_logs(tmp_path, procs[1])
     procs[1].send_signal(signal.SIGINT)
     ends = [proc.communicate(timeout=600) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 130], ends[1][1][-3000:]
-    saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    saved = _last_step(tmp_path)
     assert 6 <= saved < STEPS and not (tmp_path / "model").exists()
     assert f"preempted (SIGTERM): saved step {saved} and stopped" in ends[0][0]
     assert ends[1][1].splitlines()[-1] == (

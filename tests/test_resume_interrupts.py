@@ -10,7 +10,20 @@ import signal
 import subprocess
 
 import pytest
-from distill_runs import STEPS, _assert_same, _command, _env, _final, _run, _seen, _wait_for, images, reference  # noqa: F401 (fixtures)
+from distill_runs import (
+    STEPS,
+    _assert_same,
+    _command,
+    _env,
+    _final,
+    _last_step,
+    _run,
+    _seen,
+    _wait_for,
+    _wait_for_logs,
+    images,  # noqa: F401 (a fixture)
+    reference,  # noqa: F401 (a fixture)
+)
 
 # every test runs the distill CLI in fresh processes (the module-scoped reference run alone takes minutes)
 pytestmark = pytest.mark.slow
@@ -27,7 +40,7 @@ def test_sigkill_mid_training_then_resume(reference, images, tmp_path):
     _wait_for(lambda: (tmp_path / "checkpoints" / "8").is_dir(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) < STEPS
+    assert _last_step(tmp_path) < STEPS
     _run(tmp_path, images)
     _assert_same(_final(tmp_path), _final(reference))
     seen, clean = _seen(tmp_path), _seen(reference)
@@ -40,12 +53,11 @@ def test_sigterm_saves_and_resumes(reference, images, tmp_path):
     proc = subprocess.Popen(
         _command(tmp_path, images), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    metrics = tmp_path / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
+    _wait_for_logs(tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
-    saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    saved = _last_step(tmp_path)
     assert 6 <= saved < STEPS
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")  # the curves so far
     assert f"preempted (SIGTERM): saved step {saved} and stopped; run again with the same workdir to resume" in out
@@ -60,11 +72,10 @@ def test_ctrl_c_saves_says_so_in_one_line_and_resumes(reference, images, tmp_pat
     proc = subprocess.Popen(
         _command(tmp_path, images), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    metrics = tmp_path / "metrics.jsonl"
-    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
+    _wait_for_logs(tmp_path, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
-    saved = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    saved = _last_step(tmp_path)
     assert proc.returncode == 130 and "Traceback" not in err and 6 <= saved < STEPS, err[-2000:]
     lines = err.splitlines()
     assert "distill: Ctrl-C: saving the next step, then stopping (Ctrl-C again: stop at once, unsaved)" in lines

@@ -8,7 +8,6 @@ transformers' (get_text_features, logits_per_image, SiglipTokenizer ids), and ze
 from __future__ import annotations
 
 import functools
-import importlib.util
 import io
 import json
 import os
@@ -25,6 +24,7 @@ from reference import (
     class_png_folders,
     images,
     meta_state_dict,
+    package_modeling,
     random_png_folder,
     randomize,
     timm,
@@ -302,12 +302,15 @@ def test_prune_through_the_cli_keeps_the_head_and_loads_into_transformers(conver
     assert_parity("SiglipVisionModel pruned", cfg, pruned, reference_outputs(slim.eval(), x), x)
 
 
-def _modeling(folder: Path):
-    """The package's own modeling.py, imported from the folder."""
-    spec = importlib.util.spec_from_file_location(f"modeling_{folder.name}", folder / "modeling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _check_package(what: str, package: Path, cfg, params, x) -> None:
+    """The torch package in `package` computes our forward (assert_parity), and FlopCounterMode and its parameter
+    count equal count_flops and count_params."""
+    module = package_modeling(package).load(package)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        got = module.outputs(x)
+    assert_parity(what, cfg, params, got, x)
+    assert counter.get_total_flops() == x.shape[0] * dj.prune.count_flops(cfg)
+    assert sum(p.numel() for p in module.parameters()) == dj.prune.count_params(cfg)
 
 
 @pytest.mark.slow
@@ -343,13 +346,7 @@ def test_distil_a_tiny_siglip_student_through_the_cli_and_export_it_to_torch(con
     package = tmp_path / "pkg"
     run = _cli("export", "--model", str(work / "model"), "--format", "torch", "--out", str(package))
     assert run.returncode == 0, run.stderr[-2000:]
-    module = _modeling(package).load(package)
-    x = images(28)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        got = module.outputs(x)
-    assert_parity("SigLIP student (torch package)", cfg, student, got, x)
-    assert counter.get_total_flops() == x.shape[0] * dj.prune.count_flops(cfg)
-    assert sum(p.numel() for p in module.parameters()) == dj.prune.count_params(cfg)
+    _check_package("SigLIP student (torch package)", package, cfg, student, images(28))
 
 
 def test_a_siglip_model_exports_to_the_siglip_layouts_only():
@@ -407,13 +404,7 @@ def test_uvc_slim_siglip_keeps_its_head_through_surgery_and_both_exports(tmp_pat
     back_cfg, back = dj.convert.from_torch(dj.convert.to_torch(slim_cfg, slim, "timm"), family="timm", arch=slim_cfg)
     assert back_cfg == slim_cfg and all(np.array_equal(flatten(back)[k], v) for k, v in flat.items())
     export_package(InMemorySource(slim_cfg, slim), tmp_path / "pkg")
-    module = _modeling(tmp_path / "pkg").load(tmp_path / "pkg")
-    x = images(32)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        got = module.outputs(x)
-    assert_parity("SigLIP UVC slim (torch package)", slim_cfg, slim, got, x)
-    assert counter.get_total_flops() == x.shape[0] * dj.prune.count_flops(slim_cfg)
-    assert sum(p.numel() for p in module.parameters()) == dj.prune.count_params(slim_cfg)
+    _check_package("SigLIP UVC slim (torch package)", tmp_path / "pkg", slim_cfg, slim, images(32))
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ reached is the ratio the PyTorch model runs at. The timm state-dict export says 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 from reference import (
     config_only_model,
     images,
+    package_modeling,
     rel_err,
     small_clip,
     small_timm,
@@ -68,14 +68,6 @@ def _variants(cfg, params) -> dict:
     return {"unpruned": (cfg, params), "DGMR": dgmr, "UVC": uvc}
 
 
-def _modeling(folder: Path):
-    """The package's own modeling.py, imported from the folder."""
-    spec = importlib.util.spec_from_file_location(f"modeling_{folder.name}", folder / "modeling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _flops(model, x: torch.Tensor) -> int:
     """FlopCounterMode's count of one forward, per image. timm's attention runs unfused here: FlopCounterMode does
     not count the fused CPU kernel that F.scaled_dot_product_attention dispatches to."""
@@ -110,7 +102,7 @@ def test_package_keeps_the_function_and_the_flops(family, tmp_path):
         out = tmp_path / variant
         torch_export.export_package(InMemorySource(vcfg, vparams), out)
         assert sorted(p.name for p in out.iterdir()) == FILES
-        model = _modeling(out).load(out)
+        model = package_modeling(out).load(out)
         parity = _parity(model, vcfg, vparams, x)
         flops[variant] = _flops(model, x)
         ratio, want = flops[variant] / flops["unpruned"], count_flops(vcfg) / count_flops(cfg)
@@ -165,7 +157,7 @@ def test_package_covers_the_other_features(kind, tmp_path):
         models["UVC"] = slim.slice_units(cfg, models["unpruned"][1], mixed_plan(cfg))[:2]
     for variant, (vcfg, vparams) in models.items():
         torch_export.export_package(InMemorySource(vcfg, vparams), tmp_path / variant)
-        model = _modeling(tmp_path / variant).load(tmp_path / variant)
+        model = package_modeling(tmp_path / variant).load(tmp_path / variant)
         for size in (vcfg.img_size, vcfg.img_size + vcfg.patch_size):
             x = images(size)
             assert _parity(model, vcfg, vparams, x) <= TOL, (variant, size)
@@ -252,7 +244,7 @@ def test_timm_export_says_what_padding_costs(tmp_path, capsys):
     padded = timm_slim("vit_tiny_patch16_224", slim_cfg)
     sd = dj.convert.load_state_dict(str(tmp_path / "padded.safetensors"))
     padded.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
-    package = _modeling(tmp_path / "pkg").load(tmp_path / "pkg")
+    package = package_modeling(tmp_path / "pkg").load(tmp_path / "pkg")
     original, padded_flops, slim_flops = _flops(teacher, x), _flops(padded, x), _flops(package, x)
     padded_params = sum(p.numel() for p in padded.parameters())
     assert note == (
