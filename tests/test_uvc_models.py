@@ -72,8 +72,9 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-# the slim model jitted (one compile; op by op, each layer's own shapes compile apart). The masked forward stays op by
-# op: masked_norm_statistics changes how it traces, which a jit cache keyed on the config would not see
+# forwards jitted (one compile; op by op, each layer's own shapes compile apart). The masked forward under
+# masked_norm_statistics stays op by op: the context changes how it traces, which a jit cache keyed on the config
+# would not see
 _forward = jax.jit(dj.models.forward, static_argnums=0)
 
 
@@ -82,7 +83,7 @@ def _masked_and_slim(cfg, params, x, mh, md, mn, gates):
     attn_gate, mlp_gate = slim.branch_gates(cfg, mh, md, mn)
     masked = slim.masked_params(cfg, params, mh, md, mn, attn_gate, mlp_gate)
     if cfg.scan_layers:
-        ref = dj.models.forward(cfg, masked, x, gates)
+        ref = _forward(cfg, masked, x, gates)
     else:
         with slim.masked_norm_statistics(cfg, mh, md, mn):
             ref = dj.models.forward(cfg, masked, x, gates)
@@ -138,7 +139,7 @@ def test_norms_inside_a_pruned_width_need_masked_statistics():
     x = _images(cfg)
     mh, md, mn, gates = _masks(cfg)
     attn_gate, mlp_gate = slim.branch_gates(cfg, mh, md, mn)
-    plain = dj.models.forward(cfg, slim.masked_params(cfg, params, mh, md, mn, attn_gate, mlp_gate), x, gates)
+    plain = _forward(cfg, slim.masked_params(cfg, params, mh, md, mn, attn_gate, mlp_gate), x, gates)
     _, out, *_ = _masked_and_slim(cfg, params, x, mh, md, mn, gates)
     assert _rel(out["tokens"], plain["tokens"]) > 1e-4
 
@@ -156,8 +157,8 @@ def test_scanned_masked_model_and_slicing():
     assert _rel(out["tokens"], ref["tokens"]) <= 1e-5
     # the scanned masked model equals the unscanned one
     loop_cfg, loop = cfg.replace(scan_layers=False, remat=False), unstack_blocks(params)
-    loop_out = dj.models.forward(loop_cfg, slim.masked_params(loop_cfg, loop, mh, md, mn), x, gates)
-    scan_out = dj.models.forward(cfg, slim.masked_params(cfg, params, mh, md, mn), x, gates)
+    loop_out = _forward(loop_cfg, slim.masked_params(loop_cfg, loop, mh, md, mn), x, gates)
+    scan_out = _forward(cfg, slim.masked_params(cfg, params, mh, md, mn), x, gates)
     assert _rel(scan_out["tokens"], loop_out["tokens"]) <= 1e-5
     # a uniform plan keeps the stack scanned
     unit = slim.UnitPlan(True, (0, 3), ((1, 2), (0, 5)), tuple(range(0, 96, 3)))
@@ -168,7 +169,7 @@ def test_scanned_masked_model_and_slicing():
     np.testing.assert_array_equal(
         unstack_blocks(uni)["blocks_2"]["attn"]["qkv"]["kernel"], loop_uni["blocks_2"]["attn"]["qkv"]["kernel"]
     )
-    a, b = dj.models.forward(uni_cfg, uni, x), dj.models.forward(loop_uni_cfg, loop_uni, x)
+    a, b = _forward(uni_cfg, uni, x), _forward(loop_uni_cfg, loop_uni, x)
     assert _rel(a["tokens"], b["tokens"]) <= 1e-5
 
 
@@ -176,23 +177,23 @@ def test_scanned_masked_model_and_slicing():
 def test_block_gates():
     cfg, params = _model("gelu", depth=3)
     x = _images(cfg)
-    plain = dj.models.forward(cfg, params, x)
-    ones = dj.models.forward(cfg, params, x, jnp.ones(3))
+    plain = _forward(cfg, params, x)
+    ones = _forward(cfg, params, x, jnp.ones(3))
     assert _rel(ones["tokens"], plain["tokens"]) <= 1e-6
-    skip = dj.models.forward(cfg, params, x, jnp.asarray([1.0, 0.0, 1.0]))
+    skip = _forward(cfg, params, x, jnp.asarray([1.0, 0.0, 1.0]))
     two = {k: v for k, v in params.items() if k != "blocks_1"} | {"blocks_1": params["blocks_2"]}
     two.pop("blocks_2")
-    ref = dj.models.forward(cfg.replace(depth=2, mlp_hidden=(96, 96)), two, x)
+    ref = _forward(cfg.replace(depth=2, mlp_hidden=(96, 96)), two, x)
     assert _rel(skip["tokens"], ref["tokens"]) <= 1e-6
-    half = dj.models.forward(cfg, params, x, jnp.asarray([1.0, 0.5, 1.0]))["tokens"]
+    half = _forward(cfg, params, x, jnp.asarray([1.0, 0.5, 1.0]))["tokens"]
     assert _rel(half, skip["tokens"]) > 1e-3
     scan_cfg = cfg.replace(scan_layers=True)
-    scanned = dj.models.forward(scan_cfg, stack_blocks(params), x, jnp.asarray([1.0, 0.5, 1.0]))["tokens"]
+    scanned = _forward(scan_cfg, stack_blocks(params), x, jnp.asarray([1.0, 0.5, 1.0]))["tokens"]
     assert _rel(scanned, half) <= 1e-5
     with pytest.raises(ValueError, match=r"gates must have shape \(depth,\) = \(3,\), got \(2,\)"):
         dj.models.forward(cfg, params, x, jnp.ones(2))
     # gradients reach the gates (the search learns them)
-    grad = jax.grad(lambda g: dj.models.forward(cfg, params, x, g)["tokens"].sum())(jnp.ones(3))
+    grad = jax.jit(jax.grad(lambda g: _forward(cfg, params, x, g)["tokens"].sum()))(jnp.ones(3))
     assert grad.shape == (3,) and np.all(np.isfinite(grad)) and np.all(grad != 0)
 
 
@@ -205,7 +206,7 @@ def test_masked_params_are_differentiable_and_check_shapes():
     def loss(masks):
         return dj.models.forward(cfg, slim.masked_params(cfg, params, *masks), x)["pooled"].sum()
 
-    grads = jax.grad(loss)((mh, md, mn))
+    grads = jax.jit(jax.grad(loss))((mh, md, mn))
     assert all(g.shape == m.shape and bool(jnp.all(jnp.isfinite(g))) for g, m in zip(grads, (mh, md, mn), strict=True))
     assert all(float(jnp.abs(g).sum()) > 0 for g in grads)
     with pytest.raises(ValueError, match=r"dim_mask \(layer 0\) must have shape \(4, 16\), got \(4, 8\)"):
@@ -246,8 +247,8 @@ def test_narrow_values_through_fused_attention():
     cfg, params = _model("swiglu_qv_rope")
     slim_cfg, slim_params, _ = slim.slice_units(cfg, params, slim.plan_from_masks(cfg, *_masks(cfg)))
     x = _images(cfg)
-    ref = dj.models.forward(slim_cfg, slim_params, x)["tokens"]
-    fused = dj.models.forward(slim_cfg.replace(attention="dot_product_attention"), slim_params, x)["tokens"]
+    ref = _forward(slim_cfg, slim_params, x)["tokens"]
+    fused = _forward(slim_cfg.replace(attention="dot_product_attention"), slim_params, x)["tokens"]
     assert _rel(fused, ref) <= 1e-5
 
 
@@ -421,7 +422,7 @@ def test_slim_model_directory_round_trip_and_report(tmp_path):
     )
     x = _images(cfg)
     np.testing.assert_array_equal(
-        dj.models.forward(slim_cfg, source.load(), x)["tokens"], dj.models.forward(slim_cfg, slim_params, x)["tokens"]
+        _forward(slim_cfg, source.load(), x)["tokens"], _forward(slim_cfg, slim_params, x)["tokens"]
     )
 
     rows = unit_rows(cfg, slim_cfg, kept)

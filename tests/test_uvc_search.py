@@ -427,8 +427,9 @@ def test_masks_are_applied_in_the_search_forward(tiny):
     assert float(m1["distill"]) > 1e-4
     # and it is the hard-masked model that the step evaluates
     masks = masks_from_counts(counts.heads, counts.dims, counts.neurons, group_norms(cfg, params), "hard")
-    student = dj.models.forward(cfg, masked_params(cfg, params, masks.heads, masks.dims, masks.neurons), images)
-    teacher = dj.models.forward(cfg, params, images)
+    forward = jax.jit(dj.models.forward, static_argnums=0)
+    student = forward(cfg, masked_params(cfg, params, masks.heads, masks.dims, masks.neurons), images)
+    teacher = forward(cfg, params, images)
     cls = float(jnp.mean(jnp.square(student["pooled"] - teacher["pooled"])))
     assert float(m1["loss_cls"]) == pytest.approx(cls, rel=1e-5)
 
