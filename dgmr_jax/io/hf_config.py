@@ -379,8 +379,9 @@ def has_hf_config(spec: str) -> bool:
 
 
 def hf_layout(spec: str) -> tuple[str, ModelConfig]:
-    """(family, ModelConfig) of a transformers checkpoint from the config.json beside its weights; a one-line
-    CheckpointError saying what to pass when there is none or it names a class that is not read."""
+    """(family, ModelConfig) of a transformers checkpoint from the config.json beside its weights (and, for EvaCLIP,
+    its tensor names); a one-line CheckpointError saying what to pass when there is none or it names a class that is
+    not read."""
     path = os.path.join(_folder(spec), CONFIG_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(
