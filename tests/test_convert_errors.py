@@ -121,7 +121,7 @@ def test_export_refuses_a_layout_the_model_does_not_have(tmp_path, capsys):
     assert run.returncode == 2 and run.stderr == (
         "dgmr-jax export: error: model vit_tiny_patch16_224 (family timm) cannot be written in the open_clip layout: "
         "it has a patch-embedding bias, a classification head, which open_clip's PyTorch model cannot hold; it "
-        "exports as timm (--family timm)\n"
+        "exports as timm, hf_evaclip (--family timm)\n"
     )
     assert not out.exists()
     assert main(["export", "--model", str(tmp_path / "vit"), "--out", str(out)]) == 0

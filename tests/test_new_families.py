@@ -9,6 +9,12 @@ InternVL converter renames InternVisionModel keys (q/k/v_proj split out of attn.
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
@@ -19,7 +25,9 @@ import dgmr_jax as dj
 from dgmr_jax.cli import main
 from dgmr_jax.core.parallel import make_mesh, tree_shardings
 from dgmr_jax.io.checkpoint_io import save_safetensors
+from dgmr_jax.io.hf_config import hf_layout
 from dgmr_jax.io.keymaps import torch_prefix
+from dgmr_jax.io.open import open_model
 from dgmr_jax.model_dir import load_model
 from dgmr_jax.models.tree import flatten
 
@@ -247,3 +255,164 @@ def test_new_fields_are_validated_counted_and_sharded():
     assert "head/kernel" in eva and "head/bias" not in eva and "blocks_0/norm2/bias" not in eva
     # FLOPs count matmuls only (norms excluded), so the new norms add none; the bias-free head costs the same
     assert dj.prune.count_flops(cfg) == dj.prune.count_flops(cfg.replace(norm="layernorm", qk_norm=""))
+
+
+# BAAI's remote-code EvaCLIPModel (EVA-CLIP-8B/18B Hub directories): its names of the official keys, as the MindSpore
+# port of its modeling_evaclip.py (mindspore-lab/mindone) names its parameters; attn.qkv is split into q/k/v_proj
+_HUB_TOP = {
+    "patch_embed.proj.weight": "vision_model.embeddings.patch_embedding.weight",
+    "patch_embed.proj.bias": "vision_model.embeddings.patch_embedding.bias",
+    "cls_token": "vision_model.embeddings.class_embedding",  # no batch axes (_HUB_SHAPES)
+    "pos_embed": "vision_model.embeddings.position_embedding.weight",  # an nn.Embedding
+    "norm.weight": "vision_model.post_layernorm.weight",
+    "head.weight": "visual_projection.weight",
+}
+_HUB_BLOCK = {
+    "norm1.weight": "layer_norm1.weight",
+    "norm2.weight": "layer_norm2.weight",
+    "attn.proj.weight": "self_attn.out_proj.weight",
+    "attn.proj.bias": "self_attn.out_proj.bias",
+    **{f"mlp.{fc}.{p}": f"mlp.{fc}.{p}" for fc in ("fc1", "fc2") for p in ("weight", "bias")},
+}
+_HUB_SHAPES = {"cls_token": (-1,), "pos_embed": (5, -1)}  # the small tower: 2 x 2 patches and the class token
+# entries of a full EvaCLIPModel that the vision tower skips: the text tower, its projection, the logit scale and the
+# embeddings' position index buffer
+_HUB_SKIPPED = {
+    "vision_model.embeddings.position_ids": np.arange(5, dtype=np.int64)[None],
+    "text_model.embeddings.token_embedding.weight": np.ones((10, 16), np.float32),
+    "text_model.encoder.layers.0.self_attn.q_proj.weight": np.ones((16, 16), np.float32),
+    "text_projection.weight": np.ones((32, 16), np.float32),
+    "logit_scale": np.full((), 4.6, np.float32),
+}
+
+
+def _hub_state_dict(sd: dict[str, np.ndarray], head_bias: bool) -> dict[str, np.ndarray]:
+    """An official EVA-CLIP-8B/18B tower's weights under the Hub names, with the entries it skips and, when
+    head_bias, a visual_projection bias (the port's Linear has one by default; BAAI's weights may not)."""
+    out = dict(_HUB_SKIPPED)
+    for key, value in sd.items():
+        block = re.fullmatch(r"blocks\.(\d+)\.(.*)", key)
+        if not block:
+            out[_HUB_TOP[key]] = value.reshape(_HUB_SHAPES.get(key, value.shape))
+            continue
+        prefix = f"vision_model.encoder.layers.{block.group(1)}."
+        if block.group(2) == "attn.qkv.weight":
+            thirds = zip("qkv", np.split(value, 3), strict=True)
+            out |= {f"{prefix}self_attn.{p}_proj.weight": third for p, third in thirds}
+        else:
+            out[prefix + _HUB_BLOCK[block.group(2)]] = value
+    if head_bias:
+        out["visual_projection.bias"] = np.linspace(-1, 1, 32, dtype=np.float32)
+    return out
+
+
+def _hub_config(name: str, **vision) -> dict:
+    """config.json of the small tower as an EvaCLIPModel (the vision_config fields that the port reads)."""
+    sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=320, image_size=28)
+    sizes |= dict(patch_size=14, num_channels=3, layer_norm_eps=1e-6, hidden_act="gelu", use_rms_norm=True)
+    switches = dict(q_bias=False, k_bias=False, v_bias=False, use_sub_ln=False, use_swiglu_mlp=False, use_rope=False)
+    text = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=10)
+    vision_config = sizes | switches | dict(post_layernorm=OFFICIAL[name]["postnorm"]) | vision
+    return dict(architectures=["EvaCLIPModel"], projection_dim=32, vision_config=vision_config, text_config=text)
+
+
+def _write_shards(folder, sd: dict[str, np.ndarray], fmt: str, count: int = 3) -> None:
+    """sd as transformers' sharded checkpoint: `count` pytorch_model-0000i-of-0000n.bin (fmt "bin") or
+    model-0000i-of-0000n.safetensors shards, every tensor of a block not in one shard, and their index."""
+    stem = "pytorch_model" if fmt == "bin" else "model"
+    names, weight_map = list(sd), {}
+    for i in range(count):
+        part, shard = {k: sd[k] for k in names[i::count]}, f"{stem}-{i + 1:05d}-of-{count:05d}.{fmt}"
+        if fmt == "bin":
+            torch.save({k: torch.from_numpy(np.array(v)) for k, v in part.items()}, folder / shard)
+        else:
+            save_safetensors(folder / shard, part)
+        weight_map |= dict.fromkeys(part, shard)
+    (folder / f"{stem}.{fmt}.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _hub_folder(name: str, fmt: str, root):
+    """(reference, its official-layout conversion's params, the Hub directory, its state dict): EVA-CLIP-8B's with a
+    visual_projection bias in .bin shards, EVA-CLIP-18B's without one in .safetensors shards."""
+    ref, cfg = _small(name, hidden=320)
+    sd = _checkpoint(ref)
+    hub = _hub_state_dict(sd, head_bias=name == "EVA-CLIP-8B")
+    folder = root / name
+    folder.mkdir()
+    _write_shards(folder, hub, fmt)
+    (folder / "config.json").write_text(json.dumps(_hub_config(name)))
+    return ref, dj.convert.from_torch(sd, family="eva_clip", arch=cfg)[1], folder, hub
+
+
+def _assert_hub_params(params, official, hub: dict[str, np.ndarray]) -> None:
+    """The Hub directory's params are the official conversion's bit for bit, plus the head's bias when it has one."""
+    a, b = flatten(params), flatten(official)
+    assert set(a) - set(b) == ({"head/bias"} if "visual_projection.bias" in hub else set()) and set(b) <= set(a)
+    assert all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("name, fmt", [("EVA-CLIP-8B", "bin"), ("EVA-CLIP-18B", "safetensors")])
+def test_evaclip_hub_directory_opens_without_family_or_arch(name, fmt, tmp_path):
+    """BAAI's sharded transformers directory (remote-code EvaCLIPModel) reads as the official .pt does, at parity with
+    the reference: pooled and projected vectors, and the tokens after the final norm (the remote code's
+    last_hidden_state is before it); the text tower's entries are skipped; written back in its own layout exactly."""
+    ref, official, folder, hub = _hub_folder(name, fmt, tmp_path)
+    source = open_model(folder)
+    assert source.meta["family"] == "hf_evaclip" and source.cfg.name == name
+    assert source.cfg.post_norm == OFFICIAL[name]["postnorm"] and source.cfg.num_classes == 32
+    params = source.load()
+    _assert_hub_params(params, official, hub)
+    x = images(28)
+    want = _outputs(ref, x)
+    if "visual_projection.bias" in hub:
+        want["logits"] = want["logits"] + torch.from_numpy(hub["visual_projection.bias"])
+    _assert_parity(f"hf_evaclip/{name}", dj.models.forward(source.cfg, params, to_nhwc(x)), want)
+    back = dj.convert.to_torch(source.cfg, params, "hf_evaclip", prefix="vision_model.")
+    tower = {k: v for k, v in hub.items() if k not in _HUB_SKIPPED}
+    assert sorted(back) == sorted(tower) and all(np.array_equal(back[k], v) for k, v in tower.items())
+
+
+def test_evaclip_hub_configs_read_or_refuse_in_one_line(tmp_path, capsys):
+    """The flat config.json of EvaCLIPVisionModel(WithProjection) gives the same tower; a switch the eva_clip model
+    cannot compute (use_rope), or a k bias without q and v ones, stops convert in one line naming the field and
+    the official .pt, writing nothing; the converted model has no transformers class to export as."""
+    _, _, folder, _ = _hub_folder("EVA-CLIP-18B", "safetensors", tmp_path)
+    family, cfg = hf_layout(str(folder))
+    config = _hub_config("EVA-CLIP-18B")
+    for arch, projection in [("EvaCLIPVisionModelWithProjection", 32), ("EvaCLIPVisionModel", 0)]:
+        flat = dict(config["vision_config"], architectures=[arch], projection_dim=projection)
+        (folder / "config.json").write_text(json.dumps(flat))
+        assert hf_layout(str(folder)) == (family, cfg.replace(num_classes=projection)), arch
+    official = "convert BAAI's official .pt instead (--family eva_clip --arch EVA-CLIP-8B, -8B-448 or -18B)"
+    refused = {
+        "use_rope": f"config.json sets use_rope true (rotary position embeddings), which is not read here; {official}",
+        "k_bias": "config.json sets q_bias False, k_bias True, v_bias False: the tower takes q, k and v biases all, "
+        f"none or q and v only; {official}",
+    }
+    for field, line in refused.items():
+        (folder / "config.json").write_text(json.dumps(_hub_config("EVA-CLIP-18B", **{field: True})))
+        assert main(["convert", "--checkpoint", str(folder), "--out", str(tmp_path / "never")]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"dgmr-jax convert: error: {line}"], field
+        assert not (tmp_path / "never").exists()
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["convert", "--checkpoint", str(folder), "--out", str(tmp_path / "model")]) == 0
+    argv = ["export", "--model", str(tmp_path / "model"), "--format", "transformers", "--out", str(tmp_path / "hf")]
+    assert main(argv) == 2 and not (tmp_path / "hf").exists()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("dgmr-jax export: error: model EVA-CLIP-18B (family hf_evaclip) fits no transformers class")
+    assert line.endswith("; export it with --format torch")
+
+
+@pytest.mark.slow
+def test_evaclip_hub_directory_converts_through_the_cli(tmp_path):
+    """A user's `dgmr-jax convert --checkpoint DIR` on EVA-CLIP-8B's sharded .bin directory: exit 0, and the model
+    directory holds the official conversion's params (and the projection's bias)."""
+    _, official, folder, hub = _hub_folder("EVA-CLIP-8B", "bin", tmp_path)
+    out = tmp_path / "eva-clip-8b"
+    argv = [sys.executable, "-m", "dgmr_jax.cli", "convert", "--checkpoint", str(folder), "--out", str(out)]
+    run = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith(f"wrote {out}: EVA-CLIP-8B, ")
+    cfg, params = load_model(out)
+    assert cfg.norm == "rmsnorm" and cfg.head_bias and not cfg.post_norm
+    _assert_hub_params(params, official, hub)

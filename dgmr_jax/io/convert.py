@@ -44,6 +44,7 @@ POS_ANTIALIAS = dict(
     hf_clip=False,
     hf_siglip=False,
     hf_siglip2=False,  # transformers resizes Siglip2 positions bilinearly (antialiased): read at the grid's size
+    hf_evaclip=False,  # as eva_clip (the remote code's embeddings take only their own image size)
 )
 # facebookresearch DINOv2's interpolate_pos_encoding (interpolate_offset, default 0.1) calls F.interpolate with
 # scale_factor=(new grid + 0.1) / grid, not size=new grid; the other families' loaders pass the size (offset 0)

@@ -10,11 +10,11 @@ import functools
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from dgmr_jax.core.errors import UserError
-from dgmr_jax.io.checkpoint_io import HF_WEIGHTS, CheckpointError
+from dgmr_jax.io.checkpoint_io import HF_WEIGHTS, CheckpointError, open_state_dict
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.presets import preset
@@ -141,22 +141,81 @@ def _internvit(c: dict[str, Any]) -> ModelConfig:
     )
 
 
-# architectures[0] -> (family, ModelConfig from the whole config.json)
-CLASSES: dict[str, tuple[str, Callable[[dict[str, Any]], ModelConfig]]] = {
-    "Dinov2Model": ("hf_dinov2", _dinov2),
-    "Dinov2WithRegistersModel": ("hf_dinov2", _dinov2),
-    "CLIPVisionModel": ("hf_clip", lambda c: _clip(c, projection=False)),
-    "CLIPVisionModelWithProjection": ("hf_clip", lambda c: _clip(c, projection=True)),
+# the vision config fields an EvaCLIP config.json must state (BAAI's config class, and so its defaults, is not read)
+_EVACLIP_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size")
+_EVACLIP_SIZES += ("patch_size", "layer_norm_eps", "hidden_act")
+_EVACLIP_REFUSED = dict(use_rope="rotary position embeddings", use_swiglu_mlp="a SwiGLU MLP", use_sub_ln="sub-LN norms")
+_EVACLIP_QKV = {(True, True, True): "full", (True, False, True): "qv", (False, False, False): "none"}
+_EVACLIP_OFFICIAL = "convert BAAI's official .pt instead (--family eva_clip --arch EVA-CLIP-8B, -8B-448 or -18B)"
+
+
+def _evaclip_switches(c: dict[str, Any], names: Collection[str]) -> dict[str, bool]:
+    """An EvaCLIP vision config's switches; one that config.json leaves out is read from block 0's tensor names where
+    they tell it (a q/k/v bias, a norm without bias: RMSNorm), else false."""
+    block = "vision_model.encoder.layers.0."
+    told = {f"{p}_bias": f"{block}self_attn.{p}_proj.bias" in names for p in "qkv"}
+    told["use_rms_norm"] = f"{block}layer_norm1.bias" not in names
+    fields = (*told, *_EVACLIP_REFUSED, "post_layernorm")
+    return {f: bool(c[f]) if c.get(f) is not None else told.get(f, False) for f in fields}
+
+
+def _evaclip(c: dict[str, Any], projection_dim: int, names: Collection[str]) -> ModelConfig:
+    """EvaCLIPVisionModel (projection_dim 0), EvaCLIPVisionModelWithProjection and EvaCLIPModel's vision tower: BAAI's
+    remote code for EVA-CLIP-8B/18B, laid out as a port of its modeling_evaclip.py builds it. The head is
+    visual_projection, with a bias when the weights hold one; what the eva_clip presets cannot compute is refused."""
+    missing = [f for f in _EVACLIP_SIZES if f not in c]
+    if missing:
+        raise UserError(f"config.json's EvaCLIP vision config lacks {', '.join(missing)}; {_EVACLIP_OFFICIAL}")
+    c = _sizes(c, {})
+    s = _evaclip_switches(c, names)
+    for field, what in _EVACLIP_REFUSED.items():
+        if s[field]:
+            raise UserError(f"config.json sets {field} true ({what}), which is not read here; {_EVACLIP_OFFICIAL}")
+    biases = (s["q_bias"], s["k_bias"], s["v_bias"])
+    if biases not in _EVACLIP_QKV:
+        raise UserError(
+            f"config.json sets q_bias {biases[0]}, k_bias {biases[1]}, v_bias {biases[2]}: the tower takes q, k "
+            f"and v biases all, none or q and v only; {_EVACLIP_OFFICIAL}"
+        )
+    return preset(
+        "EVA-CLIP-8B",
+        **_common(c),
+        hidden=c["intermediate_size"],
+        mlp_type=_ACTIVATIONS[c["hidden_act"]],
+        norm="rmsnorm" if s["use_rms_norm"] else "layernorm",
+        post_norm=s["post_layernorm"],
+        qkv_bias=_EVACLIP_QKV[biases],
+        num_classes=projection_dim,
+        head_bias=projection_dim > 0 and "visual_projection.bias" in names,
+    )
+
+
+Names = Callable[[], Collection[str]]  # the checkpoint's tensor names, read only by a class that needs them
+# architectures[0] -> (family, ModelConfig from the whole config.json and the checkpoint's tensor names)
+CLASSES: dict[str, tuple[str, Callable[[dict[str, Any], Names], ModelConfig]]] = {
+    "Dinov2Model": ("hf_dinov2", lambda c, _: _dinov2(c)),
+    "Dinov2WithRegistersModel": ("hf_dinov2", lambda c, _: _dinov2(c)),
+    "CLIPVisionModel": ("hf_clip", lambda c, _: _clip(c, projection=False)),
+    "CLIPVisionModelWithProjection": ("hf_clip", lambda c, _: _clip(c, projection=True)),
     "CLIPModel": (
         "hf_clip",
-        lambda c: _clip({**c.get("vision_config", {}), "projection_dim": c.get("projection_dim", 512)}, True),
+        lambda c, _: _clip({**c.get("vision_config", {}), "projection_dim": c.get("projection_dim", 512)}, True),
     ),
-    "SiglipVisionModel": ("hf_siglip", _siglip),
-    "SiglipModel": ("hf_siglip", lambda c: _siglip(c.get("vision_config", {}))),
-    "Siglip2VisionModel": ("hf_siglip2", _siglip2),
-    "Siglip2Model": ("hf_siglip2", lambda c: _siglip2(c.get("vision_config", {}))),
-    "InternVisionModel": ("internvit", _internvit),
-    "InternVLChatModel": ("internvit", lambda c: _internvit(c.get("vision_config", {}))),
+    "SiglipVisionModel": ("hf_siglip", lambda c, _: _siglip(c)),
+    "SiglipModel": ("hf_siglip", lambda c, _: _siglip(c.get("vision_config", {}))),
+    "Siglip2VisionModel": ("hf_siglip2", lambda c, _: _siglip2(c)),
+    "Siglip2Model": ("hf_siglip2", lambda c, _: _siglip2(c.get("vision_config", {}))),
+    "InternVisionModel": ("internvit", lambda c, _: _internvit(c)),
+    "InternVLChatModel": ("internvit", lambda c, _: _internvit(c.get("vision_config", {}))),
+    "EvaCLIPVisionModel": ("hf_evaclip", lambda c, names: _evaclip(c, 0, names())),
+    "EvaCLIPVisionModelWithProjection": (
+        "hf_evaclip",
+        lambda c, names: _evaclip(c, c.get("projection_dim", 0), names()),
+    ),
+    "EvaCLIPModel": (
+        "hf_evaclip",
+        lambda c, names: _evaclip(c.get("vision_config", {}), c.get("projection_dim", 0), names()),
+    ),
 }
 
 
@@ -320,8 +379,9 @@ def has_hf_config(spec: str) -> bool:
 
 
 def hf_layout(spec: str) -> tuple[str, ModelConfig]:
-    """(family, ModelConfig) of a transformers checkpoint from the config.json beside its weights; a one-line
-    CheckpointError saying what to pass when there is none or it names a class that is not read."""
+    """(family, ModelConfig) of a transformers checkpoint from the config.json beside its weights (and, for EvaCLIP,
+    its tensor names); a one-line CheckpointError saying what to pass when there is none or it names a class that is
+    not read."""
     path = os.path.join(_folder(spec), CONFIG_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(
@@ -336,7 +396,8 @@ def hf_layout(spec: str) -> tuple[str, ModelConfig]:
             f"known {', '.join(CLASSES)}; or pass --family and --arch for a layout this tool reads"
         )
     family, build = CLASSES[name]
-    return family, build(config).replace(name=os.path.basename(os.path.abspath(_folder(spec))))
+    cfg = build(config, lambda: set(open_state_dict(spec)))
+    return family, cfg.replace(name=os.path.basename(os.path.abspath(_folder(spec))))
 
 
 def _clip_text(config: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,10 @@ from collections.abc import Callable
 from dgmr_jax.core.errors import UserError
 from dgmr_jax.models.config import ModelConfig
 
-FAMILIES = ("timm", "open_clip", "eva_clip", "dinov2", "internvit", "hf_dinov2", "hf_clip", "hf_siglip", "hf_siglip2")
+FAMILIES = (
+    *("timm", "open_clip", "eva_clip", "dinov2", "internvit"),
+    *("hf_dinov2", "hf_clip", "hf_siglip", "hf_siglip2", "hf_evaclip"),
+)
 _SIGLIPS = ("hf_siglip", "hf_siglip2")
 
 
@@ -192,6 +195,15 @@ _NAMES = {
         pool_fc2="head.mlp.fc2",
     ),
 }
+# BAAI's remote-code EvaCLIPModel / EvaCLIPVisionModel(WithProjection) (EVA-CLIP-8B/18B on the Hub), as a port of
+# its modeling_evaclip.py names them: CLIP's tower names, a patch bias, no pre-norm, q/k/v biases on q/k/v_proj,
+# post_layernorm as the final norm and visual_projection (a Linear, with or without bias) as the head
+_NAMES["hf_evaclip"] = dict(
+    _NAMES["hf_clip"],
+    beside=("visual_projection.weight", "visual_projection.bias"),
+    q_proj_bias=True,
+    head="visual_projection",
+)
 # transformers' Siglip2VisionModel / Siglip2Model at the fixed resolution of its position grid: SigLIP's names, the
 # patch embedding a Linear on patches flattened (row, column, channel)
 _NAMES["hf_siglip2"] = dict(_NAMES["hf_siglip"], patch_hook="patch_linear")
@@ -203,7 +215,7 @@ _PARTS: tuple[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...]], ...] =
     (
         "a patch-embedding bias",
         lambda c: c.patch_bias,
-        ("timm", "eva_clip", "dinov2", "internvit", "hf_dinov2", *_SIGLIPS),
+        ("timm", "eva_clip", "dinov2", "internvit", "hf_dinov2", *_SIGLIPS, "hf_evaclip"),
     ),
     ("no patch-embedding bias", lambda c: not c.patch_bias, ("timm", "open_clip", "hf_clip")),
     ("a class token", lambda c: c.class_token, tuple(f for f in FAMILIES if f not in _SIGLIPS)),
@@ -219,34 +231,42 @@ _PARTS: tuple[tuple[str, Callable[[ModelConfig], bool], tuple[str, ...]], ...] =
     (
         "a final norm",
         lambda c: c.final_norm,
-        ("timm", "open_clip", "eva_clip", "dinov2", "hf_dinov2", "hf_clip", *_SIGLIPS),
+        ("timm", "open_clip", "eva_clip", "dinov2", "hf_dinov2", "hf_clip", *_SIGLIPS, "hf_evaclip"),
     ),
     ("no final norm", lambda c: not c.final_norm, ("timm", "eva_clip", "internvit")),
     ("a norm of the pooled vector (fc_norm)", lambda c: c.fc_norm, ("timm", "eva_clip")),
     ("average pooling", lambda c: c.global_pool == "avg", ("timm", "open_clip", "eva_clip")),
     ("an attention pool (global_pool='map')", lambda c: c.global_pool == "map", ("timm", *_SIGLIPS)),
     ("no attention pool", lambda c: c.global_pool != "map", tuple(f for f in FAMILIES if f not in _SIGLIPS)),
-    ("a classification head", lambda c: c.num_classes > 0, ("timm", "eva_clip")),
+    ("a classification head", lambda c: c.num_classes > 0, ("timm", "eva_clip", "hf_evaclip")),
     ("a bias-free projection (proj)", lambda c: c.proj_dim > 0, ("open_clip", "hf_clip")),
     (
         "a q/k/v bias",
         lambda c: c.qkv_bias == "full",
-        ("timm", "open_clip", "dinov2", "internvit", "hf_dinov2", "hf_clip", *_SIGLIPS),
+        ("timm", "open_clip", "dinov2", "internvit", "hf_dinov2", "hf_clip", *_SIGLIPS, "hf_evaclip"),
     ),
-    ("q and v biases only", lambda c: c.qkv_bias == "qv", ("timm", "eva_clip")),
-    ("no q/k/v bias", lambda c: c.qkv_bias == "none", ("timm", "eva_clip", "internvit", "hf_dinov2")),
+    ("q and v biases only", lambda c: c.qkv_bias == "qv", ("timm", "eva_clip", "hf_evaclip")),
+    (
+        "no q/k/v bias",
+        lambda c: c.qkv_bias == "none",
+        ("timm", "eva_clip", "internvit", "hf_dinov2", "hf_evaclip"),
+    ),
     ("q/k norms", lambda c: bool(c.qk_norm), ("internvit",)),
     ("an attention-output norm", lambda c: c.attn_norm, ("timm", "eva_clip")),
     (
         "no layer scale",
         lambda c: not c.layer_scale,
-        ("timm", "open_clip", "eva_clip", "dinov2", "hf_clip", *_SIGLIPS),  # transformers' Dinov2Layer always scales
+        ("timm", "open_clip", "eva_clip", "dinov2", "hf_clip", *_SIGLIPS, "hf_evaclip"),  # Dinov2Layer always scales
     ),
     ("layer scale", lambda c: c.layer_scale, ("timm", "open_clip", "eva_clip", "dinov2", "internvit", "hf_dinov2")),
-    ("post-norm blocks", lambda c: c.post_norm, ("timm", "eva_clip")),
-    ("RMSNorm", lambda c: c.norm == "rmsnorm", ("timm", "eva_clip", "internvit")),
-    ("QuickGELU", lambda c: c.mlp_type == "quick_gelu", ("timm", "open_clip", "hf_clip", *_SIGLIPS)),
-    ("tanh-approximate GELU", lambda c: c.mlp_type == "gelu_tanh", ("timm", "hf_clip", *_SIGLIPS)),
+    ("post-norm blocks", lambda c: c.post_norm, ("timm", "eva_clip", "hf_evaclip")),
+    ("RMSNorm", lambda c: c.norm == "rmsnorm", ("timm", "eva_clip", "internvit", "hf_evaclip")),
+    (
+        "QuickGELU",
+        lambda c: c.mlp_type == "quick_gelu",
+        ("timm", "open_clip", "hf_clip", *_SIGLIPS, "hf_evaclip"),
+    ),
+    ("tanh-approximate GELU", lambda c: c.mlp_type == "gelu_tanh", ("timm", "hf_clip", *_SIGLIPS, "hf_evaclip")),
     ("a SwiGLU MLP", lambda c: c.gated, ("timm", "eva_clip", "dinov2", "hf_dinov2")),
     ("an MLP norm", lambda c: c.mlp_norm, ("timm", "eva_clip")),
     ("rotary position embeddings", lambda c: c.rope, ("timm", "eva_clip")),
@@ -267,6 +287,7 @@ def export_families(cfg: ModelConfig) -> list[str]:
 DERIVED = {
     "eva_clip": re.compile(r"(^|\.)rope\.freqs_(cos|sin)$"),
     "hf_clip": re.compile(r"(^|\.)position_ids$"),  # transformers 4 saved CLIP's position index buffer
+    "hf_evaclip": re.compile(r"(^|\.)position_ids$"),
 }
 
 
