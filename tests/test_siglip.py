@@ -3,7 +3,8 @@ vit_*_siglip_* and from transformers' SiglipVisionModel / SiglipModel / Siglip2V
 directories at parity (<= 1e-5, pooled and tokens); full-size presets counted like timm and transformers (on torch's
 meta device); and through the CLI: convert a sharded directory with no --family/--arch, prune it (the head's MLP
 stays whole), distil a tiny SigLIP student, export it as a PyTorch package. SiglipModel's text tower and tokenizer equal
-transformers' (get_text_features, logits_per_image, SiglipTokenizer ids), and zero-shot runs on its directory."""
+transformers' (get_text_features, logits_per_image, SiglipTokenizer ids), and zero-shot runs on its directory; so do
+Siglip2Model's, with Gemma's SentencePiece tokenizer (Siglip2Tokenizer ids)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from reference import (
     package_modeling,
     random_png_folder,
     randomize,
+    rel_err,
     timm,
     to_nhwc,
     torch,
@@ -42,7 +44,7 @@ from dgmr_jax.distill.loss import tap_config
 from dgmr_jax.eval import encode_texts, image_text_scores
 from dgmr_jax.io.checkpoint_io import save_safetensors
 from dgmr_jax.io.clip import check_embedding, open_text_tower
-from dgmr_jax.io.hf_config import hf_text_config
+from dgmr_jax.io.hf_config import hf_text_config, siglip_tokenizer
 from dgmr_jax.io.hooks import HOOKS
 from dgmr_jax.io.keymaps import export_families
 from dgmr_jax.io.open import open_model
@@ -64,6 +66,8 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "cpu_tiny.py")
 _VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, patch_size=14, intermediate_size=64)
 _TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
 _TEXT |= dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+# SigLIP 2's text tower: Gemma's ids (pad 0, eos 1, bos 2), 16 positions so that a long prompt is cut
+_TEXT2 = dict(_TEXT, vocab_size=330, max_position_embeddings=16, bos_token_id=2, pad_token_id=0)
 # label -> (config class, config kwargs, family); every tower sees 28 px images as a 2 x 2 grid
 MODELS = {
     "SiglipVisionModel": ("SiglipVisionConfig", dict(_VISION, image_size=28), "hf_siglip"),
@@ -73,6 +77,11 @@ MODELS = {
         "hf_siglip",
     ),
     "Siglip2VisionModel": ("Siglip2VisionConfig", dict(_VISION, num_patches=4), "hf_siglip2"),
+    "Siglip2Model": (
+        "Siglip2Config",
+        dict(vision_config=dict(_VISION, num_patches=4), text_config=_TEXT2),
+        "hf_siglip2",
+    ),
 }
 # exact parameter counts of the full presets (equal to timm's and transformers' own, see the count test)
 COUNTS = {"base": 92_884_224, "so400m": 428_225_600}
@@ -100,21 +109,23 @@ def tower(model):
     return getattr(model, "vision_model", model)
 
 
-def reference_outputs(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """transformers' tokens (last_hidden_state, after post_layernorm) and pooled vector (the head's output); a
-    Siglip2 tower takes x as patches flattened (row, column, channel), all valid, at the grid's spatial shape."""
+def pixels(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The image inputs of a transformers model for x (NCHW): pixel_values, or for a Siglip2 tower x as patches
+    flattened (row, column, channel), all valid, at the grid's spatial shape."""
     vision = tower(model)
+    if "Siglip2" not in type(vision).__name__:
+        return {"pixel_values": x}
+    b, c, h, w = x.shape
+    p = vision.config.patch_size
+    patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
+    mask = torch.ones(patches.shape[:2], dtype=torch.int32)
+    return dict(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=torch.tensor([[h // p, w // p]] * b))
+
+
+def reference_outputs(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers' tokens (last_hidden_state, after post_layernorm) and pooled vector (the head's output)."""
     with torch.no_grad():
-        if "Siglip2" in type(vision).__name__:
-            b, c, h, w = x.shape
-            p = vision.config.patch_size
-            patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, p * p * c)
-            mask = torch.ones(patches.shape[:2], dtype=torch.int32)
-            out = vision(
-                pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=torch.tensor([[h // p, w // p]] * b)
-            )
-        else:
-            out = vision(pixel_values=x)
+        out = tower(model)(**pixels(model, x))
     return {"tokens": out.last_hidden_state, "pooled": out.pooler_output}
 
 
@@ -160,7 +171,7 @@ def test_timm_parity_and_bit_exact_round_trip():
     assert dj.prune.count_params(cfg) == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("label", sorted(MODELS))
+@pytest.mark.parametrize("label", sorted(set(MODELS) - {"Siglip2Model"}))  # its vision tower: Siglip2VisionModel's
 def test_sharded_transformers_directory_opens_without_family_or_arch_at_parity(label, tmp_path):
     """A save_pretrained directory in several shards: config.json gives the family and the architecture (tanh GELU,
     the MAP head as wide as the blocks' MLP); tokens and pooled vector at parity; to_torch writes the tower's own
@@ -539,17 +550,20 @@ def test_siglip_text_tower_and_tokenizer_equal_transformers(siglip_dir):
 
 
 def _reference_top1(model, folder: Path, test: Path) -> float:
-    """Zero-shot top-1 of the SiglipModel in transformers on the eval view of the test images: per class the mean
-    of its normalized template embeddings (SiglipTokenizer ids, padded to 64), renormalized; images ranked by
-    sigmoid(exp(logit_scale) * cosine + logit_bias) over the classes."""
+    """Zero-shot top-1 of the SiglipModel / Siglip2Model in transformers on the eval view of the test images: per
+    class the mean of its normalized template embeddings (its AutoTokenizer's ids, padded to the text positions),
+    renormalized; images ranked by sigmoid(exp(logit_scale) * cosine + logit_bias) over the classes."""
     source = ImageFolderSource(test)
     view = published("siglip-base-patch16-224").eval_view(28)
     x = torch.from_numpy(next(iter(EvalBatches(source, batch_size=9, img_size=28, **view)))["images"])
     texts = [t.format(c) for c in SIGLIP_CLASSES for t in SIGLIP_TEMPLATES]
-    ids = transformers.SiglipTokenizer.from_pretrained(folder)(texts, padding="max_length", return_tensors="pt")
+    length = model.config.text_config.max_position_embeddings
+    ids = transformers.AutoTokenizer.from_pretrained(folder)(
+        texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt"
+    )
     normalize = torch.nn.functional.normalize
     with torch.no_grad():
-        images = normalize(model.get_image_features(pixel_values=x.permute(0, 3, 1, 2)).pooler_output)
+        images = normalize(model.get_image_features(**pixels(model, x.permute(0, 3, 1, 2))).pooler_output)
         text = normalize(model.get_text_features(input_ids=ids["input_ids"]).pooler_output)
         classifier = normalize(text.reshape(3, 2, -1).mean(1)).T
         probs = torch.sigmoid(images @ classifier * model.logit_scale.exp() + model.logit_bias)
@@ -572,9 +586,105 @@ def test_zeroshot_eval_of_a_siglip_directory_through_the_cli(siglip_dir, tmp_pat
     assert run.stdout.splitlines()[-1] == f"zero-shot top1 {top1:.4f} (9 images, 3 classes)"
 
 
-def test_siglip_text_tower_refusals_come_in_one_line(siglip_dir, tmp_path, capsys, monkeypatch):
-    """Open_clip's flags on a SiglipModel directory, a directory without spiece.model, a Siglip2Model and a missing
-    sentencepiece package each stop `eval` in one line, before any image is embedded."""
+@pytest.fixture(scope="module")
+def siglip2_dir(siglip_dir):
+    """(Siglip2Model, its sharded directory with Gemma-style tokenizer files: a byte-fallback BPE tokenizer.model
+    trained here with Gemma's ids (pad 0, eos 1, bos 2, unk 3) and its normalization (none: no dummy prefix, spaces
+    kept), and the tokenizer.json + tokenizer_config.json transformers' GemmaTokenizer writes for it as SigLIP 2's
+    Hub directories set it (no BOS, EOS, right padding); siglip_dir's test images and templates)."""
+    spm = pytest.importorskip("sentencepiece")
+    _, siglip_folder, test, templates = siglip_dir
+    model, folder = saved("Siglip2Model", siglip_folder.parent)
+    specials = dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS * 3),
+        model_prefix=str(folder / "tokenizer"),
+        model_type="bpe",
+        vocab_size=330,  # 256 byte pieces, the corpus' characters, a few dozen merges
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        hard_vocab_limit=False,
+        minloglevel=2,
+        **specials,
+    )
+    (folder / "tokenizer.vocab").unlink()
+    settings = dict(add_bos_token=False, add_eos_token=True, padding_side="right")
+    transformers.GemmaTokenizer.from_pretrained(folder, **settings).save_pretrained(folder)
+    (folder / "preprocessor_config.json").symlink_to(siglip_folder / "preprocessor_config.json")
+    return model, folder, test, templates
+
+
+def test_siglip2_text_tower_and_gemma_tokenizer_equal_transformers(siglip2_dir, tmp_path):
+    """A Siglip2Model directory's text tower, read by open_text_tower through the hf_siglip layout: its token ids
+    equal transformers' Siglip2Tokenizer (what AutoTokenizer gives: Gemma's, lower-cased; padding to the 16
+    positions, truncation keeping EOS), also with BOS and left padding set in tokenizer_config.json alone;
+    get_text_features and logits_per_image agree <= 1e-5 relative, with the same ranking."""
+    model, folder, _, _ = siglip2_dir
+    source = open_model(folder)
+    text_cfg, text, tokenizer = open_text_tower(folder, source.cfg)
+    assert (text_cfg.causal, text_cfg.pool, text_cfg.proj_bias, text_cfg.scoring) == (False, "last", True, "sigmoid")
+    assert (text_cfg.context_length, text_cfg.vocab_size, text_cfg.embed_dim) == (16, 330, 32)
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    assert type(reference).__name__ == "Siglip2Tokenizer"
+    tokens = tokenizer(PROMPTS, context_length=16)
+    assert tokens.tolist() == reference(PROMPTS, padding="max_length", truncation=True, max_length=16)["input_ids"]
+    assert tokens[-1, -1] == 1 and tokens[0, -1] == 0  # cut: ends in EOS; padded on the right
+    assert tokens[1].tolist() == tokenizer(PROMPTS[1].lower(), 16)[0].tolist()  # lower-cased
+    # without tokenizer.json (whose template transformers follows) tokenizer_config.json's flags decide
+    other = _linked(folder, tmp_path / "bos_left", "tokenizer.json", add_bos_token=True, padding_side="left")
+    reference = transformers.AutoTokenizer.from_pretrained(other)
+    ours = siglip_tokenizer(str(other))(PROMPTS, context_length=16)
+    assert ours.tolist() == reference(PROMPTS, padding="max_length", truncation=True, max_length=16)["input_ids"]
+    assert ours[0, 0] == 0 and ours[-1, 0] == 2 and 1 not in ours  # padded on the left, BOS, no EOS (flag absent)
+
+    ids, x = torch.from_numpy(tokens.astype(np.int64)), images(28, batch=3)
+    with torch.no_grad():
+        ref_text = model.get_text_features(input_ids=ids).pooler_output
+        ref_logits = model(input_ids=ids, **pixels(model, x)).logits_per_image
+    ours = encode_texts(text_cfg, text, tokens)
+    err = rel_err(ours, ref_text.numpy())
+    print(f"PARITY Siglip2Model text features rel={err:.2e}")
+    assert err <= TOL
+    image_emb = jax.jit(lambda p, x: dj.models.forward(source.cfg, p, x)["pooled"])(source.load(), to_nhwc(x))
+    logits, _ = image_text_scores(text_cfg, text, image_emb, ours)
+    err = rel_err(logits, ref_logits.numpy())
+    print(f"PARITY Siglip2Model logits_per_image rel={err:.2e}")
+    assert err <= TOL and np.array_equal(logits.argsort(1), ref_logits.numpy().argsort(1))
+
+
+def test_zeroshot_eval_of_a_siglip2_directory(siglip2_dir, tmp_path, capsys):
+    """`eval --model DIR --clip-text DIR --zeroshot` on a Siglip2Model directory (weights, config.json,
+    tokenizer.model, tokenizer_config.json, tokenizer.json, preprocessor_config.json), in process: top-1 equals
+    transformers' sigmoid ranking."""
+    model, folder, test, templates = siglip2_dir
+    out = tmp_path / "r.json"
+    argv = ["eval", "--model", str(folder), "--train", "none", "--test", str(test), "--batch", "9", "--zeroshot"]
+    assert main([*argv, "--clip-text", str(folder), "--templates", str(templates), "--out", str(out)]) == 0
+    top1 = _reference_top1(model, folder, test)
+    result = json.loads(out.read_text())
+    assert result["zeroshot"] == {"top1": top1, "templates": 2} and result["text_arch"] == "Siglip2Model"
+    assert capsys.readouterr().out.splitlines()[-1] == f"zero-shot top1 {top1:.4f} (9 images, 3 classes)"
+
+
+def _linked(folder: Path, to: Path, *skip: str, **settings) -> Path:
+    """`to`: links to folder's files but `skip`, with its tokenizer_config.json updated by `settings` (a copy)."""
+    to.mkdir()
+    for f in folder.iterdir():
+        if f.name not in skip and not (settings and f.name == "tokenizer_config.json"):
+            (to / f.name).symlink_to(f)
+    if settings:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (to / "tokenizer_config.json").write_text(json.dumps({**config, **settings}))
+    return to
+
+
+def test_siglip_text_tower_refusals_come_in_one_line(siglip_dir, siglip2_dir, tmp_path, capsys, monkeypatch):
+    """Open_clip's flags on a SiglipModel / Siglip2Model directory, a directory without spiece.model, a Siglip2Model
+    with tokenizer.json but no tokenizer.model, and a missing sentencepiece package each stop `eval` in one line,
+    before any image is embedded."""
     _, folder, test, _ = siglip_dir
     base = ["eval", "--model", str(folder), "--train", "none", "--test", str(test), "--zeroshot", "--clip-text"]
 
@@ -586,19 +696,20 @@ def test_siglip_text_tower_refusals_come_in_one_line(siglip_dir, tmp_path, capsy
         f"{folder} is a SiglipModel directory, whose config.json and spiece.model give the text tower and its "
         "tokenizer: drop --text-arch and --bpe-vocab (they are for open_clip checkpoints)"
     )
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for f in folder.iterdir():
-        if f.name != "spiece.model":
-            (bare / f.name).symlink_to(f)
+    bare = _linked(folder, tmp_path / "bare", "spiece.model")
     assert error(bare) == (
-        f"{bare} has no spiece.model: SigLIP's SentencePiece tokenizer is read from it; copy it beside config.json "
-        "from the model's Hub repository"
+        f"{bare} has no spiece.model: SiglipModel's SentencePiece tokenizer is read from it; copy it beside "
+        "config.json from the model's Hub repository"
     )
-    two = tmp_path / "siglip2"
-    two.mkdir()
-    (two / "config.json").write_text(json.dumps({"architectures": ["Siglip2Model"]}))
-    assert error(two).startswith(f"{two} is a Siglip2Model, whose text tower (Gemma's tokenizer) is not read yet")
+    two = _linked(siglip2_dir[1], tmp_path / "siglip2", "tokenizer.model")
+    assert error(two) == (
+        f"{two} has no tokenizer.model: Siglip2Model's SentencePiece tokenizer is read from it (tokenizer.json alone "
+        "is not read); copy it beside config.json from the model's Hub repository"
+    )
+    assert error(siglip2_dir[1], "--bpe-vocab", str(folder)) == (
+        f"{siglip2_dir[1]} is a Siglip2Model directory, whose config.json and tokenizer.model give the text tower and "
+        "its tokenizer: drop --text-arch and --bpe-vocab (they are for open_clip checkpoints)"
+    )
     monkeypatch.setitem(sys.modules, "sentencepiece", None)
     assert error(folder) == (
         f"SigLIP's tokenizer ({folder / 'spiece.model'}) needs the sentencepiece package: pip install "

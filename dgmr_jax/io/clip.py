@@ -1,6 +1,7 @@
 """What pairs a (pruned) CLIP vision tower with its original text tower: the image embedding of a vision
 config, and the text tower (config checked against that embedding, params, tokenizer) that a text checkpoint
-gives (text_source: an open_clip / EVA-CLIP checkpoint, a transformers CLIPModel or SiglipModel directory).
+gives (text_source: an open_clip / EVA-CLIP checkpoint, a transformers CLIPModel, SiglipModel or Siglip2Model
+directory).
 Shared by `dgmr-jax eval` (zero-shot, retrieval) and `dgmr-jax finetune-text`."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dgmr_jax.core.errors import UserError
-from dgmr_jax.io.hf_config import hf_text_config, hf_tokenizer_folder, siglip_tokenizer
+from dgmr_jax.io.hf_config import SENTENCEPIECE_FILES, hf_class, hf_text_config, hf_tokenizer_folder, siglip_tokenizer
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.text import TEXT_PRESETS, TextConfig, resolve_text_config
 from dgmr_jax.models.tokenizer import SiglipTokenizer, Tokenizer
@@ -73,10 +74,11 @@ def text_source(
 ) -> tuple[str | None, TextConfig, Tokenizer | SiglipTokenizer]:
     """(layout, TextConfig checked against `cfg`'s image embedding, tokenizer) that a text checkpoint gives, decided
     before its weights are read. A transformers CLIPModel directory: "hf_clip", its config.json, CLIP's BPE from
-    its vocab.json + merges.txt or tokenizer.json (or bpe_vocab); a SiglipModel directory: "hf_siglip", its
-    config.json, SentencePiece from its spiece.model; anything else (an open_clip / EVA-CLIP checkpoint, a
-    mapping, None for a random init): layout None (its keys tell it), `text_arch` (default: the preset named like
-    the vision model), CLIP's BPE of bpe_vocab (default: the one open_clip_torch ships)."""
+    its vocab.json + merges.txt or tokenizer.json (or bpe_vocab); a SiglipModel / Siglip2Model directory:
+    "hf_siglip", its config.json, SentencePiece from its spiece.model / Gemma's tokenizer.model; anything else (an
+    open_clip / EVA-CLIP checkpoint, a mapping, None for a random init): layout None (its keys tell it), `text_arch`
+    (default: the preset named like the vision model), CLIP's BPE of bpe_vocab (default: the one open_clip_torch
+    ships)."""
     spec = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else None
     found = hf_text_config(spec) if spec else None
     if found is None:
@@ -84,9 +86,10 @@ def text_source(
         return None, text_cfg, _clip_tokenizer(text_cfg, bpe_vocab)
     layout, text_cfg = found
     if layout == "hf_siglip" and (text_arch or bpe_vocab):
+        name = hf_class(spec)
         raise UserError(
-            f"{spec} is a SiglipModel directory, whose config.json and spiece.model give the text tower and its "
-            "tokenizer: drop --text-arch and --bpe-vocab (they are for open_clip checkpoints)"
+            f"{spec} is a {name} directory, whose config.json and {SENTENCEPIECE_FILES[name]} give the text tower "
+            "and its tokenizer: drop --text-arch and --bpe-vocab (they are for open_clip checkpoints)"
         )
     if text_arch:
         raise UserError(

@@ -19,11 +19,12 @@ from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.preprocess import Preprocess
 from dgmr_jax.models.presets import preset
 from dgmr_jax.models.text import TextConfig
-from dgmr_jax.models.tokenizer import SiglipTokenizer, hf_vocab_files
+from dgmr_jax.models.tokenizer import SiglipTokenizer, hf_vocab_files, siglip_clean
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 SPIECE_FILE, TOKENIZER_CONFIG_FILE = "spiece.model", "tokenizer_config.json"  # SigLIP's tokenizer
+GEMMA_FILE, TOKENIZER_FILE = "tokenizer.model", "tokenizer.json"  # SigLIP 2's (Gemma's SentencePiece model, its JSON)
 # transformers' defaults of the fields read below, for config.json files (nested vision_config) that omit them
 _DINOV2 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_ratio=4, image_size=224)
 _DINOV2 |= dict(patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, use_swiglu_ffn=False, hidden_act="gelu")
@@ -410,8 +411,9 @@ def _clip_text(config: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:
 
 
 def _siglip_text(config: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:
-    """SiglipModel's text-tower switches: bidirectional, pooled at the last of its max_position_embeddings
-    positions, a head with a bias (to projection_size, by default the width), sigmoid scoring."""
+    """SiglipModel's and Siglip2Model's text-tower switches (Siglip2TextModel is SiglipTextModel): bidirectional,
+    pooled at the last of its max_position_embeddings positions, a head with a bias (to projection_size, by default
+    the width), sigmoid scoring."""
     embed_dim = c.get("projection_size") or c["hidden_size"]
     return dict(embed_dim=embed_dim, causal=False, pool="last", proj_bias=True, scoring="sigmoid")
 
@@ -421,7 +423,10 @@ def _siglip_text(config: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:
 TEXT_CLASSES: dict[str, tuple[str, dict[str, Any], Callable[..., dict[str, Any]]]] = {
     "CLIPModel": ("hf_clip", _CLIP_TEXT, _clip_text),
     "SiglipModel": ("hf_siglip", _SIGLIP_TEXT, _siglip_text),
+    "Siglip2Model": ("hf_siglip", _SIGLIP_TEXT, _siglip_text),  # Siglip2TextConfig's defaults are SigLIP's
 }
+# the SentencePiece model file of a TEXT_CLASSES class read by siglip_tokenizer
+SENTENCEPIECE_FILES = {"SiglipModel": SPIECE_FILE, "Siglip2Model": GEMMA_FILE}
 
 
 def hf_text_config(spec: str) -> tuple[str, TextConfig] | None:
@@ -434,10 +439,6 @@ def hf_text_config(spec: str) -> tuple[str, TextConfig] | None:
         return None
     path = os.path.join(_folder(spec), CONFIG_FILE)
     accepted = f"give a transformers {' / '.join(TEXT_CLASSES)} directory or an open_clip / EVA-CLIP checkpoint"
-    if name == "Siglip2Model":
-        raise CheckpointError(
-            f"{spec} is a Siglip2Model, whose text tower (Gemma's tokenizer) is not read yet: {accepted}"
-        )
     if name not in TEXT_CLASSES:
         raise CheckpointError(f"{path} names {name!r}, which holds no text tower read here: {accepted}")
     layout, defaults, switches = TEXT_CLASSES[name]
@@ -471,19 +472,48 @@ def _token(value: Any, default: str) -> str:
 
 
 def siglip_tokenizer(spec: str) -> SiglipTokenizer:
-    """SigLIP's tokenizer of a SiglipModel directory: its spiece.model, with the eos / pad tokens and do_lower_case
-    of tokenizer_config.json when there (else SiglipTokenizer's defaults)."""
-    folder = _folder(spec)
-    path = os.path.join(folder, SPIECE_FILE)
+    """The SentencePiece tokenizer of a SiglipModel directory (spiece.model, with the eos / pad tokens and
+    do_lower_case of tokenizer_config.json when there) or of a Siglip2Model directory (Gemma's tokenizer.model, as
+    _gemma_tokenizer reads it)."""
+    folder, name = _folder(spec), hf_class(spec)
+    path = os.path.join(folder, SENTENCEPIECE_FILES[name])
     if not os.path.isfile(path):
+        also = f" ({TOKENIZER_FILE} alone is not read)" if os.path.isfile(os.path.join(folder, TOKENIZER_FILE)) else ""
         raise FileNotFoundError(
-            f"{folder} has no {SPIECE_FILE}: SigLIP's SentencePiece tokenizer is read from it; copy it beside "
-            f"{CONFIG_FILE} from the model's Hub repository"
+            f"{folder} has no {SENTENCEPIECE_FILES[name]}: {name}'s SentencePiece tokenizer is read from it{also}; "
+            f"copy it beside {CONFIG_FILE} from the model's Hub repository"
         )
     settings_file = os.path.join(folder, TOKENIZER_CONFIG_FILE)
     settings = _read_json(settings_file) if os.path.isfile(settings_file) else {}
+    if name == "Siglip2Model":
+        return _gemma_tokenizer(folder, path, settings)
     eos, pad = _token(settings.get("eos_token"), "</s>"), _token(settings.get("pad_token"), "</s>")
-    return SiglipTokenizer(path, eos=eos, pad=pad, lower=settings.get("do_lower_case", True))
+    lower = settings.get("do_lower_case", True)
+    return SiglipTokenizer(path, eos=eos, pad=pad, clean=functools.partial(siglip_clean, lower=lower))
+
+
+def _gemma_tokenizer(folder: str, path: str, settings: dict[str, Any]) -> SiglipTokenizer:
+    """Gemma's tokenizer.model as transformers' Siglip2Tokenizer reads a Siglip2Model directory: lower case (SigLIP 2
+    was trained on lower-cased text), nothing else cleaned; BOS / EOS where tokenizer.json's post-processor template
+    puts special tokens around the text (transformers 5 then ignores tokenizer_config.json's add_bos_token /
+    add_eos_token), else as those two say (an absent one off); padded on the padding_side of tokenizer_config.json,
+    else of tokenizer.json's padding, else transformers' default (left)."""
+    file = os.path.join(folder, TOKENIZER_FILE)
+    fast = _read_json(file) if os.path.isfile(file) else {}
+    template = (fast.get("post_processor") or {}).get("single") or []
+    if template:
+        bos, eos = ("SpecialToken" in template[0]), ("SpecialToken" in template[-1])
+    else:
+        bos, eos = settings.get("add_bos_token", False), settings.get("add_eos_token", False)
+    side = settings.get("padding_side") or (fast.get("padding") or {}).get("direction", "left").lower()
+    return SiglipTokenizer(
+        path,
+        eos=_token(settings.get("eos_token"), "<eos>") if eos else None,
+        pad=_token(settings.get("pad_token"), "<pad>"),
+        clean=str.lower,
+        bos=_token(settings.get("bos_token"), "<bos>") if bos else None,
+        padding_side=side,
+    )
 
 
 def hf_preprocess(spec: str) -> Preprocess | None:

@@ -4,8 +4,8 @@ Zero-shot and retrieval need the original text tower beside the (pruned) vision 
 told apart by their keys (text_layout): open_clip's CLIP keeps it at the top level of the state dict
 (token_embedding, transformer.resblocks.*, ln_final, text_projection); CustomTextCLIP (EVA02-E-14-plus) and
 EVA-CLIP keep it under "text.". transformers' CLIPModel ("hf_clip") keeps it under "text_model." (separate q/k/v
-projections), with text_projection (a Linear) beside it; SiglipModel ("hf_siglip") keeps it all under
-"text_model.", its projection a head Linear with a bias. The vision tower's keys ("visual.", "vision_model.",
+projections), with text_projection (a Linear) beside it; SiglipModel and Siglip2Model ("hf_siglip") keep it
+all under "text_model.", its projection a head Linear with a bias. The vision tower's keys ("visual.", "vision_model.",
 visual_projection) are `from_torch`'s, derived buffers (the causal `attn_mask`, transformers' `position_ids`) are
 rebuilt, logit_scale (and SigLIP's logit_bias) is kept.
 """
@@ -26,8 +26,8 @@ from dgmr_jax.models.tree import Params, flatten, unflatten
 
 TEXT_PREFIX = "text."  # CustomTextCLIP / EVA-CLIP
 TOP_LEVEL = ("logit_scale",)  # stays outside "text." in the CustomTextCLIP layout
-# transformers' text towers (CLIPTextModel, SiglipTextModel): under "text_model.", encoder layers named as the
-# vision towers' (HF_ENCODER), the position_ids buffer derived
+# transformers' text towers (CLIPTextModel, SiglipTextModel, Siglip2TextModel): under "text_model.", encoder layers
+# named as the vision towers' (HF_ENCODER), the position_ids buffer derived
 _HF = dict(
     token="text_model.embeddings.token_embedding.weight",
     pos="text_model.embeddings.position_embedding.weight",
@@ -67,8 +67,8 @@ _NAMES: dict[str, dict[str, Any]] = {
         vision=("visual.",),
         derived=("attn_mask",),
         hint="It holds no CLIP text tower: pass the full open_clip checkpoint (with token_embedding.weight, "
-        "transformer.resblocks.*, text_projection) or a transformers CLIPModel / SiglipModel directory, not an "
-        "exported vision tower.",
+        "transformer.resblocks.*, text_projection) or a transformers CLIPModel / SiglipModel / Siglip2Model "
+        "directory, not an exported vision tower.",
     ),
     "hf_clip": dict(
         _HF,
@@ -84,8 +84,8 @@ _NAMES: dict[str, dict[str, Any]] = {
         scalars=("logit_scale", "logit_bias"),
         scalar_hook="scalar",  # SiglipModel stores them with shape (1,)
         vision=("vision_model.",),
-        hint="It holds no SigLIP text tower: pass a transformers SiglipModel directory (with text_model.*), "
-        "not a SiglipVisionModel.",
+        hint="It holds no SigLIP text tower: pass a transformers SiglipModel / Siglip2Model directory (with "
+        "text_model.*), not a SiglipVisionModel.",
     ),
 }
 LAYOUTS = tuple(_NAMES)
@@ -126,8 +126,8 @@ def text_rules(cfg: TextConfig, layout: str = "open_clip") -> list[Rule]:
 
 def text_layout(sd: Mapping[str, Any]) -> tuple[str, str]:
     """(layout, prefix) of the text tower in sd, told by its keys: ("hf_siglip", "") for transformers'
-    SiglipModel, ("hf_clip", "") for its CLIPModel, ("open_clip", "text.") for CustomTextCLIP / EVA-CLIP, else
-    ("open_clip", "")."""
+    SiglipModel / Siglip2Model, ("hf_clip", "") for its CLIPModel, ("open_clip", "text.") for CustomTextCLIP /
+    EVA-CLIP, else ("open_clip", "")."""
     if any(k.startswith("text_model.") for k in sd):
         return ("hf_siglip" if _NAMES["hf_siglip"]["head"] in sd else "hf_clip"), ""
     return "open_clip", TEXT_PREFIX if any(k.startswith(TEXT_PREFIX) for k in sd) else ""

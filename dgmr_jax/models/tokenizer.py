@@ -7,8 +7,8 @@ vocabulary file ships inside the open_clip_torch package; it is read from there 
 (which would import torch), or from an explicit path. From a transformers CLIP directory's own files it equals
 transformers' CLIPTokenizer instead: the ids and merges of vocab.json + merges.txt (or tokenizer.json), the special
 tokens <|startoftext|> / <|endoftext|>, and transformers' cleaning (NFC, whitespace runs to one space, lower case:
-no ftfy, no HTML unescaping). `SiglipTokenizer` reads a SigLIP model's spiece.model with the sentencepiece package
-(the `siglip` extra).
+no ftfy, no HTML unescaping). `SiglipTokenizer` reads a SigLIP model's spiece.model, or a SigLIP 2
+model's Gemma tokenizer.model, with the sentencepiece package (the `siglip` extra).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import re
 import string
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import ftfy
 import numpy as np
@@ -193,12 +193,24 @@ def siglip_clean(text: str, lower: bool = True) -> str:
 
 
 class SiglipTokenizer:
-    """Texts -> (n, context_length) int32 ids of SigLIP's SentencePiece model (spiece.model): the cleaned text's
-    pieces, EOS, then PAD up to context_length; a too long text is cut and ends in EOS. Equal to transformers'
-    SiglipTokenizer(texts, padding="max_length", truncation=True, max_length=context_length), except that a
-    special token's text ("</s>") inside a text is read as plain text. Needs the sentencepiece package."""
+    """Texts -> (n, context_length) int32 ids of a SentencePiece model: SigLIP's spiece.model (the cleaned text's
+    pieces, EOS, then PAD up to context_length) or SigLIP 2's Gemma tokenizer.model (clean=str.lower, BOS / EOS as
+    its tokenizer_config.json says, padded on its padding_side). A too long text is cut and still ends in EOS. Equal
+    to transformers' SiglipTokenizer / Siglip2Tokenizer(texts, padding="max_length", truncation=True,
+    max_length=context_length), except that a special token's text ("</s>", "<eos>") inside a text is read as plain
+    text. Needs the sentencepiece package."""
 
-    def __init__(self, model_path: str | os.PathLike, eos: str = "</s>", pad: str = "</s>", lower: bool = True) -> None:
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        eos: str | None = "</s>",
+        pad: str = "</s>",
+        clean: Callable[[str], str] = siglip_clean,
+        bos: str | None = None,
+        padding_side: str = "right",
+    ) -> None:
+        """eos / bos: the pieces ending / starting every text (None: none); clean: the text's normalization before
+        SentencePiece; padding_side: "right" (PAD after the ids) or "left"."""
         try:
             import sentencepiece
         except ImportError as err:
@@ -206,9 +218,11 @@ class SiglipTokenizer:
                 f"SigLIP's tokenizer ({os.fspath(model_path)}) needs the sentencepiece package: "
                 "pip install 'dgmr-jax[siglip]' (or pip install sentencepiece)"
             ) from err
+        if padding_side not in ("right", "left"):
+            raise UserError(f"{os.fspath(model_path)}: padding_side must be 'right' or 'left', got {padding_side!r}")
         self.sp = sentencepiece.SentencePieceProcessor(model_file=os.fspath(model_path))
-        self.eos, self.pad = (self._id(piece, model_path) for piece in (eos, pad))
-        self.lower = lower
+        self.bos, self.eos = ([self._id(piece, model_path)] if piece else [] for piece in (bos, eos))
+        self.pad, self.clean, self.left = self._id(pad, model_path), clean, padding_side == "left"
 
     def _id(self, piece: str, model_path: str | os.PathLike) -> int:
         """The id of a special piece, which must be in the model's vocabulary."""
@@ -222,7 +236,9 @@ class SiglipTokenizer:
         texts = [texts] if isinstance(texts, str) else list(texts)
         out = np.full((len(texts), context_length), self.pad, np.int32)
         for row, text in zip(out, texts, strict=True):
-            ids = [*self.sp.encode(siglip_clean(text, self.lower)), self.eos][:context_length]
-            ids[-1] = self.eos
-            row[: len(ids)] = ids
+            ids = [*self.bos, *self.sp.encode(self.clean(text)), *self.eos]
+            if len(ids) > context_length:  # cut the text, keep BOS and EOS
+                ids = ids[: context_length - len(self.eos)] + self.eos
+            start = context_length - len(ids) if self.left else 0
+            row[start : start + len(ids)] = ids
         return out
