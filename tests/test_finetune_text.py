@@ -496,14 +496,15 @@ def test_cli_errors_are_one_clear_line(files, tmp_path, capsys):
     assert "unknown config field 'config.optim.nope'" in error(*base, "--config.optim.nope=1")
     ckpt = base.index("--clip-text") + 1
     assert "--clip-text nope.pt does not exist" in error(*base[:ckpt], "nope.pt", *base[ckpt + 1 :])
-    siglip = tmp_path / "siglip"
-    siglip.mkdir()
-    (siglip / "config.json").write_text(json.dumps({"architectures": ["SiglipModel"]}))
-    assert error(*base[:ckpt], str(siglip), *base[ckpt + 1 :]) == (
-        f"dgmr-jax finetune-text: error: --clip-text {siglip} is a SiglipModel directory: finetune-text trains with "
-        "CLIP's softmax loss, not SigLIP's sigmoid loss, so a SigLIP text tower is not fine-tuned yet (`dgmr-jax "
-        "eval` reads it)"
-    )
+    for name in ("SiglipModel", "Siglip2Model"):
+        siglip = tmp_path / name
+        siglip.mkdir()
+        (siglip / "config.json").write_text(json.dumps({"architectures": [name]}))
+        assert error(*base[:ckpt], str(siglip), *base[ckpt + 1 :]) == (
+            f"dgmr-jax finetune-text: error: --clip-text {siglip} is a {name} directory: finetune-text trains with "
+            "CLIP's softmax loss, not SigLIP's sigmoid loss, so a SigLIP text tower is not fine-tuned yet (`dgmr-jax "
+            "eval` reads it)"
+        )
     no_ckpt = base[: ckpt - 1] + base[ckpt + 1 :]
     assert error(*no_ckpt) == (
         "dgmr-jax finetune-text: error: give --clip-text: the open_clip / EVA-CLIP checkpoint or transformers "

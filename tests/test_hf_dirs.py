@@ -398,7 +398,7 @@ def test_clip_model_text_pooling_export_and_refusals(tmp_path):
         open_text_tower(vision_only, vision)
     assert str(err.value) == (
         f"{vision_only / 'config.json'} names 'CLIPVisionModelWithProjection', which holds no text tower read here: "
-        "give a transformers CLIPModel / SiglipModel directory or an open_clip / EVA-CLIP checkpoint"
+        "give a transformers CLIPModel / SiglipModel / Siglip2Model directory or an open_clip / EVA-CLIP checkpoint"
     )
 
 

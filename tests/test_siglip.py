@@ -572,17 +572,19 @@ def _reference_top1(model, folder: Path, test: Path) -> float:
 
 
 @pytest.mark.slow
-def test_zeroshot_eval_of_a_siglip_directory_through_the_cli(siglip_dir, tmp_path):
+@pytest.mark.parametrize("directory", ["siglip_dir", "siglip2_dir"])
+def test_zeroshot_eval_of_a_siglip_directory_through_the_cli(directory, request, tmp_path):
     """`dgmr-jax eval --model DIR --clip-text DIR --zeroshot` on a SiglipModel directory (the Hub layout: weights,
-    config.json, spiece.model, preprocessor_config.json): top-1 equals transformers' sigmoid ranking."""
-    model, folder, test, templates = siglip_dir
+    config.json, spiece.model, preprocessor_config.json) and on a Siglip2Model one (tokenizer.model,
+    tokenizer_config.json and tokenizer.json instead of spiece.model): top-1 equals transformers' sigmoid ranking."""
+    model, folder, test, templates = request.getfixturevalue(directory)
     out = tmp_path / "result.json"
     argv = ["eval", "--model", str(folder), "--train", "none", "--test", str(test), "--batch", "9"]
     run = _cli(*argv, "--clip-text", str(folder), "--zeroshot", "--templates", str(templates), "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     top1 = _reference_top1(model, folder, test)
     result = json.loads(out.read_text())
-    assert result["zeroshot"] == {"top1": top1, "templates": 2} and result["text_arch"] == "SiglipModel"
+    assert result["zeroshot"] == {"top1": top1, "templates": 2} and result["text_arch"] == folder.name
     assert run.stdout.splitlines()[-1] == f"zero-shot top1 {top1:.4f} (9 images, 3 classes)"
 
 
@@ -620,7 +622,8 @@ def siglip2_dir(siglip_dir):
 def test_siglip2_text_tower_and_gemma_tokenizer_equal_transformers(siglip2_dir, tmp_path):
     """A Siglip2Model directory's text tower, read by open_text_tower through the hf_siglip layout: its token ids
     equal transformers' Siglip2Tokenizer (what AutoTokenizer gives: Gemma's, lower-cased; padding to the 16
-    positions, truncation keeping EOS), also with BOS and left padding set in tokenizer_config.json alone;
+    positions, truncation keeping EOS), also with BOS and left padding set in tokenizer_config.json alone, and
+    GemmaTokenizer's (as typed) where a SiglipModel config.json names Gemma's tokenizer (SigLIP 2 at a fixed size);
     get_text_features and logits_per_image agree <= 1e-5 relative, with the same ranking."""
     model, folder, _, _ = siglip2_dir
     source = open_model(folder)
@@ -639,6 +642,13 @@ def test_siglip2_text_tower_and_gemma_tokenizer_equal_transformers(siglip2_dir, 
     ours = siglip_tokenizer(str(other))(PROMPTS, context_length=16)
     assert ours.tolist() == reference(PROMPTS, padding="max_length", truncation=True, max_length=16)["input_ids"]
     assert ours[0, 0] == 0 and ours[-1, 0] == 2 and 1 not in ours  # padded on the left, BOS, no EOS (flag absent)
+    # SigLIP 2 at a fixed resolution as a SiglipModel with Gemma's files: transformers' GemmaTokenizer, not lower-cased
+    fixed = _linked(folder, tmp_path / "siglip_gemma", "config.json")
+    (fixed / "config.json").write_text(json.dumps({"architectures": ["SiglipModel"], "model_type": "siglip"}))
+    reference = transformers.AutoTokenizer.from_pretrained(fixed)
+    ours = siglip_tokenizer(str(fixed))(PROMPTS, context_length=16)
+    assert type(reference).__name__ == "GemmaTokenizer" and ours[1].tolist() != tokens[1].tolist()
+    assert ours.tolist() == reference(PROMPTS, padding="max_length", truncation=True, max_length=16)["input_ids"]
 
     ids, x = torch.from_numpy(tokens.astype(np.int64)), images(28, batch=3)
     with torch.no_grad():
@@ -653,20 +663,6 @@ def test_siglip2_text_tower_and_gemma_tokenizer_equal_transformers(siglip2_dir, 
     err = rel_err(logits, ref_logits.numpy())
     print(f"PARITY Siglip2Model logits_per_image rel={err:.2e}")
     assert err <= TOL and np.array_equal(logits.argsort(1), ref_logits.numpy().argsort(1))
-
-
-def test_zeroshot_eval_of_a_siglip2_directory(siglip2_dir, tmp_path, capsys):
-    """`eval --model DIR --clip-text DIR --zeroshot` on a Siglip2Model directory (weights, config.json,
-    tokenizer.model, tokenizer_config.json, tokenizer.json, preprocessor_config.json), in process: top-1 equals
-    transformers' sigmoid ranking."""
-    model, folder, test, templates = siglip2_dir
-    out = tmp_path / "r.json"
-    argv = ["eval", "--model", str(folder), "--train", "none", "--test", str(test), "--batch", "9", "--zeroshot"]
-    assert main([*argv, "--clip-text", str(folder), "--templates", str(templates), "--out", str(out)]) == 0
-    top1 = _reference_top1(model, folder, test)
-    result = json.loads(out.read_text())
-    assert result["zeroshot"] == {"top1": top1, "templates": 2} and result["text_arch"] == "Siglip2Model"
-    assert capsys.readouterr().out.splitlines()[-1] == f"zero-shot top1 {top1:.4f} (9 images, 3 classes)"
 
 
 def _linked(folder: Path, to: Path, *skip: str, **settings) -> Path:

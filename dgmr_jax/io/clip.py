@@ -11,7 +11,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from dgmr_jax.core.errors import UserError
-from dgmr_jax.io.hf_config import SENTENCEPIECE_FILES, hf_class, hf_text_config, hf_tokenizer_folder, siglip_tokenizer
+from dgmr_jax.io.hf_config import (
+    hf_class,
+    hf_text_config,
+    hf_tokenizer_folder,
+    sentencepiece_file,
+    siglip_tokenizer,
+)
 from dgmr_jax.models.config import ModelConfig
 from dgmr_jax.models.text import TEXT_PRESETS, TextConfig, resolve_text_config
 from dgmr_jax.models.tokenizer import SiglipTokenizer, Tokenizer
@@ -86,10 +92,9 @@ def text_source(
         return None, text_cfg, _clip_tokenizer(text_cfg, bpe_vocab)
     layout, text_cfg = found
     if layout == "hf_siglip" and (text_arch or bpe_vocab):
-        name = hf_class(spec)
         raise UserError(
-            f"{spec} is a {name} directory, whose config.json and {SENTENCEPIECE_FILES[name]} give the text tower "
-            "and its tokenizer: drop --text-arch and --bpe-vocab (they are for open_clip checkpoints)"
+            f"{spec} is a {hf_class(spec)} directory, whose config.json and {sentencepiece_file(spec)} give the text "
+            "tower and its tokenizer: drop --text-arch and --bpe-vocab (they are for open_clip checkpoints)"
         )
     if text_arch:
         raise UserError(

@@ -425,8 +425,6 @@ TEXT_CLASSES: dict[str, tuple[str, dict[str, Any], Callable[..., dict[str, Any]]
     "SiglipModel": ("hf_siglip", _SIGLIP_TEXT, _siglip_text),
     "Siglip2Model": ("hf_siglip", _SIGLIP_TEXT, _siglip_text),  # Siglip2TextConfig's defaults are SigLIP's
 }
-# the SentencePiece model file of a TEXT_CLASSES class read by siglip_tokenizer
-SENTENCEPIECE_FILES = {"SiglipModel": SPIECE_FILE, "Siglip2Model": GEMMA_FILE}
 
 
 def hf_text_config(spec: str) -> tuple[str, TextConfig] | None:
@@ -471,33 +469,48 @@ def _token(value: Any, default: str) -> str:
     return value.get("content", default) if isinstance(value, dict) else value or default
 
 
+def _tokenizer_settings(folder: str) -> dict[str, Any]:
+    """tokenizer_config.json of a transformers directory, {} without one."""
+    path = os.path.join(folder, TOKENIZER_CONFIG_FILE)
+    return _read_json(path) if os.path.isfile(path) else {}
+
+
+def sentencepiece_file(spec: str) -> str:
+    """The SentencePiece model a SigLIP directory's tokenizer is read from: Gemma's tokenizer.model for a
+    Siglip2Model, or a SiglipModel whose tokenizer_config.json names a GemmaTokenizer (SigLIP 2 at a fixed
+    resolution), else SigLIP's spiece.model."""
+    tokenizer_class = str(_tokenizer_settings(_folder(spec)).get("tokenizer_class") or "")
+    gemma = hf_class(spec) == "Siglip2Model" or tokenizer_class.startswith("GemmaTokenizer")
+    return GEMMA_FILE if gemma else SPIECE_FILE
+
+
 def siglip_tokenizer(spec: str) -> SiglipTokenizer:
-    """The SentencePiece tokenizer of a SiglipModel directory (spiece.model, with the eos / pad tokens and
-    do_lower_case of tokenizer_config.json when there) or of a Siglip2Model directory (Gemma's tokenizer.model, as
-    _gemma_tokenizer reads it)."""
-    folder, name = _folder(spec), hf_class(spec)
-    path = os.path.join(folder, SENTENCEPIECE_FILES[name])
+    """The SentencePiece tokenizer of a SiglipModel / Siglip2Model directory (sentencepiece_file): spiece.model with
+    the eos / pad tokens and do_lower_case of tokenizer_config.json when there, or Gemma's tokenizer.model as
+    _gemma_tokenizer reads it."""
+    folder, name, file = _folder(spec), hf_class(spec), sentencepiece_file(spec)
+    path = os.path.join(folder, file)
     if not os.path.isfile(path):
         also = f" ({TOKENIZER_FILE} alone is not read)" if os.path.isfile(os.path.join(folder, TOKENIZER_FILE)) else ""
         raise FileNotFoundError(
-            f"{folder} has no {SENTENCEPIECE_FILES[name]}: {name}'s SentencePiece tokenizer is read from it{also}; "
-            f"copy it beside {CONFIG_FILE} from the model's Hub repository"
+            f"{folder} has no {file}: {name}'s SentencePiece tokenizer is read from it{also}; copy it beside "
+            f"{CONFIG_FILE} from the model's Hub repository"
         )
-    settings_file = os.path.join(folder, TOKENIZER_CONFIG_FILE)
-    settings = _read_json(settings_file) if os.path.isfile(settings_file) else {}
-    if name == "Siglip2Model":
-        return _gemma_tokenizer(folder, path, settings)
+    settings = _tokenizer_settings(folder)
+    if file == GEMMA_FILE:
+        return _gemma_tokenizer(folder, path, settings, lower=name == "Siglip2Model")
     eos, pad = _token(settings.get("eos_token"), "</s>"), _token(settings.get("pad_token"), "</s>")
     lower = settings.get("do_lower_case", True)
     return SiglipTokenizer(path, eos=eos, pad=pad, clean=functools.partial(siglip_clean, lower=lower))
 
 
-def _gemma_tokenizer(folder: str, path: str, settings: dict[str, Any]) -> SiglipTokenizer:
-    """Gemma's tokenizer.model as transformers' Siglip2Tokenizer reads a Siglip2Model directory: lower case (SigLIP 2
-    was trained on lower-cased text), nothing else cleaned; BOS / EOS where tokenizer.json's post-processor template
-    puts special tokens around the text (transformers 5 then ignores tokenizer_config.json's add_bos_token /
-    add_eos_token), else as those two say (an absent one off); padded on the padding_side of tokenizer_config.json,
-    else of tokenizer.json's padding, else transformers' default (left)."""
+def _gemma_tokenizer(folder: str, path: str, settings: dict[str, Any], lower: bool) -> SiglipTokenizer:
+    """Gemma's tokenizer.model as transformers 5 reads it: for a Siglip2Model as Siglip2Tokenizer, lower case
+    (`lower`: SigLIP 2 was trained on lower-cased text), for a SiglipModel as GemmaTokenizer, as typed (transformers 5
+    rebuilds Gemma's normalizer, whatever tokenizer.json says); nothing else cleaned. BOS / EOS where tokenizer.json's
+    post-processor template puts special tokens around the text (transformers 5 then ignores tokenizer_config.json's
+    add_bos_token / add_eos_token), else as those two say (an absent one off); padded on the padding_side of
+    tokenizer_config.json, else of tokenizer.json's padding, else transformers' default (left)."""
     file = os.path.join(folder, TOKENIZER_FILE)
     fast = _read_json(file) if os.path.isfile(file) else {}
     template = (fast.get("post_processor") or {}).get("single") or []
@@ -510,7 +523,7 @@ def _gemma_tokenizer(folder: str, path: str, settings: dict[str, Any]) -> Siglip
         path,
         eos=_token(settings.get("eos_token"), "<eos>") if eos else None,
         pad=_token(settings.get("pad_token"), "<pad>"),
-        clean=str.lower,
+        clean=str.lower if lower else str,
         bos=_token(settings.get("bos_token"), "<bos>") if bos else None,
         padding_side=side,
     )

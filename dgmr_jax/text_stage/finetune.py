@@ -609,9 +609,10 @@ def _check_clip_text(clip_text: str | None, random_init: bool) -> None:
             f"--clip-text {clip_text} does not exist: give the open_clip / EVA-CLIP checkpoint "
             "or transformers CLIPModel directory"
         )
-    if hf_class(clip_text) == "SiglipModel":
+    name = hf_class(clip_text)
+    if name in ("SiglipModel", "Siglip2Model"):
         raise UserError(
-            f"--clip-text {clip_text} is a SiglipModel directory: finetune-text trains with CLIP's softmax loss, not "
+            f"--clip-text {clip_text} is a {name} directory: finetune-text trains with CLIP's softmax loss, not "
             "SigLIP's sigmoid loss, so a SigLIP text tower is not fine-tuned yet (`dgmr-jax eval` reads it)"
         )
 
