@@ -7,7 +7,12 @@ import tempfile
 
 import pytest
 
-_EIGHT, _TWO = (f"--xla_force_host_platform_device_count={n}" for n in (8, 2))
+# XLA's backend optimization off for what the tests compile: their programs are small and run a few steps, so LLVM's
+# optimization costs more than it saves (test_uvc_models' float32 cases: 46 s -> 29 s). It reaches every process a
+# test starts (distill_runs._env reads DGMR_TEST_XLA_FLAGS), except those that run a user's long job as the user
+# does (the demo, the README lines), where the compiled code's speed counts. TPU plans compile the same either way.
+TEST_XLA_FLAGS = os.environ.setdefault("DGMR_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
+_EIGHT, _TWO = (f"--xla_force_host_platform_device_count={n} {TEST_XLA_FLAGS}" for n in (8, 2))
 # this process: 8 fake CPU devices; the processes tests start (the CLI as a user runs it) inherit 2, unless a test
 # sets its own (8 fake devices on 2 cores run a distill about 1.3x slower, the demo 3x). xdist's workers inherit the
 # 2 from the process that starts them, so 2 (or nothing) is taken as this file's own setting.

@@ -56,9 +56,9 @@ def _command(workdir: Path, images: Path, *extra: str) -> list[str]:
 
 
 def _env(devices: int = 2, **extra: str) -> dict[str, str]:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    env.update(extra)
-    return env
+    """The environment of a process a test starts: `devices` fake CPU devices and conftest's XLA test flags."""
+    flags = f"--xla_force_host_platform_device_count={devices} {os.environ.get('DGMR_TEST_XLA_FLAGS', '')}"
+    return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu") | extra
 
 
 def _run(workdir: Path, images: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -116,6 +116,22 @@ def reference(tmp_path_factory, images):
     workdir = tmp_path_factory.mktemp("clean")
     _run(workdir, images)
     return workdir
+
+
+def _tensorboard_scalars(workdir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of `tag` in a run's TensorBoard event files, read record by record (length, its CRC, an Event
+    proto, its CRC) with tensorboardX's own proto."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for file in sorted((workdir / "tensorboard").glob("events.out.tfevents.*")):
+        data, i = file.read_bytes(), 0
+        while i < len(data):
+            size = int.from_bytes(data[i : i + 8], "little")
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + size])
+            out += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
+            i += 12 + size + 4
+    return out
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from distill_runs import _env
 from PIL import Image
 from reference import small_clip, torch
 
@@ -208,11 +208,6 @@ def _cli(files: Path, workdir: Path, pairs: Path, *extra: str) -> list[str]:
 def _subprocess_cli(files: Path, workdir: Path, *extra: str) -> list[str]:
     args = _cli(files, workdir, files / "digits", f"--config.optim.total_steps={STEPS}", "--config.checkpoint_every=4")
     return [sys.executable, "-m", "dgmr_jax.cli", *args, *extra]
-
-
-def _env(devices: int = 2, **extra: str) -> dict[str, str]:  # 2 devices: a sharded run, cheaper on CPU than 8
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    return env | extra
 
 
 def _final_params(workdir: Path) -> dict:

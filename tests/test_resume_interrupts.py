@@ -4,6 +4,7 @@ params and data order of one clean run."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from distill_runs import (
     _last_step,
     _run,
     _seen,
+    _tensorboard_scalars,
     _wait_for,
     _wait_for_logs,
     images,  # noqa: F401 (a fixture)
@@ -47,6 +49,14 @@ def test_sigkill_mid_training_then_resume(reference, images, tmp_path):
     assert seen == clean  # the resumed data order continues exactly: nothing repeated, nothing skipped
     flat = [i for step in sorted(seen) for i in seen[step]]
     assert len(flat) == STEPS * 8 and flat == [i for step in sorted(clean) for i in clean[step]]
+
+
+def test_tensorboard_events_hold_the_logged_losses(reference):
+    """The run's TensorBoard events (written by a process that loaded no torch, as tensorboardX was imported with it
+    hidden) hold the losses of metrics.jsonl, step for step."""
+    rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    logged = [(row["step"], pytest.approx(row["loss"], rel=1e-6)) for row in rows if "loss" in row]
+    assert len(logged) == STEPS // 2 and _tensorboard_scalars(reference, "loss") == logged
 
 
 def test_sigterm_saves_and_resumes(reference, images, tmp_path):

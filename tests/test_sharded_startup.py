@@ -5,7 +5,6 @@ exactly the values and steps of the host path it replaces (whole models on the h
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from distill_runs import _env
 from reference import random_png_folder
 
 from dgmr_jax import plan as planner
@@ -163,8 +163,7 @@ def test_two_processes_read_half_the_model_each_and_start_as_the_host_path(tmp_p
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-    env.update(DGMR_COORDINATOR=f"localhost:{port}", DGMR_NUM_PROCESSES="2")
+    env = _env(1, DGMR_COORDINATOR=f"localhost:{port}", DGMR_NUM_PROCESSES="2")
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _DRIVER, json.dumps(args)],

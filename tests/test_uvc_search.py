@@ -423,7 +423,7 @@ def test_masks_are_applied_in_the_search_forward(tiny):
     counts = dataclasses.replace(state.vars.counts, neurons=jnp.array([300.0, 0.0]))
     _, m1 = step(state.replace(vars=state.vars.replace(counts=counts)), params, images, rng)
     print(f"\ndistill loss: neurons removed 0 -> {float(m0['distill']):.4f}, 300 -> {float(m1['distill']):.4f}")
-    assert float(m0["distill"]) == 0.0  # full masks, no gates: the student is the teacher
+    assert float(m0["distill"]) <= 1e-12  # full masks, no gates: the student is the teacher (up to float rounding)
     assert float(m1["distill"]) > 1e-4
     # and it is the hard-masked model that the step evaluates
     masks = masks_from_counts(counts.heads, counts.dims, counts.neurons, group_norms(cfg, params), "hard")

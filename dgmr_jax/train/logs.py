@@ -70,18 +70,31 @@ def _step(line: str) -> float:
         return math.inf
 
 
+def _summary_writer() -> Any:
+    """tensorboardX's SummaryWriter class (None without tensorboardX: the progress bar and metrics.jsonl still log),
+    imported with torch hidden unless torch is already loaded: its writer imports torch only to accept torch tensors,
+    which only scalars reach here, and that import cost each run about 2 s of start-up."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoard:
     """Scalars as TensorBoard events under `directory` (no-op without tensorboardX)."""
 
     def __init__(self, directory: epath.Path):
         self.directory = directory
         self._local = Path(tempfile.mkdtemp(prefix="dgmr-tb-")) if is_uri(directory) else Path(directory)
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:  # optional: the progress bar and metrics.jsonl still log
-            self.writer = None
-            return
-        self.writer = SummaryWriter(str(self._local))
+        writer = _summary_writer()
+        self.writer = None if writer is None else writer(str(self._local))
 
     def write(self, row: dict[str, Any], step: int) -> None:
         if self.writer is None:
