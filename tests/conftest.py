@@ -1,5 +1,5 @@
-"""Test set-up: 8 fake CPU devices for mesh tests (2 for the processes they start), one compilation cache for the
-session, float32 matmuls, a torchvision shim, and test tiers."""
+"""Test set-up: 8 fake CPU devices for mesh tests (2 for the processes they start), XLA's backend optimization off,
+one compilation cache for the session, float32 matmuls, a torchvision shim, and test tiers."""
 
 import os
 import shutil
