@@ -73,7 +73,7 @@ def _step(line: str) -> float:
 def _summary_writer() -> Any:
     """tensorboardX's SummaryWriter class (None without tensorboardX: the progress bar and metrics.jsonl still log),
     imported with torch hidden unless torch is already loaded: its writer imports torch only to accept torch tensors,
-    which only scalars reach here, and that import cost each run about 2 s of start-up."""
+    and only float scalars are written here; that import cost every run about 2 s of start-up."""
     hide = "torch" not in sys.modules
     if hide:
         sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
