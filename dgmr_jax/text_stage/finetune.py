@@ -48,7 +48,7 @@ from dgmr_jax.eval.evaluators import Context, Embedded, EvalSpec, Evaluator, Ret
 from dgmr_jax.eval.features import extract_features
 from dgmr_jax.io.checkpoint_io import open_state_dict, save_safetensors
 from dgmr_jax.io.clip import clip_embedding, text_source
-from dgmr_jax.io.hf_config import hf_class
+from dgmr_jax.io.hf_config import TEXT_CLASSES, hf_class
 from dgmr_jax.io.open import open_model
 from dgmr_jax.io.text_convert import text_from_torch, text_layout, text_to_torch
 from dgmr_jax.models.preprocess import Preprocess
@@ -610,7 +610,7 @@ def _check_clip_text(clip_text: str | None, random_init: bool) -> None:
             "or transformers CLIPModel directory"
         )
     name = hf_class(clip_text)
-    if name in ("SiglipModel", "Siglip2Model"):
+    if TEXT_CLASSES.get(name, ("",))[0] == "hf_siglip":  # the text towers scored by a sigmoid
         raise UserError(
             f"--clip-text {clip_text} is a {name} directory: finetune-text trains with CLIP's softmax loss, not "
             "SigLIP's sigmoid loss, so a SigLIP text tower is not fine-tuned yet (`dgmr-jax eval` reads it)"
